@@ -1,0 +1,785 @@
+//! The codec: pure functions between `BytesMut` buffers and typed messages. No sockets here.
+//!
+//! Decoding is two steps, like mini-redis' `Frame::check` then `Frame::parse`:
+//! 1. [`split_request`] / [`split_response`] check the fixed header (magic, header CRC, limits) and split
+//!    one whole frame off the read buffer; the payload becomes a `Bytes` sharing the buffer's allocation
+//!    (no copy). `Ok(None)` means "incomplete, read more". An `Err` means the framing is lost: answer
+//!    and close the connection.
+//! 2. [`Request::parse`] / [`Response::parse`] verify the payload CRC and convert the frame into a domain
+//!    type (`TryFrom` at the edge). An `Err` here concerns one request only: answer it with the status
+//!    and keep the connection.
+//!
+//! Encoding produces a [`Frame`]: a header array plus the payload `Bytes` (for WRITE requests and READ
+//! replies, the caller's buffer itself), to be sent with one vectored write.
+
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::header::{
+    payload_crc, HeaderError, RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
+};
+use crate::limits::*;
+use crate::opcode::*;
+use crate::types::{NameError, NodeId, RequestId, VolumeHandle, VolumeName};
+
+/// The framing of the connection is lost; the only safe reaction is to close it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("payload length {len} exceeds the limit {max} for request {request_id}")]
+    PayloadTooLarge { request_id: RequestId, opcode: u8, len: u32, max: u32 },
+}
+
+impl FrameError {
+    pub fn status(&self) -> Status {
+        match self {
+            FrameError::Header(_) => Status::BadRequest,
+            FrameError::UnsupportedVersion(_) => Status::UnsupportedVersion,
+            FrameError::PayloadTooLarge { .. } => Status::TooLarge,
+        }
+    }
+}
+
+/// One request could not be accepted; the connection stays usable. Answer with `status`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("request {request_id} (opcode {opcode:#04x}): {status}: {message}")]
+pub struct RequestError {
+    pub request_id: RequestId,
+    pub opcode: u8,
+    pub status: Status,
+    pub message: String,
+}
+
+/// A response that does not make sense (the peer is broken or not a ferrovol server).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad response to request {request_id}: {message}")]
+pub struct ResponseError {
+    pub request_id: RequestId,
+    pub message: String,
+}
+
+/// A frame split off the read buffer: header checked, payload not yet verified or parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame<H> {
+    pub header: H,
+    pub payload: Bytes,
+}
+
+pub type RawRequest = RawFrame<RequestHeader>;
+pub type RawResponse = RawFrame<ResponseHeader>;
+
+/// An encoded frame: `N` header bytes and the payload, ready for one vectored write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame<const N: usize> {
+    pub header: [u8; N],
+    pub payload: Bytes,
+}
+
+pub type RequestFrame = Frame<REQUEST_HEADER_LEN>;
+pub type ResponseFrame = Frame<RESPONSE_HEADER_LEN>;
+
+impl<const N: usize> Frame<N> {
+    pub fn len(&self) -> usize {
+        N + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The slices for a vectored write (the payload slice only if non-empty).
+    pub fn io_slices(&self) -> impl Iterator<Item = IoSlice<'_>> {
+        std::iter::once(IoSlice::new(&self.header))
+            .chain((!self.payload.is_empty()).then(|| IoSlice::new(&self.payload)))
+    }
+
+    /// Appends the frame to a buffer (a copy; for tests and small control frames).
+    pub fn write_to(&self, dst: &mut BytesMut) {
+        dst.reserve(self.len());
+        dst.put_slice(&self.header);
+        dst.put_slice(&self.payload);
+    }
+
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.len());
+        self.write_to(&mut b);
+        b.freeze()
+    }
+}
+
+/// The largest payload a request with this opcode byte may carry.
+pub fn request_payload_len_max(opcode: u8) -> u32 {
+    if opcode == Opcode::Write as u8 {
+        PAYLOAD_LEN_MAX
+    } else {
+        CONTROL_PAYLOAD_LEN_MAX
+    }
+}
+
+/// Splits one request frame off the front of `src`, or returns `Ok(None)` if it is not all there yet
+/// (after reserving room for the rest, bounded by the limits).
+pub fn split_request(src: &mut BytesMut) -> Result<Option<RawRequest>, FrameError> {
+    let Some(hdr_bytes) = src.get(..REQUEST_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut arr = [0u8; REQUEST_HEADER_LEN];
+    arr.copy_from_slice(hdr_bytes);
+    let header = RequestHeader::decode(&arr)?;
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&header.version) {
+        return Err(FrameError::UnsupportedVersion(header.version));
+    }
+    let max = request_payload_len_max(header.opcode);
+    if header.payload_len > max {
+        return Err(FrameError::PayloadTooLarge {
+            request_id: header.request_id,
+            opcode: header.opcode,
+            len: header.payload_len,
+            max,
+        });
+    }
+    let total = REQUEST_HEADER_LEN + header.payload_len as usize;
+    if src.len() < total {
+        // Bounded: payload_len <= PAYLOAD_LEN_MAX was checked above.
+        src.reserve(total - src.len());
+        return Ok(None);
+    }
+    src.advance(REQUEST_HEADER_LEN);
+    let payload = src.split_to(header.payload_len as usize).freeze();
+    Ok(Some(RawFrame { header, payload }))
+}
+
+/// Splits one response frame off the front of `src` (client side).
+pub fn split_response(src: &mut BytesMut) -> Result<Option<RawResponse>, FrameError> {
+    let Some(hdr_bytes) = src.get(..RESPONSE_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut arr = [0u8; RESPONSE_HEADER_LEN];
+    arr.copy_from_slice(hdr_bytes);
+    let header = ResponseHeader::decode(&arr)?;
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&header.version) {
+        return Err(FrameError::UnsupportedVersion(header.version));
+    }
+    if header.payload_len > PAYLOAD_LEN_MAX {
+        return Err(FrameError::PayloadTooLarge {
+            request_id: header.request_id,
+            opcode: header.opcode,
+            len: header.payload_len,
+            max: PAYLOAD_LEN_MAX,
+        });
+    }
+    let total = RESPONSE_HEADER_LEN + header.payload_len as usize;
+    if src.len() < total {
+        src.reserve(total - src.len());
+        return Ok(None);
+    }
+    src.advance(RESPONSE_HEADER_LEN);
+    let payload = src.split_to(header.payload_len as usize).freeze();
+    Ok(Some(RawFrame { header, payload }))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Payload field encoding: integers little-endian; `str8` = u8 length + UTF-8 bytes; `str16` = u16
+// length + UTF-8 bytes.
+
+/// Why a payload could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload truncated")]
+    Truncated,
+    #[error("{0} trailing bytes after the payload")]
+    Trailing(usize),
+    #[error("string field is not UTF-8")]
+    Utf8,
+    #[error("string field is {len} bytes, the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl PayloadError {
+    fn status(&self) -> Status {
+        match self {
+            PayloadError::Name(_) => Status::InvalidName,
+            PayloadError::TooLong { .. } => Status::TooLarge,
+            _ => Status::BadRequest,
+        }
+    }
+}
+
+/// A bounds-checked reader over a payload. Every getter fails instead of panicking.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
+        if self.buf.len() < n {
+            return Err(PayloadError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, PayloadError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, PayloadError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, PayloadError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, PayloadError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str_of(&mut self, len: usize, max: usize) -> Result<&'a str, PayloadError> {
+        if len > max {
+            return Err(PayloadError::TooLong { len, max });
+        }
+        std::str::from_utf8(self.take(len)?).map_err(|_| PayloadError::Utf8)
+    }
+    fn str8(&mut self, max: usize) -> Result<&'a str, PayloadError> {
+        let len = self.u8()? as usize;
+        self.str_of(len, max)
+    }
+    fn str16(&mut self, max: usize) -> Result<&'a str, PayloadError> {
+        let len = self.u16()? as usize;
+        self.str_of(len, max)
+    }
+    fn volume_name(&mut self) -> Result<VolumeName, PayloadError> {
+        Ok(VolumeName::try_from(self.str8(VOLUME_NAME_LEN_MAX)?)?)
+    }
+    fn node_id(&mut self) -> Result<NodeId, PayloadError> {
+        Ok(NodeId::try_from(self.str8(NODE_ID_LEN_MAX)?)?)
+    }
+    fn finish(self) -> Result<(), PayloadError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(PayloadError::Trailing(self.buf.len()))
+        }
+    }
+}
+
+/// Strings are bounded by their types' limits, all below 256 (str8) or 65536 (str16).
+fn put_str8(dst: &mut BytesMut, s: &str) {
+    debug_assert!(s.len() <= u8::MAX as usize);
+    dst.put_u8(s.len().min(u8::MAX as usize) as u8);
+    dst.put_slice(&s.as_bytes()[..s.len().min(u8::MAX as usize)]);
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    debug_assert!(s.len() <= u16::MAX as usize);
+    dst.put_u16_le(s.len().min(u16::MAX as usize) as u16);
+    dst.put_slice(&s.as_bytes()[..s.len().min(u16::MAX as usize)]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Requests
+
+/// HELLO: the first request on every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u8,
+    pub version_max: u8,
+    pub features: u64,
+    pub node_id: NodeId,
+    /// Shared secret; empty when the client has none.
+    pub token: String,
+}
+
+/// A request, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello(Hello),
+    VolumeCreate { name: VolumeName, size: u64 },
+    VolumeDelete { name: VolumeName },
+    /// Names sorted ascending, strictly after `start_after`, at most `max_entries` (<= LIST_ENTRIES_MAX).
+    VolumeList { start_after: Option<VolumeName>, max_entries: u32 },
+    VolumeStat { name: VolumeName },
+    VolumeResize { name: VolumeName, size: u64 },
+    AttachSet { name: VolumeName, node: NodeId },
+    AttachClear { name: VolumeName, node: NodeId },
+    Open { name: VolumeName, read_only: bool },
+    Close { handle: VolumeHandle },
+    Read { handle: VolumeHandle, offset: u64, len: u32 },
+    Write { handle: VolumeHandle, offset: u64, data: Bytes, fua: bool },
+    Flush { handle: VolumeHandle },
+    Trim { handle: VolumeHandle, offset: u64, len: u32 },
+    WriteZeroes { handle: VolumeHandle, offset: u64, len: u32, fua: bool },
+}
+
+/// Volume kinds. Only block volumes exist in this version.
+pub const VOLUME_KIND_BLOCK: u8 = 0;
+
+impl Request {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello(_) => Opcode::Hello,
+            Request::VolumeCreate { .. } => Opcode::VolumeCreate,
+            Request::VolumeDelete { .. } => Opcode::VolumeDelete,
+            Request::VolumeList { .. } => Opcode::VolumeList,
+            Request::VolumeStat { .. } => Opcode::VolumeStat,
+            Request::VolumeResize { .. } => Opcode::VolumeResize,
+            Request::AttachSet { .. } => Opcode::AttachSet,
+            Request::AttachClear { .. } => Opcode::AttachClear,
+            Request::Open { .. } => Opcode::Open,
+            Request::Close { .. } => Opcode::Close,
+            Request::Read { .. } => Opcode::Read,
+            Request::Write { .. } => Opcode::Write,
+            Request::Flush { .. } => Opcode::Flush,
+            Request::Trim { .. } => Opcode::Trim,
+            Request::WriteZeroes { .. } => Opcode::WriteZeroes,
+        }
+    }
+
+    /// Bytes this request counts against the connection's in-flight byte budget.
+    pub fn in_flight_bytes(&self) -> u32 {
+        match self {
+            Request::Read { len, .. } => *len,
+            // Bounded by PAYLOAD_LEN_MAX, which fits in u32.
+            Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
+            _ => 0,
+        }
+    }
+
+    /// Encodes the request. A WRITE's payload is `data` itself (a reference-count bump, not a copy).
+    pub fn encode(&self, request_id: RequestId) -> RequestFrame {
+        let mut h = RequestHeader {
+            version: PROTOCOL_VERSION,
+            opcode: self.opcode() as u8,
+            request_id,
+            ..Default::default()
+        };
+        let mut p = BytesMut::new();
+        let payload = match self {
+            Request::Hello(hello) => {
+                p.put_u8(hello.version_min);
+                p.put_u8(hello.version_max);
+                p.put_u16_le(0);
+                p.put_u64_le(hello.features);
+                put_str8(&mut p, hello.node_id.as_str());
+                put_str16(&mut p, &hello.token);
+                p.freeze()
+            }
+            Request::VolumeCreate { name, size } => {
+                p.put_u64_le(*size);
+                p.put_u8(VOLUME_KIND_BLOCK);
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::VolumeDelete { name } | Request::VolumeStat { name } => {
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::VolumeList { start_after, max_entries } => {
+                p.put_u32_le(*max_entries);
+                put_str8(&mut p, start_after.as_ref().map(|n| n.as_str()).unwrap_or(""));
+                p.freeze()
+            }
+            Request::VolumeResize { name, size } => {
+                p.put_u64_le(*size);
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::AttachSet { name, node } | Request::AttachClear { name, node } => {
+                put_str8(&mut p, name.as_str());
+                put_str8(&mut p, node.as_str());
+                p.freeze()
+            }
+            Request::Open { name, read_only } => {
+                if *read_only {
+                    h.flags |= FLAG_READ_ONLY;
+                }
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::Close { handle } | Request::Flush { handle } => {
+                h.handle = *handle;
+                Bytes::new()
+            }
+            Request::Read { handle, offset, len } | Request::Trim { handle, offset, len } => {
+                h.handle = *handle;
+                h.offset = *offset;
+                h.length = *len;
+                Bytes::new()
+            }
+            Request::WriteZeroes { handle, offset, len, fua } => {
+                h.handle = *handle;
+                h.offset = *offset;
+                h.length = *len;
+                if *fua {
+                    h.flags |= FLAG_FUA;
+                }
+                Bytes::new()
+            }
+            Request::Write { handle, offset, data, fua } => {
+                h.handle = *handle;
+                h.offset = *offset;
+                h.length = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                if *fua {
+                    h.flags |= FLAG_FUA;
+                }
+                data.clone()
+            }
+        };
+        h.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        h.payload_crc = payload_crc(&payload);
+        Frame { header: h.encode(), payload }
+    }
+
+    /// Verifies the payload checksum and converts a raw frame into a request.
+    pub fn parse(raw: RawRequest) -> Result<(RequestId, Request), RequestError> {
+        let h = raw.header;
+        let fail = |status: Status, message: String| RequestError {
+            request_id: h.request_id,
+            opcode: h.opcode,
+            status,
+            message,
+        };
+        let actual = payload_crc(&raw.payload);
+        if actual != h.payload_crc {
+            return Err(fail(
+                Status::Checksum,
+                format!("payload crc {actual:#010x} does not match header crc {:#010x}", h.payload_crc),
+            ));
+        }
+        let op = Opcode::try_from(h.opcode)
+            .map_err(|v| fail(Status::UnknownOpcode, format!("unknown opcode {v:#04x}")))?;
+        if h.flags & !FLAGS_KNOWN != 0 {
+            return Err(fail(Status::BadRequest, format!("unknown flags {:#06x}", h.flags & !FLAGS_KNOWN)));
+        }
+        let allowed_flags = match op {
+            Opcode::Write | Opcode::WriteZeroes => FLAG_FUA,
+            Opcode::Open => FLAG_READ_ONLY,
+            _ => 0,
+        };
+        if h.flags & !allowed_flags != 0 {
+            return Err(fail(Status::BadRequest, format!("flags {:#06x} are not valid for {op}", h.flags)));
+        }
+        // Header fields a request does not use must be zero: they are not silently ignored.
+        let uses_handle = op.is_data() || op == Opcode::Close;
+        let uses_range = matches!(op, Opcode::Read | Opcode::Write | Opcode::Trim | Opcode::WriteZeroes);
+        if (!uses_handle && h.handle.0 != 0) || (!uses_range && (h.offset != 0 || h.length != 0)) {
+            return Err(fail(Status::BadRequest, format!("{op}: unused header fields must be zero")));
+        }
+        let fua = h.flags & FLAG_FUA != 0;
+        let mut r = Reader::new(&raw.payload);
+        let parsed = (|| -> Result<Request, PayloadError> {
+            let req = match op {
+                Opcode::Hello => {
+                    let version_min = r.u8()?;
+                    let version_max = r.u8()?;
+                    if r.u16()? != 0 {
+                        return Err(PayloadError::Invalid("reserved HELLO field is not zero"));
+                    }
+                    let features = r.u64()?;
+                    let node_id = r.node_id()?;
+                    let token = r.str16(TOKEN_LEN_MAX)?.to_owned();
+                    Request::Hello(Hello { version_min, version_max, features, node_id, token })
+                }
+                Opcode::VolumeCreate => {
+                    let size = r.u64()?;
+                    if r.u8()? != VOLUME_KIND_BLOCK {
+                        return Err(PayloadError::Invalid("unknown volume kind"));
+                    }
+                    Request::VolumeCreate { size, name: r.volume_name()? }
+                }
+                Opcode::VolumeDelete => Request::VolumeDelete { name: r.volume_name()? },
+                Opcode::VolumeStat => Request::VolumeStat { name: r.volume_name()? },
+                Opcode::VolumeList => {
+                    let max_entries = r.u32()?;
+                    if max_entries == 0 || max_entries > LIST_ENTRIES_MAX {
+                        return Err(PayloadError::Invalid("max_entries must be 1..=LIST_ENTRIES_MAX"));
+                    }
+                    let s = r.str8(VOLUME_NAME_LEN_MAX)?;
+                    let start_after = if s.is_empty() { None } else { Some(VolumeName::try_from(s)?) };
+                    Request::VolumeList { start_after, max_entries }
+                }
+                Opcode::VolumeResize => {
+                    let size = r.u64()?;
+                    Request::VolumeResize { size, name: r.volume_name()? }
+                }
+                Opcode::AttachSet => Request::AttachSet { name: r.volume_name()?, node: r.node_id()? },
+                Opcode::AttachClear => Request::AttachClear { name: r.volume_name()?, node: r.node_id()? },
+                Opcode::Open => {
+                    Request::Open { read_only: h.flags & FLAG_READ_ONLY != 0, name: r.volume_name()? }
+                }
+                Opcode::Close => Request::Close { handle: h.handle },
+                Opcode::Flush => Request::Flush { handle: h.handle },
+                Opcode::Read => {
+                    if h.length > READ_LEN_MAX {
+                        return Err(PayloadError::TooLong { len: h.length as usize, max: READ_LEN_MAX as usize });
+                    }
+                    Request::Read { handle: h.handle, offset: h.offset, len: h.length }
+                }
+                Opcode::Trim => Request::Trim { handle: h.handle, offset: h.offset, len: h.length },
+                Opcode::WriteZeroes => {
+                    Request::WriteZeroes { handle: h.handle, offset: h.offset, len: h.length, fua }
+                }
+                Opcode::Write => {
+                    if h.length != h.payload_len {
+                        return Err(PayloadError::Invalid("WRITE length differs from payload length"));
+                    }
+                    // Consume the payload: it is the data, shared with the read buffer.
+                    r = Reader::new(&[]);
+                    Request::Write { handle: h.handle, offset: h.offset, data: raw.payload.clone(), fua }
+                }
+            };
+            Ok(req)
+        })();
+        let req = parsed.map_err(|e| fail(e.status(), e.to_string()))?;
+        r.finish().map_err(|e| fail(e.status(), e.to_string()))?;
+        Ok((h.request_id, req))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Responses
+
+/// The server's side of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub version: u8,
+    pub features: u64,
+    pub in_flight_requests_max: u32,
+    pub in_flight_bytes_max: u32,
+    pub payload_len_max: u32,
+    pub server_id: String,
+}
+
+/// What the server knows about a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: VolumeName,
+    pub kind: u8,
+    pub size: u64,
+    /// Bytes of storage actually allocated (thin provisioning).
+    pub allocated: u64,
+    pub created_unix_ms: u64,
+    /// Incremented each time the writer attachment changes.
+    pub generation: u64,
+    /// The node holding the writer attachment, if any.
+    pub owner: Option<NodeId>,
+}
+
+/// A successful reply; which variant depends on the request's opcode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Hello(HelloReply),
+    /// DELETE, ATTACH_CLEAR, CLOSE, WRITE, FLUSH, TRIM, WRITE_ZEROES.
+    Done,
+    /// CREATE, STAT, RESIZE.
+    Volume(VolumeInfo),
+    List { entries: Vec<VolumeInfo>, more: bool },
+    Attached { generation: u64 },
+    Opened { handle: VolumeHandle, size: u64, read_only: bool },
+    /// READ: the data, shared with the read buffer (client) or the volume's mapping (server).
+    Data(Bytes),
+}
+
+/// A failed request: a status and a human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ErrorReply {
+    pub status: Status,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > ERROR_MESSAGE_LEN_MAX {
+            let mut cut = ERROR_MESSAGE_LEN_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Self { status, message }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub request_id: RequestId,
+    /// The request's opcode byte (0 when the request could not be read at all).
+    pub opcode: u8,
+    pub result: Result<Reply, ErrorReply>,
+}
+
+fn put_volume_info(p: &mut BytesMut, v: &VolumeInfo) {
+    put_str8(p, v.name.as_str());
+    p.put_u8(v.kind);
+    p.put_u64_le(v.size);
+    p.put_u64_le(v.allocated);
+    p.put_u64_le(v.created_unix_ms);
+    p.put_u64_le(v.generation);
+    put_str8(p, v.owner.as_ref().map(|n| n.as_str()).unwrap_or(""));
+}
+
+fn get_volume_info(r: &mut Reader<'_>) -> Result<VolumeInfo, PayloadError> {
+    let name = r.volume_name()?;
+    let kind = r.u8()?;
+    let size = r.u64()?;
+    let allocated = r.u64()?;
+    let created_unix_ms = r.u64()?;
+    let generation = r.u64()?;
+    let owner = r.str8(NODE_ID_LEN_MAX)?;
+    let owner = if owner.is_empty() { None } else { Some(NodeId::try_from(owner)?) };
+    Ok(VolumeInfo { name, kind, size, allocated, created_unix_ms, generation, owner })
+}
+
+impl Response {
+    pub fn ok(request_id: RequestId, opcode: Opcode, reply: Reply) -> Self {
+        Self { request_id, opcode: opcode as u8, result: Ok(reply) }
+    }
+
+    pub fn error(request_id: RequestId, opcode: u8, status: Status, message: impl Into<String>) -> Self {
+        Self { request_id, opcode, result: Err(ErrorReply::new(status, message)) }
+    }
+
+    /// Encodes the response. A READ reply's payload is the data `Bytes` itself (no copy).
+    pub fn encode(&self) -> ResponseFrame {
+        let mut p = BytesMut::new();
+        let (status, payload) = match &self.result {
+            Err(e) => (e.status as u16, Bytes::copy_from_slice(e.message.as_bytes())),
+            Ok(reply) => {
+                let payload = match reply {
+                    Reply::Hello(h) => {
+                        p.put_u8(h.version);
+                        p.put_u8(0);
+                        p.put_u16_le(0);
+                        p.put_u64_le(h.features);
+                        p.put_u32_le(h.in_flight_requests_max);
+                        p.put_u32_le(h.in_flight_bytes_max);
+                        p.put_u32_le(h.payload_len_max);
+                        put_str8(&mut p, &h.server_id);
+                        p.freeze()
+                    }
+                    Reply::Done => Bytes::new(),
+                    Reply::Volume(v) => {
+                        put_volume_info(&mut p, v);
+                        p.freeze()
+                    }
+                    Reply::List { entries, more } => {
+                        p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+                        p.put_u8(u8::from(*more));
+                        for v in entries {
+                            put_volume_info(&mut p, v);
+                        }
+                        p.freeze()
+                    }
+                    Reply::Attached { generation } => {
+                        p.put_u64_le(*generation);
+                        p.freeze()
+                    }
+                    Reply::Opened { handle, size, read_only } => {
+                        p.put_u32_le(handle.0);
+                        p.put_u32_le(u32::from(*read_only));
+                        p.put_u64_le(*size);
+                        p.freeze()
+                    }
+                    Reply::Data(d) => d.clone(),
+                };
+                (Status::Ok as u16, payload)
+            }
+        };
+        let h = ResponseHeader {
+            version: PROTOCOL_VERSION,
+            opcode: self.opcode,
+            status,
+            request_id: self.request_id,
+            payload_len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+            payload_crc: payload_crc(&payload),
+        };
+        Frame { header: h.encode(), payload }
+    }
+
+    /// Verifies the payload checksum and converts a raw frame into a response.
+    pub fn parse(raw: RawResponse) -> Result<Response, ResponseError> {
+        let h = raw.header;
+        let fail = |message: String| ResponseError { request_id: h.request_id, message };
+        let actual = payload_crc(&raw.payload);
+        if actual != h.payload_crc {
+            return Err(fail(format!("payload crc {actual:#010x} does not match header {:#010x}", h.payload_crc)));
+        }
+        let status = Status::try_from(h.status).map_err(|v| fail(format!("unknown status {v}")))?;
+        if status != Status::Ok {
+            let message = String::from_utf8_lossy(&raw.payload).into_owned();
+            return Ok(Response {
+                request_id: h.request_id,
+                opcode: h.opcode,
+                result: Err(ErrorReply::new(status, message)),
+            });
+        }
+        let op = Opcode::try_from(h.opcode).map_err(|v| fail(format!("reply to unknown opcode {v:#04x}")))?;
+        let mut r = Reader::new(&raw.payload);
+        let parsed = (|| -> Result<Reply, PayloadError> {
+            Ok(match op {
+                Opcode::Hello => {
+                    let version = r.u8()?;
+                    let _ = r.u8()?;
+                    let _ = r.u16()?;
+                    Reply::Hello(HelloReply {
+                        version,
+                        features: r.u64()?,
+                        in_flight_requests_max: r.u32()?,
+                        in_flight_bytes_max: r.u32()?,
+                        payload_len_max: r.u32()?,
+                        server_id: r.str8(SERVER_ID_LEN_MAX)?.to_owned(),
+                    })
+                }
+                Opcode::VolumeCreate | Opcode::VolumeStat | Opcode::VolumeResize => {
+                    Reply::Volume(get_volume_info(&mut r)?)
+                }
+                Opcode::VolumeList => {
+                    let n = r.u32()?;
+                    if n > LIST_ENTRIES_MAX {
+                        return Err(PayloadError::Invalid("too many list entries"));
+                    }
+                    let more = r.u8()? != 0;
+                    let mut entries = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        entries.push(get_volume_info(&mut r)?);
+                    }
+                    Reply::List { entries, more }
+                }
+                Opcode::AttachSet => Reply::Attached { generation: r.u64()? },
+                Opcode::Open => {
+                    let handle = VolumeHandle(r.u32()?);
+                    let flags = r.u32()?;
+                    Reply::Opened { handle, read_only: flags & 1 != 0, size: r.u64()? }
+                }
+                Opcode::Read => {
+                    r = Reader::new(&[]);
+                    Reply::Data(raw.payload.clone())
+                }
+                Opcode::VolumeDelete
+                | Opcode::AttachClear
+                | Opcode::Close
+                | Opcode::Write
+                | Opcode::Flush
+                | Opcode::Trim
+                | Opcode::WriteZeroes => Reply::Done,
+            })
+        })();
+        let reply = parsed.map_err(|e| fail(e.to_string()))?;
+        r.finish().map_err(|e| fail(e.to_string()))?;
+        Ok(Response { request_id: h.request_id, opcode: h.opcode, result: Ok(reply) })
+    }
+}

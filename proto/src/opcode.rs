@@ -1,0 +1,241 @@
+//! Opcodes, request flags, feature bits and status codes: the numbers on the wire.
+
+use std::fmt;
+
+/// What a request asks for. The numbering groups session (0x0_), control (0x1_) and data (0x2_)
+/// operations; numbers are never reused.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    /// Handshake: version range, features, node id, token. Must be the first request.
+    Hello = 0x01,
+    VolumeCreate = 0x10,
+    VolumeDelete = 0x11,
+    VolumeList = 0x12,
+    VolumeStat = 0x13,
+    VolumeResize = 0x14,
+    /// Set the volume's writer attachment (fencing owner).
+    AttachSet = 0x15,
+    /// Clear the volume's writer attachment.
+    AttachClear = 0x16,
+    Open = 0x20,
+    Close = 0x21,
+    Read = 0x22,
+    Write = 0x23,
+    Flush = 0x24,
+    Trim = 0x25,
+    WriteZeroes = 0x26,
+}
+
+impl Opcode {
+    pub const ALL: [Opcode; 15] = [
+        Opcode::Hello,
+        Opcode::VolumeCreate,
+        Opcode::VolumeDelete,
+        Opcode::VolumeList,
+        Opcode::VolumeStat,
+        Opcode::VolumeResize,
+        Opcode::AttachSet,
+        Opcode::AttachClear,
+        Opcode::Open,
+        Opcode::Close,
+        Opcode::Read,
+        Opcode::Write,
+        Opcode::Flush,
+        Opcode::Trim,
+        Opcode::WriteZeroes,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Hello => "HELLO",
+            Opcode::VolumeCreate => "VOLUME_CREATE",
+            Opcode::VolumeDelete => "VOLUME_DELETE",
+            Opcode::VolumeList => "VOLUME_LIST",
+            Opcode::VolumeStat => "VOLUME_STAT",
+            Opcode::VolumeResize => "VOLUME_RESIZE",
+            Opcode::AttachSet => "ATTACH_SET",
+            Opcode::AttachClear => "ATTACH_CLEAR",
+            Opcode::Open => "OPEN",
+            Opcode::Close => "CLOSE",
+            Opcode::Read => "READ",
+            Opcode::Write => "WRITE",
+            Opcode::Flush => "FLUSH",
+            Opcode::Trim => "TRIM",
+            Opcode::WriteZeroes => "WRITE_ZEROES",
+        }
+    }
+
+    /// Data operations address an OPENed volume by handle and are idempotent: a client may re-send
+    /// them after a reconnect.
+    pub fn is_data(self) -> bool {
+        matches!(
+            self,
+            Opcode::Read | Opcode::Write | Opcode::Flush | Opcode::Trim | Opcode::WriteZeroes
+        )
+    }
+}
+
+impl TryFrom<u8> for Opcode {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Opcode::ALL.iter().copied().find(|op| *op as u8 == v).ok_or(v)
+    }
+}
+
+impl fmt::Display for Opcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Request header flag: WRITE / WRITE_ZEROES is acknowledged only once durable (forced unit access).
+pub const FLAG_FUA: u16 = 1 << 0;
+/// OPEN: open read-only.
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// Every flag bit this version defines; a request with any other bit set is refused.
+pub const FLAGS_KNOWN: u16 = FLAG_FUA | FLAG_READ_ONLY;
+
+/// Feature bits exchanged in HELLO (the server answers with the intersection).
+pub const FEATURE_FUA: u64 = 1 << 0;
+pub const FEATURE_TRIM: u64 = 1 << 1;
+pub const FEATURE_WRITE_ZEROES: u64 = 1 << 2;
+pub const FEATURES_ALL: u64 = FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES;
+
+/// The outcome of a request. `Ok` is 0; every failure has its own code so callers can branch on it.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Ok = 0,
+    /// The frame or its payload is malformed (bad lengths, trailing bytes, bad UTF-8, unknown flags).
+    BadRequest = 1,
+    /// The protocol version is not supported.
+    UnsupportedVersion = 2,
+    /// Wrong or missing token.
+    AuthFailed = 3,
+    UnknownOpcode = 4,
+    /// The payload CRC32 does not match.
+    Checksum = 5,
+    /// A length exceeds a protocol limit.
+    TooLarge = 6,
+    InvalidName = 7,
+    NotFound = 8,
+    AlreadyExists = 9,
+    /// Offset + length is beyond the end of the volume.
+    OutOfRange = 10,
+    /// Write to a volume opened read-only.
+    ReadOnly = 11,
+    /// Write refused: the volume's writer attachment belongs to another node.
+    Fenced = 12,
+    /// Unknown or closed volume handle.
+    BadHandle = 13,
+    /// Request before HELLO, or HELLO twice.
+    NotReady = 14,
+    /// Storage I/O failed on the server.
+    Io = 15,
+    /// The server's storage is full.
+    NoSpace = 16,
+    /// The server is shutting down; retry on another connection later.
+    ShuttingDown = 17,
+    /// ATTACH_SET while another node holds the writer attachment.
+    AttachedElsewhere = 18,
+    /// An argument is out of its domain (unaligned size, zero size, shrinking resize...).
+    InvalidArgument = 19,
+    /// The volume is in use (delete of an attached or open volume).
+    Busy = 20,
+    /// A bug on the server; details are in its log.
+    Internal = 21,
+}
+
+impl Status {
+    pub const ALL: [Status; 22] = [
+        Status::Ok,
+        Status::BadRequest,
+        Status::UnsupportedVersion,
+        Status::AuthFailed,
+        Status::UnknownOpcode,
+        Status::Checksum,
+        Status::TooLarge,
+        Status::InvalidName,
+        Status::NotFound,
+        Status::AlreadyExists,
+        Status::OutOfRange,
+        Status::ReadOnly,
+        Status::Fenced,
+        Status::BadHandle,
+        Status::NotReady,
+        Status::Io,
+        Status::NoSpace,
+        Status::ShuttingDown,
+        Status::AttachedElsewhere,
+        Status::InvalidArgument,
+        Status::Busy,
+        Status::Internal,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::BadRequest => "malformed request",
+            Status::UnsupportedVersion => "unsupported protocol version",
+            Status::AuthFailed => "authentication failed",
+            Status::UnknownOpcode => "unknown opcode",
+            Status::Checksum => "payload checksum mismatch",
+            Status::TooLarge => "length exceeds a protocol limit",
+            Status::InvalidName => "invalid name",
+            Status::NotFound => "no such volume",
+            Status::AlreadyExists => "volume already exists",
+            Status::OutOfRange => "offset or length beyond the end of the volume",
+            Status::ReadOnly => "volume is open read-only",
+            Status::Fenced => "write refused: another node holds the writer attachment",
+            Status::BadHandle => "unknown volume handle",
+            Status::NotReady => "handshake required first",
+            Status::Io => "storage I/O error on the server",
+            Status::NoSpace => "no space left on the server",
+            Status::ShuttingDown => "server is shutting down",
+            Status::AttachedElsewhere => "volume is attached for writing by another node",
+            Status::InvalidArgument => "invalid argument",
+            Status::Busy => "volume is in use",
+            Status::Internal => "internal server error",
+        }
+    }
+}
+
+impl TryFrom<u16> for Status {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Status::ALL.iter().copied().find(|s| *s as u16 == v).ok_or(v)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opcode_round_trip_and_unknown() {
+        for op in Opcode::ALL {
+            assert_eq!(Opcode::try_from(op as u8), Ok(op));
+        }
+        let known: Vec<u8> = Opcode::ALL.iter().map(|o| *o as u8).collect();
+        for v in 0..=u8::MAX {
+            if !known.contains(&v) {
+                assert_eq!(Opcode::try_from(v), Err(v));
+            }
+        }
+    }
+
+    #[test]
+    fn status_round_trip() {
+        for s in Status::ALL {
+            assert_eq!(Status::try_from(s as u16), Ok(s));
+        }
+        assert_eq!(Status::try_from(999), Err(999));
+    }
+}

@@ -1,0 +1,286 @@
+//! Golden bytes: the exact encoding of representative frames, commented field by field. If one of these
+//! changes, the wire format changed: bump the protocol version and update PROTOCOL.md.
+
+use bytes::{Bytes, BytesMut};
+use ferrovol_proto::codec::{split_request, split_response};
+use ferrovol_proto::*;
+
+fn crc(b: &[u8]) -> [u8; 4] {
+    crc32fast::hash(b).to_le_bytes()
+}
+
+#[test]
+fn read_request_golden() {
+    let req = Request::Read { handle: VolumeHandle(3), offset: 0x1000, len: 4096 };
+    let frame = req.encode(RequestId(0x0102030405060708));
+    let mut expected: Vec<u8> = vec![];
+    expected.extend_from_slice(b"FVRQ"); // magic
+    expected.push(1); // version
+    expected.push(0x22); // opcode READ
+    expected.extend_from_slice(&[0, 0]); // flags
+    expected.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]); // request id, LE
+    expected.extend_from_slice(&[3, 0, 0, 0]); // handle
+    expected.extend_from_slice(&[0, 0x10, 0, 0]); // length 4096
+    expected.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0]); // offset 0x1000
+    expected.extend_from_slice(&[0, 0, 0, 0]); // payload_len 0
+    expected.extend_from_slice(&[0, 0, 0, 0]); // payload crc of "" = 0
+    expected.extend_from_slice(&[0, 0, 0, 0]); // reserved
+    let hcrc = crc(&expected);
+    expected.extend_from_slice(&hcrc); // header crc over bytes 0..44
+    assert_eq!(expected.len(), 48);
+    assert_eq!(&frame.header[..], &expected[..]);
+    assert!(frame.payload.is_empty());
+}
+
+#[test]
+fn write_fua_request_golden() {
+    let data = Bytes::from_static(b"hello");
+    let req = Request::Write { handle: VolumeHandle(1), offset: 512, data: data.clone(), fua: true };
+    let frame = req.encode(RequestId(9));
+    let mut expected: Vec<u8> = vec![];
+    expected.extend_from_slice(b"FVRQ");
+    expected.push(1); // version
+    expected.push(0x23); // WRITE
+    expected.extend_from_slice(&[1, 0]); // flags: FUA
+    expected.extend_from_slice(&9u64.to_le_bytes()); // request id
+    expected.extend_from_slice(&[1, 0, 0, 0]); // handle 1
+    expected.extend_from_slice(&[5, 0, 0, 0]); // length = payload length
+    expected.extend_from_slice(&512u64.to_le_bytes()); // offset
+    expected.extend_from_slice(&[5, 0, 0, 0]); // payload_len
+    expected.extend_from_slice(&crc(b"hello")); // payload crc
+    expected.extend_from_slice(&[0, 0, 0, 0]); // reserved
+    let hcrc = crc(&expected);
+    expected.extend_from_slice(&hcrc);
+    assert_eq!(&frame.header[..], &expected[..]);
+    // Zero-copy: the payload is the caller's buffer, not a copy of it.
+    assert_eq!(frame.payload.as_ptr(), data.as_ptr());
+}
+
+#[test]
+fn hello_request_golden() {
+    let req = Request::Hello(Hello {
+        version_min: 1,
+        version_max: 1,
+        features: 0b111,
+        node_id: NodeId::try_from("n1").unwrap(),
+        token: "tok".into(),
+    });
+    let frame = req.encode(RequestId(1));
+    let payload: &[u8] = &[
+        1, // version_min
+        1, // version_max
+        0, 0, // reserved
+        7, 0, 0, 0, 0, 0, 0, 0, // features: FUA | TRIM | WRITE_ZEROES
+        2, b'n', b'1', // node id, str8
+        3, 0, b't', b'o', b'k', // token, str16
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    assert_eq!(frame.header[5], 0x01); // opcode HELLO
+    assert_eq!(&frame.header[32..36], &(payload.len() as u32).to_le_bytes());
+    assert_eq!(&frame.header[36..40], &crc(payload));
+}
+
+#[test]
+fn volume_create_payload_golden() {
+    let req = Request::VolumeCreate { name: VolumeName::try_from("vol-a").unwrap(), size: 1 << 30 };
+    let frame = req.encode(RequestId(2));
+    let payload: &[u8] = &[
+        0, 0, 0, 0x40, 0, 0, 0, 0, // size 1 GiB
+        0, // kind: block
+        5, b'v', b'o', b'l', b'-', b'a', // name, str8
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    assert_eq!(frame.header[5], 0x10);
+}
+
+#[test]
+fn error_response_golden() {
+    let resp = Response::error(RequestId(5), Opcode::Write as u8, Status::Fenced, "owned by n2");
+    let frame = resp.encode();
+    let mut expected: Vec<u8> = vec![];
+    expected.extend_from_slice(b"FVRS"); // magic
+    expected.push(1); // version
+    expected.push(0x23); // opcode echo: WRITE
+    expected.extend_from_slice(&[12, 0]); // status 12 = Fenced
+    expected.extend_from_slice(&5u64.to_le_bytes()); // request id
+    expected.extend_from_slice(&[11, 0, 0, 0]); // payload_len: the message
+    expected.extend_from_slice(&crc(b"owned by n2")); // payload crc
+    expected.extend_from_slice(&[0, 0, 0, 0]); // reserved
+    let hcrc = crc(&expected);
+    expected.extend_from_slice(&hcrc); // header crc over bytes 0..28
+    assert_eq!(expected.len(), 32);
+    assert_eq!(&frame.header[..], &expected[..]);
+    assert_eq!(&frame.payload[..], b"owned by n2");
+}
+
+#[test]
+fn opened_response_golden() {
+    let resp = Response::ok(
+        RequestId(6),
+        Opcode::Open,
+        Reply::Opened { handle: VolumeHandle(4), size: 8192, read_only: true },
+    );
+    let frame = resp.encode();
+    let payload: &[u8] = &[
+        4, 0, 0, 0, // handle
+        1, 0, 0, 0, // flags: read-only
+        0, 0x20, 0, 0, 0, 0, 0, 0, // size 8192
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    assert_eq!(&frame.header[6..8], &[0, 0]); // status ok
+}
+
+#[test]
+fn incomplete_frames_ask_for_more() {
+    let frame = Request::Write {
+        handle: VolumeHandle(1),
+        offset: 0,
+        data: Bytes::from(vec![7u8; 1000]),
+        fua: false,
+    }
+    .encode(RequestId(1));
+    let all = frame.to_bytes();
+    for cut in [0, 1, 47, 48, 100, all.len() - 1] {
+        let mut buf = BytesMut::from(&all[..cut]);
+        assert_eq!(split_request(&mut buf), Ok(None), "cut at {cut}");
+        assert_eq!(buf.len(), cut, "nothing consumed");
+    }
+    let mut buf = BytesMut::from(&all[..]);
+    let raw = split_request(&mut buf).unwrap().unwrap();
+    assert!(buf.is_empty());
+    let (_, req) = Request::parse(raw).unwrap();
+    assert!(matches!(req, Request::Write { ref data, .. } if data.len() == 1000));
+}
+
+#[test]
+fn payload_is_split_not_copied() {
+    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 64]), fua: false }
+        .encode(RequestId(1));
+    let mut buf = BytesMut::new();
+    frame.write_to(&mut buf);
+    let base = buf.as_ptr() as usize;
+    let raw = split_request(&mut buf).unwrap().unwrap();
+    assert_eq!(raw.payload.as_ptr() as usize, base + REQUEST_HEADER_LEN, "payload shares the read buffer");
+}
+
+#[test]
+fn corrupt_header_is_fatal() {
+    let mut bytes = Request::Flush { handle: VolumeHandle(1) }.encode(RequestId(1)).to_bytes().to_vec();
+    bytes[24] ^= 1; // flip a bit of the offset
+    let mut buf = BytesMut::from(&bytes[..]);
+    assert!(matches!(split_request(&mut buf), Err(FrameError::Header(_))));
+    let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789abcdef0123456789"[..]);
+    assert!(matches!(split_request(&mut garbage), Err(FrameError::Header(_))));
+}
+
+#[test]
+fn oversized_length_rejected_before_allocation() {
+    let h = RequestHeader {
+        version: 1,
+        opcode: Opcode::Write as u8,
+        request_id: RequestId(3),
+        payload_len: u32::MAX,
+        length: u32::MAX,
+        ..Default::default()
+    };
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    let cap_before = buf.capacity();
+    match split_request(&mut buf) {
+        Err(FrameError::PayloadTooLarge { request_id, .. }) => assert_eq!(request_id, RequestId(3)),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert_eq!(buf.capacity(), cap_before);
+    // Control opcodes have a much lower limit.
+    let h = RequestHeader { version: 1, opcode: Opcode::Hello as u8, payload_len: 1 << 20, ..Default::default() };
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    assert!(matches!(split_request(&mut buf), Err(FrameError::PayloadTooLarge { .. })));
+    // An unsupported version is fatal too.
+    let h = RequestHeader { version: 9, opcode: 1, ..Default::default() };
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    assert_eq!(split_request(&mut buf), Err(FrameError::UnsupportedVersion(9)));
+}
+
+#[test]
+fn bad_payload_crc_is_a_request_error() {
+    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
+        .encode(RequestId(11));
+    let mut bytes = frame.to_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let mut buf = BytesMut::from(&bytes[..]);
+    let raw = split_request(&mut buf).unwrap().unwrap();
+    let err = Request::parse(raw).unwrap_err();
+    assert_eq!(err.status, Status::Checksum);
+    assert_eq!(err.request_id, RequestId(11));
+}
+
+#[test]
+fn hostile_names_and_fields_rejected() {
+    // A name like "../x" never becomes a VolumeName, so build the payload by hand.
+    let payload = [&[4u8][..], b"../x"].concat();
+    let h = RequestHeader {
+        version: 1,
+        opcode: Opcode::VolumeDelete as u8,
+        request_id: RequestId(1),
+        payload_len: payload.len() as u32,
+        payload_crc: crc32fast::hash(&payload),
+        ..Default::default()
+    };
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    buf.extend_from_slice(&payload);
+    let err = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+    assert_eq!(err.status, Status::InvalidName);
+
+    // Trailing bytes after a valid payload.
+    let payload = [&[1u8][..], b"a", b"zz"].concat();
+    let h = RequestHeader { payload_len: 4, payload_crc: crc32fast::hash(&payload), ..h };
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    buf.extend_from_slice(&payload);
+    let err = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+    assert_eq!(err.status, Status::BadRequest);
+
+    // Unknown opcode, unknown flags, a READ larger than the limit.
+    for (opcode, flags, length) in [(0x7f, 0, 0), (0x22, 0x8000, 0), (0x22, 0, u32::MAX), (0x21, 1, 0)] {
+        let h = RequestHeader { version: 1, opcode, flags, length, request_id: RequestId(2), ..Default::default() };
+        let mut buf = BytesMut::from(&h.encode()[..]);
+        let err = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+        assert_ne!(err.status, Status::Ok);
+        assert_eq!(err.request_id, RequestId(2));
+    }
+}
+
+#[test]
+fn response_round_trip_all_replies() {
+    let info = VolumeInfo {
+        name: VolumeName::try_from("v").unwrap(),
+        kind: 0,
+        size: 1 << 20,
+        allocated: 4096,
+        created_unix_ms: 1_700_000_000_000,
+        generation: 3,
+        owner: Some(NodeId::try_from("node-a").unwrap()),
+    };
+    let cases = vec![
+        (Opcode::Hello, Reply::Hello(HelloReply {
+            version: 1,
+            features: 7,
+            in_flight_requests_max: 256,
+            in_flight_bytes_max: 1 << 26,
+            payload_len_max: 1 << 22,
+            server_id: "srv".into(),
+        })),
+        (Opcode::VolumeStat, Reply::Volume(info.clone())),
+        (Opcode::VolumeList, Reply::List { entries: vec![info.clone(), info], more: true }),
+        (Opcode::AttachSet, Reply::Attached { generation: 9 }),
+        (Opcode::Read, Reply::Data(Bytes::from_static(b"data"))),
+        (Opcode::Flush, Reply::Done),
+    ];
+    for (op, reply) in cases {
+        let resp = Response::ok(RequestId(42), op, reply);
+        let mut buf = BytesMut::new();
+        resp.encode().write_to(&mut buf);
+        let back = Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap();
+        assert_eq!(back, resp);
+        assert!(buf.is_empty());
+    }
+}
