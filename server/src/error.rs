@@ -1,0 +1,61 @@
+//! The server's error type, and the one place it is mapped to wire status codes.
+
+use ferrovol_proto::{ErrorReply, NameError, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("volume {0:?} not found")]
+    NotFound(String),
+    #[error("volume {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("range {offset}+{len} is beyond the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("volume is open read-only on this connection")]
+    ReadOnly,
+    #[error("write refused: node {owner:?} holds the writer attachment of this volume")]
+    Fenced { owner: String },
+    #[error("volume is attached for writing by node {owner:?}")]
+    AttachedElsewhere { owner: String },
+    #[error("{0}")]
+    Busy(String),
+    #[error("unknown volume handle {0}")]
+    BadHandle(u32),
+    #[error("no space left on the server's storage")]
+    NoSpace,
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("data dir: {0}")]
+    DataDir(String),
+}
+
+impl StoreError {
+    /// The single mapping from server errors to wire status codes.
+    pub fn status(&self) -> Status {
+        match self {
+            StoreError::NotFound(_) => Status::NotFound,
+            StoreError::AlreadyExists(_) => Status::AlreadyExists,
+            StoreError::InvalidName(_) => Status::InvalidName,
+            StoreError::InvalidArgument(_) => Status::InvalidArgument,
+            StoreError::OutOfRange { .. } => Status::OutOfRange,
+            StoreError::ReadOnly => Status::ReadOnly,
+            StoreError::Fenced { .. } => Status::Fenced,
+            StoreError::AttachedElsewhere { .. } => Status::AttachedElsewhere,
+            StoreError::Busy(_) => Status::Busy,
+            StoreError::BadHandle(_) => Status::BadHandle,
+            StoreError::NoSpace => Status::NoSpace,
+            StoreError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => Status::NoSpace,
+            StoreError::Io(_) => Status::Io,
+            StoreError::DataDir(_) => Status::Internal,
+        }
+    }
+
+    pub fn to_reply(&self) -> ErrorReply {
+        ErrorReply::new(self.status(), self.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;

@@ -1,0 +1,313 @@
+//! Request handling: the per-connection session state and the translation of each request into store
+//! calls. The connection loop owns I/O; this module owns meaning.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ferrovol_proto::limits::*;
+use ferrovol_proto::opcode::FEATURES_ALL;
+use ferrovol_proto::*;
+use tracing::{debug, info, warn};
+
+use crate::error::{StoreError, StoreResult};
+use crate::listener::Context;
+use crate::store::Volume;
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
+            Outcome::Later(_) => f.write_str("Later(..)"),
+            Outcome::ReplyAndClose(r) => f.debug_tuple("ReplyAndClose").field(r).finish(),
+        }
+    }
+}
+
+/// Volumes one connection may have open at once.
+pub const HANDLES_PER_CONNECTION_MAX: usize = 1024;
+
+/// What to do with a request's answer.
+pub enum Outcome {
+    Reply(Response),
+    /// Answered later by a background task (FLUSH, FUA writes wait for fdatasync off the read loop).
+    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
+    /// Answer, then close the connection (failed handshake).
+    ReplyAndClose(Response),
+}
+
+struct OpenVolume {
+    vol: Arc<Volume>,
+    read_only: bool,
+}
+
+/// A connection's session: who the peer is (after HELLO) and which volumes it has open.
+#[derive(Default)]
+pub struct Session {
+    node: Option<NodeId>,
+    handles: HashMap<u32, OpenVolume>,
+    next_handle: u32,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("node", &self.node).field("handles", &self.handles.len()).finish()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for (_, h) in self.handles.drain() {
+            h.vol.opens.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from response timing.
+fn token_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+fn err(id: RequestId, op: Opcode, e: &StoreError) -> Response {
+    Response { request_id: id, opcode: op as u8, result: Err(e.to_reply()) }
+}
+
+fn done(id: RequestId, op: Opcode, r: StoreResult<Reply>) -> Response {
+    match r {
+        Ok(reply) => Response::ok(id, op, reply),
+        Err(e) => err(id, op, &e),
+    }
+}
+
+/// Runs blocking store work (metadata fsyncs, fdatasync) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(format!("storage task failed: {e}")))))
+}
+
+impl Session {
+    pub fn is_ready(&self) -> bool {
+        self.node.is_some()
+    }
+
+    fn handle_of(&self, h: VolumeHandle) -> StoreResult<&OpenVolume> {
+        self.handles.get(&h.0).ok_or_else(|| StoreError::BadHandle(h.0))
+    }
+
+    pub async fn handle(&mut self, ctx: &Context, id: RequestId, req: Request) -> Outcome {
+        let op = req.opcode();
+        let Some(node) = self.node.clone() else {
+            let Request::Hello(hello) = req else {
+                return Outcome::ReplyAndClose(Response::error(
+                    id,
+                    op as u8,
+                    Status::NotReady,
+                    "the first request on a connection must be HELLO",
+                ));
+            };
+            return self.hello(ctx, id, hello);
+        };
+        let store = ctx.store.clone();
+        match req {
+            Request::Hello(_) => {
+                Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
+            }
+            Request::VolumeCreate { name, size } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.create(&name, size)).await.map(Reply::Volume),
+            )),
+            Request::VolumeDelete { name } => {
+                Outcome::Reply(done(id, op, blocking(move || store.delete(&name)).await.map(|()| Reply::Done)))
+            }
+            Request::VolumeList { start_after, max_entries } => {
+                let (entries, more) = blocking(move || Ok(store.list(start_after.as_ref(), max_entries)))
+                    .await
+                    .unwrap_or_default();
+                Outcome::Reply(Response::ok(id, op, Reply::List { entries, more }))
+            }
+            Request::VolumeStat { name } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.get(&name).map(|v| v.info())).await.map(Reply::Volume),
+            )),
+            Request::VolumeResize { name, size } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.resize(&name, size)).await.map(Reply::Volume),
+            )),
+            Request::AttachSet { name, node } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.attach_set(&name, &node)).await.map(|generation| Reply::Attached { generation }),
+            )),
+            Request::AttachClear { name, node } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.attach_clear(&name, &node)).await.map(|()| Reply::Done),
+            )),
+            Request::Open { name, read_only } => Outcome::Reply(done(id, op, self.open(&store, &name, read_only))),
+            Request::Close { handle } => {
+                let r = match self.handles.remove(&handle.0) {
+                    Some(h) => {
+                        h.vol.opens.fetch_sub(1, Ordering::AcqRel);
+                        Ok(Reply::Done)
+                    }
+                    None => Err(StoreError::BadHandle(handle.0)),
+                };
+                Outcome::Reply(done(id, op, r))
+            }
+            Request::Read { handle, offset, len } => {
+                let r = self.handle_of(handle).and_then(|h| h.vol.read(offset, len)).map(Reply::Data);
+                Outcome::Reply(self.logged(done(id, op, r), handle))
+            }
+            Request::Write { handle, offset, data, fua } => {
+                let r = self.writable(handle, &node).and_then(|vol| {
+                    vol.write(offset, &data)?;
+                    Ok(vol)
+                });
+                self.maybe_durable(id, op, handle, r, fua)
+            }
+            Request::WriteZeroes { handle, offset, len, fua } => {
+                let r = self.writable(handle, &node).and_then(|vol| {
+                    vol.write_zeroes(offset, len)?;
+                    Ok(vol)
+                });
+                self.maybe_durable(id, op, handle, r, fua)
+            }
+            Request::Trim { handle, offset, len } => {
+                let r = self.writable(handle, &node).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
+                Outcome::Reply(self.logged(done(id, op, r), handle))
+            }
+            Request::Flush { handle } => match self.handle_of(handle) {
+                Ok(h) => {
+                    let vol = h.vol.clone();
+                    Outcome::Later(Box::pin(async move {
+                        let r = blocking(move || vol.flush()).await;
+                        done(id, op, r.map(|()| Reply::Done))
+                    }))
+                }
+                Err(e) => Outcome::Reply(err(id, op, &e)),
+            },
+        }
+    }
+
+    fn hello(&mut self, ctx: &Context, id: RequestId, hello: Hello) -> Outcome {
+        if hello.version_min > PROTOCOL_VERSION || hello.version_max < PROTOCOL_VERSION_MIN {
+            return Outcome::ReplyAndClose(Response::error(
+                id,
+                Opcode::Hello as u8,
+                Status::UnsupportedVersion,
+                format!(
+                    "client speaks versions {}..={}, server {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION}",
+                    hello.version_min, hello.version_max
+                ),
+            ));
+        }
+        if let Some(token) = &ctx.token {
+            if !token_eq(token, &hello.token) {
+                warn!(node = %hello.node_id, "authentication failed: wrong token");
+                return Outcome::ReplyAndClose(Response::error(
+                    id,
+                    Opcode::Hello as u8,
+                    Status::AuthFailed,
+                    "wrong or missing token",
+                ));
+            }
+        }
+        info!(node = %hello.node_id, "handshake done");
+        self.node = Some(hello.node_id);
+        Outcome::Reply(Response::ok(
+            id,
+            Opcode::Hello,
+            Reply::Hello(HelloReply {
+                version: PROTOCOL_VERSION,
+                features: hello.features & FEATURES_ALL,
+                in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
+                in_flight_bytes_max: IN_FLIGHT_BYTES_MAX,
+                payload_len_max: PAYLOAD_LEN_MAX,
+                server_id: ctx.store.server_id().to_owned(),
+            }),
+        ))
+    }
+
+    fn open(&mut self, store: &crate::store::Store, name: &VolumeName, read_only: bool) -> StoreResult<Reply> {
+        if self.handles.len() >= HANDLES_PER_CONNECTION_MAX {
+            return Err(StoreError::InvalidArgument(format!(
+                "{HANDLES_PER_CONNECTION_MAX} volumes are already open on this connection"
+            )));
+        }
+        let vol = store.get(name)?;
+        vol.opens.fetch_add(1, Ordering::AcqRel);
+        // Handle numbers are never reused on a connection (0 is never a valid handle).
+        self.next_handle = self.next_handle.wrapping_add(1).max(1);
+        let handle = VolumeHandle(self.next_handle);
+        let size = vol.size();
+        debug!(volume = %name, %handle, read_only, "volume opened");
+        self.handles.insert(handle.0, OpenVolume { vol, read_only });
+        Ok(Reply::Opened { handle, size, read_only })
+    }
+
+    /// The volume behind `handle`, if this session may write to it: opened read-write, and no other
+    /// node holds the writer attachment (fencing).
+    fn writable(&self, handle: VolumeHandle, node: &NodeId) -> StoreResult<Arc<Volume>> {
+        let h = self.handle_of(handle)?;
+        if h.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        h.vol.check_writer(node)?;
+        Ok(h.vol.clone())
+    }
+
+    fn maybe_durable(
+        &self,
+        id: RequestId,
+        op: Opcode,
+        handle: VolumeHandle,
+        r: StoreResult<Arc<Volume>>,
+        fua: bool,
+    ) -> Outcome {
+        match r {
+            Ok(vol) if fua => Outcome::Later(Box::pin(async move {
+                let r = blocking(move || vol.flush()).await;
+                done(id, op, r.map(|()| Reply::Done))
+            })),
+            Ok(_) => Outcome::Reply(Response::ok(id, op, Reply::Done)),
+            Err(e) => Outcome::Reply(self.logged(err(id, op, &e), handle)),
+        }
+    }
+
+    /// Logs a failed data request with the volume it concerns.
+    fn logged(&self, resp: Response, handle: VolumeHandle) -> Response {
+        if let Err(e) = &resp.result {
+            let volume = self.handles.get(&handle.0).map(|h| h.vol.name().to_string()).unwrap_or_default();
+            match e.status {
+                Status::Io | Status::NoSpace => warn!(%volume, request = %resp.request_id, error = %e, "I/O failed"),
+                _ => debug!(%volume, request = %resp.request_id, error = %e, "request refused"),
+            }
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_eq("secret", "secret"));
+        assert!(!token_eq("secret", "secreT"));
+        assert!(!token_eq("secret", "secret2"));
+        assert!(!token_eq("secret", ""));
+        assert!(token_eq("", ""));
+    }
+}

@@ -1,0 +1,89 @@
+//! `ferrovol-server --data DIR [--listen 127.0.0.1:7700]`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferrovol_server::{Server, ServerConfig};
+use tracing::{error, info};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferrovol-server", version, about = "ferrovol storage server: exports volumes over TCP")]
+struct Args {
+    /// Data directory holding the volumes (created if missing).
+    #[arg(long, env = "FERROVOL_DATA")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7700", env = "FERROVOL_LISTEN")]
+    listen: SocketAddr,
+    /// Shared secret clients must present; empty accepts any client. Prefer the environment variable
+    /// (command lines are visible to other users).
+    #[arg(long, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+    /// Seconds a new connection has to complete the handshake.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_s: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferrovol-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let mut config = ServerConfig::new(&args.data, args.listen);
+        config.token = Some(args.token.clone()).filter(|t| !t.is_empty());
+        config.handshake_timeout = std::time::Duration::from_secs(args.handshake_timeout_s.max(1));
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr()?;
+        info!(%addr, data = %args.data.display(), "ferrovol-server listening");
+        // Scripts and tests read this line to learn the port when listening on port 0.
+        println!("listening on {addr}");
+        server.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("ferrovol-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! On-disk formats of the data dir, and atomic replacement of small files.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// `DIR/ferrovol.json`: marks a directory as a ferrovol data dir of a given layout version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataDirMarker {
+    pub format: String,
+    pub version: u32,
+    pub server_id: String,
+}
+
+pub const MARKER_FILE: &str = "ferrovol.json";
+pub const MARKER_FORMAT: &str = "ferrovol-data";
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `DIR/volumes/NAME/meta.json`: everything about a volume except its data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMeta {
+    pub version: u32,
+    pub name: String,
+    pub kind: String,
+    pub size: u64,
+    pub created_unix_ms: u64,
+    /// Incremented at every change of the writer attachment.
+    pub generation: u64,
+    /// Node id holding the writer attachment.
+    pub owner: Option<String>,
+}
+
+pub const META_FILE: &str = "meta.json";
+pub const DATA_FILE: &str = "data";
+pub const KIND_BLOCK: &str = "block";
+
+/// Replaces `path` atomically and durably: write a temp file beside it, fsync it, rename it over
+/// `path`, fsync the directory. A crash leaves either the old or the new content, never a mix.
+pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
+    let file_name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+pub fn write_meta(dir: &Path, meta: &VolumeMeta) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
+    replace_file(&dir.join(META_FILE), &json)
+}
+
+pub fn read_meta(dir: &Path) -> Result<VolumeMeta, String> {
+    let path = dir.join(META_FILE);
+    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() > 64 << 10 {
+        return Err(format!("{}: {} bytes is too large for a metadata file", path.display(), bytes.len()));
+    }
+    let meta: VolumeMeta =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid volume metadata: {e}", path.display()))?;
+    if meta.version != 1 {
+        return Err(format!("{}: metadata version {} is not supported", path.display(), meta.version));
+    }
+    Ok(meta)
+}
