@@ -223,7 +223,7 @@ impl Session {
                 ));
             }
         }
-        info!(node = %hello.node_id, "handshake done");
+        debug!(node = %hello.node_id, "handshake done");
         self.node = Some(hello.node_id);
         Outcome::Reply(Response::ok(
             id,

@@ -1,0 +1,170 @@
+//! The `ferrovol` command line.
+
+pub mod volume_cmd;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferrovol_client::bench::Workload;
+use ferrovol_client::{ConnectOptions, Session};
+use ferrovol_proto::{NodeId, VolumeName};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferrovol", version, about = "ferrovol: network block volumes", propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Server address.
+    #[arg(long, global = true, env = "FERROVOL_SERVER", default_value = ferrovol_client::DEFAULT_SERVER)]
+    pub server: String,
+    /// Shared secret, when the server requires one.
+    #[arg(long, global = true, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
+    pub token: String,
+    /// This client's node id (default: FERROVOL_NODE_ID, else the host name).
+    #[arg(long, global = true)]
+    pub node_id: Option<NodeId>,
+    /// Seconds a request may wait for an answer (reconnects included) before failing.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub io_timeout_s: u64,
+    /// Log format (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Throughput harness.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a block volume (thin-provisioned).
+    Create {
+        name: VolumeName,
+        /// Size, e.g. 64MiB, 1G (a multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume.
+    Stat {
+        name: VolumeName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        name: VolumeName,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (refused while it is open or attached).
+    Delete { name: VolumeName },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Raw protocol benchmark: the client library against a server, no FUSE.
+    Raw {
+        /// Volume to use (created with --size if missing).
+        #[arg(long, default_value = "bench")]
+        volume: VolumeName,
+        #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+        size: u64,
+        #[arg(long, value_enum)]
+        workload: Workload,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 1)]
+        qd: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        runtime_s: f64,
+        /// TCP connections.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Print one JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    ferrovol_proto::parse_size(s)
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+impl Global {
+    pub fn options(&self) -> ConnectOptions {
+        let mut o = ConnectOptions::default();
+        if let Some(n) = &self.node_id {
+            o.node_id = n.clone();
+        }
+        o.token = self.token.clone();
+        o.io_timeout = Duration::from_secs(self.io_timeout_s.max(1));
+        o
+    }
+
+    pub async fn connect(&self, connections: usize) -> anyhow::Result<Session> {
+        let mut o = self.options();
+        o.connections = connections;
+        Ok(Session::connect(&self.server, o).await?)
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
+        Command::Bench(BenchCmd::Raw { volume, size, workload, qd, runtime_s, connections, json }) => {
+            let session = cli.global.connect(connections).await?;
+            match session.stat_volume(&volume).await {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(ferrovol_proto::Status::NotFound) => {
+                    session.create_volume(&volume, size).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let vol = session.open(&volume, false).await?;
+            let runtime = Duration::from_secs_f64(runtime_s.max(0.1));
+            let r = ferrovol_client::bench::run(&vol, workload, qd, runtime, size).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:?} qd={} bs={}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us ({} ops in {:.1} s)",
+                    r.workload, r.queue_depth, r.block_size, r.iops, r.mib_per_s, r.lat_p50_us, r.lat_p99_us, r.ops, r.seconds
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Sessions: connections to one server, and the control operations.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrovol_proto::limits::LIST_ENTRIES_MAX;
+use ferrovol_proto::{HelloReply, NodeId, Opcode, Reply, Request, VolumeInfo, VolumeName};
+
+use crate::conn::{self, ConnHandle, Op};
+use crate::error::{ClientError, Result};
+use crate::volume::Volume;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Who we are: the writer attachment (fencing) is checked against this.
+    pub node_id: NodeId,
+    /// Shared secret, when the server requires one.
+    pub token: String,
+    /// Parallel TCP connections (requests are spread round-robin).
+    pub connections: usize,
+    /// Limit for one connect + handshake attempt.
+    pub connect_timeout: Duration,
+    /// The longest any request waits for its answer, reconnects included; then the caller gets an error.
+    pub io_timeout: Duration,
+}
+
+/// The node id when none is configured: `FERROVOL_NODE_ID`, else the host name.
+pub fn default_node_id() -> NodeId {
+    let from_env = std::env::var("FERROVOL_NODE_ID").ok();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    [from_env, host]
+        .into_iter()
+        .flatten()
+        .find_map(|s| NodeId::try_from(s.trim()).ok())
+        .unwrap_or_else(|| NodeId::try_from("ferrovol-client").unwrap_or_else(|_| unreachable!()))
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A client session with one server. Cheap to clone; all clones share the connections.
+#[derive(Debug, Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+#[derive(Debug)]
+struct SessionInner {
+    addr: SocketAddr,
+    conns: Vec<ConnHandle>,
+    hello: HelloReply,
+    rr: AtomicUsize,
+}
+
+/// Resolves `host:port` (the first address wins).
+pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), reason: format!("cannot resolve: {e}") })?;
+    addrs.next().ok_or_else(|| ClientError::Connect { addr: addr.to_owned(), reason: "no address".into() })
+}
+
+impl Session {
+    /// Connects (every connection, with handshake) and fails fast with a clear error when the server is
+    /// unreachable or refuses us. Reconnects later on are transparent.
+    pub async fn connect(addr: &str, opts: ConnectOptions) -> Result<Session> {
+        let sock = resolve(addr).await?;
+        let n = opts.connections.clamp(1, 64);
+        let mut conns = Vec::with_capacity(n);
+        let mut hello = None;
+        for _ in 0..n {
+            let est = conn::establish(sock, &opts).await?;
+            hello.get_or_insert_with(|| est.hello.clone());
+            conns.push(conn::spawn(sock, opts.clone(), est));
+        }
+        let hello = hello.ok_or(ClientError::Closed)?;
+        Ok(Session { inner: Arc::new(SessionInner { addr: sock, conns, hello, rr: AtomicUsize::new(0) }) })
+    }
+
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// What the server said in the handshake (limits, features, server id).
+    pub fn server_info(&self) -> &HelloReply {
+        &self.inner.hello
+    }
+
+    fn conn(&self) -> &ConnHandle {
+        let i = self.inner.rr.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        &self.inner.conns[i]
+    }
+
+    async fn control(&self, req: Request) -> Result<Reply> {
+        self.conn().call(Op::Control(req)).await
+    }
+
+    pub async fn create_volume(&self, name: &VolumeName, size: u64) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeCreate { name: name.clone(), size }).await? {
+            Reply::Volume(v) => Ok(v),
+            other => Err(unexpected(Opcode::VolumeCreate, other)),
+        }
+    }
+
+    pub async fn delete_volume(&self, name: &VolumeName) -> Result<()> {
+        self.control(Request::VolumeDelete { name: name.clone() }).await.map(|_| ())
+    }
+
+    pub async fn stat_volume(&self, name: &VolumeName) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeStat { name: name.clone() }).await? {
+            Reply::Volume(v) => Ok(v),
+            other => Err(unexpected(Opcode::VolumeStat, other)),
+        }
+    }
+
+    pub async fn resize_volume(&self, name: &VolumeName, size: u64) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeResize { name: name.clone(), size }).await? {
+            Reply::Volume(v) => Ok(v),
+            other => Err(unexpected(Opcode::VolumeResize, other)),
+        }
+    }
+
+    /// One page of volumes after `start_after`; the bool says whether more follow.
+    pub async fn list_volumes_page(
+        &self,
+        start_after: Option<&VolumeName>,
+        max_entries: u32,
+    ) -> Result<(Vec<VolumeInfo>, bool)> {
+        let req = Request::VolumeList {
+            start_after: start_after.cloned(),
+            max_entries: max_entries.clamp(1, LIST_ENTRIES_MAX),
+        };
+        match self.control(req).await? {
+            Reply::List { entries, more } => Ok((entries, more)),
+            other => Err(unexpected(Opcode::VolumeList, other)),
+        }
+    }
+
+    /// Every volume, following pages.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut all: Vec<VolumeInfo> = vec![];
+        loop {
+            let (page, more) = self.list_volumes_page(all.last().map(|v| &v.name), LIST_ENTRIES_MAX).await?;
+            let empty = page.is_empty();
+            all.extend(page);
+            if !more || empty {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Sets the writer attachment to `node` (fencing); returns its generation.
+    pub async fn attach_set(&self, name: &VolumeName, node: &NodeId) -> Result<u64> {
+        match self.control(Request::AttachSet { name: name.clone(), node: node.clone() }).await? {
+            Reply::Attached { generation } => Ok(generation),
+            other => Err(unexpected(Opcode::AttachSet, other)),
+        }
+    }
+
+    pub async fn attach_clear(&self, name: &VolumeName, node: &NodeId) -> Result<()> {
+        self.control(Request::AttachClear { name: name.clone(), node: node.clone() }).await.map(|_| ())
+    }
+
+    /// Opens a volume for I/O, on every connection of the session.
+    pub async fn open(&self, name: &VolumeName, read_only: bool) -> Result<Volume> {
+        let mut opened = Vec::with_capacity(self.inner.conns.len());
+        let mut size = 0;
+        for c in &self.inner.conns {
+            let vol = c.new_local_vol();
+            match c.call(Op::Open { vol, name: name.clone(), read_only }).await {
+                Ok(Reply::Opened { size: s, .. }) => {
+                    size = s;
+                    opened.push((c.clone(), vol));
+                }
+                Ok(other) => return Err(unexpected(Opcode::Open, other)),
+                Err(e) => {
+                    for (c, vol) in opened {
+                        c.try_call(Op::Close { vol });
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Volume::new(name.clone(), size, read_only, opened, self.inner.hello.payload_len_max))
+    }
+}
+
+pub(crate) fn unexpected(op: Opcode, reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply to {op}: {reply:?}"))
+}

@@ -1,0 +1,160 @@
+//! An open volume: async block I/O.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use ferrovol_proto::limits::PAYLOAD_LEN_MAX;
+use ferrovol_proto::{Opcode, Reply, VolumeName};
+
+use crate::conn::{ConnHandle, DataOp, LocalVol, Op};
+use crate::error::{ClientError, Result};
+use crate::session::unexpected;
+
+/// A READ whose reply fails its checksum is retried this many times (a reply can race with a
+/// concurrent overlapping write on the server; see benches/README.md).
+const READ_CHECKSUM_RETRIES: usize = 3;
+/// TRIM / WRITE_ZEROES ranges are sent in pieces of at most this many bytes (the header length is u32).
+const RANGE_PIECE_MAX: u64 = 1 << 30;
+
+/// An open volume. Clones share it; the last one dropped closes it on the server.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: VolumeName,
+    size: u64,
+    read_only: bool,
+    conns: Vec<(ConnHandle, LocalVol)>,
+    rr: AtomicUsize,
+    piece_max: u32,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for (c, vol) in &self.conns {
+            c.try_call(Op::Close { vol: *vol });
+        }
+    }
+}
+
+impl Volume {
+    pub(crate) fn new(
+        name: VolumeName,
+        size: u64,
+        read_only: bool,
+        conns: Vec<(ConnHandle, LocalVol)>,
+        payload_len_max: u32,
+    ) -> Self {
+        let piece_max = payload_len_max.clamp(4096, PAYLOAD_LEN_MAX);
+        Self { inner: Arc::new(Inner { name, size, read_only, conns, rr: AtomicUsize::new(0), piece_max }) }
+    }
+
+    pub fn name(&self) -> &VolumeName {
+        &self.inner.name
+    }
+
+    /// Size when opened.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    async fn data(&self, op: DataOp) -> Result<Reply> {
+        let i = self.inner.rr.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        let (c, vol) = &self.inner.conns[i];
+        c.call(Op::Data { vol: *vol, op }).await
+    }
+
+    async fn read_piece(&self, offset: u64, len: u32) -> Result<Bytes> {
+        let mut tries = 0;
+        loop {
+            match self.data(DataOp::Read { offset, len }).await {
+                Ok(Reply::Data(d)) if d.len() == len as usize => return Ok(d),
+                Ok(Reply::Data(d)) => {
+                    return Err(ClientError::Protocol(format!("READ of {len} bytes returned {}", d.len())))
+                }
+                Ok(other) => return Err(unexpected(Opcode::Read, other)),
+                Err(ClientError::Checksum { .. }) if tries < READ_CHECKSUM_RETRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`. Up to the server's payload limit this is one request and the
+    /// returned `Bytes` is a slice of the socket read buffer (no copy).
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let piece = self.inner.piece_max as usize;
+        if len <= piece {
+            return self.read_piece(offset, len as u32).await;
+        }
+        let futs = (0..len).step_by(piece).map(|at| {
+            let n = (len - at).min(piece) as u32;
+            self.read_piece(offset + at as u64, n)
+        });
+        let parts = join_all(futs).await?;
+        let mut out = BytesMut::with_capacity(len);
+        for p in parts {
+            out.extend_from_slice(&p);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let piece = self.inner.piece_max as usize;
+        let futs = (0..data.len().max(1)).step_by(piece).map(|at| {
+            let part = data.slice(at..(at + piece).min(data.len()));
+            self.data(DataOp::Write { offset: offset + at as u64, data: part, fua })
+        });
+        join_all(futs).await.map(|_| ())
+    }
+
+    /// Writes `data` at `offset`. Acknowledged once in the server's page cache: call [`flush`] for
+    /// durability. The payload goes to the socket from `data` itself (no copy).
+    ///
+    /// [`flush`]: Volume::flush
+    pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.write_inner(offset, data, false).await
+    }
+
+    /// Writes `data` and returns only once it is durable (FUA).
+    pub async fn write_at_durable(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.write_inner(offset, data, true).await
+    }
+
+    /// Makes every acknowledged write durable (the server fdatasyncs).
+    pub async fn flush(&self) -> Result<()> {
+        self.data(DataOp::Flush).await.map(|_| ())
+    }
+
+    /// Deallocates a range (reads back as zeros).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let futs = pieces(offset, len).map(|(o, n)| self.data(DataOp::Trim { offset: o, len: n }));
+        join_all(futs).await.map(|_| ())
+    }
+
+    /// Zeroes a range without sending the zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let futs = pieces(offset, len).map(|(o, n)| self.data(DataOp::WriteZeroes { offset: o, len: n, fua: false }));
+        join_all(futs).await.map(|_| ())
+    }
+}
+
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    let count = len.div_ceil(RANGE_PIECE_MAX).max(1);
+    (0..count).map(move |i| {
+        let at = i * RANGE_PIECE_MAX;
+        (offset.saturating_add(at), (len - at.min(len)).min(RANGE_PIECE_MAX) as u32)
+    })
+}
+
+/// Runs the pieces of one call concurrently (all requests go out before any reply is awaited).
+async fn join_all<T, F: std::future::Future<Output = Result<T>>>(futs: impl Iterator<Item = F>) -> Result<Vec<T>> {
+    futures::future::try_join_all(futs).await
+}
