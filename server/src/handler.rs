@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ferrovol_proto::limits::*;
 use ferrovol_proto::opcode::FEATURES_ALL;
 use ferrovol_proto::*;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::error::{StoreError, StoreResult};
 use crate::listener::Context;

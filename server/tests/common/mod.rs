@@ -1,0 +1,102 @@
+//! A tiny blocking protocol client for wire tests: it speaks raw frames, so tests can also send broken
+//! ones.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferrovol_proto::codec::{split_response, Hello};
+use ferrovol_proto::*;
+
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    next_id: u64,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self { stream, buf: BytesMut::new(), next_id: 1 }
+    }
+
+    pub fn hello(addr: SocketAddr, node: &str, token: &str) -> Self {
+        let mut c = Self::connect(addr);
+        let r = c.call(Request::Hello(Hello {
+            version_min: 1,
+            version_max: 1,
+            features: 7,
+            node_id: NodeId::try_from(node).unwrap(),
+            token: token.into(),
+        }));
+        assert!(r.result.is_ok(), "handshake failed: {r:?}");
+        c
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(b)
+    }
+
+    pub fn send(&mut self, req: &Request) -> RequestId {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.send_bytes(&req.encode(id).to_bytes()).expect("send");
+        id
+    }
+
+    /// The next response, or None on EOF / connection reset.
+    pub fn recv(&mut self) -> Option<Response> {
+        loop {
+            if let Some(raw) = split_response(&mut self.buf).expect("response framing") {
+                return Some(Response::parse(raw).expect("response payload"));
+            }
+            let mut tmp = vec![0u8; 1 << 16];
+            match self.stream.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    pub fn call(&mut self, req: Request) -> Response {
+        let id = self.send(&req);
+        let r = self.recv().expect("connection closed");
+        assert_eq!(r.request_id, id);
+        r
+    }
+
+    /// True when the server closed the connection (EOF) within the read timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut tmp = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn name(s: &str) -> VolumeName {
+    VolumeName::try_from(s).unwrap()
+}
+
+pub fn status(r: &Response) -> Status {
+    match &r.result {
+        Ok(_) => Status::Ok,
+        Err(e) => e.status,
+    }
+}
+
+pub fn open(c: &mut RawClient, vol: &str) -> VolumeHandle {
+    match c.call(Request::Open { name: name(vol), read_only: false }).result {
+        Ok(Reply::Opened { handle, .. }) => handle,
+        other => panic!("open failed: {other:?}"),
+    }
+}

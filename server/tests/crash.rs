@@ -1,0 +1,136 @@
+//! The real `ferrovol-server` binary: data acknowledged by FLUSH survives SIGKILL; SIGTERM answers what
+//! is in flight, flushes and exits 0; an unknown data dir is refused with a reason.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use common::*;
+use ferrovol_proto::*;
+
+fn spawn_server(dir: &Path, listen: &str) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", dir.to_str().unwrap(), "--listen", listen])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferrovol-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+    (child, addr.parse().unwrap())
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn flushed_data_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let mut c = RawClient::hello(addr, "n1", "");
+    assert_eq!(status(&c.call(Request::VolumeCreate { name: name("keep"), size: 8 << 20 })), Status::Ok);
+    let h = open(&mut c, "keep");
+    let data = pattern(1, 4 << 20);
+    // Pipelined 256 KiB writes, then FLUSH; the kill comes the instant FLUSH is acknowledged.
+    for (i, chunk) in data.chunks(256 << 10).enumerate() {
+        c.send(&Request::Write { handle: h, offset: (i * (256 << 10)) as u64, data: Bytes::copy_from_slice(chunk), fua: false });
+    }
+    for _ in 0..16 {
+        assert_eq!(status(&c.recv().unwrap()), Status::Ok);
+    }
+    // And one FUA write, durable on its own.
+    let fua = pattern(2, 4096);
+    assert_eq!(
+        status(&c.call(Request::Write { handle: h, offset: 6 << 20, data: Bytes::from(fua.clone()), fua: true })),
+        Status::Ok
+    );
+    assert_eq!(status(&c.call(Request::Flush { handle: h })), Status::Ok);
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let (mut server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let mut c = RawClient::hello(addr, "n1", "");
+    let h = open(&mut c, "keep");
+    let mut back = Vec::new();
+    for i in 0..16u64 {
+        match c.call(Request::Read { handle: h, offset: i * (256 << 10), len: 256 << 10 }).result {
+            Ok(Reply::Data(d)) => back.extend_from_slice(&d),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(crc32fast::hash(&back), crc32fast::hash(&data), "flushed data lost");
+    match c.call(Request::Read { handle: h, offset: 6 << 20, len: 4096 }).result {
+        Ok(Reply::Data(d)) => assert_eq!(&d[..], &fua[..]),
+        other => panic!("{other:?}"),
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn sigterm_answers_in_flight_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let mut c = RawClient::hello(addr, "n1", "");
+    assert_eq!(status(&c.call(Request::VolumeCreate { name: name("t"), size: 64 << 20 })), Status::Ok);
+    let h = open(&mut c, "t");
+    let n = 32;
+    let mut block_of = std::collections::HashMap::new();
+    for i in 0..n {
+        let id = c.send(&Request::Write { handle: h, offset: i * (1 << 20), data: Bytes::from(pattern(i, 1 << 20)), fua: false });
+        block_of.insert(id, i);
+    }
+    c.send(&Request::Flush { handle: h });
+    // SAFETY: kill(2) with a valid pid and signal number.
+    let rc = unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    // Every request the server read is answered; the rest are cut off by the close (the client resends).
+    let mut acked = vec![];
+    while let Some(r) = c.recv() {
+        assert_eq!(status(&r), Status::Ok);
+        acked.extend(block_of.get(&r.request_id).copied());
+    }
+    let out = server.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    // Whatever was acknowledged is on disk after the restart.
+    let (mut server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let mut c = RawClient::hello(addr, "n1", "");
+    let h = open(&mut c, "t");
+    for i in acked {
+        match c.call(Request::Read { handle: h, offset: i * (1 << 20), len: 1 << 20 }).result {
+            Ok(Reply::Data(d)) => assert_eq!(&d[..], &pattern(i, 1 << 20)[..], "acknowledged block {i} lost"),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn refuses_a_foreign_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("thesis.tex"), "precious").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a ferrovol data dir"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("thesis.tex")).unwrap(), "precious");
+}

@@ -1,0 +1,255 @@
+//! Hostile and broken input against a real server on 127.0.0.1: every case gets an error status or a
+//! closed connection, the server stays up, and another client's I/O goes on throughout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use ferrovol_proto::*;
+use ferrovol_server::{Server, ServerConfig};
+
+fn start(token: Option<&str>) -> (SocketAddr, tempfile::TempDir, std::thread::JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    config.token = token.map(str::to_owned);
+    config.handshake_timeout = Duration::from_secs(2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let server = Server::bind(config).await.unwrap();
+            tx.send(server.local_addr().unwrap()).unwrap();
+            server.run(std::future::pending()).await.unwrap();
+        });
+    });
+    (rx.recv().unwrap(), dir, t)
+}
+
+/// A well-behaved client doing checked I/O; call `round` between hostile cases.
+struct Bystander {
+    c: RawClient,
+    h: VolumeHandle,
+    n: u64,
+}
+
+impl Bystander {
+    fn new(addr: SocketAddr) -> Self {
+        let mut c = RawClient::hello(addr, "bystander", "sesame");
+        let r = c.call(Request::VolumeCreate { name: name("calm"), size: 1 << 20 });
+        assert_eq!(status(&r), Status::Ok);
+        let h = open(&mut c, "calm");
+        Self { c, h, n: 0 }
+    }
+    fn round(&mut self) {
+        self.n += 1;
+        let data = Bytes::from(vec![(self.n % 251) as u8; 4096]);
+        let off = (self.n % 256) * 4096;
+        let r = self.c.call(Request::Write { handle: self.h, offset: off, data: data.clone(), fua: false });
+        assert_eq!(status(&r), Status::Ok, "bystander write #{}", self.n);
+        let r = self.c.call(Request::Read { handle: self.h, offset: off, len: 4096 });
+        assert_eq!(r.result, Ok(Reply::Data(data)), "bystander read #{}", self.n);
+    }
+}
+
+#[test]
+fn hostile_input_never_hurts_others() {
+    let (addr, _dir, _t) = start(Some("sesame"));
+    let mut by = Bystander::new(addr);
+    by.round();
+
+    // Wrong token: AuthFailed, then closed.
+    let mut c = RawClient::connect(addr);
+    let r = c.call(Request::Hello(codec::Hello {
+        version_min: 1,
+        version_max: 1,
+        features: 0,
+        node_id: NodeId::try_from("mallory").unwrap(),
+        token: "guess".into(),
+    }));
+    assert_eq!(status(&r), Status::AuthFailed);
+    assert!(c.is_closed());
+    by.round();
+
+    // Any request before HELLO: NotReady, then closed.
+    let mut c = RawClient::connect(addr);
+    let r = c.call(Request::VolumeList { start_after: None, max_entries: 10 });
+    assert_eq!(status(&r), Status::NotReady);
+    assert!(c.is_closed());
+    by.round();
+
+    // Random garbage: an error reply (request id 0) and a closed connection.
+    let mut c = RawClient::connect(addr);
+    c.send_bytes(&[0x5a; 200]).unwrap();
+    let r = c.recv().expect("an error reply before closing");
+    assert_eq!((r.request_id, status(&r)), (RequestId(0), Status::BadRequest));
+    assert!(c.is_closed());
+    by.round();
+
+    // An oversized length: TooLarge for that request id, closed, nothing allocated for it.
+    let mut c = RawClient::hello(addr, "big", "sesame");
+    let h = header::RequestHeader {
+        version: 1,
+        opcode: Opcode::Write as u8,
+        request_id: RequestId(77),
+        payload_len: u32::MAX,
+        length: u32::MAX,
+        ..Default::default()
+    };
+    c.send_bytes(&h.encode()).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!((r.request_id, status(&r)), (RequestId(77), Status::TooLarge));
+    assert!(c.is_closed());
+    by.round();
+
+    // A bad payload CRC: Checksum for that request, and the connection stays usable.
+    let mut c = RawClient::hello(addr, "crc", "sesame");
+    let hd = open(&mut c, "calm");
+    let mut frame = Request::Write { handle: hd, offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
+        .encode(RequestId(5))
+        .to_bytes()
+        .to_vec();
+    *frame.last_mut().unwrap() ^= 1;
+    c.send_bytes(&frame).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!((r.request_id, status(&r)), (RequestId(5), Status::Checksum));
+    let r = c.call(Request::Read { handle: hd, offset: 0, len: 4 });
+    assert_eq!(status(&r), Status::Ok, "connection still usable after a checksum error");
+    by.round();
+
+    // Hostile names, unknown handles, out-of-range I/O, unknown opcodes: errors, connection stays.
+    // VOLUME_CREATE payload: size u64, kind u8, name str8 = "../x".
+    let payload = [&(1u64 << 20).to_le_bytes()[..], &[0u8], &[4u8], b"../x"].concat();
+    let hdr = header::RequestHeader {
+        version: 1,
+        opcode: Opcode::VolumeCreate as u8,
+        request_id: RequestId(9),
+        payload_len: payload.len() as u32,
+        payload_crc: crc32fast::hash(&payload),
+        ..Default::default()
+    };
+    let mut bytes = hdr.encode().to_vec();
+    bytes.extend_from_slice(&payload);
+    c.send_bytes(&bytes).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!((r.request_id, status(&r)), (RequestId(9), Status::InvalidName));
+    let r = c.call(Request::Read { handle: VolumeHandle(999), offset: 0, len: 1 });
+    assert_eq!(status(&r), Status::BadHandle);
+    let r = c.call(Request::Read { handle: hd, offset: u64::MAX - 1, len: 4096 });
+    assert_eq!(status(&r), Status::OutOfRange);
+    let r = c.call(Request::Write { handle: hd, offset: (1 << 20) - 2, data: Bytes::from_static(b"xyz"), fua: false });
+    assert_eq!(status(&r), Status::OutOfRange);
+    let r = c.call(Request::VolumeStat { name: name("nope") });
+    assert_eq!(status(&r), Status::NotFound);
+    let unknown = header::RequestHeader { version: 1, opcode: 0x7e, request_id: RequestId(31), ..Default::default() };
+    c.send_bytes(&unknown.encode()).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
+    let r = c.call(Request::VolumeCreate { name: name("odd"), size: 1000 });
+    assert_eq!(status(&r), Status::InvalidArgument);
+    by.round();
+
+    // A truncated frame followed by EOF: the server just closes that connection.
+    let mut c = RawClient::hello(addr, "trunc", "sesame");
+    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 1000]), fua: false }
+        .encode(RequestId(3))
+        .to_bytes();
+    c.send_bytes(&frame[..500]).unwrap();
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.is_closed());
+    by.round();
+
+    // A silent connection that never says HELLO is closed after the handshake timeout.
+    let mut c = RawClient::connect(addr);
+    let t = std::time::Instant::now();
+    assert!(c.is_closed());
+    assert!(t.elapsed() < Duration::from_secs(8));
+    by.round();
+
+    // Deleting a volume that is open elsewhere is refused.
+    let r = c_del(addr);
+    assert_eq!(r, Status::Busy);
+    by.round();
+}
+
+fn c_del(addr: SocketAddr) -> Status {
+    let mut c = RawClient::hello(addr, "deleter", "sesame");
+    status(&c.call(Request::VolumeDelete { name: name("calm") }))
+}
+
+#[test]
+fn pipelined_out_of_order_and_fencing() {
+    let (addr, _dir, _t) = start(None);
+    let mut a = RawClient::hello(addr, "node-a", "");
+    assert_eq!(status(&a.call(Request::VolumeCreate { name: name("v"), size: 4 << 20 })), Status::Ok);
+    let ha = open(&mut a, "v");
+    // 64 writes pipelined, then a FLUSH, then 64 reads: every reply arrives, matched by id.
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..64u64 {
+        let data = Bytes::from(vec![i as u8; 65536]);
+        ids.insert(a.send(&Request::Write { handle: ha, offset: i * 65536, data, fua: i % 8 == 0 }));
+    }
+    ids.insert(a.send(&Request::Flush { handle: ha }));
+    for _ in 0..65 {
+        let r = a.recv().unwrap();
+        assert!(ids.remove(&r.request_id), "unexpected id {}", r.request_id);
+        assert_eq!(status(&r), Status::Ok);
+    }
+    let mut want = std::collections::HashMap::new();
+    for i in 0..64u64 {
+        want.insert(a.send(&Request::Read { handle: ha, offset: i * 65536, len: 65536 }), i as u8);
+    }
+    for _ in 0..64 {
+        let r = a.recv().unwrap();
+        let fill = want.remove(&r.request_id).unwrap();
+        match r.result {
+            Ok(Reply::Data(d)) => assert!(d.len() == 65536 && d.iter().all(|b| *b == fill)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Fencing: A takes the writer attachment; B may read but not write, nor take it.
+    let gen = match a.call(Request::AttachSet { name: name("v"), node: NodeId::try_from("node-a").unwrap() }).result {
+        Ok(Reply::Attached { generation }) => generation,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(gen, 1);
+    let mut b = RawClient::hello(addr, "node-b", "");
+    let hb = open(&mut b, "v");
+    let w = Request::Write { handle: hb, offset: 0, data: Bytes::from_static(b"evil"), fua: false };
+    assert_eq!(status(&b.call(w.clone())), Status::Fenced);
+    assert_eq!(status(&b.call(Request::Trim { handle: hb, offset: 0, len: 4096 })), Status::Fenced);
+    assert_eq!(status(&b.call(Request::Read { handle: hb, offset: 0, len: 4 })), Status::Ok);
+    let steal = Request::AttachSet { name: name("v"), node: NodeId::try_from("node-b").unwrap() };
+    assert_eq!(status(&b.call(steal.clone())), Status::AttachedElsewhere);
+    assert_eq!(status(&a.call(Request::Write { handle: ha, offset: 0, data: Bytes::from_static(b"mine"), fua: false })), Status::Ok);
+    // After A lets go, B may take over and write.
+    assert_eq!(status(&a.call(Request::AttachClear { name: name("v"), node: NodeId::try_from("node-a").unwrap() })), Status::Ok);
+    assert_eq!(status(&b.call(steal)), Status::Ok);
+    assert_eq!(status(&b.call(w)), Status::Ok);
+    assert_eq!(status(&a.call(Request::Write { handle: ha, offset: 0, data: Bytes::from_static(b"late"), fua: false })), Status::Fenced);
+
+    // Read-only opens refuse writes.
+    let ro = match b.call(Request::Open { name: name("v"), read_only: true }).result {
+        Ok(Reply::Opened { handle, read_only: true, .. }) => handle,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status(&b.call(Request::Write { handle: ro, offset: 0, data: Bytes::from_static(b"x"), fua: false })), Status::ReadOnly);
+
+    // TRIM lowers the allocated bytes.
+    let alloc = |c: &mut RawClient| match c.call(Request::VolumeStat { name: name("v") }).result {
+        Ok(Reply::Volume(v)) => v.allocated,
+        other => panic!("{other:?}"),
+    };
+    let before = alloc(&mut b);
+    assert!(before >= 4 << 20, "allocated {before}");
+    assert_eq!(status(&b.call(Request::Trim { handle: hb, offset: 0, len: 4 << 20 })), Status::Ok);
+    let after = alloc(&mut b);
+    assert!(after < before / 2, "allocated {before} -> {after}");
+    match b.call(Request::Read { handle: hb, offset: 0, len: 4096 }).result {
+        Ok(Reply::Data(d)) => assert!(d.iter().all(|x| *x == 0)),
+        other => panic!("{other:?}"),
+    }
+}
