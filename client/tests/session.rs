@@ -1,0 +1,258 @@
+//! The client library against a real server on 127.0.0.1 (started in-process on its own runtime, so a
+//! test can kill it and start it again on the same port and data dir).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrovol_client::{ClientError, ConnectOptions, Session};
+use ferrovol_proto::{NodeId, Status, VolumeName};
+use ferrovol_server::{Server, ServerConfig};
+
+/// A server on its own runtime in its own thread; `kill` (or drop) stops it abruptly, like a crash of
+/// the process: connections are cut and nothing more is answered.
+struct TestServer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl TestServer {
+    fn start(dir: &Path, addr: &str) -> Self {
+        let mut config = ServerConfig::new(dir, addr.parse().unwrap());
+        config.token = Some("tok".into());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let server = rt.block_on(async {
+                // The previous instance's port may take a moment to be free again.
+                for _ in 0..100 {
+                    match Server::bind(config.clone()).await {
+                        Ok(s) => return s,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                panic!("cannot bind {}", config.listen);
+            });
+            addr_tx.send(server.local_addr().unwrap()).unwrap();
+            rt.spawn(server.run(std::future::pending::<()>()));
+            let _ = stop_rx.recv();
+            rt.shutdown_background();
+        });
+        let addr = addr_rx.recv().expect("server started");
+        Self { stop: Some(stop), thread: Some(thread), addr }
+    }
+
+    fn kill(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn opts(node: &str) -> ConnectOptions {
+    ConnectOptions {
+        node_id: NodeId::try_from(node).unwrap(),
+        token: "tok".into(),
+        connections: 2,
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(20),
+    }
+}
+
+fn name(s: &str) -> VolumeName {
+    s.parse().unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().to_owned();
+    (d, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_lifecycle_and_io() {
+    let (_d, dir) = tmp();
+    let server = TestServer::start(&dir, "127.0.0.1:0");
+    let s = Session::connect(&server.addr.to_string(), opts("n1")).await.unwrap();
+    let v = s.create_volume(&name("data"), 64 << 20).await.unwrap();
+    assert_eq!((v.size, v.owner.clone()), (64 << 20, None));
+    let err = s.create_volume(&name("data"), 64 << 20).await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::AlreadyExists));
+
+    let vol = s.open(&name("data"), false).await.unwrap();
+    assert_eq!(vol.size(), 64 << 20);
+    // 256 concurrent 64 KiB writes from many tasks, then read back and compare.
+    let mut tasks = vec![];
+    for i in 0..256u64 {
+        let vol = vol.clone();
+        tasks.push(tokio::spawn(async move { vol.write_at(i * 65536, pattern(i, 65536)).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    vol.flush().await.unwrap();
+    for i in (0..256u64).step_by(7) {
+        assert_eq!(vol.read_at(i * 65536, 65536).await.unwrap(), pattern(i, 65536));
+    }
+    // A read and a write larger than one frame are split and reassembled.
+    let big = pattern(99, 9 << 20);
+    vol.write_at(32 << 20, big.clone()).await.unwrap();
+    assert_eq!(vol.read_at(32 << 20, 9 << 20).await.unwrap(), big);
+    // Out of range and write-zeroes / trim.
+    let err = vol.read_at((64 << 20) - 10, 4096).await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::OutOfRange));
+    vol.write_zeroes(0, 8192).await.unwrap();
+    assert!(vol.read_at(0, 8192).await.unwrap().iter().all(|b| *b == 0));
+    let before = s.stat_volume(&name("data")).await.unwrap().allocated;
+    vol.trim(32 << 20, 9 << 20).await.unwrap();
+    let after = s.stat_volume(&name("data")).await.unwrap().allocated;
+    assert!(after + (8 << 20) <= before, "trim: allocated {before} -> {after}");
+
+    // Listing with pages, resize, delete refused while open.
+    for i in 0..5 {
+        s.create_volume(&name(&format!("p{i}")), 4096).await.unwrap();
+    }
+    let (page, more) = s.list_volumes_page(None, 2).await.unwrap();
+    assert_eq!((page.len(), more), (2, true));
+    assert_eq!(s.list_volumes().await.unwrap().len(), 6);
+    assert_eq!(s.resize_volume(&name("p0"), 8192).await.unwrap().size, 8192);
+    assert_eq!(s.delete_volume(&name("data")).await.unwrap_err().status(), Some(Status::Busy));
+    drop(vol);
+    // The close is asynchronous; delete succeeds once it has landed.
+    let t = Instant::now();
+    loop {
+        match s.delete_volume(&name("data")).await {
+            Ok(()) => break,
+            Err(e) if e.status() == Some(Status::Busy) && t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(s.stat_volume(&name("data")).await.unwrap_err().status(), Some(Status::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_and_read_only() {
+    let (_d, dir) = tmp();
+    let server = TestServer::start(&dir, "127.0.0.1:0");
+    let a = Session::connect(&server.addr.to_string(), opts("node-a")).await.unwrap();
+    let b = Session::connect(&server.addr.to_string(), opts("node-b")).await.unwrap();
+    a.create_volume(&name("f"), 1 << 20).await.unwrap();
+    a.attach_set(&name("f"), &NodeId::try_from("node-a").unwrap()).await.unwrap();
+    let va = a.open(&name("f"), false).await.unwrap();
+    let vb = b.open(&name("f"), false).await.unwrap();
+    va.write_at(0, Bytes::from_static(b"a-was-here")).await.unwrap();
+    let e = vb.write_at(0, Bytes::from_static(b"b-was-here")).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Fenced), "{e}");
+    assert_eq!(&vb.read_at(0, 10).await.unwrap()[..], b"a-was-here");
+    let e = b.attach_set(&name("f"), &NodeId::try_from("node-b").unwrap()).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AttachedElsewhere));
+    let ro = a.open(&name("f"), true).await.unwrap();
+    assert_eq!(ro.write_at(0, Bytes::from_static(b"x")).await.unwrap_err().status(), Some(Status::ReadOnly));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_and_unreachable_are_clear_errors() {
+    let (_d, dir) = tmp();
+    let server = TestServer::start(&dir, "127.0.0.1:0");
+    let mut o = opts("n");
+    o.token = "wrong".into();
+    let e = Session::connect(&server.addr.to_string(), o).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AuthFailed), "{e}");
+    let port = server.addr.port();
+    server.kill();
+    let t = Instant::now();
+    let e = Session::connect(&format!("127.0.0.1:{port}"), opts("n")).await.unwrap_err();
+    assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+/// The server dies under a client's running I/O and comes back on the same port: the client reconnects,
+/// re-opens its volume, re-sends what was in flight, and every write lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_survives_server_restart() {
+    let (_d, dir) = tmp();
+    let server = TestServer::start(&dir, "127.0.0.1:0");
+    let addr = server.addr;
+    let s = Session::connect(&addr.to_string(), opts("n1")).await.unwrap();
+    s.create_volume(&name("r"), 16 << 20).await.unwrap();
+    let vol = s.open(&name("r"), false).await.unwrap();
+
+    let writer = {
+        let vol = vol.clone();
+        tokio::spawn(async move {
+            for round in 0..4000u64 {
+                let block = round % 256;
+                vol.write_at(block * 65536, pattern(round, 65536)).await?;
+                if round % 50 == 49 {
+                    vol.flush().await?;
+                }
+            }
+            vol.flush().await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(!writer.is_finished(), "the restart must happen under running I/O");
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = TestServer::start(&dir, &addr.to_string());
+    writer.await.unwrap().expect("I/O completes across the restart");
+    // The last round that wrote each block decides its content.
+    for block in (0..256u64).step_by(5) {
+        let last_round = (0..4000u64).filter(|r| r % 256 == block).max().unwrap();
+        assert_eq!(vol.read_at(block * 65536, 65536).await.unwrap(), pattern(last_round, 65536), "block {block}");
+    }
+    drop(server);
+}
+
+/// The server never comes back: callers get an error once io_timeout has passed, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_wait_when_server_is_gone() {
+    let (_d, dir) = tmp();
+    let server = TestServer::start(&dir, "127.0.0.1:0");
+    let mut o = opts("n1");
+    o.io_timeout = Duration::from_secs(2);
+    let s = Session::connect(&server.addr.to_string(), o).await.unwrap();
+    s.create_volume(&name("g"), 1 << 20).await.unwrap();
+    let vol = s.open(&name("g"), false).await.unwrap();
+    server.kill();
+    let t = Instant::now();
+    let e = vol.write_at(0, Bytes::from_static(b"lost")).await.unwrap_err();
+    let waited = t.elapsed();
+    assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6), "waited {waited:?}");
+    // Control requests fail the same way.
+    let e = s.stat_volume(&name("g")).await.unwrap_err();
+    assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+}
