@@ -9,7 +9,7 @@ pub enum ClientError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
     /// The server refused the request; `status` says why.
-    #[error("{op}: {message} ({status:?})")]
+    #[error("{op}: {message} ({status})")]
     Server { op: Opcode, status: Status, message: String },
     /// The server could not be reached for the whole wait.
     #[error("server {addr} unreachable for {waited:.1?} (last error: {last})")]

@@ -1,0 +1,82 @@
+//! The `ferrovol` binary against a real server: output, exit codes and error messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestServer;
+
+fn ferrovol(server: &TestServer, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(args)
+        .env("FERROVOL_SERVER", server.addr.to_string())
+        .env("FERROVOL_TOKEN", "tok")
+        .output()
+        .expect("run ferrovol")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr {err:?} should mention {needle:?}");
+}
+
+#[test]
+fn volume_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0");
+    assert!(ok(&ferrovol(&server, &["volume", "create", "web", "--size", "64MiB"])).contains("64 MiB"));
+    ok(&ferrovol(&server, &["volume", "create", "db", "--size", "1G"]));
+    fails(&ferrovol(&server, &["volume", "create", "web", "--size", "64MiB"]), "already exists");
+    fails(&ferrovol(&server, &["volume", "create", "../x", "--size", "1G"]), "name contains");
+    fails(&ferrovol(&server, &["volume", "create", "x", "--size", "12XB"]), "unknown unit");
+    fails(&ferrovol(&server, &["volume", "create", "x", "--size", "1000"]), "multiple of 4096");
+    let list = ok(&ferrovol(&server, &["volume", "list"]));
+    assert!(list.contains("web") && list.contains("db") && list.contains("1 GiB"), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&ferrovol(&server, &["volume", "list", "--json"]))).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    ok(&ferrovol(&server, &["volume", "resize", "web", "--size", "128M"]));
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(&ferrovol(&server, &["volume", "stat", "web", "--json"]))).unwrap();
+    assert_eq!(stat["size"], 128u64 << 20);
+    fails(&ferrovol(&server, &["volume", "resize", "web", "--size", "4K"]), "shrinking");
+    ok(&ferrovol(&server, &["volume", "delete", "web"]));
+    fails(&ferrovol(&server, &["volume", "delete", "web"]), "not found");
+    fails(&ferrovol(&server, &["volume", "stat", "web"]), "not found");
+}
+
+#[test]
+fn clear_errors_for_connection_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["volume", "list"])
+        .env("FERROVOL_SERVER", server.addr.to_string())
+        .env("FERROVOL_TOKEN", "nope")
+        .output()
+        .unwrap();
+    fails(&out, "authentication failed");
+    let addr = server.addr.to_string();
+    server.kill();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol")).args(["--server", &addr, "volume", "list"]).output().unwrap();
+    fails(&out, "cannot connect");
+}
+
+#[test]
+fn raw_bench_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0");
+    let out = ok(&ferrovol(
+        &server,
+        &["bench", "raw", "--workload", "rand-write", "--qd", "4", "--runtime-s", "0.3", "--size", "16MiB", "--json"],
+    ));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["workload"], "rand-write");
+    assert!(r["ops"].as_u64().unwrap() > 0);
+    assert!(r["iops"].as_f64().unwrap() > 0.0);
+}
