@@ -103,6 +103,9 @@ pub enum BenchCmd {
         /// TCP connections.
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// Write the whole volume once before measuring.
+        #[arg(long)]
+        prefill: bool,
         /// Print one JSON object instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -144,7 +147,7 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
-        Command::Bench(BenchCmd::Raw { volume, size, workload, qd, runtime_s, connections, json }) => {
+        Command::Bench(BenchCmd::Raw { volume, size, workload, qd, runtime_s, connections, prefill, json }) => {
             let session = cli.global.connect(connections).await?;
             match session.stat_volume(&volume).await {
                 Ok(_) => {}
@@ -154,6 +157,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
             let vol = session.open(&volume, false).await?;
+            if prefill {
+                ferrovol_client::bench::prefill(&vol, size).await?;
+            }
             let runtime = Duration::from_secs_f64(runtime_s.max(0.1));
             let r = ferrovol_client::bench::run(&vol, workload, qd, runtime, size).await?;
             if json {
