@@ -1,3 +1,5 @@
+// Measurement arithmetic: counts, block sizes and latencies far below the narrowing limits.
+#![allow(clippy::cast_possible_truncation)]
 //! The raw-protocol throughput harness behind `ferrovol bench raw`: fio-like jobs driven straight
 //! through the client library (no FUSE, no kernel block layer), to measure the protocol and server.
 
@@ -68,7 +70,13 @@ pub async fn prefill(vol: &Volume, span: u64) -> Result<()> {
 }
 
 /// Runs `workload` with `queue_depth` requests in flight for `runtime` over the first `span` bytes.
-pub async fn run(vol: &Volume, workload: Workload, queue_depth: usize, runtime: Duration, span: u64) -> Result<BenchResult> {
+pub async fn run(
+    vol: &Volume,
+    workload: Workload,
+    queue_depth: usize,
+    runtime: Duration,
+    span: u64,
+) -> Result<BenchResult> {
     let bs = workload.block_size();
     let span = span.min(vol.size()) / bs * bs;
     let blocks = (span / bs).max(1);
@@ -87,7 +95,9 @@ pub async fn run(vol: &Volume, workload: Workload, queue_depth: usize, runtime: 
             let mut lats: Vec<u32> = Vec::with_capacity(1 << 16);
             while Instant::now() < deadline {
                 let block = match workload {
-                    Workload::SeqRead | Workload::SeqWrite => next_seq.fetch_add(1, Ordering::Relaxed) % blocks,
+                    Workload::SeqRead | Workload::SeqWrite => {
+                        next_seq.fetch_add(1, Ordering::Relaxed) % blocks
+                    }
                     _ => rng.gen_range(0..blocks),
                 };
                 let offset = block * bs;

@@ -61,9 +61,18 @@ pub(crate) enum DataOp {
 pub(crate) enum Op {
     /// Not re-sent after a reconnect once it has been sent.
     Control(Request),
-    Open { vol: LocalVol, name: VolumeName, read_only: bool },
-    Close { vol: LocalVol },
-    Data { vol: LocalVol, op: DataOp },
+    Open {
+        vol: LocalVol,
+        name: VolumeName,
+        read_only: bool,
+    },
+    Close {
+        vol: LocalVol,
+    },
+    Data {
+        vol: LocalVol,
+        op: DataOp,
+    },
 }
 
 impl Op {
@@ -157,16 +166,26 @@ impl std::fmt::Debug for Established {
 }
 
 /// Sends one request and waits for its reply on a connection that has no reader task yet.
-async fn round_trip(stream: &mut TcpStream, buf: &mut BytesMut, id: RequestId, req: &Request) -> Result<Response> {
+async fn round_trip(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    id: RequestId,
+    req: &Request,
+) -> Result<Response> {
     let frame = req.encode(id);
     let mut slices: Vec<IoSlice<'_>> = frame.io_slices().collect();
-    write_all_vectored(stream, &mut slices).await.map_err(|e| ClientError::Protocol(format!("write: {e}")))?;
+    write_all_vectored(stream, &mut slices)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("write: {e}")))?;
     loop {
         match split_response(buf) {
             Ok(Some(raw)) => {
                 let resp = Response::parse(raw).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 if resp.request_id != id {
-                    return Err(ClientError::Protocol(format!("unexpected reply to request {}", resp.request_id)));
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected reply to request {}",
+                        resp.request_id
+                    )));
                 }
                 return Ok(resp);
             }
@@ -207,12 +226,13 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
         token: opts.token.clone(),
     });
     let mut buf = BytesMut::with_capacity(4096);
-    let resp = tokio::time::timeout(opts.connect_timeout, round_trip(&mut stream, &mut buf, RequestId(0), &hello))
-        .await
-        .map_err(|_| ClientError::Connect {
-            addr: addr.to_string(),
-            reason: format!("no handshake reply within {:?}", opts.connect_timeout),
-        })??;
+    let resp =
+        tokio::time::timeout(opts.connect_timeout, round_trip(&mut stream, &mut buf, RequestId(0), &hello))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: addr.to_string(),
+                reason: format!("no handshake reply within {:?}", opts.connect_timeout),
+            })??;
     match resp.result {
         Ok(Reply::Hello(h)) => Ok(Established { stream, hello: h }),
         Ok(other) => Err(ClientError::Protocol(format!("unexpected handshake reply {other:?}"))),
@@ -276,9 +296,9 @@ impl Supervisor {
             let vols = self.shared.volumes();
             match vols.get(vol) {
                 Some(VolEntry { handle: Some(h), .. }) => Ok(*h),
-                Some(VolEntry { reopen_error: Some(e), name, .. }) => {
-                    Err(ClientError::Protocol(format!("volume {name} could not be re-opened after a reconnect: {e}")))
-                }
+                Some(VolEntry { reopen_error: Some(e), name, .. }) => Err(ClientError::Protocol(format!(
+                    "volume {name} could not be re-opened after a reconnect: {e}"
+                ))),
                 _ => Err(ClientError::InvalidArgument("volume is not open".into())),
             }
         };
@@ -293,7 +313,9 @@ impl Supervisor {
                     DataOp::Write { offset, data, fua } => Request::Write { handle, offset, data, fua },
                     DataOp::Flush => Request::Flush { handle },
                     DataOp::Trim { offset, len } => Request::Trim { handle, offset, len },
-                    DataOp::WriteZeroes { offset, len, fua } => Request::WriteZeroes { handle, offset, len, fua },
+                    DataOp::WriteZeroes { offset, len, fua } => {
+                        Request::WriteZeroes { handle, offset, len, fua }
+                    }
                 }
             }
         })
@@ -388,7 +410,8 @@ impl Supervisor {
     fn expire(&self, down: Option<(Instant, &str)>) {
         let now = Instant::now();
         let mut pending = self.shared.pending();
-        let expired: Vec<u64> = pending.iter().filter(|(_, p)| p.call.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> =
+            pending.iter().filter(|(_, p)| p.call.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             let Some(p) = pending.remove(&id) else { continue };
             let op = p.call.op.opcode();
@@ -477,9 +500,12 @@ impl Supervisor {
         for (vol, name, read_only) in vols {
             let id = self.id();
             let req = Request::Open { name: name.clone(), read_only };
-            let resp = tokio::time::timeout(self.opts.connect_timeout, round_trip(&mut est.stream, &mut buf, id, &req))
-                .await
-                .map_err(|_| ClientError::Protocol("no reply to OPEN".into()))??;
+            let resp = tokio::time::timeout(
+                self.opts.connect_timeout,
+                round_trip(&mut est.stream, &mut buf, id, &req),
+            )
+            .await
+            .map_err(|_| ClientError::Protocol("no reply to OPEN".into()))??;
             let mut vols = self.shared.volumes();
             let Some(entry) = vols.get_mut(&vol) else { continue };
             match resp.result {
@@ -507,7 +533,10 @@ async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[RequestFrame]) -> std::
     write_all_vectored(wr, &mut slices).await
 }
 
-async fn write_all_vectored<W: AsyncWriteExt + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     while !slices.is_empty() {
         let n = w.write_vectored(slices).await?;
         if n == 0 {

@@ -66,9 +66,10 @@ struct SessionInner {
 
 /// Resolves `host:port` (the first address wins).
 pub async fn resolve(addr: &str) -> Result<SocketAddr> {
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), reason: format!("cannot resolve: {e}") })?;
+    let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| ClientError::Connect {
+        addr: addr.to_owned(),
+        reason: format!("cannot resolve: {e}"),
+    })?;
     addrs.next().ok_or_else(|| ClientError::Connect { addr: addr.to_owned(), reason: "no address".into() })
 }
 

@@ -90,12 +90,14 @@ impl Volume {
     /// Reads `len` bytes at `offset`. Up to the server's payload limit this is one request and the
     /// returned `Bytes` is a slice of the socket read buffer (no copy).
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        let piece = self.inner.piece_max as usize;
-        if len <= piece {
-            return self.read_piece(offset, len as u32).await;
+        let piece = self.inner.piece_max;
+        if let Ok(small) = u32::try_from(len) {
+            if small <= piece {
+                return self.read_piece(offset, small).await;
+            }
         }
-        let futs = (0..len).step_by(piece).map(|at| {
-            let n = (len - at).min(piece) as u32;
+        let futs = (0..len).step_by(piece as usize).map(|at| {
+            let n = u32::try_from(len - at).unwrap_or(u32::MAX).min(piece);
             self.read_piece(offset + at as u64, n)
         });
         let parts = join_all(futs).await?;
@@ -141,7 +143,8 @@ impl Volume {
 
     /// Zeroes a range without sending the zeros.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let futs = pieces(offset, len).map(|(o, n)| self.data(DataOp::WriteZeroes { offset: o, len: n, fua: false }));
+        let futs = pieces(offset, len)
+            .map(|(o, n)| self.data(DataOp::WriteZeroes { offset: o, len: n, fua: false }));
         join_all(futs).await.map(|_| ())
     }
 }
@@ -155,6 +158,8 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
 }
 
 /// Runs the pieces of one call concurrently (all requests go out before any reply is awaited).
-async fn join_all<T, F: std::future::Future<Output = Result<T>>>(futs: impl Iterator<Item = F>) -> Result<Vec<T>> {
+async fn join_all<T, F: std::future::Future<Output = Result<T>>>(
+    futs: impl Iterator<Item = F>,
+) -> Result<Vec<T>> {
     futures::future::try_join_all(futs).await
 }

@@ -1,4 +1,5 @@
 //! The `ferrovol` binary against a real server: output, exit codes and error messages.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 mod common;
 
@@ -38,7 +39,8 @@ fn volume_commands() {
     fails(&ferrovol(&server, &["volume", "create", "x", "--size", "1000"]), "multiple of 4096");
     let list = ok(&ferrovol(&server, &["volume", "list"]));
     assert!(list.contains("web") && list.contains("db") && list.contains("1 GiB"), "{list}");
-    let json: serde_json::Value = serde_json::from_str(&ok(&ferrovol(&server, &["volume", "list", "--json"]))).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&ferrovol(&server, &["volume", "list", "--json"]))).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
     ok(&ferrovol(&server, &["volume", "resize", "web", "--size", "128M"]));
     let stat: serde_json::Value =
@@ -63,7 +65,10 @@ fn clear_errors_for_connection_problems() {
     fails(&out, "authentication failed");
     let addr = server.addr.to_string();
     server.kill();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol")).args(["--server", &addr, "volume", "list"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["--server", &addr, "volume", "list"])
+        .output()
+        .unwrap();
     fails(&out, "cannot connect");
 }
 
@@ -73,7 +78,19 @@ fn raw_bench_runs_and_reports() {
     let server = TestServer::start(dir.path(), "127.0.0.1:0");
     let out = ok(&ferrovol(
         &server,
-        &["bench", "raw", "--workload", "rand-write", "--qd", "4", "--runtime-s", "0.3", "--size", "16MiB", "--json"],
+        &[
+            "bench",
+            "raw",
+            "--workload",
+            "rand-write",
+            "--qd",
+            "4",
+            "--runtime-s",
+            "0.3",
+            "--size",
+            "16MiB",
+            "--json",
+        ],
     ));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["workload"], "rand-write");

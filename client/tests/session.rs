@@ -1,5 +1,6 @@
 //! The client library against a real server on 127.0.0.1 (started in-process on its own runtime, so a
 //! test can kill it and start it again on the same port and data dir).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -177,7 +178,11 @@ async fn io_survives_server_restart() {
     // The last round that wrote each block decides its content.
     for block in (0..256u64).step_by(5) {
         let last_round = (0..4000u64).filter(|r| r % 256 == block).max().unwrap();
-        assert_eq!(vol.read_at(block * 65536, 65536).await.unwrap(), pattern(last_round, 65536), "block {block}");
+        assert_eq!(
+            vol.read_at(block * 65536, 65536).await.unwrap(),
+            pattern(last_round, 65536),
+            "block {block}"
+        );
     }
     drop(server);
 }

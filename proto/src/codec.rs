@@ -275,17 +275,20 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Strings are bounded by their types' limits, all below 256 (str8) or 65536 (str16).
+/// Strings are bounded by their types' limits, all below 256 (str8) or 65536 (str16); a longer one
+/// (a bug) is cut rather than written with a wrong length.
 fn put_str8(dst: &mut BytesMut, s: &str) {
     debug_assert!(s.len() <= u8::MAX as usize);
-    dst.put_u8(s.len().min(u8::MAX as usize) as u8);
-    dst.put_slice(&s.as_bytes()[..s.len().min(u8::MAX as usize)]);
+    let len = u8::try_from(s.len()).unwrap_or(u8::MAX);
+    dst.put_u8(len);
+    dst.put_slice(&s.as_bytes()[..usize::from(len)]);
 }
 
 fn put_str16(dst: &mut BytesMut, s: &str) {
     debug_assert!(s.len() <= u16::MAX as usize);
-    dst.put_u16_le(s.len().min(u16::MAX as usize) as u16);
-    dst.put_slice(&s.as_bytes()[..s.len().min(u16::MAX as usize)]);
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    dst.put_u16_le(len);
+    dst.put_slice(&s.as_bytes()[..usize::from(len)]);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -306,21 +309,65 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Hello(Hello),
-    VolumeCreate { name: VolumeName, size: u64 },
-    VolumeDelete { name: VolumeName },
+    VolumeCreate {
+        name: VolumeName,
+        size: u64,
+    },
+    VolumeDelete {
+        name: VolumeName,
+    },
     /// Names sorted ascending, strictly after `start_after`, at most `max_entries` (<= LIST_ENTRIES_MAX).
-    VolumeList { start_after: Option<VolumeName>, max_entries: u32 },
-    VolumeStat { name: VolumeName },
-    VolumeResize { name: VolumeName, size: u64 },
-    AttachSet { name: VolumeName, node: NodeId },
-    AttachClear { name: VolumeName, node: NodeId },
-    Open { name: VolumeName, read_only: bool },
-    Close { handle: VolumeHandle },
-    Read { handle: VolumeHandle, offset: u64, len: u32 },
-    Write { handle: VolumeHandle, offset: u64, data: Bytes, fua: bool },
-    Flush { handle: VolumeHandle },
-    Trim { handle: VolumeHandle, offset: u64, len: u32 },
-    WriteZeroes { handle: VolumeHandle, offset: u64, len: u32, fua: bool },
+    VolumeList {
+        start_after: Option<VolumeName>,
+        max_entries: u32,
+    },
+    VolumeStat {
+        name: VolumeName,
+    },
+    VolumeResize {
+        name: VolumeName,
+        size: u64,
+    },
+    AttachSet {
+        name: VolumeName,
+        node: NodeId,
+    },
+    AttachClear {
+        name: VolumeName,
+        node: NodeId,
+    },
+    Open {
+        name: VolumeName,
+        read_only: bool,
+    },
+    Close {
+        handle: VolumeHandle,
+    },
+    Read {
+        handle: VolumeHandle,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        handle: VolumeHandle,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Flush {
+        handle: VolumeHandle,
+    },
+    Trim {
+        handle: VolumeHandle,
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        handle: VolumeHandle,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
 }
 
 /// Volume kinds. Only block volumes exist in this version.
@@ -523,7 +570,10 @@ impl Request {
                 Opcode::Flush => Request::Flush { handle: h.handle },
                 Opcode::Read => {
                     if h.length > READ_LEN_MAX {
-                        return Err(PayloadError::TooLong { len: h.length as usize, max: READ_LEN_MAX as usize });
+                        return Err(PayloadError::TooLong {
+                            len: h.length as usize,
+                            max: READ_LEN_MAX as usize,
+                        });
                     }
                     Request::Read { handle: h.handle, offset: h.offset, len: h.length }
                 }
@@ -585,9 +635,18 @@ pub enum Reply {
     Done,
     /// CREATE, STAT, RESIZE.
     Volume(VolumeInfo),
-    List { entries: Vec<VolumeInfo>, more: bool },
-    Attached { generation: u64 },
-    Opened { handle: VolumeHandle, size: u64, read_only: bool },
+    List {
+        entries: Vec<VolumeInfo>,
+        more: bool,
+    },
+    Attached {
+        generation: u64,
+    },
+    Opened {
+        handle: VolumeHandle,
+        size: u64,
+        read_only: bool,
+    },
     /// READ: the data, shared with the read buffer (client) or the volume's mapping (server).
     Data(Bytes),
 }
@@ -716,7 +775,10 @@ impl Response {
         let fail = |message: String| ResponseError { request_id: h.request_id, message };
         let actual = payload_crc(&raw.payload);
         if actual != h.payload_crc {
-            return Err(fail(format!("payload crc {actual:#010x} does not match header {:#010x}", h.payload_crc)));
+            return Err(fail(format!(
+                "payload crc {actual:#010x} does not match header {:#010x}",
+                h.payload_crc
+            )));
         }
         let status = Status::try_from(h.status).map_err(|v| fail(format!("unknown status {v}")))?;
         if status != Status::Ok {

@@ -39,7 +39,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let mult = 1u128 << shift;
     let bytes: u128 = if let Some((int, frac)) = num.split_once('.') {
-        let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| format!("bad size {s:?}"))? };
+        let int: u128 =
+            if int.is_empty() { 0 } else { int.parse().map_err(|_| format!("bad size {s:?}"))? };
         if frac.is_empty() || frac.len() > 9 || frac.contains('.') {
             return Err(format!("bad size {s:?}"));
         }

@@ -40,4 +40,4 @@ const _: () = assert!(CONTROL_PAYLOAD_LEN_MAX < PAYLOAD_LEN_MAX);
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= 2 * PAYLOAD_LEN_MAX, "one max-size request must always fit");
 // A full LIST reply (each entry at most ~300 bytes) must fit one payload.
 const _: () = assert!(LIST_ENTRIES_MAX as u64 * 512 <= PAYLOAD_LEN_MAX as u64);
-const _: () = assert!(VOLUME_SIZE_MAX % VOLUME_SIZE_ALIGN == 0);
+const _: () = assert!(VOLUME_SIZE_MAX.is_multiple_of(VOLUME_SIZE_ALIGN));

@@ -69,10 +69,7 @@ impl Opcode {
     /// Data operations address an OPENed volume by handle and are idempotent: a client may re-send
     /// them after a reconnect.
     pub fn is_data(self) -> bool {
-        matches!(
-            self,
-            Opcode::Read | Opcode::Write | Opcode::Flush | Opcode::Trim | Opcode::WriteZeroes
-        )
+        matches!(self, Opcode::Read | Opcode::Write | Opcode::Flush | Opcode::Trim | Opcode::WriteZeroes)
     }
 }
 

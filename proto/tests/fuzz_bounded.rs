@@ -1,6 +1,7 @@
 //! The bounded fuzz run CI does on stable: the cargo-fuzz harness (`ferrovol_proto::fuzzing`) fed with
 //! random and mutated-valid inputs for a fixed number of iterations (override with FERROVOL_FUZZ_ITERS).
 //! The coverage-guided run is `cargo +nightly fuzz run decode` in `fuzz/`.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 use bytes::Bytes;
 use ferrovol_proto::*;
@@ -8,11 +9,15 @@ use rand::{Rng, SeedableRng};
 
 #[test]
 fn bounded_decoder_fuzz() {
-    let iters: u64 = std::env::var("FERROVOL_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let iters: u64 =
+        std::env::var("FERROVOL_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let seed: u64 = std::env::var("FERROVOL_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let seeds: Vec<Vec<u8>> = vec![
-        Request::Read { handle: VolumeHandle(1), offset: 4096, len: 4096 }.encode(RequestId(1)).to_bytes().to_vec(),
+        Request::Read { handle: VolumeHandle(1), offset: 4096, len: 4096 }
+            .encode(RequestId(1))
+            .to_bytes()
+            .to_vec(),
         Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![9u8; 300]), fua: true }
             .encode(RequestId(2))
             .to_bytes()
@@ -22,7 +27,10 @@ fn bounded_decoder_fuzz() {
             .to_bytes()
             .to_vec(),
         Response::error(RequestId(4), 0x23, Status::Fenced, "x").encode().to_bytes().to_vec(),
-        Response::ok(RequestId(5), Opcode::Read, Reply::Data(Bytes::from_static(b"abc"))).encode().to_bytes().to_vec(),
+        Response::ok(RequestId(5), Opcode::Read, Reply::Data(Bytes::from_static(b"abc")))
+            .encode()
+            .to_bytes()
+            .to_vec(),
     ];
     for i in 0..iters {
         let data: Vec<u8> = if i % 3 == 0 {

@@ -1,5 +1,6 @@
 //! Golden bytes: the exact encoding of representative frames, commented field by field. If one of these
 //! changes, the wire format changed: bump the protocol version and update PROTOCOL.md.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_request, split_response};
@@ -132,13 +133,9 @@ fn opened_response_golden() {
 
 #[test]
 fn incomplete_frames_ask_for_more() {
-    let frame = Request::Write {
-        handle: VolumeHandle(1),
-        offset: 0,
-        data: Bytes::from(vec![7u8; 1000]),
-        fua: false,
-    }
-    .encode(RequestId(1));
+    let frame =
+        Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![7u8; 1000]), fua: false }
+            .encode(RequestId(1));
     let all = frame.to_bytes();
     for cut in [0, 1, 47, 48, 100, all.len() - 1] {
         let mut buf = BytesMut::from(&all[..cut]);
@@ -154,8 +151,9 @@ fn incomplete_frames_ask_for_more() {
 
 #[test]
 fn payload_is_split_not_copied() {
-    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 64]), fua: false }
-        .encode(RequestId(1));
+    let frame =
+        Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 64]), fua: false }
+            .encode(RequestId(1));
     let mut buf = BytesMut::new();
     frame.write_to(&mut buf);
     let base = buf.as_ptr() as usize;
@@ -191,7 +189,8 @@ fn oversized_length_rejected_before_allocation() {
     }
     assert_eq!(buf.capacity(), cap_before);
     // Control opcodes have a much lower limit.
-    let h = RequestHeader { version: 1, opcode: Opcode::Hello as u8, payload_len: 1 << 20, ..Default::default() };
+    let h =
+        RequestHeader { version: 1, opcode: Opcode::Hello as u8, payload_len: 1 << 20, ..Default::default() };
     let mut buf = BytesMut::from(&h.encode()[..]);
     assert!(matches!(split_request(&mut buf), Err(FrameError::PayloadTooLarge { .. })));
     // An unsupported version is fatal too.
@@ -202,8 +201,9 @@ fn oversized_length_rejected_before_allocation() {
 
 #[test]
 fn bad_payload_crc_is_a_request_error() {
-    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
-        .encode(RequestId(11));
+    let frame =
+        Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
+            .encode(RequestId(11));
     let mut bytes = frame.to_bytes().to_vec();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -241,7 +241,14 @@ fn hostile_names_and_fields_rejected() {
 
     // Unknown opcode, unknown flags, a READ larger than the limit.
     for (opcode, flags, length) in [(0x7f, 0, 0), (0x22, 0x8000, 0), (0x22, 0, u32::MAX), (0x21, 1, 0)] {
-        let h = RequestHeader { version: 1, opcode, flags, length, request_id: RequestId(2), ..Default::default() };
+        let h = RequestHeader {
+            version: 1,
+            opcode,
+            flags,
+            length,
+            request_id: RequestId(2),
+            ..Default::default()
+        };
         let mut buf = BytesMut::from(&h.encode()[..]);
         let err = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
         assert_ne!(err.status, Status::Ok);
@@ -261,14 +268,17 @@ fn response_round_trip_all_replies() {
         owner: Some(NodeId::try_from("node-a").unwrap()),
     };
     let cases = vec![
-        (Opcode::Hello, Reply::Hello(HelloReply {
-            version: 1,
-            features: 7,
-            in_flight_requests_max: 256,
-            in_flight_bytes_max: 1 << 26,
-            payload_len_max: 1 << 22,
-            server_id: "srv".into(),
-        })),
+        (
+            Opcode::Hello,
+            Reply::Hello(HelloReply {
+                version: 1,
+                features: 7,
+                in_flight_requests_max: 256,
+                in_flight_bytes_max: 1 << 26,
+                payload_len_max: 1 << 22,
+                server_id: "srv".into(),
+            }),
+        ),
         (Opcode::VolumeStat, Reply::Volume(info.clone())),
         (Opcode::VolumeList, Reply::List { entries: vec![info.clone(), info], more: true }),
         (Opcode::AttachSet, Reply::Attached { generation: 9 }),

@@ -1,5 +1,6 @@
 //! Property tests: every request and response survives encode -> split -> parse unchanged, whatever the
 //! chunking of the byte stream; and arbitrary bytes never panic the decoders.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_request, split_response};
@@ -26,18 +27,26 @@ fn request() -> impl Strategy<Value = Request> {
         (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeCreate { name, size }),
         name().prop_map(|name| Request::VolumeDelete { name }),
         name().prop_map(|name| Request::VolumeStat { name }),
-        (proptest::option::of(name()), 1u32..=256).prop_map(|(s, m)| Request::VolumeList { start_after: s, max_entries: m }),
+        (proptest::option::of(name()), 1u32..=256)
+            .prop_map(|(s, m)| Request::VolumeList { start_after: s, max_entries: m }),
         (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeResize { name, size }),
         (name(), node()).prop_map(|(name, node)| Request::AttachSet { name, node }),
         (name(), node()).prop_map(|(name, node)| Request::AttachClear { name, node }),
         (name(), any::<bool>()).prop_map(|(name, read_only)| Request::Open { name, read_only }),
         handle().prop_map(|handle| Request::Close { handle }),
         handle().prop_map(|handle| Request::Flush { handle }),
-        (handle(), any::<u64>(), 0u32..=limits::READ_LEN_MAX).prop_map(|(handle, offset, len)| Request::Read { handle, offset, len }),
-        (handle(), any::<u64>(), any::<u32>()).prop_map(|(handle, offset, len)| Request::Trim { handle, offset, len }),
-        (handle(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(handle, offset, len, fua)| Request::WriteZeroes { handle, offset, len, fua }),
-        (handle(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..5000), any::<bool>())
-            .prop_map(|(handle, offset, d, fua)| Request::Write { handle, offset, data: Bytes::from(d), fua }),
+        (handle(), any::<u64>(), 0u32..=limits::READ_LEN_MAX)
+            .prop_map(|(handle, offset, len)| Request::Read { handle, offset, len }),
+        (handle(), any::<u64>(), any::<u32>()).prop_map(|(handle, offset, len)| Request::Trim {
+            handle,
+            offset,
+            len
+        }),
+        (handle(), any::<u64>(), any::<u32>(), any::<bool>())
+            .prop_map(|(handle, offset, len, fua)| Request::WriteZeroes { handle, offset, len, fua }),
+        (handle(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..5000), any::<bool>()).prop_map(
+            |(handle, offset, d, fua)| Request::Write { handle, offset, data: Bytes::from(d), fua }
+        ),
     ]
 }
 

@@ -154,7 +154,10 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     debug!("connection closed");
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> std::io::Result<()> {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> std::io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH_MAX);
     while rx.recv_many(&mut batch, WRITE_BATCH_MAX).await > 0 {
         let mut slices: Vec<IoSlice<'_>> = batch.iter().flat_map(|o| o.frame.io_slices()).collect();

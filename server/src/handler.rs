@@ -99,7 +99,7 @@ impl Session {
     }
 
     fn handle_of(&self, h: VolumeHandle) -> StoreResult<&OpenVolume> {
-        self.handles.get(&h.0).ok_or_else(|| StoreError::BadHandle(h.0))
+        self.handles.get(&h.0).ok_or(StoreError::BadHandle(h.0))
     }
 
     pub async fn handle(&mut self, ctx: &Context, id: RequestId, req: Request) -> Outcome {
@@ -125,9 +125,11 @@ impl Session {
                 op,
                 blocking(move || store.create(&name, size)).await.map(Reply::Volume),
             )),
-            Request::VolumeDelete { name } => {
-                Outcome::Reply(done(id, op, blocking(move || store.delete(&name)).await.map(|()| Reply::Done)))
-            }
+            Request::VolumeDelete { name } => Outcome::Reply(done(
+                id,
+                op,
+                blocking(move || store.delete(&name)).await.map(|()| Reply::Done),
+            )),
             Request::VolumeList { start_after, max_entries } => {
                 let (entries, more) = blocking(move || Ok(store.list(start_after.as_ref(), max_entries)))
                     .await
@@ -147,14 +149,18 @@ impl Session {
             Request::AttachSet { name, node } => Outcome::Reply(done(
                 id,
                 op,
-                blocking(move || store.attach_set(&name, &node)).await.map(|generation| Reply::Attached { generation }),
+                blocking(move || store.attach_set(&name, &node))
+                    .await
+                    .map(|generation| Reply::Attached { generation }),
             )),
             Request::AttachClear { name, node } => Outcome::Reply(done(
                 id,
                 op,
                 blocking(move || store.attach_clear(&name, &node)).await.map(|()| Reply::Done),
             )),
-            Request::Open { name, read_only } => Outcome::Reply(done(id, op, self.open(&store, &name, read_only))),
+            Request::Open { name, read_only } => {
+                Outcome::Reply(done(id, op, self.open(&store, &name, read_only)))
+            }
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
                     Some(h) => {
@@ -184,7 +190,8 @@ impl Session {
                 self.maybe_durable(id, op, handle, r, fua)
             }
             Request::Trim { handle, offset, len } => {
-                let r = self.writable(handle, &node).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
+                let r =
+                    self.writable(handle, &node).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Flush { handle } => match self.handle_of(handle) {
@@ -239,7 +246,12 @@ impl Session {
         ))
     }
 
-    fn open(&mut self, store: &crate::store::Store, name: &VolumeName, read_only: bool) -> StoreResult<Reply> {
+    fn open(
+        &mut self,
+        store: &crate::store::Store,
+        name: &VolumeName,
+        read_only: bool,
+    ) -> StoreResult<Reply> {
         if self.handles.len() >= HANDLES_PER_CONNECTION_MAX {
             return Err(StoreError::InvalidArgument(format!(
                 "{HANDLES_PER_CONNECTION_MAX} volumes are already open on this connection"
@@ -290,7 +302,9 @@ impl Session {
         if let Err(e) = &resp.result {
             let volume = self.handles.get(&handle.0).map(|h| h.vol.name().to_string()).unwrap_or_default();
             match e.status {
-                Status::Io | Status::NoSpace => warn!(%volume, request = %resp.request_id, error = %e, "I/O failed"),
+                Status::Io | Status::NoSpace => {
+                    warn!(%volume, request = %resp.request_id, error = %e, "I/O failed")
+                }
                 _ => debug!(%volume, request = %resp.request_id, error = %e, "request refused"),
             }
         }

@@ -57,8 +57,9 @@ impl Server {
             .await
             .context("opening the data dir")?
             .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?;
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
         let ctx = Arc::new(Context {
             store: Arc::new(store),
             token: config.token.filter(|t| !t.is_empty()),

@@ -1,5 +1,6 @@
 //! The real `ferrovol-server` binary: data acknowledged by FLUSH survives SIGKILL; SIGTERM answers what
 //! is in flight, flushes and exits 0; an unknown data dir is refused with a reason.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 mod common;
 
@@ -48,7 +49,12 @@ fn flushed_data_survives_sigkill() {
     let data = pattern(1, 4 << 20);
     // Pipelined 256 KiB writes, then FLUSH; the kill comes the instant FLUSH is acknowledged.
     for (i, chunk) in data.chunks(256 << 10).enumerate() {
-        c.send(&Request::Write { handle: h, offset: (i * (256 << 10)) as u64, data: Bytes::copy_from_slice(chunk), fua: false });
+        c.send(&Request::Write {
+            handle: h,
+            offset: (i * (256 << 10)) as u64,
+            data: Bytes::copy_from_slice(chunk),
+            fua: false,
+        });
     }
     for _ in 0..16 {
         assert_eq!(status(&c.recv().unwrap()), Status::Ok);
@@ -56,7 +62,12 @@ fn flushed_data_survives_sigkill() {
     // And one FUA write, durable on its own.
     let fua = pattern(2, 4096);
     assert_eq!(
-        status(&c.call(Request::Write { handle: h, offset: 6 << 20, data: Bytes::from(fua.clone()), fua: true })),
+        status(&c.call(Request::Write {
+            handle: h,
+            offset: 6 << 20,
+            data: Bytes::from(fua.clone()),
+            fua: true
+        })),
         Status::Ok
     );
     assert_eq!(status(&c.call(Request::Flush { handle: h })), Status::Ok);
@@ -92,7 +103,12 @@ fn sigterm_answers_in_flight_and_exits_zero() {
     let n = 32;
     let mut block_of = std::collections::HashMap::new();
     for i in 0..n {
-        let id = c.send(&Request::Write { handle: h, offset: i * (1 << 20), data: Bytes::from(pattern(i, 1 << 20)), fua: false });
+        let id = c.send(&Request::Write {
+            handle: h,
+            offset: i * (1 << 20),
+            data: Bytes::from(pattern(i, 1 << 20)),
+            fua: false,
+        });
         block_of.insert(id, i);
     }
     c.send(&Request::Flush { handle: h });

@@ -1,5 +1,6 @@
 //! Hostile and broken input against a real server on 127.0.0.1: every case gets an error status or a
 //! closed connection, the server stays up, and another client's I/O goes on throughout.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
 mod common;
 
@@ -139,11 +140,17 @@ fn hostile_input_never_hurts_others() {
     assert_eq!(status(&r), Status::BadHandle);
     let r = c.call(Request::Read { handle: hd, offset: u64::MAX - 1, len: 4096 });
     assert_eq!(status(&r), Status::OutOfRange);
-    let r = c.call(Request::Write { handle: hd, offset: (1 << 20) - 2, data: Bytes::from_static(b"xyz"), fua: false });
+    let r = c.call(Request::Write {
+        handle: hd,
+        offset: (1 << 20) - 2,
+        data: Bytes::from_static(b"xyz"),
+        fua: false,
+    });
     assert_eq!(status(&r), Status::OutOfRange);
     let r = c.call(Request::VolumeStat { name: name("nope") });
     assert_eq!(status(&r), Status::NotFound);
-    let unknown = header::RequestHeader { version: 1, opcode: 0x7e, request_id: RequestId(31), ..Default::default() };
+    let unknown =
+        header::RequestHeader { version: 1, opcode: 0x7e, request_id: RequestId(31), ..Default::default() };
     c.send_bytes(&unknown.encode()).unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
@@ -153,9 +160,10 @@ fn hostile_input_never_hurts_others() {
 
     // A truncated frame followed by EOF: the server just closes that connection.
     let mut c = RawClient::hello(addr, "trunc", "sesame");
-    let frame = Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 1000]), fua: false }
-        .encode(RequestId(3))
-        .to_bytes();
+    let frame =
+        Request::Write { handle: VolumeHandle(1), offset: 0, data: Bytes::from(vec![1u8; 1000]), fua: false }
+            .encode(RequestId(3))
+            .to_bytes();
     c.send_bytes(&frame[..500]).unwrap();
     c.stream.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(c.is_closed());
@@ -211,7 +219,10 @@ fn pipelined_out_of_order_and_fencing() {
     }
 
     // Fencing: A takes the writer attachment; B may read but not write, nor take it.
-    let gen = match a.call(Request::AttachSet { name: name("v"), node: NodeId::try_from("node-a").unwrap() }).result {
+    let gen = match a
+        .call(Request::AttachSet { name: name("v"), node: NodeId::try_from("node-a").unwrap() })
+        .result
+    {
         Ok(Reply::Attached { generation }) => generation,
         other => panic!("{other:?}"),
     };
@@ -224,19 +235,41 @@ fn pipelined_out_of_order_and_fencing() {
     assert_eq!(status(&b.call(Request::Read { handle: hb, offset: 0, len: 4 })), Status::Ok);
     let steal = Request::AttachSet { name: name("v"), node: NodeId::try_from("node-b").unwrap() };
     assert_eq!(status(&b.call(steal.clone())), Status::AttachedElsewhere);
-    assert_eq!(status(&a.call(Request::Write { handle: ha, offset: 0, data: Bytes::from_static(b"mine"), fua: false })), Status::Ok);
+    assert_eq!(
+        status(&a.call(Request::Write {
+            handle: ha,
+            offset: 0,
+            data: Bytes::from_static(b"mine"),
+            fua: false
+        })),
+        Status::Ok
+    );
     // After A lets go, B may take over and write.
-    assert_eq!(status(&a.call(Request::AttachClear { name: name("v"), node: NodeId::try_from("node-a").unwrap() })), Status::Ok);
+    assert_eq!(
+        status(&a.call(Request::AttachClear { name: name("v"), node: NodeId::try_from("node-a").unwrap() })),
+        Status::Ok
+    );
     assert_eq!(status(&b.call(steal)), Status::Ok);
     assert_eq!(status(&b.call(w)), Status::Ok);
-    assert_eq!(status(&a.call(Request::Write { handle: ha, offset: 0, data: Bytes::from_static(b"late"), fua: false })), Status::Fenced);
+    assert_eq!(
+        status(&a.call(Request::Write {
+            handle: ha,
+            offset: 0,
+            data: Bytes::from_static(b"late"),
+            fua: false
+        })),
+        Status::Fenced
+    );
 
     // Read-only opens refuse writes.
     let ro = match b.call(Request::Open { name: name("v"), read_only: true }).result {
         Ok(Reply::Opened { handle, read_only: true, .. }) => handle,
         other => panic!("{other:?}"),
     };
-    assert_eq!(status(&b.call(Request::Write { handle: ro, offset: 0, data: Bytes::from_static(b"x"), fua: false })), Status::ReadOnly);
+    assert_eq!(
+        status(&b.call(Request::Write { handle: ro, offset: 0, data: Bytes::from_static(b"x"), fua: false })),
+        Status::ReadOnly
+    );
 
     // TRIM lowers the allocated bytes.
     let alloc = |c: &mut RawClient| match c.call(Request::VolumeStat { name: name("v") }).result {

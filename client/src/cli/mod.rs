@@ -147,7 +147,16 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
-        Command::Bench(BenchCmd::Raw { volume, size, workload, qd, runtime_s, connections, prefill, json }) => {
+        Command::Bench(BenchCmd::Raw {
+            volume,
+            size,
+            workload,
+            qd,
+            runtime_s,
+            connections,
+            prefill,
+            json,
+        }) => {
             let session = cli.global.connect(connections).await?;
             match session.stat_volume(&volume).await {
                 Ok(_) => {}

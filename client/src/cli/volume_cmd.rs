@@ -29,7 +29,7 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 let all: Vec<_> = vols.iter().map(json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<32} {:>12} {:>12}  {}", "NAME", "SIZE", "ALLOCATED", "WRITER");
+                println!("{:<32} {:>12} {:>12}  WRITER", "NAME", "SIZE", "ALLOCATED");
                 for v in vols {
                     println!(
                         "{:<32} {:>12} {:>12}  {}",

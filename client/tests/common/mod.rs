@@ -1,4 +1,5 @@
 //! Shared test helpers: a real server started in-process on its own runtime.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ impl TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             let server = rt.block_on(async {
                 // The previous instance's port may take a moment to be free again.
                 for _ in 0..100 {
@@ -61,4 +63,3 @@ impl Drop for TestServer {
         self.stop_now();
     }
 }
-

@@ -67,8 +67,8 @@ pub fn read_meta(dir: &Path) -> Result<VolumeMeta, String> {
     if bytes.len() > 64 << 10 {
         return Err(format!("{}: {} bytes is too large for a metadata file", path.display(), bytes.len()));
     }
-    let meta: VolumeMeta =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid volume metadata: {e}", path.display()))?;
+    let meta: VolumeMeta = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not valid volume metadata: {e}", path.display()))?;
     if meta.version != 1 {
         return Err(format!("{}: metadata version {} is not supported", path.display(), meta.version));
     }

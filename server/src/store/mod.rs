@@ -36,7 +36,10 @@ pub struct Store {
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn dir_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -44,7 +47,7 @@ fn dir_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 }
 
 pub fn validate_size(size: u64) -> StoreResult<()> {
-    if size == 0 || size % VOLUME_SIZE_ALIGN != 0 || size > VOLUME_SIZE_MAX {
+    if size == 0 || !size.is_multiple_of(VOLUME_SIZE_ALIGN) || size > VOLUME_SIZE_MAX {
         return Err(StoreError::InvalidArgument(format!(
             "size {size} must be a non-zero multiple of {VOLUME_SIZE_ALIGN} bytes, at most {VOLUME_SIZE_MAX}"
         )));
@@ -63,12 +66,18 @@ impl Store {
                 let m: DataDirMarker = serde_json::from_slice(&bytes)
                     .map_err(|e| dir_err(&marker_path, format!("unreadable marker: {e}")))?;
                 if m.format != MARKER_FORMAT {
-                    return Err(dir_err(&marker_path, format!("format {:?} is not {MARKER_FORMAT:?}", m.format)));
+                    return Err(dir_err(
+                        &marker_path,
+                        format!("format {:?} is not {MARKER_FORMAT:?}", m.format),
+                    ));
                 }
                 if m.version != LAYOUT_VERSION {
                     return Err(dir_err(
                         &marker_path,
-                        format!("layout version {} is not supported (this server knows {LAYOUT_VERSION})", m.version),
+                        format!(
+                            "layout version {} is not supported (this server knows {LAYOUT_VERSION})",
+                            m.version
+                        ),
                     ));
                 }
                 m
@@ -123,7 +132,12 @@ impl Store {
             volumes.insert(name, Arc::new(vol));
         }
         info!(dir = %root.display(), volumes = volumes.len(), server_id = %marker.server_id, "data dir open");
-        Ok(Self { root: root.to_owned(), volumes_dir, server_id: marker.server_id, volumes: Mutex::new(volumes) })
+        Ok(Self {
+            root: root.to_owned(),
+            volumes_dir,
+            server_id: marker.server_id,
+            volumes: Mutex::new(volumes),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -219,10 +233,9 @@ impl Store {
         let vols: Vec<Arc<Volume>> = {
             let map = self.lock();
             let iter: Box<dyn Iterator<Item = (&VolumeName, &Arc<Volume>)>> = match start_after {
-                Some(s) => Box::new(map.range::<VolumeName, _>((
-                    std::ops::Bound::Excluded(s),
-                    std::ops::Bound::Unbounded,
-                ))),
+                Some(s) => Box::new(
+                    map.range::<VolumeName, _>((std::ops::Bound::Excluded(s), std::ops::Bound::Unbounded)),
+                ),
                 None => Box::new(map.iter()),
             };
             iter.take(max + 1).map(|(_, v)| v.clone()).collect()
@@ -263,7 +276,8 @@ impl Store {
 
 fn open_volume(name: VolumeName, dir: &Path, meta: VolumeMeta) -> StoreResult<Volume> {
     let data_path = dir.join(DATA_FILE);
-    let file = OpenOptions::new().read(true).write(true).open(&data_path).map_err(|e| dir_err(&data_path, e))?;
+    let file =
+        OpenOptions::new().read(true).write(true).open(&data_path).map_err(|e| dir_err(&data_path, e))?;
     let len = file.metadata().map_err(|e| dir_err(&data_path, e))?.len();
     validate_size(meta.size).map_err(|e| dir_err(dir, e))?;
     if len != meta.size {
@@ -359,7 +373,11 @@ mod tests {
         Store::open(dir.path()).unwrap();
         assert!(!dir.path().join("volumes/.creating-x").exists());
 
-        fs::write(dir.path().join(MARKER_FILE), br#"{"format":"ferrovol-data","version":99,"server_id":"x"}"#).unwrap();
+        fs::write(
+            dir.path().join(MARKER_FILE),
+            br#"{"format":"ferrovol-data","version":99,"server_id":"x"}"#,
+        )
+        .unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("layout version 99"), "{err}");
     }

@@ -168,9 +168,9 @@ impl Volume {
         let zeros = vec![0u8; 1 << 20];
         let mut done = 0u64;
         while done < len64 {
-            let n = (len64 - done).min(zeros.len() as u64);
-            self.file.write_all_at(&zeros[..n as usize], offset + done).map_err(io_err)?;
-            done += n;
+            let n = usize::try_from(len64 - done).unwrap_or(usize::MAX).min(zeros.len());
+            self.file.write_all_at(&zeros[..n], offset + done).map_err(io_err)?;
+            done += n as u64;
         }
         Ok(())
     }

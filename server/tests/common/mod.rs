@@ -1,5 +1,6 @@
 //! A tiny blocking protocol client for wire tests: it speaks raw frames, so tests can also send broken
 //! ones.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
