@@ -1,9 +1,11 @@
 //! One protocol connection with transparent reconnect.
 //!
-//! A supervisor task owns the socket's write half and a reader task owns the read half. Callers send
-//! [`Call`]s through a bounded channel (their backpressure); the supervisor gives each a request id,
-//! records it in the shared pending map, and writes batches of frames with vectored writes. The reader
-//! matches replies to pending calls by request id (replies may come in any order) and completes them.
+//! A caller registers its request in the shared pending map (which gives it a request id) and writes the
+//! frame itself: frames go through a queue, and whichever caller holds the write half writes everything
+//! queued in one vectored write (flat combining), so there is no hop through another task on the hot
+//! path and concurrent callers still share syscalls. A reader task owns the read half, matches replies to
+//! pending calls by request id (replies may come in any order) and completes them. A supervisor task
+//! watches the connection and handles deadlines and reconnects.
 //!
 //! When the connection breaks, the supervisor reconnects with exponential backoff, repeats the handshake,
 //! re-OPENs the volumes that were open (handles are per connection) and re-sends every pending data
@@ -15,7 +17,7 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,16 +29,13 @@ use ferrovol_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::error::{ClientError, Result};
 use crate::ConnectOptions;
 
-/// Calls queued per connection before callers wait.
-const CALL_QUEUE_MAX: usize = 1024;
 /// Frames gathered into one vectored write.
 const WRITE_BATCH_MAX: usize = 64;
 const READ_CHUNK: usize = 256 << 10;
@@ -112,27 +111,124 @@ struct VolEntry {
     reopen_error: Option<String>,
 }
 
+/// Everything about the connection that callers, the reader and the supervisor share.
 #[derive(Default)]
+struct State {
+    pending: HashMap<u64, Pending>,
+    volumes: HashMap<LocalVol, VolEntry>,
+    next_id: u64,
+    /// A connection is up and its volumes are open: frames may be written.
+    connected: bool,
+    /// Incremented at every new connection; frames encoded for an older one are never written.
+    generation: u64,
+}
+
+/// The write half with the connection generation it belongs to (None while disconnected).
+type WriteSlot = Option<(u64, OwnedWriteHalf)>;
+
 struct Shared {
-    pending: Mutex<HashMap<u64, Pending>>,
-    volumes: Mutex<HashMap<LocalVol, VolEntry>>,
+    state: Mutex<State>,
+    /// Frames waiting for a writer, tagged with their connection generation.
+    queue: Mutex<Vec<(u64, RequestFrame)>>,
+    wr: tokio::sync::Mutex<WriteSlot>,
+    /// Signalled by a writer that hit an error, with the generation of the connection that failed in
+    /// `broken_generation` (a late signal about an old connection must not tear down a new one).
+    broken: Notify,
+    broken_generation: AtomicU64,
 }
 
 impl Shared {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-    fn volumes(&self) -> std::sync::MutexGuard<'_, HashMap<LocalVol, VolEntry>> {
-        self.volumes.lock().unwrap_or_else(|p| p.into_inner())
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<(u64, RequestFrame)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues frames and writes everything queued if no one else is writing (flat combining): the
+    /// holder of the write half drains the queue until it is empty, then re-checks after letting go,
+    /// so no frame is left behind.
+    async fn submit(&self, frames: impl IntoIterator<Item = (u64, RequestFrame)>) {
+        self.queue().extend(frames);
+        loop {
+            let Ok(mut slot) = self.wr.try_lock() else { return };
+            self.drain(&mut slot).await;
+            drop(slot);
+            if self.queue().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn drain(&self, slot: &mut WriteSlot) {
+        loop {
+            let batch: Vec<(u64, RequestFrame)> = {
+                let mut q = self.queue();
+                let n = q.len().min(WRITE_BATCH_MAX);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let Some((generation, w)) = slot.as_mut() else {
+                // Disconnected: the supervisor re-sends every pending request after reconnecting.
+                continue;
+            };
+            let gen = *generation;
+            let mut slices: Vec<IoSlice<'_>> =
+                batch.iter().filter(|(g, _)| *g == gen).flat_map(|(_, f)| f.io_slices()).collect();
+            if let Err(e) = write_all_vectored(w, &mut slices).await {
+                debug!(error = %e, "write failed");
+                *slot = None;
+                self.broken_generation.store(gen, Ordering::Release);
+                self.broken.notify_one();
+            }
+        }
     }
 }
 
-/// The caller's side of a connection.
-#[derive(Clone, Debug)]
+/// The wire request for a call, with the volume's current handle.
+fn to_request(st: &State, op: &Op) -> std::result::Result<Request, ClientError> {
+    let handle = |vol: &LocalVol| -> std::result::Result<VolumeHandle, ClientError> {
+        match st.volumes.get(vol) {
+            Some(VolEntry { handle: Some(h), .. }) => Ok(*h),
+            Some(VolEntry { reopen_error: Some(e), name, .. }) => Err(ClientError::Protocol(format!(
+                "volume {name} could not be re-opened after a reconnect: {e}"
+            ))),
+            _ => Err(ClientError::InvalidArgument("volume is not open".into())),
+        }
+    };
+    Ok(match op {
+        Op::Control(r) => r.clone(),
+        Op::Open { name, read_only, .. } => Request::Open { name: name.clone(), read_only: *read_only },
+        Op::Close { vol } => Request::Close { handle: handle(vol)? },
+        Op::Data { vol, op } => {
+            let handle = handle(vol)?;
+            match op.clone() {
+                DataOp::Read { offset, len } => Request::Read { handle, offset, len },
+                DataOp::Write { offset, data, fua } => Request::Write { handle, offset, data, fua },
+                DataOp::Flush => Request::Flush { handle },
+                DataOp::Trim { offset, len } => Request::Trim { handle, offset, len },
+                DataOp::WriteZeroes { offset, len, fua } => Request::WriteZeroes { handle, offset, len, fua },
+            }
+        }
+    })
+}
+
+/// The caller's side of a connection. The supervisor stops when the last handle is dropped.
+#[derive(Clone)]
 pub(crate) struct ConnHandle {
-    tx: mpsc::Sender<Call>,
+    shared: Arc<Shared>,
     next_vol: Arc<AtomicU32>,
     io_timeout: Duration,
+    _alive: Arc<oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle").field("io_timeout", &self.io_timeout).finish()
+    }
 }
 
 impl ConnHandle {
@@ -140,17 +236,54 @@ impl ConnHandle {
         self.next_vol.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Registers the call; returns its frame if it can be written now.
+    fn register(&self, op: Op, reply: oneshot::Sender<Result<Reply>>) -> Option<(u64, RequestFrame)> {
+        let mut st = self.shared.state();
+        if let Op::Open { vol, name, read_only } = &op {
+            st.volumes.insert(
+                *vol,
+                VolEntry { name: name.clone(), read_only: *read_only, handle: None, reopen_error: None },
+            );
+        }
+        let id = st.next_id.max(1);
+        st.next_id = id + 1;
+        let frame = if st.connected {
+            match to_request(&st, &op) {
+                Ok(req) => Some((st.generation, req.encode(RequestId(id)))),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let call = Call { op, reply, deadline: Instant::now() + self.io_timeout };
+        st.pending.insert(id, Pending { call, sent: frame.is_some() });
+        frame
+    }
+
     pub(crate) async fn call(&self, op: Op) -> Result<Reply> {
         let (reply, rx) = oneshot::channel();
-        let deadline = Instant::now() + self.io_timeout;
-        self.tx.send(Call { op, reply, deadline }).await.map_err(|_| ClientError::Closed)?;
+        if let Some(frame) = self.register(op, reply) {
+            self.shared.submit([frame]).await;
+        }
         rx.await.map_err(|_| ClientError::Closed)?
     }
 
-    /// Fire-and-forget (used by `Drop`).
+    /// Fire-and-forget (used by `Drop`): the frame is written by the next writer, or re-sent after a
+    /// reconnect.
     pub(crate) fn try_call(&self, op: Op) {
         let (reply, _rx) = oneshot::channel();
-        let _ = self.tx.try_send(Call { op, reply, deadline: Instant::now() + self.io_timeout });
+        if let Some(frame) = self.register(op, reply) {
+            let shared = self.shared.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { shared.submit([frame]).await });
+                }
+                Err(_) => shared.queue().push(frame),
+            }
+        }
     }
 }
 
@@ -242,178 +375,113 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
 
 /// Starts the supervisor for an established connection.
 pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, first: Established) -> ConnHandle {
-    let (tx, rx) = mpsc::channel(CALL_QUEUE_MAX);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State { next_id: 1, ..Default::default() }),
+        queue: Mutex::new(Vec::new()),
+        wr: tokio::sync::Mutex::new(None),
+        broken: Notify::new(),
+        broken_generation: AtomicU64::new(0),
+    });
+    let (alive, closed) = oneshot::channel();
     let io_timeout = opts.io_timeout;
-    tokio::spawn(supervise(addr, opts, first, rx));
-    ConnHandle { tx, next_vol: Arc::new(AtomicU32::new(1)), io_timeout }
+    tokio::spawn(supervise(Supervisor { addr, opts, shared: shared.clone() }, first, closed));
+    ConnHandle { shared, next_vol: Arc::new(AtomicU32::new(1)), io_timeout, _alive: Arc::new(alive) }
 }
 
 struct Supervisor {
     addr: SocketAddr,
     opts: ConnectOptions,
     shared: Arc<Shared>,
-    next_id: u64,
 }
 
-async fn supervise(addr: SocketAddr, opts: ConnectOptions, first: Established, mut rx: mpsc::Receiver<Call>) {
-    let mut sup = Supervisor { addr, opts, shared: Arc::new(Shared::default()), next_id: 1 };
-    let mut conn = Some(first);
+async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Receiver<()>) {
+    let mut conn = first;
     loop {
-        let Some(est) = conn.take() else { return };
-        let (rd, mut wr) = est.stream.into_split();
-        let reader = tokio::spawn(read_loop(rd, sup.shared.clone()));
-        let outcome = sup.serve(&mut wr, reader, &mut rx).await;
-        match outcome {
-            Served::Closed => return,
-            Served::Broken(reason) => {
-                warn!(server = %sup.addr, %reason, "connection lost; reconnecting");
-                sup.after_disconnect();
-                match sup.reconnect(&mut rx, reason).await {
-                    Some(est) => conn = Some(est),
-                    None => return,
+        let (rd, wr) = conn.stream.into_split();
+        let mut reader = tokio::spawn(read_loop(rd, sup.shared.clone()));
+        let generation = sup.go_live(wr).await;
+        let mut ticker = tokio::time::interval(TICK);
+        let reason = loop {
+            tokio::select! {
+                _ = &mut closed => {
+                    reader.abort();
+                    return;
                 }
+                r = &mut reader => break r.unwrap_or_else(|e| format!("reader task failed: {e}")),
+                _ = sup.shared.broken.notified() => {
+                    if sup.shared.broken_generation.load(Ordering::Acquire) == generation {
+                        reader.abort();
+                        break "write failed".to_owned();
+                    }
+                }
+                _ = ticker.tick() => sup.expire(None),
             }
+        };
+        warn!(server = %sup.addr, %reason, "connection lost; reconnecting");
+        sup.after_disconnect().await;
+        match sup.reconnect(&mut closed, reason).await {
+            Some(est) => conn = est,
+            None => return,
         }
     }
-}
-
-enum Served {
-    /// Every caller is gone.
-    Closed,
-    Broken(String),
 }
 
 impl Supervisor {
-    fn id(&mut self) -> RequestId {
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        id
-    }
-
-    /// The wire request for a call, with the volume's current handle.
-    fn to_request(&self, op: &Op) -> std::result::Result<Request, ClientError> {
-        let handle = |vol: &LocalVol| -> std::result::Result<VolumeHandle, ClientError> {
-            let vols = self.shared.volumes();
-            match vols.get(vol) {
-                Some(VolEntry { handle: Some(h), .. }) => Ok(*h),
-                Some(VolEntry { reopen_error: Some(e), name, .. }) => Err(ClientError::Protocol(format!(
-                    "volume {name} could not be re-opened after a reconnect: {e}"
-                ))),
-                _ => Err(ClientError::InvalidArgument("volume is not open".into())),
-            }
-        };
-        Ok(match op {
-            Op::Control(r) => r.clone(),
-            Op::Open { name, read_only, .. } => Request::Open { name: name.clone(), read_only: *read_only },
-            Op::Close { vol } => Request::Close { handle: handle(vol)? },
-            Op::Data { vol, op } => {
-                let handle = handle(vol)?;
-                match op.clone() {
-                    DataOp::Read { offset, len } => Request::Read { handle, offset, len },
-                    DataOp::Write { offset, data, fua } => Request::Write { handle, offset, data, fua },
-                    DataOp::Flush => Request::Flush { handle },
-                    DataOp::Trim { offset, len } => Request::Trim { handle, offset, len },
-                    DataOp::WriteZeroes { offset, len, fua } => {
-                        Request::WriteZeroes { handle, offset, len, fua }
-                    }
-                }
-            }
-        })
-    }
-
-    /// Registers calls as pending and returns their frames. Calls that cannot be encoded fail at once.
-    fn admit(&mut self, calls: Vec<Call>, send: bool) -> Vec<RequestFrame> {
-        let mut frames = Vec::with_capacity(calls.len());
-        for call in calls {
-            if let Op::Open { vol, name, read_only } = &call.op {
-                self.shared.volumes().insert(
-                    *vol,
-                    VolEntry { name: name.clone(), read_only: *read_only, handle: None, reopen_error: None },
-                );
-            }
-            let id = self.id();
-            if send {
-                match self.to_request(&call.op) {
-                    Ok(req) => frames.push(req.encode(id)),
-                    Err(e) => {
-                        let _ = call.reply.send(Err(e));
-                        continue;
-                    }
-                }
-            }
-            self.shared.pending().insert(id.0, Pending { call, sent: send });
-        }
-        frames
-    }
-
-    async fn serve(
-        &mut self,
-        wr: &mut OwnedWriteHalf,
-        mut reader: JoinHandle<String>,
-        rx: &mut mpsc::Receiver<Call>,
-    ) -> Served {
-        // First re-send what was pending across the reconnect, in the original order.
-        let resend: Vec<(u64, Request)> = {
-            let mut pending = self.shared.pending();
-            let mut ids: Vec<u64> = pending.keys().copied().collect();
+    /// Installs a fresh write half, then re-sends every pending request in its original order, before
+    /// any caller can write on the new connection.
+    async fn go_live(&self, wr: OwnedWriteHalf) -> u64 {
+        let mut slot = self.shared.wr.lock().await;
+        let (generation, resend) = {
+            let mut st = self.shared.state();
+            st.generation += 1;
+            st.connected = true;
+            let generation = st.generation;
+            let mut ids: Vec<u64> = st.pending.keys().copied().collect();
             ids.sort_unstable();
             let mut out = vec![];
             for id in ids {
-                let Some(p) = pending.get_mut(&id) else { continue };
-                match self.to_request(&p.call.op) {
+                let req = match st.pending.get(&id) {
+                    Some(p) => to_request(&st, &p.call.op),
+                    None => continue,
+                };
+                match req {
                     Ok(req) => {
-                        p.sent = true;
-                        out.push((id, req));
+                        if let Some(p) = st.pending.get_mut(&id) {
+                            p.sent = true;
+                        }
+                        out.push((generation, req.encode(RequestId(id))));
                     }
                     Err(e) => {
-                        if let Some(p) = pending.remove(&id) {
+                        if let Some(p) = st.pending.remove(&id) {
                             let _ = p.call.reply.send(Err(e));
                         }
                     }
                 }
             }
-            out
+            (generation, out)
         };
         if !resend.is_empty() {
             info!(server = %self.addr, requests = resend.len(), "re-sending requests after reconnect");
-            let frames: Vec<RequestFrame> = resend.iter().map(|(id, r)| r.encode(RequestId(*id))).collect();
-            if let Err(e) = write_frames(wr, &frames).await {
-                reader.abort();
-                return Served::Broken(format!("write failed: {e}"));
-            }
         }
-        let mut ticker = tokio::time::interval(TICK);
-        let mut calls: Vec<Call> = Vec::with_capacity(WRITE_BATCH_MAX);
-        loop {
-            tokio::select! {
-                n = rx.recv_many(&mut calls, WRITE_BATCH_MAX) => {
-                    if n == 0 {
-                        reader.abort();
-                        return Served::Closed;
-                    }
-                    let batch = std::mem::take(&mut calls);
-                    let frames = self.admit(batch, true);
-                    if let Err(e) = write_frames(wr, &frames).await {
-                        reader.abort();
-                        return Served::Broken(format!("write failed: {e}"));
-                    }
-                }
-                r = &mut reader => {
-                    return Served::Broken(r.unwrap_or_else(|e| format!("reader task failed: {e}")));
-                }
-                _ = ticker.tick() => self.expire(None),
-            }
+        *slot = Some((generation, wr));
+        // Re-sent frames go first: they are older than anything queued for this generation.
+        self.shared.queue().splice(0..0, resend);
+        self.shared.drain(&mut slot).await;
+        drop(slot);
+        if !self.shared.queue().is_empty() {
+            self.shared.submit([]).await;
         }
+        generation
     }
 
     /// Fails calls whose deadline passed. `down` = (since, last error) while disconnected.
     fn expire(&self, down: Option<(Instant, &str)>) {
         let now = Instant::now();
-        let mut pending = self.shared.pending();
+        let mut st = self.shared.state();
         let expired: Vec<u64> =
-            pending.iter().filter(|(_, p)| p.call.deadline <= now).map(|(id, _)| *id).collect();
+            st.pending.iter().filter(|(_, p)| p.call.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
-            let Some(p) = pending.remove(&id) else { continue };
+            let Some(p) = st.pending.remove(&id) else { continue };
             let op = p.call.op.opcode();
             let err = match down {
                 Some((since, last)) => ClientError::Unavailable {
@@ -430,35 +498,37 @@ impl Supervisor {
 
     /// After a disconnect: sent control requests fail (they may have happened); a pending CLOSE is done
     /// (the handle died with the connection); everything else waits to be re-sent.
-    fn after_disconnect(&self) {
-        let mut pending = self.shared.pending();
-        let ids: Vec<u64> = pending.keys().copied().collect();
+    async fn after_disconnect(&self) {
+        *self.shared.wr.lock().await = None;
+        let mut st = self.shared.state();
+        st.connected = false;
+        let ids: Vec<u64> = st.pending.keys().copied().collect();
         for id in ids {
-            let Some(p) = pending.get_mut(&id) else { continue };
+            let Some(p) = st.pending.get_mut(&id) else { continue };
             match &p.call.op {
                 Op::Control(r) if p.sent => {
                     let op = r.opcode();
-                    if let Some(p) = pending.remove(&id) {
+                    if let Some(p) = st.pending.remove(&id) {
                         let _ = p.call.reply.send(Err(ClientError::ConnectionLost { op }));
                     }
                 }
                 Op::Close { vol } => {
                     let vol = *vol;
-                    self.shared.volumes().remove(&vol);
-                    if let Some(p) = pending.remove(&id) {
+                    st.volumes.remove(&vol);
+                    if let Some(p) = st.pending.remove(&id) {
                         let _ = p.call.reply.send(Ok(Reply::Done));
                     }
                 }
                 _ => p.sent = false,
             }
         }
-        for v in self.shared.volumes().values_mut() {
+        for v in st.volumes.values_mut() {
             v.handle = None;
         }
     }
 
-    /// Reconnects with backoff, queueing new calls meanwhile. Returns `None` when every caller is gone.
-    async fn reconnect(&mut self, rx: &mut mpsc::Receiver<Call>, mut last: String) -> Option<Established> {
+    /// Reconnects with backoff. Returns `None` when every caller is gone.
+    async fn reconnect(&self, closed: &mut oneshot::Receiver<()>, mut last: String) -> Option<Established> {
         let since = Instant::now();
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -476,15 +546,9 @@ impl Supervisor {
             debug!(server = %self.addr, error = %last, ?backoff, "reconnect failed");
             let wake = Instant::now() + backoff;
             loop {
-                let mut calls = Vec::new();
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => break,
-                    n = rx.recv_many(&mut calls, WRITE_BATCH_MAX) => {
-                        if n == 0 {
-                            return None;
-                        }
-                        self.admit(calls, false);
-                    }
+                    _ = &mut *closed => return None,
                     _ = tokio::time::sleep(TICK) => self.expire(Some((since, &last))),
                 }
             }
@@ -493,12 +557,13 @@ impl Supervisor {
     }
 
     /// Re-OPENs every volume that was open, on the new connection (before its reader starts).
-    async fn reopen(&mut self, est: &mut Established) -> Result<()> {
+    async fn reopen(&self, est: &mut Established) -> Result<()> {
         let vols: Vec<(LocalVol, VolumeName, bool)> =
-            self.shared.volumes().iter().map(|(k, v)| (*k, v.name.clone(), v.read_only)).collect();
+            self.shared.state().volumes.iter().map(|(k, v)| (*k, v.name.clone(), v.read_only)).collect();
         let mut buf = BytesMut::with_capacity(4096);
-        for (vol, name, read_only) in vols {
-            let id = self.id();
+        for (i, (vol, name, read_only)) in vols.into_iter().enumerate() {
+            // Ids of the handshake phase are never matched against pending calls.
+            let id = RequestId(u64::MAX - i as u64);
             let req = Request::Open { name: name.clone(), read_only };
             let resp = tokio::time::timeout(
                 self.opts.connect_timeout,
@@ -506,8 +571,8 @@ impl Supervisor {
             )
             .await
             .map_err(|_| ClientError::Protocol("no reply to OPEN".into()))??;
-            let mut vols = self.shared.volumes();
-            let Some(entry) = vols.get_mut(&vol) else { continue };
+            let mut st = self.shared.state();
+            let Some(entry) = st.volumes.get_mut(&vol) else { continue };
             match resp.result {
                 Ok(Reply::Opened { handle, .. }) => {
                     entry.handle = Some(handle);
@@ -523,14 +588,6 @@ impl Supervisor {
         }
         Ok(())
     }
-}
-
-async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[RequestFrame]) -> std::io::Result<()> {
-    if frames.is_empty() {
-        return Ok(());
-    }
-    let mut slices: Vec<IoSlice<'_>> = frames.iter().flat_map(|f| f.io_slices()).collect();
-    write_all_vectored(wr, &mut slices).await
 }
 
 async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
@@ -560,7 +617,8 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>) -> String {
             let id = raw.header.request_id;
             let opcode = raw.header.opcode;
             let parsed = Response::parse(raw);
-            let Some(p) = shared.pending().remove(&id.0) else {
+            let mut st = shared.state();
+            let Some(p) = st.pending.remove(&id.0) else {
                 return format!("reply to unknown request {id} (opcode {opcode:#04x})");
             };
             let op = p.call.op.opcode();
@@ -568,18 +626,18 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>) -> String {
                 Ok(resp) => match resp.result {
                     Ok(reply) => {
                         if let (Op::Open { vol, .. }, Reply::Opened { handle, .. }) = (&p.call.op, &reply) {
-                            if let Some(v) = shared.volumes().get_mut(vol) {
+                            if let Some(v) = st.volumes.get_mut(vol) {
                                 v.handle = Some(*handle);
                             }
                         }
                         if let Op::Close { vol } = &p.call.op {
-                            shared.volumes().remove(vol);
+                            st.volumes.remove(vol);
                         }
                         Ok(reply)
                     }
                     Err(e) => {
                         if let Op::Open { vol, .. } = &p.call.op {
-                            shared.volumes().remove(vol);
+                            st.volumes.remove(vol);
                         }
                         Err(server_error(op, e))
                     }
@@ -589,6 +647,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>) -> String {
                     Err(ClientError::Checksum { op })
                 }
             };
+            drop(st);
             let _ = p.call.reply.send(result);
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
