@@ -25,6 +25,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// The longest any request waits for its answer, reconnects included; then the caller gets an error.
     pub io_timeout: Duration,
+    /// While replies are awaited, how long the reader polls the socket before its thread sleeps:
+    /// trades a little CPU for latency at low queue depth. Zero disables.
+    pub poll: Duration,
 }
 
 /// The node id when none is configured: `FERROVOL_NODE_ID`, else the host name.
@@ -46,6 +49,7 @@ impl Default for ConnectOptions {
             connections: 1,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(30),
+            poll: Duration::from_micros(100),
         }
     }
 }

@@ -19,6 +19,7 @@ fn opts(node: &str) -> ConnectOptions {
         connections: 2,
         connect_timeout: Duration::from_secs(2),
         io_timeout: Duration::from_secs(20),
+        ..ConnectOptions::default()
     }
 }
 

@@ -27,11 +27,16 @@ pub struct ServerConfig {
     /// Shared secret clients must present in HELLO; `None` accepts any client (loopback use).
     pub token: Option<String>,
     pub handshake_timeout: Duration,
+    /// How long a connection polls for its next request before sleeping (0 = never poll).
+    pub poll: Duration,
 }
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
-        Self { data_dir: data_dir.into(), listen, token: None, handshake_timeout: Duration::from_secs(10) }
+        Self { data_dir: data_dir.into(), listen, token: None,
+            handshake_timeout: Duration::from_secs(10),
+            poll: Duration::from_micros(50),
+        }
     }
 }
 
@@ -41,6 +46,7 @@ pub struct Context {
     pub store: Arc<Store>,
     pub token: Option<String>,
     pub handshake_timeout: Duration,
+    pub poll: Duration,
 }
 
 #[derive(Debug)]
@@ -64,6 +70,7 @@ impl Server {
             store: Arc::new(store),
             token: config.token.filter(|t| !t.is_empty()),
             handshake_timeout: config.handshake_timeout,
+            poll: config.poll,
         });
         Ok(Self { ctx, listener })
     }
