@@ -351,6 +351,12 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
         }
     };
     let _ = stream.set_nodelay(true);
+    {
+        // Room for a whole max-size frame each way (see the server's `tune_socket`).
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+    }
     let hello = Request::Hello(Hello {
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION,

@@ -56,6 +56,7 @@ async fn write_batch(wr: &Writer, batch: &mut Vec<Outgoing>) -> std::io::Result<
 
 pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
+    tune_socket(&stream);
     let (mut rd, wr) = stream.into_split();
     let wr: Writer = Arc::new(Mutex::new(wr));
     let mut later = JoinSet::new();
@@ -191,6 +192,16 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     }
     drop(session);
     debug!("connection closed");
+}
+
+/// Socket buffers big enough for a whole max-size frame, so a 1 MiB WRITE or READ reply crosses in one
+/// go instead of in window-sized pieces with a wakeup each (the kernel caps these at net.core.*mem_max).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+pub fn tune_socket(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
 }
 
 /// Reads into `buf`. First polls without sleeping for up to `spin` (yielding to other tasks in between),
