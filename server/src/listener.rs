@@ -35,7 +35,10 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
-        Self { data_dir: data_dir.into(), listen, token: None,
+        Self {
+            data_dir: data_dir.into(),
+            listen,
+            token: None,
             handshake_timeout: Duration::from_secs(10),
             poll: Duration::from_micros(50),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
