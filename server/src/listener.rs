@@ -71,9 +71,26 @@ struct Job {
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// One connection thread: serves the connections it is handed until the sender is dropped (shutdown),
-/// then gives them the grace period to finish.
-async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+/// The connection threads. Dropped without a graceful shutdown (the `run` future was dropped: a test
+/// killing the server, a panic), they cut every connection at once, like a crash, and are joined.
+struct Workers {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.senders.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection thread: serves the connections it is handed until the sender is dropped. On a
+/// graceful shutdown (`stop` is true) the connections get the grace period to finish; otherwise they
+/// are cut at once.
+async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>, stop: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -95,6 +112,11 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+    if !*stop.borrow() {
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+        return;
     }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
         while conns.join_next().await.is_some() {}
@@ -144,18 +166,20 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-        let workers = self.workers.max(1);
-        let mut senders = Vec::with_capacity(workers);
-        let mut threads = Vec::with_capacity(workers);
-        for i in 0..workers {
+        let worker_count = self.workers.max(1);
+        let mut senders = Vec::with_capacity(worker_count);
+        let mut threads = Vec::with_capacity(worker_count);
+        for i in 0..worker_count {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let stop = stop_rx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ferrovol-conn-{i}"))
-                .spawn(move || rt.block_on(worker(rx)))?;
+                .spawn(move || rt.block_on(worker(rx, stop)))?;
             senders.push(tx);
             threads.push(thread);
         }
+        let mut workers = Workers { senders, threads };
         let mut next_id: u64 = 0;
         tokio::pin!(shutdown);
         loop {
@@ -185,8 +209,8 @@ impl Server {
                     next_id += 1;
                     let span = tracing::info_span!("conn", id = next_id, %peer);
                     let job = Job { stream, span, ctx: self.ctx.clone(), stop: stop_rx.clone(), permit };
-                    let w = usize::try_from(next_id).unwrap_or(0) % workers;
-                    if senders[w].send(job).is_err() {
+                    let w = usize::try_from(next_id).unwrap_or(0) % worker_count;
+                    if workers.senders[w].send(job).is_err() {
                         warn!(%peer, "connection worker is gone");
                     }
                 }
@@ -194,7 +218,8 @@ impl Server {
         }
         info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
-        drop(senders);
+        workers.senders.clear();
+        let threads = std::mem::take(&mut workers.threads);
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();

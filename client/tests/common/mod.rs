@@ -38,7 +38,8 @@ impl TestServer {
             addr_tx.send(server.local_addr().unwrap()).unwrap();
             rt.spawn(server.run(std::future::pending::<()>()));
             let _ = stop_rx.recv();
-            rt.shutdown_background();
+            // Drops the server's `run` future: every connection is cut at once, like a crash.
+            rt.shutdown_timeout(Duration::from_secs(5));
         });
         let addr = addr_rx.recv().expect("server started");
         Self { stop: Some(stop), thread: Some(thread), addr }
