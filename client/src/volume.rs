@@ -14,8 +14,8 @@ use crate::session::unexpected;
 /// A READ whose reply fails its checksum is retried this many times (a reply can race with a
 /// concurrent overlapping write on the server; see benches/README.md).
 const READ_CHECKSUM_RETRIES: usize = 3;
-/// Piece size for large writes when the connection is nearly idle (see `write_inner`).
-const WRITE_PIECE_LOW_QD: usize = 256 << 10;
+/// Piece size for large reads and writes when the connection is nearly idle (see `write_inner`).
+const PIECE_LOW_QD: usize = 256 << 10;
 /// Requests in flight from which large writes are no longer split.
 const PIPELINE_BUSY: usize = 4;
 
@@ -71,6 +71,11 @@ impl Volume {
         self.inner.read_only
     }
 
+    /// Enough requests in flight that splitting large ones would not add pipelining.
+    fn busy(&self) -> bool {
+        self.inner.conns.iter().map(|(c, _)| c.in_flight()).sum::<usize>() >= PIPELINE_BUSY
+    }
+
     async fn data(&self, op: DataOp) -> Result<Reply> {
         let i = self.inner.rr.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         let (c, vol) = &self.inner.conns[i];
@@ -95,7 +100,11 @@ impl Volume {
     /// Reads `len` bytes at `offset`. Up to the server's payload limit this is one request and the
     /// returned `Bytes` is a slice of the socket read buffer (no copy).
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        let piece = self.inner.piece_max;
+        // As for writes: with little else in flight, a large read is fetched as pipelined pieces so
+        // the server sends the first while it prepares the next and the client receives and checks
+        // them as they come (measured: 1 MiB reads at queue depth 1 went from ~3.9 to ~5.3 GiB/s,
+        // including the copy that joins the pieces).
+        let piece = if self.busy() { self.inner.piece_max } else { PIECE_LOW_QD as u32 };
         if let Ok(small) = u32::try_from(len) {
             if small <= piece {
                 return self.read_piece(offset, small).await;
@@ -118,8 +127,7 @@ impl Volume {
         // and stores the first piece while the rest is still being copied into the socket, which
         // overlaps the copies on both sides (measured: 1 MiB writes at queue depth 1 went from ~2.1 to
         // ~4.3 GiB/s). With a deep queue the pipeline is already full and whole frames cost less.
-        let busy = self.inner.conns.iter().map(|(c, _)| c.in_flight()).sum::<usize>() >= PIPELINE_BUSY;
-        let piece = if busy { self.inner.piece_max as usize } else { WRITE_PIECE_LOW_QD };
+        let piece = if self.busy() { self.inner.piece_max as usize } else { PIECE_LOW_QD };
         let futs = (0..data.len().max(1)).step_by(piece).map(|at| {
             let part = data.slice(at..(at + piece).min(data.len()));
             self.data(DataOp::Write { offset: offset + at as u64, data: part, fua })

@@ -30,6 +30,8 @@ use crate::listener::{Context, SHUTDOWN_GRACE};
 const READ_CHUNK: usize = 256 << 10;
 /// Replies gathered into one vectored write.
 const WRITE_BATCH_MAX: usize = 64;
+/// A reply with at least this much payload is written without waiting for the rest of the batch.
+const WRITE_NOW_BYTES: usize = 128 << 10;
 
 type Permits = Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>;
 
@@ -124,8 +126,14 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             };
             match outcome {
                 Outcome::Reply(resp) => {
-                    batch.push(Outgoing { frame: resp.encode(), _permits: permits });
-                    if batch.len() >= WRITE_BATCH_MAX && write_batch(&wr, &mut batch).await.is_err() {
+                    let frame = resp.encode();
+                    // A large reply goes out at once, so the client starts receiving it while the next
+                    // ones are prepared; small replies are gathered into one write.
+                    let large = frame.payload.len() >= WRITE_NOW_BYTES;
+                    batch.push(Outgoing { frame, _permits: permits });
+                    if (large || batch.len() >= WRITE_BATCH_MAX)
+                        && write_batch(&wr, &mut batch).await.is_err()
+                    {
                         break 'conn;
                     }
                 }
