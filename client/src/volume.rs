@@ -15,7 +15,7 @@ use crate::session::unexpected;
 /// concurrent overlapping write on the server; see benches/README.md).
 const READ_CHECKSUM_RETRIES: usize = 3;
 /// Piece size for large reads and writes when the connection is nearly idle (see `write_inner`).
-const PIECE_LOW_QD: usize = 256 << 10;
+const PIECE_LOW_QD: u32 = 256 << 10;
 /// Requests in flight from which large writes are no longer split.
 const PIPELINE_BUSY: usize = 4;
 
@@ -104,7 +104,7 @@ impl Volume {
         // the server sends the first while it prepares the next and the client receives and checks
         // them as they come (measured: 1 MiB reads at queue depth 1 went from ~3.9 to ~5.3 GiB/s,
         // including the copy that joins the pieces).
-        let piece = if self.busy() { self.inner.piece_max } else { PIECE_LOW_QD as u32 };
+        let piece = if self.busy() { self.inner.piece_max } else { PIECE_LOW_QD };
         if let Ok(small) = u32::try_from(len) {
             if small <= piece {
                 return self.read_piece(offset, small).await;
@@ -127,7 +127,7 @@ impl Volume {
         // and stores the first piece while the rest is still being copied into the socket, which
         // overlaps the copies on both sides (measured: 1 MiB writes at queue depth 1 went from ~2.1 to
         // ~4.3 GiB/s). With a deep queue the pipeline is already full and whole frames cost less.
-        let piece = if self.busy() { self.inner.piece_max as usize } else { PIECE_LOW_QD };
+        let piece = if self.busy() { self.inner.piece_max as usize } else { PIECE_LOW_QD as usize };
         let futs = (0..data.len().max(1)).step_by(piece).map(|at| {
             let part = data.slice(at..(at + piece).min(data.len()));
             self.data(DataOp::Write { offset: offset + at as u64, data: part, fua })
