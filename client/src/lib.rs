@@ -18,6 +18,7 @@
 pub mod bench;
 mod conn;
 pub mod error;
+pub mod fuse;
 mod session;
 mod volume;
 

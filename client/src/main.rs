@@ -15,6 +15,23 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     cli::init_tracing(cli.global.log_format);
+    // Attach drives its own threads (FUSE) and runtime; detach needs none.
+    let blocking = match &cli.command {
+        cli::Command::Attach { name, path, read_only, background } => {
+            Some(cli::attach::attach(&cli.global, name, path, *read_only, *background))
+        }
+        cli::Command::Detach { path } => Some(cli::attach::detach(path)),
+        _ => None,
+    };
+    if let Some(result) = blocking {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferrovol: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // One thread: the CLI drives one session, and keeping its tasks (callers, the reader, the
     // supervisor) on one thread avoids cross-thread wakeups, which cost more than a 4 KiB round trip.
     let mut builder = tokio::runtime::Builder::new_current_thread();

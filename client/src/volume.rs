@@ -71,6 +71,18 @@ impl Volume {
         self.inner.read_only
     }
 
+    /// Bytes of storage the volume occupies on the server (a VOLUME_STAT round trip).
+    pub async fn allocated(&self) -> Result<u64> {
+        let (c, _) = &self.inner.conns[0];
+        match c
+            .call(Op::Control(ferrovol_proto::Request::VolumeStat { name: self.inner.name.clone() }))
+            .await?
+        {
+            Reply::Volume(v) => Ok(v.allocated),
+            other => Err(unexpected(Opcode::VolumeStat, other)),
+        }
+    }
+
     /// Enough requests in flight that splitting large ones would not add pipelining.
     fn busy(&self) -> bool {
         self.inner.conns.iter().map(|(c, _)| c.in_flight()).sum::<usize>() >= PIPELINE_BUSY

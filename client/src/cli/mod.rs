@@ -1,5 +1,6 @@
 //! The `ferrovol` command line.
 
+pub mod attach;
 pub mod volume_cmd;
 
 use std::time::Duration;
@@ -51,6 +52,19 @@ pub enum Command {
     /// Throughput harness.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// FUSE-mount a block volume over PATH (an existing regular file): PATH becomes the volume.
+    Attach {
+        name: VolumeName,
+        path: std::path::PathBuf,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Return once the mount is ready, leaving it served by a background process.
+        #[arg(long)]
+        background: bool,
+    },
+    /// Unmount an attached volume (the attach process then exits).
+    Detach { path: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +161,9 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
+        Command::Attach { .. } | Command::Detach { .. } => {
+            anyhow::bail!("attach and detach run outside the runtime (see main)")
+        }
         Command::Bench(BenchCmd::Raw {
             volume,
             size,

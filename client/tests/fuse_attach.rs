@@ -1,0 +1,229 @@
+//! Privileged end-to-end tests of `ferrovol attach` through the real kernel path: a FUSE mount over a
+//! file, real reads and writes, fsync, fallocate, detach and re-attach, and a server crash in between.
+//! They need root and /dev/fuse. Without them they print FERROVOL-SKIPPED and pass, except under CI
+//! (FERROVOL_REQUIRE_PRIVILEGED=1), where they fail instead.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::TestServer;
+
+fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    if root && fuse {
+        return true;
+    }
+    let why = format!("{test} needs root and /dev/fuse (root: {root}, /dev/fuse: {fuse})");
+    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
+        panic!("{why}");
+    }
+    println!("FERROVOL-SKIPPED: {why}");
+    false
+}
+
+fn ferrovol(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(args)
+        .env("FERROVOL_SERVER", server)
+        .env("FERROVOL_TOKEN", "tok")
+        .env("FERROVOL_NODE_ID", "test-node")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let canon = std::fs::canonicalize(path).unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+/// Detaches (lazily, whatever happened) when the test ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.0.exists() && is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn attach(server: &str, vol: &str, path: &Path, extra: &[&str]) -> Mounted {
+    let mut args = vec!["attach", vol, path.to_str().unwrap(), "--background"];
+    args.extend_from_slice(extra);
+    ok(&ferrovol(server, &args));
+    assert!(is_mounted(path));
+    Mounted(path.to_owned())
+}
+
+fn detach(server: &str, m: &Mounted) {
+    ok(&ferrovol(server, &["detach", m.0.to_str().unwrap()]));
+    // The attach process exits once the kernel has let go.
+    for _ in 0..100 {
+        if !is_mounted(&m.0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} still mounted after detach", m.0.display());
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn read_all(path: &Path, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut out = vec![0u8; len];
+    f.read_exact(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn write_read_detach_reattach_crash() {
+    if !privileged("write_read_detach_reattach_crash") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = TestServer::start(&data_dir, "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    ok(&ferrovol(&addr, &["volume", "create", "e2e", "--size", "256MiB"]));
+    let img = dir.path().join("e2e.img");
+    std::fs::write(&img, b"").unwrap();
+    let m = attach(&addr, "e2e", &img, &[]);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 256 << 20);
+
+    // 256 MiB of random data through the file, fsync'ed, read back by checksum.
+    let data = pattern(1, 256 << 20);
+    {
+        let mut f = OpenOptions::new().write(true).open(&img).unwrap();
+        for chunk in data.chunks(4 << 20) {
+            f.write_all(chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let want = crc32fast::hash(&data);
+    assert_eq!(crc32fast::hash(&read_all(&img, 256 << 20)), want);
+    // stat shows the allocated blocks.
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 >= 255 << 20);
+
+    // Detach and re-attach: the data is on the server, not in a page cache.
+    detach(&addr, &m);
+    let m = attach(&addr, "e2e", &img, &[]);
+    assert_eq!(crc32fast::hash(&read_all(&img, 256 << 20)), want);
+
+    // The server crashes and comes back while attached: fsync'ed data survives, I/O resumes.
+    let extra = pattern(2, 1 << 20);
+    {
+        let mut f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&extra).unwrap();
+        f.sync_all().unwrap();
+    }
+    server.kill();
+    let server = TestServer::start(&data_dir, &addr);
+    let mut f = std::fs::File::open(&img).unwrap();
+    f.seek(SeekFrom::Start(8 << 20)).unwrap();
+    // Bypass the page cache so the read really goes to the restarted server.
+    // SAFETY: posix_fadvise on a valid fd touches no memory.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut back = vec![0u8; 1 << 20];
+    f.read_exact(&mut back).unwrap();
+    assert_eq!(back, extra);
+    drop(f);
+
+    // fallocate(PUNCH_HOLE) reaches the server as TRIM and lowers its allocated bytes.
+    let before = std::fs::metadata(&img).unwrap().blocks();
+    {
+        let f = OpenOptions::new().write(true).open(&img).unwrap();
+        // SAFETY: fallocate on a valid fd with plain integers.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                128 << 20,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // attribute cache TTL
+    let after = std::fs::metadata(&img).unwrap().blocks();
+    assert!(after * 512 + (100 << 20) < before * 512, "blocks {before} -> {after}");
+    detach(&addr, &m);
+    drop(server);
+}
+
+#[test]
+fn read_only_and_mount_errors() {
+    if !privileged("read_only_and_mount_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    ok(&ferrovol(&addr, &["volume", "create", "ro", "--size", "16MiB"]));
+    let img = dir.path().join("ro.img");
+
+    // A missing mount path: a clear error, nothing mounted.
+    let out = ferrovol(&addr, &["attach", "ro", img.to_str().unwrap(), "--background"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // An unknown volume: the error comes back from the server, nothing mounted.
+    std::fs::write(&img, b"").unwrap();
+    let out = ferrovol(&addr, &["attach", "nope", img.to_str().unwrap(), "--background"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&img));
+
+    let m = attach(&addr, "ro", &img, &["--read-only"]);
+    // Already mounted: refused.
+    let out = ferrovol(&addr, &["attach", "ro", img.to_str().unwrap(), "--background"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a mount point"));
+    // Read-only refuses writes, reads work.
+    let err = OpenOptions::new().write(true).open(&img).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert_eq!(read_all(&img, 4096), vec![0u8; 4096]);
+    detach(&addr, &m);
+    // Detaching what is not attached: a clear error.
+    let out = ferrovol(&addr, &["detach", img.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not attached"));
+}
