@@ -1,6 +1,7 @@
 //! The `ferrovol` command line.
 
 pub mod attach;
+pub mod up;
 pub mod volume_cmd;
 
 use std::time::Duration;
@@ -65,6 +66,22 @@ pub enum Command {
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
+    /// The whole stack in one process: embedded server, volume, FUSE attach, loop device, ext4 (made on
+    /// first use only), mounted at --mount. Ctrl-C tears it all down. Needs root.
+    Up {
+        /// The embedded server's data dir.
+        #[arg(long, default_value = "/var/lib/ferrovol")]
+        data: std::path::PathBuf,
+        /// Where the filesystem is mounted.
+        #[arg(long, default_value = "/mnt/ferrovol")]
+        mount: std::path::PathBuf,
+        /// Size of the volume when it is created.
+        #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+        size: u64,
+        /// Volume name.
+        #[arg(long, default_value = "default")]
+        volume: VolumeName,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,7 +178,7 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
-        Command::Attach { .. } | Command::Detach { .. } => {
+        Command::Attach { .. } | Command::Detach { .. } | Command::Up { .. } => {
             anyhow::bail!("attach and detach run outside the runtime (see main)")
         }
         Command::Bench(BenchCmd::Raw {

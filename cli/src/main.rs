@@ -21,6 +21,7 @@ fn main() -> ExitCode {
             Some(cli::attach::attach(&cli.global, name, path, *read_only, *background))
         }
         cli::Command::Detach { path } => Some(cli::attach::detach(path)),
+        cli::Command::Up { data, mount, size, volume } => Some(cli::up::up(data, mount, *size, volume)),
         _ => None,
     };
     if let Some(result) = blocking {

@@ -1,0 +1,257 @@
+//! `ferrovol up`: the whole stack in one process, on loopback. An embedded server keeps its data in
+//! `--data`; the volume is attached through FUSE over a file, a loop device is set up on that file, ext4
+//! is created on first use only, and mounted at `--mount`. Ctrl-C or SIGTERM tears it all down in
+//! reverse order, leaving no mount or loop device behind; running it again finds the same files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use ferrovol_client::fuse::BlockFile;
+use ferrovol_client::{ConnectOptions, Session};
+use ferrovol_proto::{format_size, Status, VolumeName};
+use ferrovol_server::{Server, ServerConfig};
+use fuser::{Config, MountOption, SessionACL};
+
+use super::attach::mounted_fstype;
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("cannot run {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// One undo step.
+type Undo = Box<dyn FnOnce() -> anyhow::Result<()>>;
+
+/// Undo steps, run in reverse order on exit or on a failed start.
+#[derive(Default)]
+struct Teardown {
+    steps: Vec<(String, Undo)>,
+}
+
+impl Teardown {
+    fn push(&mut self, what: impl Into<String>, f: impl FnOnce() -> anyhow::Result<()> + 'static) {
+        self.steps.push((what.into(), Box::new(f)));
+    }
+
+    fn run(&mut self) -> bool {
+        let mut clean = true;
+        while let Some((what, f)) = self.steps.pop() {
+            match f() {
+                Ok(()) => println!("  {what}"),
+                Err(e) => {
+                    clean = false;
+                    eprintln!("ferrovol up: {what} failed: {e:#}");
+                }
+            }
+        }
+        clean
+    }
+}
+
+/// Unmounts, retrying while the mount is busy (a shell still inside it, say).
+fn umount_retry(target: &Path) -> anyhow::Result<()> {
+    for attempt in 0..50 {
+        let out = Command::new("umount").arg(target).output().context("cannot run umount")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !err.contains("busy") || attempt == 49 {
+            bail!("umount {}: {}", target.display(), err.trim());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`ferrovol up` needs root (FUSE mount, loop device, mkfs, mount)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing (modprobe fuse)");
+    }
+    for tool in ["losetup", "blkid", "mkfs.ext4", "mount", "umount"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed (Debian: apt-get install util-linux e2fsprogs mount)");
+        }
+    }
+    std::fs::create_dir_all(mount).with_context(|| format!("cannot create {}", mount.display()))?;
+    if let Some((t, source)) = mounted_fstype(mount) {
+        bail!(
+            "{} is already a mount point ({t} {source}); is another `ferrovol up` running?",
+            mount.display()
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferrovol-up")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let mut teardown = Teardown::default();
+    let result = start(&rt, data, mount, size, name, &mut teardown);
+    match result {
+        Ok(()) => {
+            println!("ready: volume {name} is mounted at {} (Ctrl-C to stop)", mount.display());
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) =
+                    (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            println!("stopping:");
+            if teardown.run() {
+                println!("stopped cleanly");
+                Ok(())
+            } else {
+                bail!("some teardown steps failed (see above)")
+            }
+        }
+        Err(e) => {
+            eprintln!("ferrovol up: {e:#}");
+            println!("undoing what was set up:");
+            teardown.run();
+            bail!("start failed")
+        }
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn start(
+    rt: &tokio::runtime::Runtime,
+    data: &Path,
+    mount: &Path,
+    size: u64,
+    name: &VolumeName,
+    teardown: &mut Teardown,
+) -> anyhow::Result<()> {
+    // 1. The embedded server, on loopback, with a random token so other local users cannot connect.
+    let token = format!("{:032x}", rand_u128());
+    let mut config = ServerConfig::new(data, "127.0.0.1:0".parse()?);
+    config.token = Some(token.clone());
+    let server = rt.block_on(Server::bind(config))?;
+    let addr = server.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = rt.spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+    let handle = rt.handle().clone();
+    teardown.push("server stopped (volumes flushed)", move || {
+        let _ = stop_tx.send(());
+        handle.block_on(server_task)??;
+        Ok(())
+    });
+    println!("server: data in {}, listening on {addr} (loopback only)", data.display());
+
+    // 2. The volume: created on first use, reused after.
+    let opts = ConnectOptions { token, node_id: "ferrovol-up".parse()?, ..ConnectOptions::default() };
+    let vol = rt.block_on(async {
+        let session = Session::connect(&addr.to_string(), opts).await?;
+        match session.stat_volume(name).await {
+            Ok(v) => {
+                println!("volume: reusing {name} ({})", format_size(v.size));
+                if v.size != size {
+                    println!(
+                        "        (its size stays {}; `--size` applies on creation)",
+                        format_size(v.size)
+                    );
+                }
+            }
+            Err(e) if e.status() == Some(Status::NotFound) => {
+                let v = session.create_volume(name, size).await?;
+                println!("volume: created {name} ({})", format_size(v.size));
+            }
+            Err(e) => return Err(anyhow::Error::from(e)),
+        }
+        anyhow::Ok(session.open(name, false).await?)
+    })?;
+
+    // 3. FUSE attach over a file in /run.
+    let run_dir = PathBuf::from(format!("/run/ferrovol/up-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let img = run_dir.join(format!("{name}.img"));
+    std::fs::write(&img, b"").with_context(|| format!("cannot create {}", img.display()))?;
+    let dir = run_dir.clone();
+    teardown.push(format!("removed {}", run_dir.display()), move || Ok(std::fs::remove_dir_all(dir)?));
+    let fs = BlockFile::new(vol, rt.handle().clone(), false);
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("ferrovol:{name}")),
+        MountOption::Subtype("ferrovol".into()),
+        MountOption::DefaultPermissions,
+        MountOption::RW,
+    ];
+    fuse_config.acl = SessionACL::All;
+    fuse_config.n_threads = Some(4);
+    fuse_config.clone_fd = true;
+    let session = fuser::Session::new(fs, &img, &fuse_config)
+        .with_context(|| format!("cannot FUSE-mount the volume at {}", img.display()))?;
+    let background = session.spawn().context("cannot start the FUSE session")?;
+    teardown.push(format!("detached {}", img.display()), move || {
+        background.umount_and_join()?;
+        Ok(())
+    });
+    println!("attach: volume {name} is the file {}", img.display());
+
+    // 4. A loop device over it (direct I/O: the page cache above the loop device is enough).
+    let img_s = img.to_string_lossy().into_owned();
+    let loopdev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on", &img_s]))
+        .or_else(|_| run(Command::new("losetup").args(["--find", "--show", &img_s])))?;
+    let dev = loopdev.clone();
+    teardown.push(format!("released {loopdev}"), move || {
+        run(Command::new("losetup").args(["-d", &dev]))?;
+        Ok(())
+    });
+    println!("loop:   {loopdev}");
+
+    // 5. ext4 on first use only: never format a device that already holds something.
+    let probe = Command::new("blkid").args(["-p", &loopdev]).output().context("cannot run blkid")?;
+    match probe.status.code() {
+        Some(0) => println!("fs:     found an existing filesystem on {loopdev}; not formatting"),
+        Some(2) => {
+            run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", name.as_str(), &loopdev]))?;
+            println!("fs:     {loopdev} was blank; created ext4");
+        }
+        _ => bail!("blkid -p {loopdev} failed: {}", String::from_utf8_lossy(&probe.stderr).trim()),
+    }
+
+    // 6. Mount.
+    let mount_s = mount.to_string_lossy().into_owned();
+    run(Command::new("mount").args([loopdev.as_str(), &mount_s]))?;
+    let target = mount.to_owned();
+    teardown.push(format!("unmounted {}", mount.display()), move || umount_retry(&target));
+    println!("mount:  {loopdev} on {} (ext4)", mount.display());
+    Ok(())
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u128::from_le_bytes(b)
+        ^ u128::from(std::process::id())
+        ^ std::time::UNIX_EPOCH.elapsed().map(|d| d.as_nanos()).unwrap_or(0)
+}

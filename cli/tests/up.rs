@@ -1,0 +1,155 @@
+//! `ferrovol up` end to end (privileged): the whole stack comes up, ext4 takes real file operations,
+//! Ctrl-C tears everything down (no mount, no loop device left), the filesystem checks clean, and a
+//! second `up` finds the same files. Without root and /dev/fuse: FERROVOL-SKIPPED (a failure under CI).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+
+fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    let tools = ["losetup", "mkfs.ext4", "fsck.ext4"]
+        .iter()
+        .all(|t| ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(t).exists()));
+    if root && fuse && tools {
+        return true;
+    }
+    let why = format!(
+        "{test} needs root, /dev/fuse, losetup and e2fsprogs (root {root}, fuse {fuse}, tools {tools})"
+    );
+    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
+        panic!("{why}");
+    }
+    println!("FERROVOL-SKIPPED: {why}");
+    false
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(path) else { return false };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+/// Starts `ferrovol up` and waits for its "ready" line.
+fn up(data: &Path, mount: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["up", "--data", data.to_str().unwrap(), "--mount", mount.to_str().unwrap(), "--size", "64MiB"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("ferrovol up exited before ready: {seen} {:?}", child.wait());
+        }
+        seen.push_str(&line);
+        if line.starts_with("ready:") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready in time: {seen}");
+    }
+    // Keep draining its stdout so teardown messages never block on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    assert!(is_mounted(mount));
+    child
+}
+
+/// Ctrl-C, then: exit 0, nothing mounted, no loop device left for this process.
+fn stop(mut child: Child, mount: &Path) {
+    let pid = child.id();
+    // SAFETY: kill(2) with a valid pid and signal.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "ferrovol up exited with {status}");
+    assert!(!is_mounted(mount), "{} still mounted", mount.display());
+    let loops = String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();
+    assert!(!loops.contains(&format!("up-{pid}")), "loop device left behind: {loops}");
+}
+
+#[test]
+fn up_twice_keeps_files_and_fsck_is_clean() {
+    if !privileged("up_twice_keeps_files_and_fsck_is_clean") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mnt = dir.path().join("mnt");
+
+    let child = up(&data, &mnt);
+    // Real file-system work: many small files, renames, deletes, a larger file, fsync.
+    for i in 0..300 {
+        std::fs::write(mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    for i in 0..100 {
+        std::fs::rename(mnt.join(format!("f{i}")), mnt.join(format!("renamed{i}"))).unwrap();
+    }
+    for i in 100..200 {
+        std::fs::remove_file(mnt.join(format!("f{i}"))).unwrap();
+    }
+    let big: Vec<u8> = (0..(4 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    {
+        let mut f = std::fs::File::create(mnt.join("big.bin")).unwrap();
+        f.write_all(&big).unwrap();
+        f.sync_all().unwrap();
+    }
+    stop(child, &mnt);
+
+    // Check the filesystem offline: the volume attached read-only under a plain server, fsck -n.
+    {
+        let server = TestServer::start_with_token(&data, "127.0.0.1:0", None);
+        let img = dir.path().join("check.img");
+        std::fs::write(&img, b"").unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+            .args([
+                "--server",
+                &server.addr.to_string(),
+                "attach",
+                "default",
+                img.to_str().unwrap(),
+                "--read-only",
+                "--background",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let fsck = Command::new("fsck.ext4").args(["-n", "-f", img.to_str().unwrap()]).output().unwrap();
+        let report =
+            format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+        assert!(fsck.status.success(), "fsck -n found problems: {report}");
+        println!("fsck -n: {}", String::from_utf8_lossy(&fsck.stdout).lines().last().unwrap_or_default());
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+            .args(["detach", img.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for _ in 0..100 {
+            if !is_mounted(&img) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // Up again: same files, no reformat.
+    let child = up(&data, &mnt);
+    assert_eq!(std::fs::read_to_string(mnt.join("renamed5")).unwrap(), "file 5\n");
+    assert_eq!(std::fs::read_to_string(mnt.join("f250")).unwrap(), "file 250\n");
+    assert!(!mnt.join("f150").exists());
+    assert_eq!(std::fs::read(mnt.join("big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 200 + 1 + 1); // files + big.bin + lost+found
+    stop(child, &mnt);
+}
