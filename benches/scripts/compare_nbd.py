@@ -103,7 +103,7 @@ def main():
 
     ensure_tools()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "ferrovol-server", "-p", "ferrovol-client"],
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "ferrovol-server", "-p", "ferrovol-cli"],
                        cwd=ROOT, check=True)
     server_bin = os.path.join(ROOT, "target", "release", "ferrovol-server")
     ferrovol = os.path.join(ROOT, "target", "release", "ferrovol")
