@@ -227,3 +227,58 @@ fn read_only_and_mount_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not attached"));
 }
+
+/// Reads 4 KiB at offset 0 with O_DIRECT (bypassing the page cache).
+fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let mut buf = vec![0u8; 8192];
+    let skew = buf.as_ptr().align_offset(4096);
+    let aligned = &mut buf[skew..skew + 4096];
+    // SAFETY: pread into a valid, 4 KiB-aligned buffer of 4 KiB.
+    let n = unsafe { libc::pread(f.as_raw_fd(), aligned.as_mut_ptr().cast(), 4096, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(aligned[..n as usize].to_vec())
+}
+
+#[test]
+fn server_lost_is_eio_after_the_timeout_and_sigterm_detaches() {
+    if !privileged("server_lost_is_eio_after_the_timeout_and_sigterm_detaches") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    ok(&ferrovol(&addr, &["volume", "create", "gone", "--size", "16MiB"]));
+    let img = dir.path().join("gone.img");
+    std::fs::write(&img, b"").unwrap();
+    let out =
+        ferrovol(&addr, &["--io-timeout-s", "2", "attach", "gone", img.to_str().unwrap(), "--background"]);
+    ok(&out);
+    let m = Mounted(img.clone());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pid: i32 = stdout.split("(pid ").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    assert_eq!(read_direct(&img).unwrap(), vec![0u8; 4096]);
+
+    // The server goes away for good: I/O waits for the reconnect up to the timeout, then fails with EIO.
+    server.kill();
+    let t = std::time::Instant::now();
+    let err = read_direct(&img).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10), "waited {waited:?}");
+
+    // SIGTERM to the attach process unmounts cleanly.
+    // SAFETY: kill(2) with a pid and a signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    for _ in 0..250 {
+        if !is_mounted(&img) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&img), "still mounted after SIGTERM");
+    drop(m);
+}
