@@ -10,5 +10,6 @@ pub mod error;
 pub mod handler;
 pub mod listener;
 pub mod store;
+pub mod testing;
 
 pub use listener::{Server, ServerConfig};
