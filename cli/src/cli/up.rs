@@ -101,6 +101,11 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
     match result {
         Ok(()) => {
             println!("ready: volume {name} is mounted at {} (Ctrl-C to stop)", mount.display());
+            println!(
+                "       use it like any directory (cp, editors, databases); the data lives in {} and \
+                 comes back with the next `ferrovol up`",
+                data.display()
+            );
             rt.block_on(async {
                 use tokio::signal::unix::{signal, SignalKind};
                 let (Ok(mut term), Ok(mut int)) =
