@@ -17,6 +17,8 @@ use super::Global;
 /// Set in the environment of the foreground process that `--background` starts: it prints `ready` on
 /// stdout once the mount is usable.
 const NOTIFY_ENV: &str = "FERROVOL_ATTACH_NOTIFY";
+/// The background process's log file, removed when it exits cleanly (kept for post-mortems otherwise).
+const LOG_ENV: &str = "FERROVOL_ATTACH_LOG";
 /// How long `--background` waits for the mount.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// FUSE request threads.
@@ -129,6 +131,9 @@ pub fn attach(
     }
     session.run().with_context(|| format!("FUSE session for {} failed", path.display()))?;
     info!(path = %path.display(), "detached");
+    if let Some(log) = std::env::var_os(LOG_ENV) {
+        let _ = std::fs::remove_file(log);
+    }
     Ok(())
 }
 
@@ -148,7 +153,12 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
     let log =
         std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.args(&args).env(NOTIFY_ENV, "1").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    cmd.args(&args)
+        .env(NOTIFY_ENV, "1")
+        .env(LOG_ENV, &log_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
     // SAFETY: setsid is async-signal-safe and only detaches the child from our session and terminal, so
     // it survives the shell that started it.
     unsafe {
