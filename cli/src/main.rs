@@ -1,5 +1,6 @@
 //! `ferrovol`: the client CLI.
 
+mod bench;
 mod cli;
 
 /// jemalloc keeps freed large buffers for reuse instead of returning them to the kernel at once: with

@@ -15,7 +15,6 @@
 //! Many requests may be in flight at once from many tasks; a [`Session`] may use several connections.
 //! Reconnects are transparent for data operations (see [`conn`](crate::conn) for the rules).
 
-pub mod bench;
 mod conn;
 pub mod error;
 pub mod fuse;

@@ -6,8 +6,8 @@ pub mod volume_cmd;
 
 use std::time::Duration;
 
+use crate::bench::Workload;
 use clap::{Args, Parser, Subcommand};
-use ferrovol_client::bench::Workload;
 use ferrovol_client::{ConnectOptions, Session};
 use ferrovol_proto::{NodeId, VolumeName};
 
@@ -201,10 +201,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let vol = session.open(&volume, false).await?;
             if prefill {
-                ferrovol_client::bench::prefill(&vol, size).await?;
+                crate::bench::prefill(&vol, size).await?;
             }
             let runtime = Duration::from_secs_f64(runtime_s.max(0.1));
-            let r = ferrovol_client::bench::run(&vol, workload, qd, runtime, size).await?;
+            let r = crate::bench::run(&vol, workload, qd, runtime, size).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::Volume;
+use ferrovol_client::{ClientError, Result, Volume};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -110,14 +109,14 @@ pub async fn run(
                 }
                 lats.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
-            Ok::<_, crate::ClientError>(lats)
+            Ok::<_, ClientError>(lats)
         }));
     }
     let mut lats = Vec::new();
     for t in tasks {
         match t.await {
             Ok(r) => lats.extend(r?),
-            Err(e) => return Err(crate::ClientError::Protocol(format!("bench task failed: {e}"))),
+            Err(e) => return Err(ClientError::Protocol(format!("bench task failed: {e}"))),
         }
     }
     let seconds = start.elapsed().as_secs_f64();
