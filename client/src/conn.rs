@@ -361,6 +361,11 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
         let sock = socket2::SockRef::from(&stream);
         let _ = sock.set_recv_buffer_size(4 << 20);
         let _ = sock.set_send_buffer_size(4 << 20);
+        // A server whose host vanished (no RST) breaks the connection, so the reconnect logic runs.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10));
+        let _ = sock.set_tcp_keepalive(&keepalive);
     }
     let hello = Request::Hello(Hello {
         version_min: PROTOCOL_VERSION_MIN,

@@ -210,6 +210,11 @@ pub fn tune_socket(stream: &TcpStream) {
     let sock = socket2::SockRef::from(stream);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    // A peer whose host vanished (no RST) is noticed within about a minute instead of never.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
 /// Reads into `buf`. First polls without sleeping for up to `spin` (yielding to other tasks in between),
