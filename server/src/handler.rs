@@ -93,6 +93,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send +
         .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(format!("storage task failed: {e}")))))
 }
 
+/// A control operation on the store, run on the blocking pool (it fsyncs metadata).
+async fn store_op<T: Send + 'static>(
+    ctx: &Context,
+    f: impl FnOnce(&crate::store::Store) -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    let store = ctx.store.clone();
+    blocking(move || f(&store)).await
+}
+
 impl Session {
     pub fn is_ready(&self) -> bool {
         self.node.is_some()
@@ -104,7 +113,7 @@ impl Session {
 
     pub async fn handle(&mut self, ctx: &Context, id: RequestId, req: Request) -> Outcome {
         let op = req.opcode();
-        let Some(node) = self.node.clone() else {
+        if self.node.is_none() {
             let Request::Hello(hello) = req else {
                 return Outcome::ReplyAndClose(Response::error(
                     id,
@@ -114,52 +123,41 @@ impl Session {
                 ));
             };
             return self.hello(ctx, id, hello);
-        };
-        let store = ctx.store.clone();
+        }
         match req {
             Request::Hello(_) => {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
-            Request::VolumeCreate { name, size } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.create(&name, size)).await.map(Reply::Volume),
-            )),
-            Request::VolumeDelete { name } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.delete(&name)).await.map(|()| Reply::Done),
-            )),
-            Request::VolumeList { start_after, max_entries } => {
-                let (entries, more) = blocking(move || Ok(store.list(start_after.as_ref(), max_entries)))
-                    .await
-                    .unwrap_or_default();
-                Outcome::Reply(Response::ok(id, op, Reply::List { entries, more }))
+            Request::VolumeCreate { name, size } => {
+                let r = store_op(ctx, move |s| s.create(&name, size)).await;
+                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
             }
-            Request::VolumeStat { name } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.get(&name).map(|v| v.info())).await.map(Reply::Volume),
-            )),
-            Request::VolumeResize { name, size } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.resize(&name, size)).await.map(Reply::Volume),
-            )),
-            Request::AttachSet { name, node } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.attach_set(&name, &node))
-                    .await
-                    .map(|generation| Reply::Attached { generation }),
-            )),
-            Request::AttachClear { name, node } => Outcome::Reply(done(
-                id,
-                op,
-                blocking(move || store.attach_clear(&name, &node)).await.map(|()| Reply::Done),
-            )),
+            Request::VolumeDelete { name } => {
+                let r = store_op(ctx, move |s| s.delete(&name)).await;
+                Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
+            }
+            Request::VolumeList { start_after, max_entries } => {
+                let r = store_op(ctx, move |s| Ok(s.list(start_after.as_ref(), max_entries))).await;
+                Outcome::Reply(done(id, op, r.map(|(entries, more)| Reply::List { entries, more })))
+            }
+            Request::VolumeStat { name } => {
+                let r = store_op(ctx, move |s| s.get(&name).map(|v| v.info())).await;
+                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
+            }
+            Request::VolumeResize { name, size } => {
+                let r = store_op(ctx, move |s| s.resize(&name, size)).await;
+                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
+            }
+            Request::AttachSet { name, node } => {
+                let r = store_op(ctx, move |s| s.attach_set(&name, &node)).await;
+                Outcome::Reply(done(id, op, r.map(|generation| Reply::Attached { generation })))
+            }
+            Request::AttachClear { name, node } => {
+                let r = store_op(ctx, move |s| s.attach_clear(&name, &node)).await;
+                Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
+            }
             Request::Open { name, read_only } => {
-                Outcome::Reply(done(id, op, self.open(&store, &name, read_only)))
+                Outcome::Reply(done(id, op, self.open(&ctx.store, &name, read_only)))
             }
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
@@ -176,22 +174,21 @@ impl Session {
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Write { handle, offset, data, fua } => {
-                let r = self.writable(handle, &node).and_then(|vol| {
+                let r = self.writable(handle).and_then(|vol| {
                     vol.write(offset, &data)?;
                     Ok(vol)
                 });
                 self.maybe_durable(id, op, handle, r, fua)
             }
             Request::WriteZeroes { handle, offset, len, fua } => {
-                let r = self.writable(handle, &node).and_then(|vol| {
+                let r = self.writable(handle).and_then(|vol| {
                     vol.write_zeroes(offset, len)?;
                     Ok(vol)
                 });
                 self.maybe_durable(id, op, handle, r, fua)
             }
             Request::Trim { handle, offset, len } => {
-                let r =
-                    self.writable(handle, &node).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
+                let r = self.writable(handle).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Flush { handle } => match self.handle_of(handle) {
@@ -270,8 +267,10 @@ impl Session {
 
     /// The volume behind `handle`, if this session may write to it: opened read-write, and no other
     /// node holds the writer attachment (fencing).
-    fn writable(&self, handle: VolumeHandle, node: &NodeId) -> StoreResult<Arc<Volume>> {
+    fn writable(&self, handle: VolumeHandle) -> StoreResult<Arc<Volume>> {
         let h = self.handle_of(handle)?;
+        // Handles exist only after HELLO, so the node is known here.
+        let node = self.node.as_ref().ok_or(StoreError::InvalidArgument("handshake required".into()))?;
         if h.read_only {
             return Err(StoreError::ReadOnly);
         }
