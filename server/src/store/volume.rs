@@ -25,7 +25,11 @@ pub struct Volume {
     /// mappings stay valid for replies still in flight because a volume never shrinks.
     map: RwLock<Bytes>,
     size: AtomicU64,
+    /// Serialises metadata changes; held across their fsyncs, so the write path never takes it.
     meta: Mutex<VolumeMeta>,
+    /// The writer attachment as the write path checks it: a copy of `meta.owner`, replaced (briefly)
+    /// after the metadata is durable, so a write never waits for a metadata fsync.
+    owner: RwLock<Option<String>>,
     /// Connections that have this volume OPEN (delete refuses while > 0).
     pub(crate) opens: AtomicU32,
 }
@@ -78,6 +82,7 @@ impl Volume {
             file,
             map: RwLock::new(map),
             size: AtomicU64::new(meta.size),
+            owner: RwLock::new(meta.owner.clone()),
             meta: Mutex::new(meta),
             opens: AtomicU32::new(0),
         })
@@ -107,8 +112,8 @@ impl Volume {
 
     /// Fencing: may a session of `node` write? Yes when nobody holds the writer attachment, or `node` does.
     pub fn check_writer(&self, node: &NodeId) -> StoreResult<()> {
-        let meta = self.lock_meta();
-        match &meta.owner {
+        let owner = self.owner.read().unwrap_or_else(|p| p.into_inner());
+        match &*owner {
             Some(owner) if owner != node.as_str() => Err(StoreError::Fenced { owner: owner.clone() }),
             _ => Ok(()),
         }
@@ -194,7 +199,11 @@ impl Volume {
     }
 
     pub fn owner(&self) -> Option<String> {
-        self.lock_meta().owner.clone()
+        self.owner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn publish_owner(&self, owner: Option<String>) {
+        *self.owner.write().unwrap_or_else(|p| p.into_inner()) = owner;
     }
 
     /// Grows the volume. Shrinking is refused: it would destroy data under a filesystem and invalidate
@@ -237,6 +246,7 @@ impl Volume {
         next.owner = Some(node.as_str().to_owned());
         next.generation += 1;
         write_meta(&self.dir, &next).map_err(io_err)?;
+        self.publish_owner(next.owner.clone());
         *meta = next;
         Ok(meta.generation)
     }
@@ -256,6 +266,7 @@ impl Volume {
         next.owner = None;
         next.generation += 1;
         write_meta(&self.dir, &next).map_err(io_err)?;
+        self.publish_owner(None);
         *meta = next;
         Ok(())
     }
