@@ -178,12 +178,40 @@ impl Shared {
             let gen = *generation;
             let mut slices: Vec<IoSlice<'_>> =
                 batch.iter().filter(|(g, _)| *g == gen).flat_map(|(_, f)| f.io_slices()).collect();
-            if let Err(e) = write_all_vectored(w, &mut slices).await {
+            // The writer is whichever caller got here; if its future is dropped mid-write (a caller
+            // giving up), the stream may hold half a frame and the rest of the batch is unsent. The
+            // guard then breaks the connection, so the reconnect re-sends every pending request instead
+            // of leaving them to time out.
+            let mut guard = BreakOnDrop { shared: self, generation: gen, armed: true };
+            let result = write_all_vectored(w, &mut slices).await;
+            guard.armed = false;
+            if let Err(e) = result {
                 debug!(error = %e, "write failed");
                 *slot = None;
-                self.broken_generation.store(gen, Ordering::Release);
-                self.broken.notify_one();
+                self.mark_broken(gen);
             }
+        }
+    }
+}
+
+impl Shared {
+    fn mark_broken(&self, generation: u64) {
+        self.broken_generation.store(generation, Ordering::Release);
+        self.broken.notify_one();
+    }
+}
+
+/// Marks the connection broken if dropped while armed (see `Shared::drain`).
+struct BreakOnDrop<'a> {
+    shared: &'a Shared,
+    generation: u64,
+    armed: bool,
+}
+
+impl Drop for BreakOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.mark_broken(self.generation);
         }
     }
 }
