@@ -153,3 +153,28 @@ fn up_twice_keeps_files_and_fsck_is_clean() {
     assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 200 + 1 + 1); // files + big.bin + lost+found
     stop(child, &mnt);
 }
+
+/// Ctrl-C while the filesystem is in use: nothing is pulled from under it (the mount, and everything
+/// that backs it, stays up); once it is free, the next Ctrl-C tears down cleanly.
+#[test]
+fn busy_mount_is_kept_until_free() {
+    if !privileged("busy_mount_is_kept_until_free") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, mnt) = (dir.path().join("data"), dir.path().join("mnt"));
+    let child = up(&data, &mnt);
+    let mut open = std::fs::File::create(mnt.join("held-open")).unwrap();
+    // SAFETY: kill(2) with a valid pid and signal.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    std::thread::sleep(Duration::from_secs(4)); // umount retries for about 2 s
+    assert!(is_mounted(&mnt), "a busy mount was taken down");
+    // Still served: writes through the open file land and are durable.
+    open.write_all(b"still here\n").unwrap();
+    open.sync_all().unwrap();
+    drop(open);
+    stop(child, &mnt);
+    let child = up(&data, &mnt);
+    assert_eq!(std::fs::read_to_string(mnt.join("held-open")).unwrap(), "still here\n");
+    stop(child, &mnt);
+}

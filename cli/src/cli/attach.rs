@@ -62,6 +62,24 @@ fn check_mount_point(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The FUSE session settings for a block volume (shared by `attach` and `up`).
+pub fn fuse_config(name: &VolumeName, read_only: bool) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("ferrovol:{name}")),
+        MountOption::Subtype("ferrovol".into()),
+        MountOption::DefaultPermissions,
+        if read_only { MountOption::RO } else { MountOption::RW },
+    ];
+    if is_root() {
+        // Root mounts for others (kubelet, pods, loop devices opened by other processes).
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
+    config
+}
+
 pub fn attach(
     global: &Global,
     name: &VolumeName,
@@ -86,20 +104,7 @@ pub fn attach(
     })?;
     let size = vol.size();
     let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("ferrovol:{name}")),
-        MountOption::Subtype("ferrovol".into()),
-        MountOption::DefaultPermissions,
-        if read_only { MountOption::RO } else { MountOption::RW },
-    ];
-    // SAFETY: geteuid cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } == 0 {
-        // Root mounts for others (kubelet, pods, loop devices opened by other processes).
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(FUSE_THREADS);
-    config.clone_fd = true;
+    let config = fuse_config(name, read_only);
     let mut session = fuser::Session::new(fs, path, &config)
         .with_context(|| format!("cannot mount volume {name} at {}", path.display()))?;
     let mut unmounter = session.unmount_callable();
@@ -209,7 +214,8 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn unmount(path: &Path) -> std::io::Result<()> {
+/// Unmounts `path` now (not lazily): fails with EBUSY while something still uses it.
+pub fn unmount(path: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: a valid NUL-terminated path; umount2 reads it only.

@@ -12,9 +12,8 @@ use ferrovol_client::fuse::BlockFile;
 use ferrovol_client::{ConnectOptions, Session};
 use ferrovol_proto::{format_size, Status, VolumeName};
 use ferrovol_server::{Server, ServerConfig};
-use fuser::{Config, MountOption, SessionACL};
 
-use super::attach::mounted_fstype;
+use super::attach::{fuse_config, mounted_fstype, unmount};
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{cmd:?}");
@@ -26,7 +25,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 /// One undo step.
-type Undo = Box<dyn FnOnce() -> anyhow::Result<()>>;
+type Undo = Box<dyn FnMut() -> anyhow::Result<()>>;
 
 /// Undo steps, run in reverse order on exit or on a failed start.
 #[derive(Default)]
@@ -35,34 +34,38 @@ struct Teardown {
 }
 
 impl Teardown {
-    fn push(&mut self, what: impl Into<String>, f: impl FnOnce() -> anyhow::Result<()> + 'static) {
+    fn push(&mut self, what: impl Into<String>, f: impl FnMut() -> anyhow::Result<()> + 'static) {
         self.steps.push((what.into(), Box::new(f)));
     }
 
+    /// Undoes steps from the last one. Stops at the first failure and keeps everything below it: a
+    /// layer that is still mounted must keep its backing (loop device, FUSE file, server), or data
+    /// written to it would be lost. Returns whether everything was undone.
     fn run(&mut self) -> bool {
-        let mut clean = true;
-        while let Some((what, f)) = self.steps.pop() {
+        while let Some((what, mut f)) = self.steps.pop() {
             match f() {
                 Ok(()) => println!("  {what}"),
                 Err(e) => {
-                    clean = false;
-                    eprintln!("ferrovol up: {what} failed: {e:#}");
+                    eprintln!("ferrovol up: not {what}: {e:#}");
+                    // Not done: keep the step (steps are retryable) and everything below it.
+                    self.steps.push((what, f));
+                    return false;
                 }
             }
         }
-        clean
+        true
     }
 }
 
 /// Unmounts, retrying while the mount is busy (a shell still inside it, say).
 fn umount_retry(target: &Path) -> anyhow::Result<()> {
-    for attempt in 0..50 {
+    for attempt in 0..10 {
         let out = Command::new("umount").arg(target).output().context("cannot run umount")?;
         if out.status.success() {
             return Ok(());
         }
         let err = String::from_utf8_lossy(&out.stderr);
-        if !err.contains("busy") || attempt == 49 {
+        if !err.contains("busy") || attempt == 9 {
             bail!("umount {}: {}", target.display(), err.trim());
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -106,30 +109,35 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
                  comes back with the next `ferrovol up`",
                 data.display()
             );
-            rt.block_on(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) =
-                    (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-                else {
-                    return;
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+            use tokio::signal::unix::{signal, SignalKind};
+            let (mut term, mut int) = rt.block_on(async {
+                anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+            })?;
+            loop {
+                rt.block_on(async {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                });
+                println!("stopping:");
+                if teardown.run() {
+                    println!("stopped cleanly");
+                    return Ok(());
                 }
-            });
-            println!("stopping:");
-            if teardown.run() {
-                println!("stopped cleanly");
-                Ok(())
-            } else {
-                bail!("some teardown steps failed (see above)")
+                // Something above is still in use: keep serving it rather than pull its storage away.
+                eprintln!(
+                    "ferrovol up: still running; close what uses {} and press Ctrl-C again",
+                    mount.display()
+                );
             }
         }
         Err(e) => {
             eprintln!("ferrovol up: {e:#}");
             println!("undoing what was set up:");
-            teardown.run();
+            if !teardown.run() {
+                eprintln!("ferrovol up: could not undo everything (see above)");
+            }
             bail!("start failed")
         }
     }
@@ -152,7 +160,7 @@ fn start(
     teardown: &mut Teardown,
 ) -> anyhow::Result<()> {
     // 1. The embedded server, on loopback, with a random token so other local users cannot connect.
-    let token = format!("{:032x}", rand_u128());
+    let token = format!("{:032x}", rand::random::<u128>());
     let mut config = ServerConfig::new(data, "127.0.0.1:0".parse()?);
     config.token = Some(token.clone());
     let server = rt.block_on(Server::bind(config))?;
@@ -162,9 +170,12 @@ fn start(
         let _ = stop_rx.await;
     }));
     let handle = rt.handle().clone();
+    let mut server_stop = Some((stop_tx, server_task));
     teardown.push("server stopped (volumes flushed)", move || {
-        let _ = stop_tx.send(());
-        handle.block_on(server_task)??;
+        if let Some((stop_tx, server_task)) = server_stop.take() {
+            let _ = stop_tx.send(());
+            handle.block_on(server_task)??;
+        }
         Ok(())
     });
     println!("server: data in {}, listening on {addr} (loopback only)", data.display());
@@ -198,23 +209,23 @@ fn start(
     let img = run_dir.join(format!("{name}.img"));
     std::fs::write(&img, b"").with_context(|| format!("cannot create {}", img.display()))?;
     let dir = run_dir.clone();
-    teardown.push(format!("removed {}", run_dir.display()), move || Ok(std::fs::remove_dir_all(dir)?));
+    teardown.push(format!("removed {}", run_dir.display()), move || Ok(std::fs::remove_dir_all(&dir)?));
     let fs = BlockFile::new(vol, rt.handle().clone(), false);
-    let mut fuse_config = Config::default();
-    fuse_config.mount_options = vec![
-        MountOption::FSName(format!("ferrovol:{name}")),
-        MountOption::Subtype("ferrovol".into()),
-        MountOption::DefaultPermissions,
-        MountOption::RW,
-    ];
-    fuse_config.acl = SessionACL::All;
-    fuse_config.n_threads = Some(4);
-    fuse_config.clone_fd = true;
+    let fuse_config = fuse_config(name, false);
     let session = fuser::Session::new(fs, &img, &fuse_config)
         .with_context(|| format!("cannot FUSE-mount the volume at {}", img.display()))?;
     let background = session.spawn().context("cannot start the FUSE session")?;
+    let mut background = Some(background);
+    let fuse_file = img.clone();
     teardown.push(format!("detached {}", img.display()), move || {
-        background.umount_and_join()?;
+        // Unmount first (fails with EBUSY, retryably, while something still has the file open), then
+        // let the FUSE session end.
+        if mounted_fstype(&fuse_file).is_some() {
+            unmount(&fuse_file).with_context(|| format!("unmount {}", fuse_file.display()))?;
+        }
+        if let Some(b) = background.take() {
+            b.join()?;
+        }
         Ok(())
     });
     println!("attach: volume {name} is the file {}", img.display());
@@ -248,15 +259,4 @@ fn start(
     teardown.push(format!("unmounted {}", mount.display()), move || umount_retry(&target));
     println!("mount:  {loopdev} on {} (ext4)", mount.display());
     Ok(())
-}
-
-fn rand_u128() -> u128 {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    u128::from_le_bytes(b)
-        ^ u128::from(std::process::id())
-        ^ std::time::UNIX_EPOCH.elapsed().map(|d| d.as_nanos()).unwrap_or(0)
 }

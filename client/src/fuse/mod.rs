@@ -241,12 +241,10 @@ impl Filesystem for BlockFile {
         if self.read_only {
             return reply.error(Errno::EROFS);
         }
-        let vol = self.vol.clone();
-        let size = vol.size();
-        let Some(end) = offset.checked_add(length).filter(|e| *e <= size) else {
+        if offset.checked_add(length).is_none_or(|end| end > self.vol.size()) {
             return reply.error(Errno::EINVAL);
-        };
-        let _ = end;
+        }
+        let vol = self.vol.clone();
         let punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
         let zero = FALLOC_FL_ZERO_RANGE;
         match mode {
