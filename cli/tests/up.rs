@@ -48,24 +48,48 @@ fn up(data: &Path, mount: &Path) -> Child {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    // Read its stdout on a thread (and keep draining it, so teardown messages never block on a full
+    // pipe); wait for "ready:" here with a deadline, so a stuck start fails instead of hanging.
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = String::new();
     loop {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 {
-            panic!("ferrovol up exited before ready: {seen} {:?}", child.wait());
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("ready:") => break,
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("ferrovol up exited before ready: {seen} {:?}", child.wait())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("ferrovol up not ready within 60 s: {seen}")
+            }
         }
-        seen.push_str(&line);
-        if line.starts_with("ready:") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not ready in time: {seen}");
     }
-    // Keep draining its stdout so teardown messages never block on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
     assert!(is_mounted(mount));
     child
+}
+
+/// Waits for `child` to exit; kills it and fails after `limit` (a test never hangs).
+fn wait_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferrovol up (pid {}) did not exit within {limit:?} of Ctrl-C", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Ctrl-C, then: exit 0, nothing mounted, no loop device left for this process.
@@ -73,7 +97,7 @@ fn stop(mut child: Child, mount: &Path) {
     let pid = child.id();
     // SAFETY: kill(2) with a valid pid and signal.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
     assert!(status.success(), "ferrovol up exited with {status}");
     assert!(!is_mounted(mount), "{} still mounted", mount.display());
     let loops = String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();

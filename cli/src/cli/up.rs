@@ -73,6 +73,40 @@ fn umount_retry(target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Retries `f` while it fails with EBUSY, for about 2 s.
+fn retry_busy(mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 20 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Detaches a loop device and waits until the kernel has let go of its backing file. `losetup -d` only
+/// marks a device that someone else still has open (udev or blkid probing it after a change) for
+/// release on its last close, so the backing file can stay busy for a moment after it returns.
+fn loop_release(dev: &str) -> anyhow::Result<()> {
+    let backing = Path::new("/sys/block")
+        .join(Path::new(dev).file_name().unwrap_or_default())
+        .join("loop/backing_file");
+    if backing.exists() {
+        // A device that is already released (a retry after a timeout below) needs no second -d.
+        run(Command::new("losetup").args(["-d", dev]))?;
+    }
+    for _ in 0..200 {
+        if !backing.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{dev} is still in use 10 s after `losetup -d` (who has it open? fuser -v {dev})")
+}
+
 pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
@@ -221,7 +255,7 @@ fn start(
         // Unmount first (fails with EBUSY, retryably, while something still has the file open), then
         // let the FUSE session end.
         if mounted_fstype(&fuse_file).is_some() {
-            unmount(&fuse_file).with_context(|| format!("unmount {}", fuse_file.display()))?;
+            retry_busy(|| unmount(&fuse_file)).with_context(|| format!("unmount {}", fuse_file.display()))?;
         }
         if let Some(b) = background.take() {
             b.join()?;
@@ -235,10 +269,7 @@ fn start(
     let loopdev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on", &img_s]))
         .or_else(|_| run(Command::new("losetup").args(["--find", "--show", &img_s])))?;
     let dev = loopdev.clone();
-    teardown.push(format!("released {loopdev}"), move || {
-        run(Command::new("losetup").args(["-d", &dev]))?;
-        Ok(())
-    });
+    teardown.push(format!("released {loopdev}"), move || loop_release(&dev));
     println!("loop:   {loopdev}");
 
     // 5. ext4 on first use only: never format a device that already holds something.
