@@ -504,7 +504,8 @@ impl Supervisor {
             }
             (generation, out)
         };
-        if !resend.is_empty() {
+        // On the first connection these are requests queued before it went live: nothing is re-sent.
+        if !resend.is_empty() && generation > 1 {
             info!(server = %self.addr, requests = resend.len(), "re-sending requests after reconnect");
         }
         *slot = Some((generation, wr));

@@ -18,6 +18,7 @@
 mod conn;
 pub mod error;
 pub mod fuse;
+pub mod host;
 mod session;
 mod volume;
 

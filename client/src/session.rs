@@ -166,6 +166,14 @@ impl Session {
         }
     }
 
+    /// Capacity of the server's data dir.
+    pub async fn store_stat(&self) -> Result<ferrovol_proto::StoreStat> {
+        match self.control(Request::StoreStat).await? {
+            Reply::StoreStat(st) => Ok(st),
+            other => Err(unexpected(Opcode::StoreStat, other)),
+        }
+    }
+
     /// Sets the writer attachment to `node` (fencing); returns its generation.
     pub async fn attach_set(&self, name: &VolumeName, node: &NodeId) -> Result<u64> {
         match self.control(Request::AttachSet { name: name.clone(), node: node.clone() }).await? {

@@ -1,6 +1,6 @@
 //! An open volume: async block I/O.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +31,8 @@ pub struct Volume {
 #[derive(Debug)]
 struct Inner {
     name: VolumeName,
-    size: u64,
+    /// The size last seen (at open, or by the latest VOLUME_STAT: volumes grow online).
+    size: AtomicU64,
     read_only: bool,
     conns: Vec<(ConnHandle, LocalVol)>,
     rr: AtomicUsize,
@@ -55,16 +56,25 @@ impl Volume {
         payload_len_max: u32,
     ) -> Self {
         let piece_max = payload_len_max.clamp(4096, PAYLOAD_LEN_MAX);
-        Self { inner: Arc::new(Inner { name, size, read_only, conns, rr: AtomicUsize::new(0), piece_max }) }
+        Self {
+            inner: Arc::new(Inner {
+                name,
+                size: AtomicU64::new(size),
+                read_only,
+                conns,
+                rr: AtomicUsize::new(0),
+                piece_max,
+            }),
+        }
     }
 
     pub fn name(&self) -> &VolumeName {
         &self.inner.name
     }
 
-    /// Size when opened.
+    /// The size when opened, or as refreshed by [`Volume::stat`] (volumes only grow).
     pub fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Relaxed)
     }
 
     pub fn read_only(&self) -> bool {
@@ -73,12 +83,21 @@ impl Volume {
 
     /// Bytes of storage the volume occupies on the server (a VOLUME_STAT round trip).
     pub async fn allocated(&self) -> Result<u64> {
+        Ok(self.stat().await?.allocated)
+    }
+
+    /// What the server knows about the volume now (a VOLUME_STAT round trip); picks up a new size
+    /// after a resize, so [`Volume::size`] follows online expansion.
+    pub async fn stat(&self) -> Result<ferrovol_proto::VolumeInfo> {
         let (c, _) = &self.inner.conns[0];
         match c
             .call(Op::Control(ferrovol_proto::Request::VolumeStat { name: self.inner.name.clone() }))
             .await?
         {
-            Reply::Volume(v) => Ok(v.allocated),
+            Reply::Volume(v) => {
+                self.inner.size.fetch_max(v.size, Ordering::Relaxed);
+                Ok(v)
+            }
             other => Err(unexpected(Opcode::VolumeStat, other)),
         }
     }

@@ -336,6 +336,7 @@ pub enum Request {
         name: VolumeName,
         node: NodeId,
     },
+    StoreStat,
     Open {
         name: VolumeName,
         read_only: bool,
@@ -384,6 +385,7 @@ impl Request {
             Request::VolumeResize { .. } => Opcode::VolumeResize,
             Request::AttachSet { .. } => Opcode::AttachSet,
             Request::AttachClear { .. } => Opcode::AttachClear,
+            Request::StoreStat => Opcode::StoreStat,
             Request::Open { .. } => Opcode::Open,
             Request::Close { .. } => Opcode::Close,
             Request::Read { .. } => Opcode::Read,
@@ -448,6 +450,7 @@ impl Request {
                 put_str8(&mut p, node.as_str());
                 p.freeze()
             }
+            Request::StoreStat => Bytes::new(),
             Request::Open { name, read_only } => {
                 if *read_only {
                     h.flags |= FLAG_READ_ONLY;
@@ -563,6 +566,7 @@ impl Request {
                 }
                 Opcode::AttachSet => Request::AttachSet { name: r.volume_name()?, node: r.node_id()? },
                 Opcode::AttachClear => Request::AttachClear { name: r.volume_name()?, node: r.node_id()? },
+                Opcode::StoreStat => Request::StoreStat,
                 Opcode::Open => {
                     Request::Open { read_only: h.flags & FLAG_READ_ONLY != 0, name: r.volume_name()? }
                 }
@@ -627,6 +631,18 @@ pub struct VolumeInfo {
     pub owner: Option<NodeId>,
 }
 
+/// The server's data dir: what its filesystem holds and what the volumes were given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStat {
+    /// Size of the filesystem holding the data dir.
+    pub total_bytes: u64,
+    /// Bytes still free there for the server's use.
+    pub free_bytes: u64,
+    /// Sum of the volumes' sizes (they are sparse, so this may exceed `total_bytes`).
+    pub provisioned_bytes: u64,
+    pub volumes: u64,
+}
+
 /// A successful reply; which variant depends on the request's opcode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -642,6 +658,7 @@ pub enum Reply {
     Attached {
         generation: u64,
     },
+    StoreStat(StoreStat),
     Opened {
         handle: VolumeHandle,
         size: u64,
@@ -747,6 +764,13 @@ impl Response {
                         p.put_u64_le(*generation);
                         p.freeze()
                     }
+                    Reply::StoreStat(st) => {
+                        p.put_u64_le(st.total_bytes);
+                        p.put_u64_le(st.free_bytes);
+                        p.put_u64_le(st.provisioned_bytes);
+                        p.put_u64_le(st.volumes);
+                        p.freeze()
+                    }
                     Reply::Opened { handle, size, read_only } => {
                         p.put_u32_le(handle.0);
                         p.put_u32_le(u32::from(*read_only));
@@ -822,6 +846,12 @@ impl Response {
                     Reply::List { entries, more }
                 }
                 Opcode::AttachSet => Reply::Attached { generation: r.u64()? },
+                Opcode::StoreStat => Reply::StoreStat(StoreStat {
+                    total_bytes: r.u64()?,
+                    free_bytes: r.u64()?,
+                    provisioned_bytes: r.u64()?,
+                    volumes: r.u64()?,
+                }),
                 Opcode::Open => {
                     let handle = VolumeHandle(r.u32()?);
                     let flags = r.u32()?;

@@ -10,9 +10,18 @@ pub mod limits;
 pub mod opcode;
 pub mod types;
 
+/// The CSI spec's services and messages (package `csi.v1`), generated from `csi/csi.proto` at build
+/// time by a pure-Rust protobuf compiler.
+#[cfg(feature = "csi")]
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}
+
 pub use codec::{
     split_request, split_response, ErrorReply, Frame, FrameError, Hello, HelloReply, RawRequest, RawResponse,
-    Reply, Request, RequestError, RequestFrame, Response, ResponseError, ResponseFrame, VolumeInfo,
+    Reply, Request, RequestError, RequestFrame, Response, ResponseError, ResponseFrame, StoreStat,
+    VolumeInfo,
 };
 pub use header::{RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 pub use opcode::{Opcode, Status};

@@ -18,6 +18,8 @@ pub enum Opcode {
     AttachSet = 0x15,
     /// Clear the volume's writer attachment.
     AttachClear = 0x16,
+    /// Capacity of the server's data dir (for CSI GetCapacity).
+    StoreStat = 0x17,
     Open = 0x20,
     Close = 0x21,
     Read = 0x22,
@@ -28,7 +30,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 15] = [
+    pub const ALL: [Opcode; 16] = [
         Opcode::Hello,
         Opcode::VolumeCreate,
         Opcode::VolumeDelete,
@@ -37,6 +39,7 @@ impl Opcode {
         Opcode::VolumeResize,
         Opcode::AttachSet,
         Opcode::AttachClear,
+        Opcode::StoreStat,
         Opcode::Open,
         Opcode::Close,
         Opcode::Read,
@@ -56,6 +59,7 @@ impl Opcode {
             Opcode::VolumeResize => "VOLUME_RESIZE",
             Opcode::AttachSet => "ATTACH_SET",
             Opcode::AttachClear => "ATTACH_CLEAR",
+            Opcode::StoreStat => "STORE_STAT",
             Opcode::Open => "OPEN",
             Opcode::Close => "CLOSE",
             Opcode::Read => "READ",

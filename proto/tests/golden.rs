@@ -282,6 +282,15 @@ fn response_round_trip_all_replies() {
         (Opcode::VolumeStat, Reply::Volume(info.clone())),
         (Opcode::VolumeList, Reply::List { entries: vec![info.clone(), info], more: true }),
         (Opcode::AttachSet, Reply::Attached { generation: 9 }),
+        (
+            Opcode::StoreStat,
+            Reply::StoreStat(StoreStat {
+                total_bytes: 1 << 40,
+                free_bytes: 1 << 39,
+                provisioned_bytes: 3 << 40,
+                volumes: 7,
+            }),
+        ),
         (Opcode::Read, Reply::Data(Bytes::from_static(b"data"))),
         (Opcode::Flush, Reply::Done),
     ];

@@ -31,6 +31,7 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(s, m)| Request::VolumeList { start_after: s, max_entries: m }),
         (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeResize { name, size }),
         (name(), node()).prop_map(|(name, node)| Request::AttachSet { name, node }),
+        Just(Request::StoreStat),
         (name(), node()).prop_map(|(name, node)| Request::AttachClear { name, node }),
         (name(), any::<bool>()).prop_map(|(name, read_only)| Request::Open { name, read_only }),
         handle().prop_map(|handle| Request::Close { handle }),

@@ -156,6 +156,10 @@ impl Session {
                 let r = store_op(ctx, move |s| s.attach_clear(&name, &node)).await;
                 Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
             }
+            Request::StoreStat => {
+                let r = store_op(ctx, move |s| s.stat()).await;
+                Outcome::Reply(done(id, op, r.map(Reply::StoreStat)))
+            }
             Request::Open { name, read_only } => {
                 Outcome::Reply(done(id, op, self.open(&ctx.store, &name, read_only)))
             }

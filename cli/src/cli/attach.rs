@@ -6,11 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use ferrovol_client::fuse::BlockFile;
-use ferrovol_client::Session;
+use ferrovol_client::fuse;
+use ferrovol_client::host::{self, unmount};
 use ferrovol_proto::VolumeName;
-use fuser::{Config, MountOption, SessionACL};
-use tracing::info;
 
 use super::Global;
 
@@ -21,25 +19,10 @@ const NOTIFY_ENV: &str = "FERROVOL_ATTACH_NOTIFY";
 const LOG_ENV: &str = "FERROVOL_ATTACH_LOG";
 /// How long `--background` waits for the mount.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// FUSE request threads.
-const FUSE_THREADS: usize = 4;
 
-/// The filesystem type and source of what is mounted exactly at `path` (from /proc/self/mountinfo).
+/// The filesystem type and source of what is mounted exactly at `path`.
 pub fn mounted_fstype(path: &Path) -> Option<(String, String)> {
-    let canon = std::fs::canonicalize(path).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // Fields: id parent major:minor root mountpoint options ... - fstype source superopts
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let mp = fields.get(4)?;
-        let mp =
-            mp.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
-        if Path::new(&mp) != canon {
-            return None;
-        }
-        let dash = fields.iter().position(|f| *f == "-")?;
-        Some(((*fields.get(dash + 1)?).to_owned(), (*fields.get(dash + 2)?).to_owned()))
-    })
+    host::mount_at(path).map(|m| (m.fstype, m.source))
 }
 
 fn check_mount_point(path: &Path) -> anyhow::Result<()> {
@@ -62,24 +45,6 @@ fn check_mount_point(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The FUSE session settings for a block volume (shared by `attach` and `up`).
-pub fn fuse_config(name: &VolumeName, read_only: bool) -> Config {
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("ferrovol:{name}")),
-        MountOption::Subtype("ferrovol".into()),
-        MountOption::DefaultPermissions,
-        if read_only { MountOption::RO } else { MountOption::RW },
-    ];
-    if is_root() {
-        // Root mounts for others (kubelet, pods, loop devices opened by other processes).
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(FUSE_THREADS);
-    config.clone_fd = true;
-    config
-}
-
 pub fn attach(
     global: &Global,
     name: &VolumeName,
@@ -91,51 +56,17 @@ pub fn attach(
     if background {
         return spawn_background(name, path);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("ferrovol-io")
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let vol = rt.block_on(async {
-        let session = Session::connect(&global.server, global.options()).await?;
-        let vol = session.open(name, read_only).await?;
-        anyhow::Ok(vol)
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    fuse::serve(&global.server, global.options(), name, path, read_only, |size| {
+        if notify {
+            println!("ready");
+        } else {
+            eprintln!(
+                "attached volume {name} at {} ({size} bytes); Ctrl-C or `ferrovol detach {0}` to detach",
+                path.display()
+            );
+        }
     })?;
-    let size = vol.size();
-    let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
-    let config = fuse_config(name, read_only);
-    let mut session = fuser::Session::new(fs, path, &config)
-        .with_context(|| format!("cannot mount volume {name} at {}", path.display()))?;
-    let mut unmounter = session.unmount_callable();
-    let shown = path.display().to_string();
-    rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        info!(path = %shown, "signal received; unmounting");
-        if let Err(e) = unmounter.unmount() {
-            eprintln!("ferrovol: unmount of {shown} failed: {e} (is it still in use?)");
-        }
-    });
-    info!(volume = %name, path = %path.display(), size, read_only, "attached");
-    if std::env::var_os(NOTIFY_ENV).is_some() {
-        println!("ready");
-    } else {
-        eprintln!(
-            "attached volume {name} at {} ({} bytes); Ctrl-C or `ferrovol detach {0}` to detach",
-            path.display(),
-            size
-        );
-    }
-    session.run().with_context(|| format!("FUSE session for {} failed", path.display()))?;
-    info!(path = %path.display(), "detached");
     if let Some(log) = std::env::var_os(LOG_ENV) {
         let _ = std::fs::remove_file(log);
     }
@@ -212,19 +143,6 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
 fn is_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// Unmounts `path` now (not lazily): fails with EBUSY while something still uses it.
-pub fn unmount(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
-    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 pub fn detach(path: &Path) -> anyhow::Result<()> {

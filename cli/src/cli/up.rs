@@ -13,15 +13,12 @@ use ferrovol_client::{ConnectOptions, Session};
 use ferrovol_proto::{format_size, Status, VolumeName};
 use ferrovol_server::{Server, ServerConfig};
 
-use super::attach::{fuse_config, mounted_fstype, unmount};
+use ferrovol_client::host::{self, unmount};
+
+use super::attach::mounted_fstype;
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("cannot run {shown}"))?;
-    if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    Ok(host::run(cmd)?)
 }
 
 /// One undo step.
@@ -73,40 +70,6 @@ fn umount_retry(target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Retries `f` while it fails with EBUSY, for about 2 s.
-fn retry_busy(mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
-    let mut attempt = 0;
-    loop {
-        match f() {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 20 => {
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Detaches a loop device and waits until the kernel has let go of its backing file. `losetup -d` only
-/// marks a device that someone else still has open (udev or blkid probing it after a change) for
-/// release on its last close, so the backing file can stay busy for a moment after it returns.
-fn loop_release(dev: &str) -> anyhow::Result<()> {
-    let backing = Path::new("/sys/block")
-        .join(Path::new(dev).file_name().unwrap_or_default())
-        .join("loop/backing_file");
-    if backing.exists() {
-        // A device that is already released (a retry after a timeout below) needs no second -d.
-        run(Command::new("losetup").args(["-d", dev]))?;
-    }
-    for _ in 0..200 {
-        if !backing.exists() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{dev} is still in use 10 s after `losetup -d` (who has it open? fuser -v {dev})")
-}
-
 pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
@@ -116,7 +79,7 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
         bail!("/dev/fuse is missing (modprobe fuse)");
     }
     for tool in ["losetup", "blkid", "mkfs.ext4", "mount", "umount"] {
-        if which(tool).is_none() {
+        if host::which(tool).is_none() {
             bail!("{tool} is not installed (Debian: apt-get install util-linux e2fsprogs mount)");
         }
     }
@@ -175,14 +138,6 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
             bail!("start failed")
         }
     }
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 fn start(
@@ -245,7 +200,7 @@ fn start(
     let dir = run_dir.clone();
     teardown.push(format!("removed {}", run_dir.display()), move || Ok(std::fs::remove_dir_all(&dir)?));
     let fs = BlockFile::new(vol, rt.handle().clone(), false);
-    let fuse_config = fuse_config(name, false);
+    let fuse_config = ferrovol_client::fuse::config(name, false);
     let session = fuser::Session::new(fs, &img, &fuse_config)
         .with_context(|| format!("cannot FUSE-mount the volume at {}", img.display()))?;
     let background = session.spawn().context("cannot start the FUSE session")?;
@@ -255,7 +210,8 @@ fn start(
         // Unmount first (fails with EBUSY, retryably, while something still has the file open), then
         // let the FUSE session end.
         if mounted_fstype(&fuse_file).is_some() {
-            retry_busy(|| unmount(&fuse_file)).with_context(|| format!("unmount {}", fuse_file.display()))?;
+            host::retry_busy(Duration::from_secs(2), || unmount(&fuse_file))
+                .with_context(|| format!("unmount {}", fuse_file.display()))?;
         }
         if let Some(b) = background.take() {
             b.join()?;
@@ -265,11 +221,9 @@ fn start(
     println!("attach: volume {name} is the file {}", img.display());
 
     // 4. A loop device over it (direct I/O: the page cache above the loop device is enough).
-    let img_s = img.to_string_lossy().into_owned();
-    let loopdev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on", &img_s]))
-        .or_else(|_| run(Command::new("losetup").args(["--find", "--show", &img_s])))?;
+    let loopdev = host::loop_attach(&img, false)?;
     let dev = loopdev.clone();
-    teardown.push(format!("released {loopdev}"), move || loop_release(&dev));
+    teardown.push(format!("released {loopdev}"), move || Ok(host::loop_release(&dev)?));
     println!("loop:   {loopdev}");
 
     // 5. ext4 on first use only: never format a device that already holds something.

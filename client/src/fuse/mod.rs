@@ -18,6 +18,9 @@ use tracing::{debug, warn};
 
 use crate::{ClientError, Volume};
 
+mod serve;
+pub use serve::{config, serve, ServeError};
+
 /// Largest request the kernel may send (its limit here: 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;
 const TTL: Duration = Duration::from_secs(1);
@@ -78,13 +81,16 @@ impl BlockFile {
     fn reply_attr(&self, reply: ReplyAttr) {
         let vol = self.vol.clone();
         let fallback = self.attr(0);
-        let this_attr = move |allocated| FileAttr { blocks: allocated / 512, ..fallback };
         self.rt.spawn(async move {
-            match vol.allocated().await {
-                Ok(a) => reply.attr(&TTL, &this_attr(a)),
+            // The size comes from the same STAT, so a volume grown on the server (CSI expansion)
+            // shows its new size here, and `losetup -c` picks it up.
+            match vol.stat().await {
+                Ok(v) => {
+                    reply.attr(&TTL, &FileAttr { blocks: v.allocated / 512, size: vol.size(), ..fallback })
+                }
                 Err(e) => {
                     debug!(error = %e, "stat failed; answering without allocation");
-                    reply.attr(&TTL, &this_attr(0))
+                    reply.attr(&TTL, &fallback)
                 }
             }
         });

@@ -264,6 +264,30 @@ impl Store {
         Ok(())
     }
 
+    /// Capacity of the filesystem holding the data dir, and what the volumes were given.
+    pub fn stat(&self) -> StoreResult<ferrovol_proto::StoreStat> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| dir_err(&self.root, "path contains NUL"))?;
+        // SAFETY: statvfs is plain data; an all-zero value is valid and the kernel overwrites it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid NUL-terminated path and a pointer to a properly sized, writable struct.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(dir_err(&self.root, std::io::Error::last_os_error()));
+        }
+        let frsize = st.f_frsize;
+        let (provisioned_bytes, volumes) = {
+            let map = self.lock();
+            (map.values().map(|v| v.info().size).sum(), map.len() as u64)
+        };
+        Ok(ferrovol_proto::StoreStat {
+            total_bytes: st.f_blocks.saturating_mul(frsize),
+            // f_bavail: what an unprivileged process may still use (the root reserve is not ours).
+            free_bytes: st.f_bavail.saturating_mul(frsize),
+            provisioned_bytes,
+            volumes,
+        })
+    }
+
     /// fdatasync every volume (shutdown).
     pub fn flush_all(&self) -> StoreResult<()> {
         let vols: Vec<_> = self.lock().values().cloned().collect();

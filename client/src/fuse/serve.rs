@@ -1,0 +1,99 @@
+//! Serving one volume as a FUSE file in the foreground, until it is unmounted or a signal arrives: the
+//! body of `ferrovol attach` and of the CSI node plugin's attach process.
+
+use std::path::Path;
+
+use ferrovol_proto::VolumeName;
+use fuser::{Config, MountOption, SessionACL};
+use tracing::info;
+
+use super::BlockFile;
+use crate::{ClientError, ConnectOptions, Session};
+
+/// FUSE request threads.
+const FUSE_THREADS: usize = 4;
+
+/// Why serving a volume stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot mount volume {name} at {path}: {source}")]
+    Mount { name: String, path: String, source: std::io::Error },
+    #[error("FUSE session for {path} failed: {source}")]
+    Session { path: String, source: std::io::Error },
+}
+
+/// The FUSE session settings for a block volume.
+pub fn config(name: &VolumeName, read_only: bool) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("ferrovol:{name}")),
+        MountOption::Subtype("ferrovol".into()),
+        MountOption::DefaultPermissions,
+        if read_only { MountOption::RO } else { MountOption::RW },
+    ];
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root mounts for others (kubelet, pods, loop devices opened by other processes).
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
+    config
+}
+
+/// Connects, opens `name`, mounts it over the regular file `path` and serves it until it is
+/// unmounted (`ferrovol detach`, umount) or SIGTERM/SIGINT arrives (then it unmounts itself; a busy
+/// mount stays and keeps being served). `ready` runs once the mount is usable, with the volume's size.
+pub fn serve(
+    server: &str,
+    opts: ConnectOptions,
+    name: &VolumeName,
+    path: &Path,
+    read_only: bool,
+    ready: impl FnOnce(u64),
+) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ferrovol-io")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let vol = rt.block_on(async {
+        let session = Session::connect(server, opts).await?;
+        session.open(name, read_only).await
+    })?;
+    let size = vol.size();
+    let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
+    let shown = path.display().to_string();
+    let mut session = fuser::Session::new(fs, path, &config(name, read_only))
+        .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
+    let mut unmounter = session.unmount_callable();
+    let signalled = shown.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            info!(path = %signalled, "signal received; unmounting");
+            match unmounter.unmount() {
+                Ok(()) => return,
+                Err(e) => eprintln!("ferrovol: unmount of {signalled} failed: {e} (is it still in use?)"),
+            }
+        }
+    });
+    info!(volume = %name, path = %shown, size, read_only, "attached");
+    ready(size);
+    session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    info!(path = %shown, "detached");
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Host helpers shared by the node-side tools (`ferrovol attach`/`up` and the CSI node plugin): the
+//! mount table, unmounting, loop devices, and running system tools with their errors kept.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// What is mounted at a path: its filesystem type and source, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Undoes the octal escapes mountinfo uses for blanks and backslashes.
+fn unescape(field: &str) -> String {
+    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// The topmost mount exactly at `path`, if any. A path that cannot be resolved (missing, or a dead
+/// FUSE mount answering ENOTCONN) falls back to a lexical match, so a broken mount is still found.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mountpoint options ... - fstype source superopts
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if Path::new(&unescape(fields.get(4)?)) != target {
+            return None;
+        }
+        let dash = fields.iter().position(|f| *f == "-")?;
+        Some(MountEntry {
+            fstype: (*fields.get(dash + 1)?).to_owned(),
+            source: unescape(fields.get(dash + 2)?),
+        })
+    })
+}
+
+/// Every mount point whose source is `source` (a loop device, say).
+pub fn mounts_of(source: &str) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let mount_point = PathBuf::from(unescape(fields.get(4)?));
+            (unescape(fields.get(dash + 2)?) == source).then_some(mount_point)
+        })
+        .collect()
+}
+
+/// Unmounts `path` now (not lazily): fails with EBUSY while something still uses it.
+pub fn unmount(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
+    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Retries `f` while it fails with EBUSY, for about `limit`.
+pub fn retry_busy<T>(limit: Duration, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs a system tool; a failure carries the command line and its stderr. Returns its stdout.
+pub fn run(cmd: &mut Command) -> io::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("cannot run {shown}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Finds a system tool in PATH or the usual sbin directories.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn backing_file_attr(dev: &str) -> PathBuf {
+    Path::new("/sys/block").join(Path::new(dev).file_name().unwrap_or_default()).join("loop/backing_file")
+}
+
+/// Sets up a loop device over `file` (direct I/O when the kernel takes it: the page cache above the
+/// loop device is enough) and returns its path.
+pub fn loop_attach(file: &Path, read_only: bool) -> io::Result<String> {
+    let mut args = vec!["--find", "--show"];
+    if read_only {
+        args.push("--read-only");
+    }
+    let file = file.as_os_str();
+    run(Command::new("losetup").args(&args).arg("--direct-io=on").arg(file))
+        .or_else(|_| run(Command::new("losetup").args(&args).arg(file)))
+}
+
+/// The loop devices whose backing file is `file`.
+pub fn loops_of(file: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    let want = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            (Path::new(backing.trim_end()) == want).then(|| format!("/dev/{name}"))
+        })
+        .collect()
+}
+
+/// Detaches a loop device and waits until the kernel has let go of its backing file. `losetup -d` only
+/// marks a device that someone still has open (udev or blkid probing it, a deferred close after an
+/// unmount) for release on its last close, so the backing file can stay busy a moment after it returns.
+pub fn loop_release(dev: &str) -> io::Result<()> {
+    let backing = backing_file_attr(dev);
+    if backing.exists() {
+        // A device already released (a retry after the timeout below) needs no second -d.
+        run(Command::new("losetup").args(["-d", dev]))?;
+    }
+    for _ in 0..200 {
+        if !backing.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(io::Error::other(format!("{dev} is still in use 10 s after `losetup -d` (see `fuser -v {dev}`)")))
+}
+
+/// Tells a loop device to pick up its backing file's new size.
+pub fn loop_refresh_size(dev: &str) -> io::Result<()> {
+    run(Command::new("losetup").args(["-c", dev])).map(drop)
+}
+
+/// Whether `path` answers like a dead FUSE mount or a failing device (ENOTCONN, EIO): still mounted,
+/// never "gone".
+pub fn is_broken_mount_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::EIO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_fields() {
+        assert_eq!(unescape("/a\\040b\\134c"), "/a b\\c");
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
+        assert!(mount_at(Path::new("/")).is_some());
+        let dir = std::env::temp_dir().join(format!("ferrovol-host-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(mount_at(&dir), None);
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}

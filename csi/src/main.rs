@@ -1,0 +1,133 @@
+//! `ferrovol-csi`: the CSI driver binary (see the crate docs), and its hidden `__attach` subcommand,
+//! the long-lived process that serves one staged volume's FUSE file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use ferrovol_client::ConnectOptions;
+use ferrovol_csi::node::ATTACH_SUBCOMMAND;
+use ferrovol_csi::{Config, Mode};
+use ferrovol_proto::{NodeId, VolumeName};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The ferrovol Kubernetes CSI driver (csi.ferrovol.io).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The CSI socket kubelet or the sidecars connect to.
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's id (as Kubernetes knows the node); the id a node's writes carry for fencing.
+    #[arg(long, env = "NODE_ID")]
+    node_id: NodeId,
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value = "all")]
+    mode: Mode,
+    /// The ferrovol server.
+    #[arg(long, env = "FERROVOL_SERVER", default_value = ferrovol_client::DEFAULT_SERVER)]
+    server: String,
+    /// Shared secret, when the server requires one.
+    #[arg(long, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+    /// Where the node keeps what must survive its restart (staged volumes, FUSE files, attach logs).
+    #[arg(long, default_value = "/var/lib/ferrovol-csi")]
+    state_dir: PathBuf,
+    /// Seconds an attached volume's I/O waits for a lost server before failing with EIO.
+    #[arg(long, default_value_t = 120)]
+    io_timeout_s: u64,
+    /// Reported to Kubernetes as the most volumes this node takes (0: no limit of ours; each volume
+    /// uses one loop device, which the kernel creates on demand).
+    #[arg(long, default_value_t = 0)]
+    max_volumes_per_node: i64,
+    /// Log format (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// `ferrovol-csi __attach`: serves one volume over a FUSE file until it is unmounted.
+#[derive(Debug, Parser)]
+#[command(name = "ferrovol-csi __attach")]
+struct AttachArgs {
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    node_id: NodeId,
+    #[arg(long, default_value_t = 120)]
+    io_timeout_s: u64,
+    #[arg(long)]
+    volume: VolumeName,
+    #[arg(long)]
+    path: PathBuf,
+    #[arg(long)]
+    read_only: bool,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn attach(args: AttachArgs) -> ExitCode {
+    let opts = ConnectOptions {
+        node_id: args.node_id,
+        token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+        io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
+        ..ConnectOptions::default()
+    };
+    let served =
+        ferrovol_client::fuse::serve(&args.server, opts, &args.volume, &args.path, args.read_only, |_| {
+            println!("ready");
+        });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrovol-csi attach: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(ATTACH_SUBCOMMAND) {
+        let args = AttachArgs::parse_from(std::env::args().skip(1));
+        init_tracing(LogFormat::Text);
+        return attach(args);
+    }
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let config = Config {
+        mode: cli.mode,
+        node_id: cli.node_id,
+        server: cli.server,
+        token: cli.token,
+        state_dir: cli.state_dir,
+        io_timeout: Duration::from_secs(cli.io_timeout_s.max(1)),
+        max_volumes_per_node: cli.max_volumes_per_node,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferrovol-csi: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ferrovol_csi::serve(config, &cli.endpoint)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrovol-csi: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
