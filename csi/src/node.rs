@@ -644,6 +644,10 @@ impl Node for NodeService {
         let name = volume_id(&req.volume_id)?;
         let read_only = req.readonly || access.reader_only;
         let _guard = self.locks.try_lock(name.as_str())?;
+        // podInfoOnMount: who the volume is published for, for the logs.
+        let pod =
+            |k: &str| req.volume_context.get(&format!("csi.storage.k8s.io/{k}")).cloned().unwrap_or_default();
+        info!(volume = %name, pod = %pod("pod.name"), namespace = %pod("pod.namespace"), "publishing");
         let id = name.to_string();
         self.blocking(move |n| n.publish(&id, &staging, target, &access, read_only)).await?;
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
