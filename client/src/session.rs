@@ -166,6 +166,22 @@ impl Session {
         }
     }
 
+    /// Records `node` as known to the server; returns its first registration time (unix ms).
+    pub async fn register_node(&self, node: &NodeId) -> Result<u64> {
+        match self.control(Request::NodeRegister { node: node.clone() }).await? {
+            Reply::Node { registered_unix_ms } => Ok(registered_unix_ms),
+            other => Err(unexpected(Opcode::NodeRegister, other)),
+        }
+    }
+
+    /// When `node` was registered; `NOT_FOUND` when it never was.
+    pub async fn stat_node(&self, node: &NodeId) -> Result<u64> {
+        match self.control(Request::NodeStat { node: node.clone() }).await? {
+            Reply::Node { registered_unix_ms } => Ok(registered_unix_ms),
+            other => Err(unexpected(Opcode::NodeStat, other)),
+        }
+    }
+
     /// Capacity of the server's data dir.
     pub async fn store_stat(&self) -> Result<ferrovol_proto::StoreStat> {
         match self.control(Request::StoreStat).await? {

@@ -314,6 +314,13 @@ impl Controller for ControllerService {
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.link.session().await?;
         let read_only = req.readonly || access.reader_only;
+        // Only nodes whose plugin registered (at kubelet's NodeGetInfo) can be published to.
+        session.stat_node(&node).await.map_err(|e| match e.status() {
+            Some(Wire::NotFound) => Status::not_found(format!(
+                "node {node} is not known to the ferrovol server (its node plugin never registered)"
+            )),
+            _ => status_of(&e),
+        })?;
         let mut context = HashMap::from([("readonly".to_owned(), read_only.to_string())]);
         if read_only {
             // Readers need no attachment; the node opens the volume read-only.

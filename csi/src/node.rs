@@ -769,7 +769,11 @@ impl Node for NodeService {
         &self,
         _: Request<pb::NodeGetInfoRequest>,
     ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
-        let server_id = self.link.server_id().await?;
+        // Registering here (kubelet calls this when it registers the plugin) makes the node known to
+        // the server, so the controller can tell real nodes from typos in ControllerPublishVolume.
+        let session = self.link.session().await?;
+        session.register_node(&self.inner.config.node_id).await.map_err(|e| status_of(&e))?;
+        let server_id = session.server_info().server_id.clone();
         Ok(Response::new(pb::NodeGetInfoResponse {
             node_id: self.inner.config.node_id.to_string(),
             max_volumes_per_node: self.inner.config.max_volumes_per_node,

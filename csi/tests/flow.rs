@@ -615,6 +615,24 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
     let addr = server.addr.to_string();
     let mut a = Plugin::start(dir.path(), &addr, "node-a", "all").await;
+    // kubelet asks every node plugin for NodeGetInfo when it registers it; that makes node-a known.
+    a.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    // A node that never registered cannot be published to.
+    let unknown = ControllerPublishVolumeRequest {
+        volume_id: a
+            .controller
+            .create_volume(create_req("other", 1 << 20, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id,
+        node_id: "typo-node".into(),
+        volume_capability: Some(cap(false, Mode::SingleNodeWriter)),
+        ..Default::default()
+    };
+    assert_eq!(a.controller.controller_publish_volume(unknown).await.unwrap_err().code(), Code::NotFound);
     let id = a
         .controller
         .create_volume(create_req("fenced", 32 << 20, false))
@@ -633,8 +651,6 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     };
     let ctx =
         a.controller.controller_publish_volume(publish("node-a")).await.unwrap().into_inner().publish_context;
-    let err = a.controller.controller_publish_volume(publish("node-b")).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Node B's writes are refused by the server itself, whatever its plugin does.
     let opts = ConnectOptions {
         node_id: "node-b".parse().unwrap(),
@@ -642,6 +658,9 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
         ..ConnectOptions::default()
     };
     let b_session = Session::connect(&addr, opts).await.unwrap();
+    b_session.register_node(&"node-b".parse().unwrap()).await.unwrap();
+    let err = a.controller.controller_publish_volume(publish("node-b")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let b_vol = b_session.open(&id.parse().unwrap(), false).await.unwrap();
     let refused = b_vol.write_at(0, bytes::Bytes::from_static(b"intruder")).await.unwrap_err();
     assert_eq!(refused.status(), Some(ferrovol_proto::Status::Fenced), "{refused}");

@@ -337,6 +337,12 @@ pub enum Request {
         node: NodeId,
     },
     StoreStat,
+    NodeRegister {
+        node: NodeId,
+    },
+    NodeStat {
+        node: NodeId,
+    },
     Open {
         name: VolumeName,
         read_only: bool,
@@ -386,6 +392,8 @@ impl Request {
             Request::AttachSet { .. } => Opcode::AttachSet,
             Request::AttachClear { .. } => Opcode::AttachClear,
             Request::StoreStat => Opcode::StoreStat,
+            Request::NodeRegister { .. } => Opcode::NodeRegister,
+            Request::NodeStat { .. } => Opcode::NodeStat,
             Request::Open { .. } => Opcode::Open,
             Request::Close { .. } => Opcode::Close,
             Request::Read { .. } => Opcode::Read,
@@ -451,6 +459,10 @@ impl Request {
                 p.freeze()
             }
             Request::StoreStat => Bytes::new(),
+            Request::NodeRegister { node } | Request::NodeStat { node } => {
+                put_str8(&mut p, node.as_str());
+                p.freeze()
+            }
             Request::Open { name, read_only } => {
                 if *read_only {
                     h.flags |= FLAG_READ_ONLY;
@@ -567,6 +579,8 @@ impl Request {
                 Opcode::AttachSet => Request::AttachSet { name: r.volume_name()?, node: r.node_id()? },
                 Opcode::AttachClear => Request::AttachClear { name: r.volume_name()?, node: r.node_id()? },
                 Opcode::StoreStat => Request::StoreStat,
+                Opcode::NodeRegister => Request::NodeRegister { node: r.node_id()? },
+                Opcode::NodeStat => Request::NodeStat { node: r.node_id()? },
                 Opcode::Open => {
                     Request::Open { read_only: h.flags & FLAG_READ_ONLY != 0, name: r.volume_name()? }
                 }
@@ -659,6 +673,10 @@ pub enum Reply {
         generation: u64,
     },
     StoreStat(StoreStat),
+    /// NODE_REGISTER, NODE_STAT: when the node was first registered.
+    Node {
+        registered_unix_ms: u64,
+    },
     Opened {
         handle: VolumeHandle,
         size: u64,
@@ -771,6 +789,10 @@ impl Response {
                         p.put_u64_le(st.volumes);
                         p.freeze()
                     }
+                    Reply::Node { registered_unix_ms } => {
+                        p.put_u64_le(*registered_unix_ms);
+                        p.freeze()
+                    }
                     Reply::Opened { handle, size, read_only } => {
                         p.put_u32_le(handle.0);
                         p.put_u32_le(u32::from(*read_only));
@@ -852,6 +874,7 @@ impl Response {
                     provisioned_bytes: r.u64()?,
                     volumes: r.u64()?,
                 }),
+                Opcode::NodeRegister | Opcode::NodeStat => Reply::Node { registered_unix_ms: r.u64()? },
                 Opcode::Open => {
                     let handle = VolumeHandle(r.u32()?);
                     let flags = r.u32()?;

@@ -29,6 +29,8 @@ pub const SERVER_ID_LEN_MAX: usize = 128;
 pub const ERROR_MESSAGE_LEN_MAX: usize = 1024;
 /// Entries in one VOLUME_LIST reply.
 pub const LIST_ENTRIES_MAX: u32 = 256;
+/// Nodes a server remembers (NODE_REGISTER beyond this: `NO_SPACE`).
+pub const NODES_MAX: usize = 65_536;
 
 /// Volume sizes are multiples of this (and so are the offsets a block device uses).
 pub const VOLUME_SIZE_ALIGN: u64 = 4096;

@@ -20,6 +20,10 @@ pub enum Opcode {
     AttachClear = 0x16,
     /// Capacity of the server's data dir (for CSI GetCapacity).
     StoreStat = 0x17,
+    /// Records a node as known (the CSI node plugin, when kubelet registers it).
+    NodeRegister = 0x18,
+    /// Whether a node is known, and since when.
+    NodeStat = 0x19,
     Open = 0x20,
     Close = 0x21,
     Read = 0x22,
@@ -30,7 +34,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 16] = [
+    pub const ALL: [Opcode; 18] = [
         Opcode::Hello,
         Opcode::VolumeCreate,
         Opcode::VolumeDelete,
@@ -40,6 +44,8 @@ impl Opcode {
         Opcode::AttachSet,
         Opcode::AttachClear,
         Opcode::StoreStat,
+        Opcode::NodeRegister,
+        Opcode::NodeStat,
         Opcode::Open,
         Opcode::Close,
         Opcode::Read,
@@ -60,6 +66,8 @@ impl Opcode {
             Opcode::AttachSet => "ATTACH_SET",
             Opcode::AttachClear => "ATTACH_CLEAR",
             Opcode::StoreStat => "STORE_STAT",
+            Opcode::NodeRegister => "NODE_REGISTER",
+            Opcode::NodeStat => "NODE_STAT",
             Opcode::Open => "OPEN",
             Opcode::Close => "CLOSE",
             Opcode::Read => "READ",

@@ -291,6 +291,7 @@ fn response_round_trip_all_replies() {
                 volumes: 7,
             }),
         ),
+        (Opcode::NodeStat, Reply::Node { registered_unix_ms: 1_700_000_000_000 }),
         (Opcode::Read, Reply::Data(Bytes::from_static(b"data"))),
         (Opcode::Flush, Reply::Done),
     ];

@@ -32,6 +32,8 @@ fn request() -> impl Strategy<Value = Request> {
         (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeResize { name, size }),
         (name(), node()).prop_map(|(name, node)| Request::AttachSet { name, node }),
         Just(Request::StoreStat),
+        node().prop_map(|node| Request::NodeRegister { node }),
+        node().prop_map(|node| Request::NodeStat { node }),
         (name(), node()).prop_map(|(name, node)| Request::AttachClear { name, node }),
         (name(), any::<bool>()).prop_map(|(name, read_only)| Request::Open { name, read_only }),
         handle().prop_map(|handle| Request::Close { handle }),

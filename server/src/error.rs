@@ -6,6 +6,8 @@ use ferrovol_proto::{ErrorReply, NameError, Status};
 pub enum StoreError {
     #[error("volume {0:?} not found")]
     NotFound(String),
+    #[error("node {0:?} is not registered (its CSI node plugin never reported to this server)")]
+    NodeNotFound(String),
     #[error("volume {0:?} already exists")]
     AlreadyExists(String),
     #[error("invalid name: {0}")]
@@ -36,7 +38,7 @@ impl StoreError {
     /// The single mapping from server errors to wire status codes.
     pub fn status(&self) -> Status {
         match self {
-            StoreError::NotFound(_) => Status::NotFound,
+            StoreError::NotFound(_) | StoreError::NodeNotFound(_) => Status::NotFound,
             StoreError::AlreadyExists(_) => Status::AlreadyExists,
             StoreError::InvalidName(_) => Status::InvalidName,
             StoreError::InvalidArgument(_) => Status::InvalidArgument,

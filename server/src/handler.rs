@@ -156,6 +156,14 @@ impl Session {
                 let r = store_op(ctx, move |s| s.attach_clear(&name, &node)).await;
                 Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
             }
+            Request::NodeRegister { node } => {
+                let r = store_op(ctx, move |s| s.node_register(&node)).await;
+                Outcome::Reply(done(id, op, r.map(|registered_unix_ms| Reply::Node { registered_unix_ms })))
+            }
+            Request::NodeStat { node } => {
+                let r = store_op(ctx, move |s| s.node_stat(&node)).await;
+                Outcome::Reply(done(id, op, r.map(|registered_unix_ms| Reply::Node { registered_unix_ms })))
+            }
             Request::StoreStat => {
                 let r = store_op(ctx, move |s| s.stat()).await;
                 Outcome::Reply(done(id, op, r.map(Reply::StoreStat)))

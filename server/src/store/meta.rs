@@ -33,6 +33,13 @@ pub struct VolumeMeta {
     pub owner: Option<String>,
 }
 
+/// Nodes registered with this server (NODE_REGISTER): node id -> first registration, unix ms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodesFile {
+    pub nodes: std::collections::BTreeMap<String, u64>,
+}
+
+pub const NODES_FILE: &str = "nodes.json";
 pub const META_FILE: &str = "meta.json";
 pub const DATA_FILE: &str = "data";
 pub const KIND_BLOCK: &str = "block";

@@ -32,6 +32,8 @@ pub struct Store {
     root: PathBuf,
     volumes_dir: PathBuf,
     server_id: String,
+    /// Registered nodes (NODE_REGISTER), mirrored in `nodes.json`.
+    nodes: Mutex<BTreeMap<String, u64>>,
     volumes: Mutex<BTreeMap<VolumeName, Arc<Volume>>>,
 }
 
@@ -131,12 +133,23 @@ impl Store {
             let vol = open_volume(name.clone(), &path, meta)?;
             volumes.insert(name, Arc::new(vol));
         }
-        info!(dir = %root.display(), volumes = volumes.len(), server_id = %marker.server_id, "data dir open");
+        let nodes_path = root.join(NODES_FILE);
+        let nodes = match fs::read(&nodes_path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<NodesFile>(&bytes)
+                    .map_err(|e| dir_err(&nodes_path, format!("unreadable node list: {e}")))?
+                    .nodes
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(dir_err(&nodes_path, e)),
+        };
+        info!(dir = %root.display(), volumes = volumes.len(), nodes = nodes.len(), server_id = %marker.server_id, "data dir open");
         Ok(Self {
             root: root.to_owned(),
             volumes_dir,
             server_id: marker.server_id,
             volumes: Mutex::new(volumes),
+            nodes: Mutex::new(nodes),
         })
     }
 
@@ -264,6 +277,31 @@ impl Store {
         Ok(())
     }
 
+    /// Records `node` as known (persistently); returns when it was first registered.
+    pub fn node_register(&self, node: &NodeId) -> StoreResult<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = nodes.get(node.as_str()) {
+            return Ok(*t);
+        }
+        if nodes.len() >= ferrovol_proto::limits::NODES_MAX {
+            return Err(StoreError::NoSpace);
+        }
+        let now = now_unix_ms();
+        let mut next = NodesFile { nodes: nodes.clone() };
+        next.nodes.insert(node.as_str().to_owned(), now);
+        let path = self.root.join(NODES_FILE);
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| dir_err(&path, e))?;
+        replace_file(&path, &json)?;
+        *nodes = next.nodes;
+        info!(node = %node, "node registered");
+        Ok(now)
+    }
+
+    pub fn node_stat(&self, node: &NodeId) -> StoreResult<u64> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node.as_str()).copied().ok_or_else(|| StoreError::NodeNotFound(node.to_string()))
+    }
+
     /// Capacity of the filesystem holding the data dir, and what the volumes were given.
     pub fn stat(&self) -> StoreResult<ferrovol_proto::StoreStat> {
         let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
@@ -354,6 +392,23 @@ mod tests {
         store.delete(&name("a")).unwrap();
         assert!(matches!(store.get(&name("a")), Err(StoreError::NotFound(_))));
         assert!(matches!(store.delete(&name("a")), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn nodes_and_capacity_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = NodeId::try_from("node-a").unwrap();
+        assert!(matches!(store.node_stat(&a), Err(StoreError::NodeNotFound(_))));
+        let t = store.node_register(&a).unwrap();
+        assert_eq!(store.node_register(&a).unwrap(), t, "registering again keeps the first time");
+        store.create(&name("v"), 1 << 30).unwrap();
+        let st = store.stat().unwrap();
+        assert_eq!((st.provisioned_bytes, st.volumes), (1 << 30, 1));
+        assert!(st.total_bytes >= st.free_bytes && st.total_bytes > 0);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.node_stat(&a).unwrap(), t);
     }
 
     #[test]
