@@ -314,7 +314,14 @@ impl Controller for ControllerService {
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.link.session().await?;
         let read_only = req.readonly || access.reader_only;
-        // Only nodes whose plugin registered (at kubelet's NodeGetInfo) can be published to.
+        // The volume first (NOT_FOUND), then a writer elsewhere (FAILED_PRECONDITION, whatever the
+        // node), then the node itself: only nodes whose plugin registered at kubelet's NodeGetInfo.
+        let info = session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
+        if let Some(owner) = info.owner.as_ref().filter(|o| !read_only && **o != node) {
+            return Err(Status::failed_precondition(format!(
+                "volume {name} is published for writing to node {owner}; unpublish it there first"
+            )));
+        }
         session.stat_node(&node).await.map_err(|e| match e.status() {
             Some(Wire::NotFound) => Status::not_found(format!(
                 "node {node} is not known to the ferrovol server (its node plugin never registered)"
@@ -322,10 +329,8 @@ impl Controller for ControllerService {
             _ => status_of(&e),
         })?;
         let mut context = HashMap::from([("readonly".to_owned(), read_only.to_string())]);
-        if read_only {
-            // Readers need no attachment; the node opens the volume read-only.
-            session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
-        } else {
+        // Readers need no attachment; the node opens the volume read-only.
+        if !read_only {
             let generation = session.attach_set(&name, &node).await.map_err(|e| match e.status() {
                 Some(Wire::AttachedElsewhere) => Status::failed_precondition(format!(
                     "volume {name} is published for writing to another node; unpublish it there first ({e})"

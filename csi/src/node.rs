@@ -417,6 +417,16 @@ impl Inner {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| internal("cannot create the target's parent", e))?;
             }
+            // A raw block target is a file. Some callers create a directory there; an empty one
+            // (never a mount point: checked above) is replaced, anything else is refused.
+            if target.is_dir() {
+                std::fs::remove_dir(&target).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "block target {} is a non-empty directory: {e}",
+                        target.display()
+                    ))
+                })?;
+            }
             if !target.exists() {
                 std::fs::write(&target, b"")
                     .map_err(|e| internal(&format!("cannot create {}", target.display()), e))?;

@@ -257,6 +257,10 @@ async fn full_flow(p: &mut Plugin, dir: &Path, block: bool) {
 
     let target = dir.join(format!("pods/{id}/target"));
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    if block {
+        // Some COs (csi-sanity) create the target as a directory even for raw block: it must work.
+        std::fs::create_dir_all(&target).unwrap();
+    }
     let publish_node = NodePublishVolumeRequest {
         volume_id: id.clone(),
         publish_context: ctx.clone(),
