@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovol_proto::limits::LIST_ENTRIES_MAX;
-use ferrovol_proto::{HelloReply, NodeId, Opcode, Reply, Request, VolumeInfo, VolumeName};
+use ferrovol_proto::{HelloReply, Labels, NodeId, Opcode, Reply, Request, VolumeInfo, VolumeName};
 
 use crate::conn::{self, ConnHandle, Op};
 use crate::error::{ClientError, Result};
@@ -113,7 +113,17 @@ impl Session {
     }
 
     pub async fn create_volume(&self, name: &VolumeName, size: u64) -> Result<VolumeInfo> {
-        match self.control(Request::VolumeCreate { name: name.clone(), size }).await? {
+        self.create_volume_labeled(name, size, Labels::new()).await
+    }
+
+    /// Creates a volume that keeps `labels` (returned in its [`VolumeInfo`]).
+    pub async fn create_volume_labeled(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        labels: Labels,
+    ) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeCreate { name: name.clone(), size, labels }).await? {
             Reply::Volume(v) => Ok(v),
             other => Err(unexpected(Opcode::VolumeCreate, other)),
         }

@@ -13,7 +13,7 @@ use ferrovol_proto::csi::volume_capability::access_mode::Mode;
 use ferrovol_proto::csi::volume_capability::AccessType;
 use ferrovol_proto::csi::{self as pb, ControllerServiceCapability, VolumeCapability};
 use ferrovol_proto::limits::{VOLUME_SIZE_ALIGN, VOLUME_SIZE_MAX};
-use ferrovol_proto::{NodeId, Status as Wire, VolumeInfo, VolumeName};
+use ferrovol_proto::{Labels, NodeId, Status as Wire, VolumeInfo, VolumeName};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -28,6 +28,9 @@ pub const MIN_SIZE: u64 = 1 << 20;
 /// StorageClass parameter: the filesystem made on first use (also `csi.storage.k8s.io/fstype`, which
 /// the external-provisioner turns into the capability's fs_type).
 pub const PARAM_FS_TYPE: &str = "fsType";
+/// Volume labels the controller sets: the CSI name the volume was created for, and its fsType.
+pub const LABEL_CSI_NAME: &str = "csi.ferrovol.io/name";
+pub const LABEL_FS_TYPE: &str = "csi.ferrovol.io/fstype";
 /// Filesystems the node plugin knows how to make and grow.
 pub const FS_TYPES: [&str; 3] = ["ext4", "ext3", "xfs"];
 
@@ -60,6 +63,11 @@ impl ControllerService {
             accessible_topology: self.topology().await?,
         })
     }
+}
+
+/// What NodeStage needs to know that the capability may not say (the StorageClass's fsType).
+fn volume_context(info: &VolumeInfo) -> HashMap<String, String> {
+    info.labels.get(LABEL_FS_TYPE).map(|fs| (PARAM_FS_TYPE.to_owned(), fs.clone())).into_iter().collect()
 }
 
 /// The gRPC status for a failed server call.
@@ -243,39 +251,57 @@ impl Controller for ControllerService {
         let name = volume_name_for(&req.name);
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.link.session().await?;
-        let mut context = HashMap::new();
+        // The volume keeps its CSI name and parameters, so a retry is recognised as the same request
+        // and a different request that maps to the same volume is not.
+        let mut labels = Labels::from([(LABEL_CSI_NAME.to_owned(), req.name.clone())]);
         if let Some(fs) = req.parameters.get(PARAM_FS_TYPE) {
-            context.insert(PARAM_FS_TYPE.to_owned(), fs.clone());
+            labels.insert(LABEL_FS_TYPE.to_owned(), fs.clone());
         }
+        ferrovol_proto::validate_labels(&labels).map_err(|_| {
+            Status::invalid_argument(format!("name is {} bytes; at most 1024 are kept", req.name.len()))
+        })?;
+        let matches = |v: &VolumeInfo| -> Result<(), Status> {
+            if v.labels != labels {
+                return Err(Status::already_exists(format!(
+                    "volume {name} exists for another request (CSI name {:?}, parameters {:?})",
+                    v.labels
+                        .get(LABEL_CSI_NAME)
+                        .map(String::as_str)
+                        .unwrap_or("none: not made by ferrovol-csi"),
+                    v.labels.get(LABEL_FS_TYPE)
+                )));
+            }
+            if !fits(v.size, req.capacity_range.as_ref()) {
+                return Err(Status::already_exists(format!(
+                    "volume {:?} exists as {name} with {} bytes, outside the requested capacity range",
+                    req.name, v.size
+                )));
+            }
+            Ok(())
+        };
         let info = match session.stat_volume(&name).await {
             Ok(existing) => {
-                if !fits(existing.size, req.capacity_range.as_ref()) {
-                    return Err(Status::already_exists(format!(
-                        "volume {:?} exists as {name} with {} bytes, outside the requested capacity range",
-                        req.name, existing.size
-                    )));
-                }
+                matches(&existing)?;
                 existing
             }
-            Err(e) if e.status() == Some(Wire::NotFound) => match session.create_volume(&name, size).await {
-                Ok(v) => {
-                    info!(csi_name = %req.name, volume = %name, size, "volume created");
-                    v
-                }
-                // Created by a racing call between our STAT and CREATE: take it if it fits.
-                Err(e) if e.status() == Some(Wire::AlreadyExists) => {
-                    let v = session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
-                    if !fits(v.size, req.capacity_range.as_ref()) {
-                        return Err(Status::already_exists(format!(
-                            "volume {name} exists with another size"
-                        )));
+            Err(e) if e.status() == Some(Wire::NotFound) => {
+                match session.create_volume_labeled(&name, size, labels.clone()).await {
+                    Ok(v) => {
+                        info!(csi_name = %req.name, volume = %name, size, "volume created");
+                        v
                     }
-                    v
+                    // Created by a racing call between our STAT and CREATE: take it if it matches.
+                    Err(e) if e.status() == Some(Wire::AlreadyExists) => {
+                        let v = session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
+                        matches(&v)?;
+                        v
+                    }
+                    Err(e) => return Err(status_of(&e)),
                 }
-                Err(e) => return Err(status_of(&e)),
-            },
+            }
             Err(e) => return Err(status_of(&e)),
         };
+        let context = volume_context(&info);
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(self.volume(&info, context).await?) }))
     }
 
@@ -446,7 +472,7 @@ impl Controller for ControllerService {
                 volume: Some(pb::Volume {
                     capacity_bytes: to_i64(v.size),
                     volume_id: v.name.to_string(),
-                    volume_context: HashMap::new(),
+                    volume_context: volume_context(&v),
                     content_source: None,
                     accessible_topology: topology.clone(),
                 }),
@@ -559,7 +585,7 @@ impl Controller for ControllerService {
         let info = session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
         let published_node_ids = info.owner.iter().map(|o| o.to_string()).collect();
         Ok(Response::new(pb::ControllerGetVolumeResponse {
-            volume: Some(self.volume(&info, HashMap::new()).await?),
+            volume: Some(self.volume(&info, volume_context(&info)).await?),
             status: Some(pb::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(pb::VolumeCondition {

@@ -226,6 +226,11 @@ async fn full_flow(p: &mut Plugin, dir: &Path, block: bool) {
     assert!(!vol.accessible_topology.is_empty());
     let err = p.controller.create_volume(create_req(name, 128 << 20, block)).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Same name, other StorageClass parameters: not the same request.
+    let mut other = create_req(name, 64 << 20, block);
+    other.parameters.insert("fsType".into(), "xfs".into());
+    assert_eq!(p.controller.create_volume(other).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(vol.volume_context.get("fsType").map(String::as_str), Some("ext4"));
     let id = vol.volume_id.clone();
     let c = cap(block, Mode::SingleNodeWriter);
 

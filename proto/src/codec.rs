@@ -21,7 +21,7 @@ use crate::header::{
 };
 use crate::limits::*;
 use crate::opcode::*;
-use crate::types::{NameError, NodeId, RequestId, VolumeHandle, VolumeName};
+use crate::types::{validate_labels, Labels, NameError, NodeId, RequestId, VolumeHandle, VolumeName};
 
 /// The framing of the connection is lost; the only safe reaction is to close it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -266,6 +266,22 @@ impl<'a> Reader<'a> {
     fn node_id(&mut self) -> Result<NodeId, PayloadError> {
         Ok(NodeId::try_from(self.str8(NODE_ID_LEN_MAX)?)?)
     }
+    fn labels(&mut self) -> Result<Labels, PayloadError> {
+        let n = usize::from(self.u8()?);
+        if n > LABELS_MAX {
+            return Err(PayloadError::TooLong { len: n, max: LABELS_MAX });
+        }
+        let mut labels = Labels::new();
+        for _ in 0..n {
+            let k = self.str8(LABEL_KEY_LEN_MAX)?.to_owned();
+            let v = self.str16(LABEL_VALUE_LEN_MAX)?.to_owned();
+            if labels.insert(k, v).is_some() {
+                return Err(PayloadError::Invalid("duplicate label key"));
+            }
+        }
+        validate_labels(&labels)?;
+        Ok(labels)
+    }
     fn finish(self) -> Result<(), PayloadError> {
         if self.buf.is_empty() {
             Ok(())
@@ -282,6 +298,15 @@ fn put_str8(dst: &mut BytesMut, s: &str) {
     let len = u8::try_from(s.len()).unwrap_or(u8::MAX);
     dst.put_u8(len);
     dst.put_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+/// count u8, then count x (key str8, value str16); labels are validated before they are encoded.
+fn put_labels(dst: &mut BytesMut, labels: &Labels) {
+    dst.put_u8(u8::try_from(labels.len()).unwrap_or(u8::MAX));
+    for (k, v) in labels.iter().take(usize::from(u8::MAX)) {
+        put_str8(dst, k);
+        put_str16(dst, v);
+    }
 }
 
 fn put_str16(dst: &mut BytesMut, s: &str) {
@@ -312,6 +337,8 @@ pub enum Request {
     VolumeCreate {
         name: VolumeName,
         size: u64,
+        /// Kept with the volume and returned in its VolumeInfo (empty: none).
+        labels: Labels,
     },
     VolumeDelete {
         name: VolumeName,
@@ -433,10 +460,13 @@ impl Request {
                 put_str16(&mut p, &hello.token);
                 p.freeze()
             }
-            Request::VolumeCreate { name, size } => {
+            Request::VolumeCreate { name, size, labels } => {
                 p.put_u64_le(*size);
                 p.put_u8(VOLUME_KIND_BLOCK);
                 put_str8(&mut p, name.as_str());
+                if !labels.is_empty() {
+                    put_labels(&mut p, labels);
+                }
                 p.freeze()
             }
             Request::VolumeDelete { name } | Request::VolumeStat { name } => {
@@ -559,7 +589,10 @@ impl Request {
                     if r.u8()? != VOLUME_KIND_BLOCK {
                         return Err(PayloadError::Invalid("unknown volume kind"));
                     }
-                    Request::VolumeCreate { size, name: r.volume_name()? }
+                    let name = r.volume_name()?;
+                    // Labels are optional: a payload may end right after the name.
+                    let labels = if r.buf.is_empty() { Labels::new() } else { r.labels()? };
+                    Request::VolumeCreate { size, name, labels }
                 }
                 Opcode::VolumeDelete => Request::VolumeDelete { name: r.volume_name()? },
                 Opcode::VolumeStat => Request::VolumeStat { name: r.volume_name()? },
@@ -643,6 +676,8 @@ pub struct VolumeInfo {
     pub generation: u64,
     /// The node holding the writer attachment, if any.
     pub owner: Option<NodeId>,
+    /// Set at creation.
+    pub labels: Labels,
 }
 
 /// The server's data dir: what its filesystem holds and what the volumes were given.
@@ -724,6 +759,7 @@ fn put_volume_info(p: &mut BytesMut, v: &VolumeInfo) {
     p.put_u64_le(v.created_unix_ms);
     p.put_u64_le(v.generation);
     put_str8(p, v.owner.as_ref().map(|n| n.as_str()).unwrap_or(""));
+    put_labels(p, &v.labels);
 }
 
 fn get_volume_info(r: &mut Reader<'_>) -> Result<VolumeInfo, PayloadError> {
@@ -735,7 +771,8 @@ fn get_volume_info(r: &mut Reader<'_>) -> Result<VolumeInfo, PayloadError> {
     let generation = r.u64()?;
     let owner = r.str8(NODE_ID_LEN_MAX)?;
     let owner = if owner.is_empty() { None } else { Some(NodeId::try_from(owner)?) };
-    Ok(VolumeInfo { name, kind, size, allocated, created_unix_ms, generation, owner })
+    let labels = r.labels()?;
+    Ok(VolumeInfo { name, kind, size, allocated, created_unix_ms, generation, owner, labels })
 }
 
 impl Response {

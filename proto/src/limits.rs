@@ -29,6 +29,12 @@ pub const SERVER_ID_LEN_MAX: usize = 128;
 pub const ERROR_MESSAGE_LEN_MAX: usize = 1024;
 /// Entries in one VOLUME_LIST reply.
 pub const LIST_ENTRIES_MAX: u32 = 256;
+/// Labels per volume (set at VOLUME_CREATE, returned in VolumeInfo).
+pub const LABELS_MAX: usize = 8;
+/// A label key: 1-63 bytes of `[a-z0-9./_-]`.
+pub const LABEL_KEY_LEN_MAX: usize = 63;
+/// A label value: any UTF-8, at most this many bytes.
+pub const LABEL_VALUE_LEN_MAX: usize = 1024;
 /// Nodes a server remembers (NODE_REGISTER beyond this: `NO_SPACE`).
 pub const NODES_MAX: usize = 65_536;
 
@@ -41,5 +47,10 @@ const _: () = assert!(READ_LEN_MAX <= PAYLOAD_LEN_MAX);
 const _: () = assert!(CONTROL_PAYLOAD_LEN_MAX < PAYLOAD_LEN_MAX);
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= 2 * PAYLOAD_LEN_MAX, "one max-size request must always fit");
 // A full LIST reply (each entry at most ~300 bytes) must fit one payload.
-const _: () = assert!(LIST_ENTRIES_MAX as u64 * 512 <= PAYLOAD_LEN_MAX as u64);
+/// A VolumeInfo is at most 512 bytes plus its labels: a full LIST page always fits in one payload.
+const _: () = assert!(
+    LIST_ENTRIES_MAX as u64
+        * (512 + 1 + (LABELS_MAX * (1 + LABEL_KEY_LEN_MAX + 2 + LABEL_VALUE_LEN_MAX)) as u64)
+        <= PAYLOAD_LEN_MAX as u64
+);
 const _: () = assert!(VOLUME_SIZE_MAX.is_multiple_of(VOLUME_SIZE_ALIGN));

@@ -37,6 +37,29 @@ pub enum NameError {
     BadEdge,
     #[error("node id contains a control character, whitespace or is not UTF-8")]
     BadNodeId,
+    #[error("label {0:?}: keys are 1-63 bytes of [a-z0-9./_-], values at most 1024 bytes, at most 8 labels")]
+    BadLabel(String),
+}
+
+/// Small key/value annotations a volume keeps from its creation (the CSI driver keeps the original
+/// CSI name and the StorageClass parameters there).
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// Checks labels against the protocol's limits.
+pub fn validate_labels(labels: &Labels) -> Result<(), NameError> {
+    use crate::limits::{LABELS_MAX, LABEL_KEY_LEN_MAX, LABEL_VALUE_LEN_MAX};
+    if labels.len() > LABELS_MAX {
+        return Err(NameError::BadLabel(format!("{} labels", labels.len())));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= LABEL_KEY_LEN_MAX
+            && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"./_-".contains(&b));
+        if !key_ok || v.len() > LABEL_VALUE_LEN_MAX {
+            return Err(NameError::BadLabel(k.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A volume name: 1-63 characters of `[a-z0-9-]`, starting and ending alphanumeric (a Kubernetes DNS

@@ -22,10 +22,14 @@ fn bounded_decoder_fuzz() {
             .encode(RequestId(2))
             .to_bytes()
             .to_vec(),
-        Request::VolumeCreate { name: VolumeName::try_from("abc").unwrap(), size: 1 << 20 }
-            .encode(RequestId(3))
-            .to_bytes()
-            .to_vec(),
+        Request::VolumeCreate {
+            name: VolumeName::try_from("abc").unwrap(),
+            size: 1 << 20,
+            labels: Labels::new(),
+        }
+        .encode(RequestId(3))
+        .to_bytes()
+        .to_vec(),
         Response::error(RequestId(4), 0x23, Status::Fenced, "x").encode().to_bytes().to_vec(),
         Response::ok(RequestId(5), Opcode::Read, Reply::Data(Bytes::from_static(b"abc")))
             .encode()

@@ -83,7 +83,11 @@ fn hello_request_golden() {
 
 #[test]
 fn volume_create_payload_golden() {
-    let req = Request::VolumeCreate { name: VolumeName::try_from("vol-a").unwrap(), size: 1 << 30 };
+    let req = Request::VolumeCreate {
+        name: VolumeName::try_from("vol-a").unwrap(),
+        size: 1 << 30,
+        labels: Labels::new(),
+    };
     let frame = req.encode(RequestId(2));
     let payload: &[u8] = &[
         0, 0, 0, 0x40, 0, 0, 0, 0, // size 1 GiB
@@ -92,6 +96,35 @@ fn volume_create_payload_golden() {
     ];
     assert_eq!(&frame.payload[..], payload);
     assert_eq!(frame.header[5], 0x10);
+}
+
+#[test]
+fn volume_create_with_labels_golden() {
+    let labels = Labels::from([("k".to_owned(), "vé".to_owned())]);
+    let req = Request::VolumeCreate { name: VolumeName::try_from("v").unwrap(), size: 4096, labels };
+    let frame = req.encode(RequestId(3));
+    let payload: &[u8] = &[
+        0, 0x10, 0, 0, 0, 0, 0, 0, // size 4096
+        0, // kind: block
+        1, b'v', // name, str8
+        1,    // one label
+        1, b'k', // key, str8
+        3, 0, b'v', 0xc3, 0xa9, // value, str16 (UTF-8)
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    let mut buf = BytesMut::new();
+    frame.write_to(&mut buf);
+    let (_, back) = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap();
+    assert_eq!(back, req);
+    // Bad labels are refused by the decoder: an uppercase key.
+    let bad = Request::VolumeCreate {
+        name: VolumeName::try_from("v").unwrap(),
+        size: 4096,
+        labels: Labels::from([("K".to_owned(), String::new())]),
+    };
+    let mut buf = BytesMut::new();
+    bad.encode(RequestId(4)).write_to(&mut buf);
+    assert!(Request::parse(split_request(&mut buf).unwrap().unwrap()).is_err());
 }
 
 #[test]
@@ -266,6 +299,7 @@ fn response_round_trip_all_replies() {
         created_unix_ms: 1_700_000_000_000,
         generation: 3,
         owner: Some(NodeId::try_from("node-a").unwrap()),
+        labels: Labels::from([("csi.ferrovol.io/name".to_owned(), "pvc-Ω ünïcode".to_owned())]),
     };
     let cases = vec![
         (

@@ -15,6 +15,10 @@ fn node() -> impl Strategy<Value = NodeId> {
     "[A-Za-z0-9._:-]{1,128}".prop_map(|s| NodeId::try_from(s.as_str()).unwrap())
 }
 
+fn labels() -> impl Strategy<Value = Labels> {
+    proptest::collection::btree_map("[a-z0-9./_-]{1,63}", "\\PC{0,64}", 0..=8)
+}
+
 fn handle() -> impl Strategy<Value = VolumeHandle> {
     any::<u32>().prop_map(VolumeHandle)
 }
@@ -24,7 +28,11 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u8>(), any::<u8>(), any::<u64>(), node(), "[ -~]{0,64}").prop_map(|(a, b, f, n, t)| {
             Request::Hello(Hello { version_min: a, version_max: b, features: f, node_id: n, token: t })
         }),
-        (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeCreate { name, size }),
+        (name(), any::<u64>(), labels()).prop_map(|(name, size, labels)| Request::VolumeCreate {
+            name,
+            size,
+            labels
+        }),
         name().prop_map(|name| Request::VolumeDelete { name }),
         name().prop_map(|name| Request::VolumeStat { name }),
         (proptest::option::of(name()), 1u32..=256)

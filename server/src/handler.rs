@@ -128,8 +128,8 @@ impl Session {
             Request::Hello(_) => {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
-            Request::VolumeCreate { name, size } => {
-                let r = store_op(ctx, move |s| s.create(&name, size)).await;
+            Request::VolumeCreate { name, size, labels } => {
+                let r = store_op(ctx, move |s| s.create(&name, size, &labels)).await;
                 Outcome::Reply(done(id, op, r.map(Reply::Volume)))
             }
             Request::VolumeDelete { name } => {

@@ -44,7 +44,10 @@ fn flushed_data_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
     let mut c = RawClient::hello(addr, "n1", "");
-    assert_eq!(status(&c.call(Request::VolumeCreate { name: name("keep"), size: 8 << 20 })), Status::Ok);
+    assert_eq!(
+        status(&c.call(Request::VolumeCreate { name: name("keep"), size: 8 << 20, labels: Labels::new() })),
+        Status::Ok
+    );
     let h = open(&mut c, "keep");
     let data = pattern(1, 4 << 20);
     // Pipelined 256 KiB writes, then FLUSH; the kill comes the instant FLUSH is acknowledged.
@@ -98,7 +101,10 @@ fn sigterm_answers_in_flight_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let (server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
     let mut c = RawClient::hello(addr, "n1", "");
-    assert_eq!(status(&c.call(Request::VolumeCreate { name: name("t"), size: 64 << 20 })), Status::Ok);
+    assert_eq!(
+        status(&c.call(Request::VolumeCreate { name: name("t"), size: 64 << 20, labels: Labels::new() })),
+        Status::Ok
+    );
     let h = open(&mut c, "t");
     let n = 32;
     let mut block_of = std::collections::HashMap::new();

@@ -39,7 +39,7 @@ struct Bystander {
 impl Bystander {
     fn new(addr: SocketAddr) -> Self {
         let mut c = RawClient::hello(addr, "bystander", "sesame");
-        let r = c.call(Request::VolumeCreate { name: name("calm"), size: 1 << 20 });
+        let r = c.call(Request::VolumeCreate { name: name("calm"), size: 1 << 20, labels: Labels::new() });
         assert_eq!(status(&r), Status::Ok);
         let h = open(&mut c, "calm");
         Self { c, h, n: 0 }
@@ -154,7 +154,7 @@ fn hostile_input_never_hurts_others() {
     c.send_bytes(&unknown.encode()).unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
-    let r = c.call(Request::VolumeCreate { name: name("odd"), size: 1000 });
+    let r = c.call(Request::VolumeCreate { name: name("odd"), size: 1000, labels: Labels::new() });
     assert_eq!(status(&r), Status::InvalidArgument);
     by.round();
 
@@ -191,7 +191,10 @@ fn c_del(addr: SocketAddr) -> Status {
 fn pipelined_out_of_order_and_fencing() {
     let (addr, _dir, _t) = start(None);
     let mut a = RawClient::hello(addr, "node-a", "");
-    assert_eq!(status(&a.call(Request::VolumeCreate { name: name("v"), size: 4 << 20 })), Status::Ok);
+    assert_eq!(
+        status(&a.call(Request::VolumeCreate { name: name("v"), size: 4 << 20, labels: Labels::new() })),
+        Status::Ok
+    );
     let ha = open(&mut a, "v");
     // 64 writes pipelined, then a FLUSH, then 64 reads: every reply arrives, matched by id.
     let mut ids = std::collections::HashSet::new();

@@ -13,6 +13,7 @@ fn json(v: &VolumeInfo) -> serde_json::Value {
         "created_unix_ms": v.created_unix_ms,
         "generation": v.generation,
         "owner": v.owner.as_ref().map(|o| o.as_str()),
+        "labels": v.labels,
     })
 }
 
@@ -51,6 +52,9 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("size:       {} ({} bytes)", format_size(v.size), v.size);
                 println!("allocated:  {} ({} bytes)", format_size(v.allocated), v.allocated);
                 println!("writer:     {}", v.owner.as_ref().map(|o| o.as_str()).unwrap_or("-"));
+                for (k, val) in &v.labels {
+                    println!("label:      {k}={val:?}");
+                }
                 println!("generation: {}", v.generation);
                 println!("created:    {} ms since the epoch", v.created_unix_ms);
             }

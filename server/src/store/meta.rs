@@ -31,6 +31,9 @@ pub struct VolumeMeta {
     pub generation: u64,
     /// Node id holding the writer attachment.
     pub owner: Option<String>,
+    /// Set at creation (VOLUME_CREATE labels); absent in metadata written before labels existed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: ferrovol_proto::Labels,
 }
 
 /// Nodes registered with this server (NODE_REGISTER): node id -> first registration, unix ms.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrovol_proto::limits::{LIST_ENTRIES_MAX, VOLUME_SIZE_ALIGN, VOLUME_SIZE_MAX};
-use ferrovol_proto::{NodeId, VolumeInfo, VolumeName};
+use ferrovol_proto::{Labels, NodeId, VolumeInfo, VolumeName};
 use tracing::{info, warn};
 
 use self::meta::*;
@@ -171,8 +171,9 @@ impl Store {
 
     /// Creates a volume: built under a temporary name, then renamed into place, so a crash never leaves
     /// a half-made volume under its real name.
-    pub fn create(&self, name: &VolumeName, size: u64) -> StoreResult<VolumeInfo> {
+    pub fn create(&self, name: &VolumeName, size: u64, labels: &Labels) -> StoreResult<VolumeInfo> {
         validate_size(size)?;
+        ferrovol_proto::validate_labels(labels)?;
         let mut vols = self.lock();
         if let Some(existing) = vols.get(name) {
             let _ = existing;
@@ -193,6 +194,7 @@ impl Store {
                 created_unix_ms: now_unix_ms(),
                 generation: 0,
                 owner: None,
+                labels: labels.clone(),
             };
             write_meta(&tmp, &meta)?;
             Ok(meta)
@@ -364,11 +366,17 @@ mod tests {
     fn create_list_resize_delete_persist() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("a"), 1 << 20).unwrap();
-        store.create(&name("b"), 8192).unwrap();
-        assert!(matches!(store.create(&name("a"), 1 << 20), Err(StoreError::AlreadyExists(_))));
-        assert!(matches!(store.create(&name("c"), 1000), Err(StoreError::InvalidArgument(_))));
-        assert!(matches!(store.create(&name("c"), 0), Err(StoreError::InvalidArgument(_))));
+        store.create(&name("a"), 1 << 20, &Labels::new()).unwrap();
+        store.create(&name("b"), 8192, &Labels::new()).unwrap();
+        assert!(matches!(
+            store.create(&name("a"), 1 << 20, &Labels::new()),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.create(&name("c"), 1000, &Labels::new()),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        assert!(matches!(store.create(&name("c"), 0, &Labels::new()), Err(StoreError::InvalidArgument(_))));
         let (l, more) = store.list(None, 1);
         assert_eq!((l.len(), more, l[0].name.as_str()), (1, true, "a"));
         let (l, more) = store.list(Some(&name("a")), 10);
@@ -402,7 +410,7 @@ mod tests {
         assert!(matches!(store.node_stat(&a), Err(StoreError::NodeNotFound(_))));
         let t = store.node_register(&a).unwrap();
         assert_eq!(store.node_register(&a).unwrap(), t, "registering again keeps the first time");
-        store.create(&name("v"), 1 << 30).unwrap();
+        store.create(&name("v"), 1 << 30, &Labels::new()).unwrap();
         let st = store.stat().unwrap();
         assert_eq!((st.provisioned_bytes, st.volumes), (1 << 30, 1));
         assert!(st.total_bytes >= st.free_bytes && st.total_bytes > 0);
@@ -415,7 +423,7 @@ mod tests {
     fn fencing_and_ranges() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 8192).unwrap();
+        store.create(&name("v"), 8192, &Labels::new()).unwrap();
         let v = store.get(&name("v")).unwrap();
         let a = NodeId::try_from("a").unwrap();
         let b = NodeId::try_from("b").unwrap();

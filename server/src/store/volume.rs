@@ -195,6 +195,7 @@ impl Volume {
             created_unix_ms: meta.created_unix_ms,
             generation: meta.generation,
             owner: meta.owner.as_deref().and_then(|o| NodeId::try_from(o).ok()),
+            labels: meta.labels.clone(),
         }
     }
 
