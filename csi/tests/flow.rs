@@ -693,6 +693,12 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
         volume_capability: Some(c.clone()),
         ..Default::default()
     };
+    // Two stages of one volume at once (attach + mkfs take a while): one runs, the other is ABORTED
+    // (the CO retries it); the retry then finds the volume staged.
+    let (mut n1, mut n2) = (a.node.clone(), a.node.clone());
+    let (r1, r2) = tokio::join!(n1.node_stage_volume(stage.clone()), n2.node_stage_volume(stage.clone()));
+    let aborted = [&r1, &r2].iter().filter(|r| r.as_ref().is_err_and(|e| e.code() == Code::Aborted)).count();
+    assert!(aborted == 1 && (r1.is_ok() || r2.is_ok()), "{r1:?} {r2:?}");
     a.node.node_stage_volume(stage.clone()).await.unwrap();
     a.node.node_publish_volume(node_publish.clone()).await.unwrap();
     std::fs::write(target.join("before"), b"1").unwrap();
