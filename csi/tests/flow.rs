@@ -797,3 +797,130 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     b_vol.flush().await.unwrap();
     assert_eq!(&b_vol.read_at(0, 8).await.unwrap()[..], b"now mine");
 }
+
+/// The attach process of a staged volume dies (its FUSE file then answers ENOTCONN): the volume
+/// condition says so, a new stage says what to do, and unpublish + unstage still take everything down
+/// (a broken mount is still a mount, never "gone") without losing what was fsynced; staging again
+/// brings the data back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_attach_process_is_reported_and_cleaned_up() {
+    if !privileged("dead_attach_process_is_reported_and_cleaned_up") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let mut p = Plugin::start(dir.path(), &server.addr.to_string(), "node-a", "all").await;
+    p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    let id = p
+        .controller
+        .create_volume(create_req("crashy", 32 << 20, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let c = cap(false, Mode::SingleNodeWriter);
+    let ctx = p
+        .controller
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            volume_capability: Some(c.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
+    let stage = NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    let publish = NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        publish_context: ctx,
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    p.node.node_stage_volume(stage.clone()).await.unwrap();
+    // The capability's mount flags reach the staging mount.
+    let opts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = opts.lines().find(|l| l.split(' ').nth(4) == Some(staging.to_str().unwrap())).unwrap();
+    assert!(line.split(' ').nth(5).unwrap().split(',').any(|o| o == "noatime"), "{line}");
+    p.node.node_publish_volume(publish.clone()).await.unwrap();
+    std::fs::write(target.join("kept"), b"fsynced before the crash").unwrap();
+    std::fs::File::open(target.join("kept")).unwrap().sync_all().unwrap();
+
+    // kill -9 the attach process.
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(format!("state-node-a/volumes/{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pid = record["attach_pid"].as_u64().unwrap();
+    // SAFETY: kill(2) with a pid we started and a valid signal.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let image = dir.path().join(format!("state-node-a/images/{id}.img"));
+    while std::fs::metadata(&image).is_ok() {
+        assert!(Instant::now() < deadline, "the FUSE file still answers after its process died");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stats = p
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    match stats {
+        Ok(s) => assert!(s.into_inner().volume_condition.unwrap().abnormal, "a dead attach must be abnormal"),
+        Err(e) => assert_eq!(e.code(), Code::Internal, "{e:?}"),
+    }
+    let again = p.node.node_stage_volume(stage.clone()).await.unwrap_err();
+    assert!(again.message().contains("unstage and stage again"), "{again:?}");
+
+    p.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    p.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+    assert!(!is_mounted(&target) && !is_mounted(&staging) && !is_mounted(&image));
+
+    // Stage again: a new attach process, and the fsynced file is there.
+    p.node.node_stage_volume(stage).await.unwrap();
+    p.node.node_publish_volume(publish).await.unwrap();
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
+    p.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    p.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+}
