@@ -149,8 +149,15 @@ impl Filesystem for BlockFile {
         if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        // Direct writes to the one file may run in parallel (without this the kernel serialises them).
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+        // An O_DIRECT open (fio --direct=1, a loop device with direct-io) gets FOPEN_DIRECT_IO: only on
+        // that path does the kernel honour FOPEN_PARALLEL_DIRECT_WRITES and let direct writes to the
+        // one file run in parallel; through the page-cache path it takes the inode lock for each one,
+        // which serialised them. Buffered opens keep the page cache.
+        let mut fopen = FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        if flags.0 & libc::O_DIRECT != 0 {
+            fopen |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        reply.opened(FileHandle(0), fopen);
     }
 
     fn read(
