@@ -93,6 +93,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send +
         .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(format!("storage task failed: {e}")))))
 }
 
+/// Makes `vol` durable, then answers `reply`: inline while its fdatasyncs are fast (tmpfs, an idle
+/// fast disk), else on the blocking pool.
+fn durable(id: RequestId, op: Opcode, vol: Arc<Volume>, reply: Reply) -> Outcome {
+    if vol.flush_is_fast() {
+        return Outcome::Reply(done(id, op, vol.flush().map(|()| reply)));
+    }
+    Outcome::Later(Box::pin(async move {
+        let r = blocking(move || vol.flush()).await;
+        done(id, op, r.map(|()| reply))
+    }))
+}
+
 /// A control operation on the store, run on the blocking pool (it fsyncs metadata).
 async fn store_op<T: Send + 'static>(
     ctx: &Context,
@@ -204,13 +216,7 @@ impl Session {
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Flush { handle } => match self.handle_of(handle) {
-                Ok(h) => {
-                    let vol = h.vol.clone();
-                    Outcome::Later(Box::pin(async move {
-                        let r = blocking(move || vol.flush()).await;
-                        done(id, op, r.map(|()| Reply::Done))
-                    }))
-                }
+                Ok(h) => durable(id, op, h.vol.clone(), Reply::Done),
                 Err(e) => Outcome::Reply(err(id, op, &e)),
             },
         }
@@ -299,10 +305,7 @@ impl Session {
         fua: bool,
     ) -> Outcome {
         match r {
-            Ok(vol) if fua => Outcome::Later(Box::pin(async move {
-                let r = blocking(move || vol.flush()).await;
-                done(id, op, r.map(|()| Reply::Done))
-            })),
+            Ok(vol) if fua => durable(id, op, vol, Reply::Done),
             Ok(_) => Outcome::Reply(Response::ok(id, op, Reply::Done)),
             Err(e) => Outcome::Reply(self.logged(err(id, op, &e), handle)),
         }

@@ -32,7 +32,14 @@ pub struct Volume {
     owner: RwLock<Option<String>>,
     /// Connections that have this volume OPEN (delete refuses while > 0).
     pub(crate) opens: AtomicU32,
+    /// Recent fdatasync time (ns, moving average): decides whether a FLUSH runs inline.
+    flush_ns: AtomicU64,
 }
+
+/// A FLUSH whose recent fdatasyncs took less than this runs inline on the connection's thread (two
+/// thread wakeups saved, tens of microseconds each here); slower ones go to the blocking pool so a
+/// long sync never stalls the connection.
+const INLINE_FLUSH_NS: u64 = 100_000;
 
 /// The mapping as an owner for `Bytes::from_owner`.
 struct MapOwner(Mmap);
@@ -85,6 +92,8 @@ impl Volume {
             owner: RwLock::new(meta.owner.clone()),
             meta: Mutex::new(meta),
             opens: AtomicU32::new(0),
+            // Starts just above the limit: the first flushes go to the pool and are measured.
+            flush_ns: AtomicU64::new(2 * INLINE_FLUSH_NS),
         })
     }
 
@@ -140,7 +149,18 @@ impl Volume {
 
     /// Makes every acknowledged write durable (fdatasync).
     pub fn flush(&self) -> StoreResult<()> {
-        self.file.sync_data().map_err(io_err)
+        let t = std::time::Instant::now();
+        let r = self.file.sync_data().map_err(io_err);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // Moving average, 1/4 weight for the new sample.
+        let old = self.flush_ns.load(Ordering::Relaxed);
+        self.flush_ns.store(old - old / 4 + ns / 4, Ordering::Relaxed);
+        r
+    }
+
+    /// Whether recent flushes were fast enough to run inline (see `INLINE_FLUSH_NS`).
+    pub fn flush_is_fast(&self) -> bool {
+        self.flush_ns.load(Ordering::Relaxed) < INLINE_FLUSH_NS
     }
 
     /// Deallocates a range: it reads back as zeros and stops counting as allocated.
