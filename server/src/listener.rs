@@ -40,7 +40,7 @@ impl ServerConfig {
             listen,
             token: None,
             handshake_timeout: Duration::from_secs(10),
-            poll: Duration::from_micros(50),
+            poll: Duration::from_micros(300),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         }
     }

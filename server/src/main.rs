@@ -30,9 +30,10 @@ struct Args {
     /// Seconds a new connection has to complete the handshake.
     #[arg(long, default_value_t = 10)]
     handshake_timeout_s: u64,
-    /// Microseconds a connection keeps polling for its next request before its thread sleeps: trades a
-    /// little CPU for latency at low queue depth. 0 disables.
-    #[arg(long, default_value_t = 50)]
+    /// Microseconds a connection polls for its next request before its thread sleeps, when its recent
+    /// requests came at most that far apart (an idle connection does not poll): trades CPU for the
+    /// latency of a thread wakeup. 0 disables.
+    #[arg(long, default_value_t = 300)]
     poll_us: u64,
     /// Connection threads (default: the number of CPUs).
     #[arg(long)]
