@@ -312,3 +312,29 @@ pub async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod spin_tests {
+    use super::*;
+
+    #[test]
+    fn polls_only_while_requests_come_close_together() {
+        let max = Duration::from_micros(300);
+        let mut s = Spin::new(max);
+        assert_eq!(s.window(), Duration::ZERO, "a new connection does not poll");
+        for _ in 0..4 {
+            s.observe(Duration::from_micros(120));
+        }
+        assert_eq!(s.window(), max, "requests ~120 us apart: poll");
+        // A long idle period is capped, so it switches polling off after a few, not forever.
+        for _ in 0..4 {
+            s.observe(Duration::from_secs(10));
+        }
+        assert_eq!(s.window(), Duration::ZERO, "idle: no polling");
+        for _ in 0..6 {
+            s.observe(Duration::from_micros(50));
+        }
+        assert_eq!(s.window(), max, "busy again after a few quick requests");
+        assert_eq!(Spin::new(Duration::ZERO).window(), Duration::ZERO);
+    }
+}
