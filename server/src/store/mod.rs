@@ -420,20 +420,6 @@ mod tests {
     }
 
     #[test]
-    fn flushes_go_inline_once_they_prove_fast() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 1 << 20, &Labels::new()).unwrap();
-        let v = store.get(&name("v")).unwrap();
-        assert!(!v.flush_is_fast(), "a new volume's first flushes are measured on the pool");
-        // fdatasync of a file with nothing dirty is quick on any filesystem.
-        for _ in 0..20 {
-            v.flush().unwrap();
-        }
-        assert!(v.flush_is_fast());
-    }
-
-    #[test]
     fn fencing_and_ranges() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

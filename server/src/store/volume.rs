@@ -41,6 +41,12 @@ pub struct Volume {
 /// long sync never stalls the connection.
 const INLINE_FLUSH_NS: u64 = 100_000;
 
+/// Moving average of sync times: 1/4 weight for the new sample, which is capped at 10x the inline
+/// limit so one very slow sync is forgotten after a few fast ones.
+fn next_average(old: u64, sample_ns: u64) -> u64 {
+    old - old / 4 + sample_ns.min(10 * INLINE_FLUSH_NS) / 4
+}
+
 /// The mapping as an owner for `Bytes::from_owner`.
 struct MapOwner(Mmap);
 
@@ -152,9 +158,8 @@ impl Volume {
         let t = std::time::Instant::now();
         let r = self.file.sync_data().map_err(io_err);
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        // Moving average, 1/4 weight for the new sample.
         let old = self.flush_ns.load(Ordering::Relaxed);
-        self.flush_ns.store(old - old / 4 + ns / 4, Ordering::Relaxed);
+        self.flush_ns.store(next_average(old, ns), Ordering::Relaxed);
         r
     }
 
@@ -290,5 +295,26 @@ impl Volume {
         self.publish_owner(None);
         *meta = next;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+
+    #[test]
+    fn inline_only_while_recent_syncs_were_fast() {
+        let mut avg = 2 * INLINE_FLUSH_NS; // a new volume
+        assert!(avg >= INLINE_FLUSH_NS);
+        for _ in 0..4 {
+            avg = next_average(avg, 5_000); // tmpfs: microseconds
+        }
+        assert!(avg < INLINE_FLUSH_NS, "fast syncs go inline after a few");
+        avg = next_average(avg, 3_000_000_000); // one 3 s sync (a disk under writeback)
+        assert!(avg >= INLINE_FLUSH_NS, "a slow sync sends the next ones to the pool at once");
+        for _ in 0..12 {
+            avg = next_average(avg, 5_000);
+        }
+        assert!(avg < INLINE_FLUSH_NS, "and it is forgotten after fast ones");
     }
 }
