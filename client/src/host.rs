@@ -1,9 +1,9 @@
 //! Host helpers shared by the node-side tools (`ferrovol attach`/`up` and the CSI node plugin): the
 //! mount table, unmounting, loop devices, and running system tools with their errors kept.
 
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// What is mounted at a path: its filesystem type and source, from `/proc/self/mountinfo`.
@@ -90,6 +90,44 @@ pub fn run(cmd: &mut Command) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Starts `cmd` in a session of its own (so it outlives the caller, its terminal and a `kill -9` of
+/// it) with stdout piped, and waits up to `timeout` for the line `ready`. Returns the running child;
+/// otherwise the child is stopped and reaped, and the error says whether it exited or timed out.
+/// The caller sets stderr (a log file) and cleans up what the child may have left (a mount).
+pub fn spawn_until_ready(cmd: &mut Command, timeout: Duration) -> io::Result<Child> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and only detaches the child from our session and terminal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout from the child"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let outcome = rx.recv_timeout(timeout);
+    if matches!(&outcome, Ok(line) if line.trim() == "ready") {
+        return Ok(child);
+    }
+    // Anything but `ready` (EOF, another line, silence): stop it, so nothing half-started stays.
+    let _ = child.kill();
+    let status = child.wait()?;
+    Err(match outcome {
+        Ok(_) => io::Error::other(format!("it exited before it was ready ({status})")),
+        Err(_) => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("it was not ready within {timeout:?}; stopped it"),
+        ),
+    })
+}
+
 /// Finds a system tool in PATH or the usual sbin directories.
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -160,6 +198,18 @@ pub fn is_broken_mount_error(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spawn_until_ready_reports_ready_exit_and_silence() {
+        let t = Duration::from_secs(5);
+        let mut ok = spawn_until_ready(Command::new("sh").args(["-c", "echo ready; sleep 0.2"]), t).unwrap();
+        assert!(ok.wait().unwrap().success());
+        let exited = spawn_until_ready(Command::new("sh").args(["-c", "echo nope"]), t).unwrap_err();
+        assert!(exited.to_string().contains("exited before it was ready"), "{exited}");
+        let silent =
+            spawn_until_ready(Command::new("sleep").arg("30"), Duration::from_millis(200)).unwrap_err();
+        assert_eq!(silent.kind(), io::ErrorKind::TimedOut);
+    }
 
     #[test]
     fn unescapes_mountinfo_fields() {

@@ -8,9 +8,8 @@
 //! mounted, never "gone".
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,50 +143,27 @@ impl Inner {
             .arg("--path")
             .arg(&st.image)
             .env("FERROVOL_TOKEN", &c.token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(log);
         if st.read_only {
             cmd.arg("--read-only");
         }
-        // SAFETY: setsid is async-signal-safe; it makes the attach process a session of its own, so a
-        // restart (or kill -9) of this plugin does not take the volume's FUSE file down with it.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| internal("cannot start the attach process", e))?;
-        let stdout =
-            child.stdout.take().ok_or_else(|| Status::internal("no stdout from the attach process"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(ATTACH_READY_TIMEOUT) {
-            Ok(line) if line.trim() == "ready" => {
+        // Its own session: a restart (or kill -9) of this plugin does not take the FUSE file down.
+        match host::spawn_until_ready(&mut cmd, ATTACH_READY_TIMEOUT) {
+            Ok(mut child) => {
                 st.attach_pid = Some(child.id());
                 info!(volume = %st.volume_id, pid = child.id(), image = %st.image.display(), "attached");
                 // Reap it when it exits, so no zombie stays behind while this plugin runs.
                 std::thread::spawn(move || child.wait());
                 Ok(())
             }
-            other => {
-                if other.is_err() {
-                    let _ = child.kill();
-                }
-                let status = child.wait();
+            Err(e) => {
                 if mount_at(&st.image).is_some() {
                     let _ = host::unmount(&st.image);
                 }
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-                Err(Status::internal(format!("attach of {} failed ({status:?}): {tail}", st.volume_id)))
+                Err(Status::internal(format!("attach of {} failed: {e}: {tail}", st.volume_id)))
             }
         }
     }

@@ -1,8 +1,7 @@
 //! `ferrovol attach NAME PATH` and `ferrovol detach PATH`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -89,31 +88,9 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
     let log =
         std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.args(&args)
-        .env(NOTIFY_ENV, "1")
-        .env(LOG_ENV, &log_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe and only detaches the child from our session and terminal, so
-    // it survives the shell that started it.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("cannot start the attach process")?;
-    let stdout = child.stdout.take().context("no stdout from the attach process")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(line) if line.trim() == "ready" => {
+    cmd.args(&args).env(NOTIFY_ENV, "1").env(LOG_ENV, &log_path).stderr(log);
+    match host::spawn_until_ready(&mut cmd, READY_TIMEOUT) {
+        Ok(child) => {
             println!(
                 "attached volume {name} at {} (pid {}, log {}); detach with `ferrovol detach {0}`",
                 path.display(),
@@ -122,20 +99,14 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Ok(_) => {
-            let status = child.wait()?;
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let _ = std::fs::remove_file(&log_path);
-            eprint!("{log}");
-            bail!("attach failed ({status})")
-        }
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
+        Err(e) => {
             if mounted_fstype(path).is_some() {
                 let _ = unmount(path);
             }
-            bail!("the mount was not ready within {READY_TIMEOUT:?}; gave up")
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let _ = std::fs::remove_file(&log_path);
+            eprint!("{log}");
+            bail!("attach failed: {e}")
         }
     }
 }
