@@ -11,6 +11,8 @@ use std::time::Duration;
 pub struct MountEntry {
     pub fstype: String,
     pub source: String,
+    /// The per-mount options (`ro`/`rw`, `noatime`...).
+    pub options: Vec<String>,
 }
 
 /// Undoes the octal escapes mountinfo uses for blanks and backslashes.
@@ -33,6 +35,7 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
         Some(MountEntry {
             fstype: (*fields.get(dash + 1)?).to_owned(),
             source: unescape(fields.get(dash + 2)?),
+            options: fields.get(5)?.split(',').map(str::to_owned).collect(),
         })
     })
 }

@@ -126,8 +126,14 @@ pub struct Access {
     pub reader_only: bool,
 }
 
-/// Checks one capability: an access type, a mode we serve, a filesystem we can make.
+/// Checks one capability: an access type, a mode we serve, a filesystem we can make (ext4 when the
+/// capability names none).
 pub fn check_capability(cap: &VolumeCapability) -> Result<Access, String> {
+    check_capability_or(cap, "ext4")
+}
+
+/// [`check_capability`], with `default_fs` for a mount capability that names no filesystem.
+pub fn check_capability_or(cap: &VolumeCapability, default_fs: &str) -> Result<Access, String> {
     let mode = cap
         .access_mode
         .as_ref()
@@ -149,7 +155,7 @@ pub fn check_capability(cap: &VolumeCapability) -> Result<Access, String> {
             Ok(Access { block: true, fs_type: String::new(), mount_flags: vec![], reader_only })
         }
         AccessType::Mount(m) => {
-            let fs_type = if m.fs_type.is_empty() { "ext4".to_owned() } else { m.fs_type.clone() };
+            let fs_type = if m.fs_type.is_empty() { default_fs.to_owned() } else { m.fs_type.clone() };
             if !FS_TYPES.contains(&fs_type.as_str()) {
                 return Err(format!("fs_type {fs_type:?} is not supported (one of {FS_TYPES:?})"));
             }

@@ -20,7 +20,7 @@ use ferrovol_proto::csi::{self as pb, NodeServiceCapability};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::controller::{check_capability, require, status_of, volume_id, Access};
+use crate::controller::{check_capability, check_capability_or, require, status_of, volume_id, Access};
 use crate::locks::VolumeLocks;
 use crate::state::{Staged, StateDir};
 use crate::{Config, ServerLink, TOPOLOGY_KEY};
@@ -372,7 +372,7 @@ impl Inner {
         let read_only = read_only || st.read_only;
         if let Some(m) = mount_at(&target) {
             if st.targets.contains(&target) {
-                let is_ro = mount_options(&target).iter().any(|o| o == "ro");
+                let is_ro = m.options.iter().any(|o| o == "ro");
                 if is_ro == read_only {
                     return Ok(());
                 }
@@ -504,18 +504,6 @@ impl Inner {
     }
 }
 
-/// The options of the mount at `path` (the per-mount ones: ro/rw...).
-fn mount_options(path: &Path) -> Vec<String> {
-    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .rev()
-        .find(|l| l.split(' ').nth(4).map(Path::new) == Some(target.as_path()))
-        .and_then(|l| l.split(' ').nth(5))
-        .map(|o| o.split(',').map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
 /// linux/capability.h: needed by ext4's online resize.
 const CAP_SYS_RESOURCE: u32 = 24;
 
@@ -569,16 +557,10 @@ impl Node for NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        let mut access = check_capability(cap).map_err(Status::invalid_argument)?;
-        if let Some(fs) = req.volume_context.get(crate::controller::PARAM_FS_TYPE) {
-            if !access.block
-                && cap.access_type.as_ref().is_some_and(
-                    |t| matches!(t, pb::volume_capability::AccessType::Mount(m) if m.fs_type.is_empty()),
-                )
-            {
-                access.fs_type = fs.clone();
-            }
-        }
+        // A mount capability without fs_type takes the StorageClass's fsType (volume_context).
+        let default_fs =
+            req.volume_context.get(crate::controller::PARAM_FS_TYPE).map_or("ext4", String::as_str);
+        let access = check_capability_or(cap, default_fs).map_err(Status::invalid_argument)?;
         let name = volume_id(&req.volume_id)?;
         let read_only =
             access.reader_only || req.publish_context.get("readonly").is_some_and(|v| v == "true");

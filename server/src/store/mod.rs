@@ -317,7 +317,7 @@ impl Store {
         let frsize = st.f_frsize;
         let (provisioned_bytes, volumes) = {
             let map = self.lock();
-            (map.values().map(|v| v.info().size).sum(), map.len() as u64)
+            (map.values().map(|v| v.size()).sum(), map.len() as u64)
         };
         Ok(ferrovol_proto::StoreStat {
             total_bytes: st.f_blocks.saturating_mul(frsize),
