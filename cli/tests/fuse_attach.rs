@@ -15,21 +15,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::TestServer;
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    if root && fuse {
-        return true;
-    }
-    let why = format!("{test} needs root and /dev/fuse (root: {root}, /dev/fuse: {fuse})");
-    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
-        panic!("{why}");
-    }
-    println!("FERROVOL-SKIPPED: {why}");
-    false
-}
+use ferrovol_server::testing::privileged;
 
 fn ferrovol(server: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferrovol"))
@@ -112,7 +98,7 @@ fn read_all(path: &Path, len: usize) -> Vec<u8> {
 
 #[test]
 fn write_read_detach_reattach_crash() {
-    if !privileged("write_read_detach_reattach_crash") {
+    if !privileged("write_read_detach_reattach_crash", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +174,7 @@ fn write_read_detach_reattach_crash() {
 
 #[test]
 fn read_only_and_mount_errors() {
-    if !privileged("read_only_and_mount_errors") {
+    if !privileged("read_only_and_mount_errors", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +231,7 @@ fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn server_lost_is_eio_after_the_timeout_and_sigterm_detaches() {
-    if !privileged("server_lost_is_eio_after_the_timeout_and_sigterm_detaches") {
+    if !privileged("server_lost_is_eio_after_the_timeout_and_sigterm_detaches", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -11,26 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    let tools = ["losetup", "mkfs.ext4", "fsck.ext4"]
-        .iter()
-        .all(|t| ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(t).exists()));
-    if root && fuse && tools {
-        return true;
-    }
-    let why = format!(
-        "{test} needs root, /dev/fuse, losetup and e2fsprogs (root {root}, fuse {fuse}, tools {tools})"
-    );
-    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
-        panic!("{why}");
-    }
-    println!("FERROVOL-SKIPPED: {why}");
-    false
-}
+use ferrovol_server::testing::privileged;
 
 fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = std::fs::canonicalize(path) else { return false };
@@ -106,7 +87,7 @@ fn stop(mut child: Child, mount: &Path) {
 
 #[test]
 fn up_twice_keeps_files_and_fsck_is_clean() {
-    if !privileged("up_twice_keeps_files_and_fsck_is_clean") {
+    if !privileged("up_twice_keeps_files_and_fsck_is_clean", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -182,7 +163,7 @@ fn up_twice_keeps_files_and_fsck_is_clean() {
 /// that backs it, stays up); once it is free, the next Ctrl-C tears down cleanly.
 #[test]
 fn busy_mount_is_kept_until_free() {
-    if !privileged("busy_mount_is_kept_until_free") {
+    if !privileged("busy_mount_is_kept_until_free", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

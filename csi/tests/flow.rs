@@ -16,28 +16,9 @@ use ferrovol_proto::csi::node_client::NodeClient;
 use ferrovol_proto::csi::volume_capability::access_mode::Mode;
 use ferrovol_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use ferrovol_proto::csi::*;
-use ferrovol_server::testing::TestServer;
+use ferrovol_server::testing::{privileged, TestServer};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    let tools = ferrovol_client::host::which("losetup").is_some()
-        && ferrovol_client::host::which("mkfs.ext4").is_some();
-    if root && fuse && tools {
-        return true;
-    }
-    let why = format!(
-        "{test} needs root, /dev/fuse, losetup and e2fsprogs (root {root}, fuse {fuse}, tools {tools})"
-    );
-    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
-        panic!("{why}");
-    }
-    println!("FERROVOL-SKIPPED: {why}");
-    false
-}
 
 /// One ferrovol-csi process and gRPC clients on its socket.
 struct Plugin {
@@ -357,7 +338,7 @@ async fn full_flow(p: &mut Plugin, dir: &Path, block: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_order_mount_and_block() {
-    if !privileged("kubelet_order_mount_and_block") {
+    if !privileged("kubelet_order_mount_and_block", &["losetup", "mkfs.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -384,7 +365,7 @@ async fn kubelet_order_mount_and_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_fields_and_bad_input_are_invalid_argument() {
-    if !privileged("missing_fields_and_bad_input_are_invalid_argument") {
+    if !privileged("missing_fields_and_bad_input_are_invalid_argument", &["losetup", "mkfs.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -616,7 +597,7 @@ async fn missing_fields_and_bad_input_are_invalid_argument() {
 /// write through the server until A is unpublished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_between_two_nodes_and_a_plugin_restart() {
-    if !privileged("fencing_between_two_nodes_and_a_plugin_restart") {
+    if !privileged("fencing_between_two_nodes_and_a_plugin_restart", &["losetup", "mkfs.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -804,7 +785,7 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
 /// brings the data back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_attach_process_is_reported_and_cleaned_up() {
-    if !privileged("dead_attach_process_is_reported_and_cleaned_up") {
+    if !privileged("dead_attach_process_is_reported_and_cleaned_up", &["losetup", "mkfs.ext4"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

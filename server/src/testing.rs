@@ -70,3 +70,27 @@ impl Drop for TestServer {
         self.stop_now();
     }
 }
+
+/// Whether a privileged test can run: root, `/dev/fuse`, and each of `tools` on the usual paths.
+/// Otherwise it prints `FERROVOL-SKIPPED: ...` (which CI rejects) and returns false, or panics when
+/// `FERROVOL_REQUIRE_PRIVILEGED` is set.
+pub fn privileged(test: &str, tools: &[&str]) -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| !["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(t).exists()))
+        .collect();
+    if root && fuse && missing.is_empty() {
+        return true;
+    }
+    let why =
+        format!("{test} needs root, /dev/fuse and {tools:?} (root {root}, fuse {fuse}, missing {missing:?})");
+    if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
+        panic!("{why}");
+    }
+    println!("FERROVOL-SKIPPED: {why}");
+    false
+}
