@@ -19,11 +19,6 @@ const LOG_ENV: &str = "FERROVOL_ATTACH_LOG";
 /// How long `--background` waits for the mount.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The filesystem type and source of what is mounted exactly at `path`.
-pub fn mounted_fstype(path: &Path) -> Option<(String, String)> {
-    host::mount_at(path).map(|m| (m.fstype, m.source))
-}
-
 fn check_mount_point(path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -38,7 +33,7 @@ fn check_mount_point(path: &Path) -> anyhow::Result<()> {
     if !meta.is_file() {
         bail!("mount path {} is not a regular file (a block volume is mounted over a file)", path.display());
     }
-    if let Some((fstype, source)) = mounted_fstype(path) {
+    if let Some(host::MountEntry { fstype, source, .. }) = host::mount_at(path) {
         bail!("mount path {} is already a mount point ({fstype} {source}); detach it first", path.display());
     }
     Ok(())
@@ -100,7 +95,7 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            if mounted_fstype(path).is_some() {
+            if host::mount_at(path).is_some() {
                 let _ = unmount(path);
             }
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -117,7 +112,7 @@ fn is_root() -> bool {
 }
 
 pub fn detach(path: &Path) -> anyhow::Result<()> {
-    match mounted_fstype(path) {
+    match host::mount_at(path).map(|m| (m.fstype, m.source)) {
         Some((t, source)) if t.starts_with("fuse") && source.starts_with("ferrovol:") => {}
         Some((t, source)) => {
             bail!("{} is a {t} mount of {source}, not a ferrovol attachment", path.display())

@@ -15,12 +15,6 @@ use ferrovol_server::{Server, ServerConfig};
 
 use ferrovol_client::host::{self, unmount};
 
-use super::attach::mounted_fstype;
-
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    Ok(host::run(cmd)?)
-}
-
 /// One undo step.
 type Undo = Box<dyn FnMut() -> anyhow::Result<()>>;
 
@@ -84,7 +78,7 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
         }
     }
     std::fs::create_dir_all(mount).with_context(|| format!("cannot create {}", mount.display()))?;
-    if let Some((t, source)) = mounted_fstype(mount) {
+    if let Some(host::MountEntry { fstype: t, source, .. }) = host::mount_at(mount) {
         bail!(
             "{} is already a mount point ({t} {source}); is another `ferrovol up` running?",
             mount.display()
@@ -209,7 +203,7 @@ fn start(
     teardown.push(format!("detached {}", img.display()), move || {
         // Unmount first (fails with EBUSY, retryably, while something still has the file open), then
         // let the FUSE session end.
-        if mounted_fstype(&fuse_file).is_some() {
+        if host::mount_at(&fuse_file).is_some() {
             host::retry_busy(Duration::from_secs(2), || unmount(&fuse_file))
                 .with_context(|| format!("unmount {}", fuse_file.display()))?;
         }
@@ -231,7 +225,7 @@ fn start(
     match probe.status.code() {
         Some(0) => println!("fs:     found an existing filesystem on {loopdev}; not formatting"),
         Some(2) => {
-            run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", name.as_str(), &loopdev]))?;
+            host::run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", name.as_str(), &loopdev]))?;
             println!("fs:     {loopdev} was blank; created ext4");
         }
         _ => bail!("blkid -p {loopdev} failed: {}", String::from_utf8_lossy(&probe.stderr).trim()),
@@ -239,7 +233,7 @@ fn start(
 
     // 6. Mount.
     let mount_s = mount.to_string_lossy().into_owned();
-    run(Command::new("mount").args([loopdev.as_str(), &mount_s]))?;
+    host::run(Command::new("mount").args([loopdev.as_str(), &mount_s]))?;
     let target = mount.to_owned();
     teardown.push(format!("unmounted {}", mount.display()), move || umount_retry(&target));
     println!("mount:  {loopdev} on {} (ext4)", mount.display());
