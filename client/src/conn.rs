@@ -23,10 +23,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_response, Hello};
+use ferrovol_proto::io::{read_polling, write_all_vectored, Spin};
 use ferrovol_proto::limits::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use ferrovol_proto::opcode::FEATURES_ALL;
 use ferrovol_proto::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
@@ -635,43 +636,11 @@ impl Supervisor {
     }
 }
 
-async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
-    w: &mut W,
-    mut slices: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        let n = w.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
-}
-
-/// Reads into `buf`, first polling without sleeping for up to `spin` (yielding to other tasks in
-/// between): a reply due within microseconds then costs no thread wakeup (tens of microseconds on a VM).
-async fn read_polling(rd: &mut OwnedReadHalf, buf: &mut BytesMut, spin: Duration) -> std::io::Result<usize> {
-    if !spin.is_zero() {
-        let start = std::time::Instant::now();
-        loop {
-            match rd.try_read_buf(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-    rd.read_buf(buf).await
-}
-
 /// Reads replies and completes pending calls until the connection fails; returns why.
 async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -> String {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // Between calls (none pending) it polls only while calls follow each other closely.
+    let mut idle = Spin::new(poll);
     loop {
         loop {
             let raw = match split_response(&mut buf) {
@@ -718,9 +687,16 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        // Poll only while replies are awaited: an idle session costs no CPU.
-        let spin = if shared.state().pending.is_empty() { Duration::ZERO } else { poll };
-        match read_polling(&mut rd, &mut buf, spin).await {
+        // Poll while replies are awaited, and between calls that come close together (a FUSE file
+        // at queue depth 1): an idle session costs no CPU.
+        let waiting = !shared.state().pending.is_empty();
+        let spin = if waiting { poll } else { idle.window() };
+        let start = std::time::Instant::now();
+        let r = read_polling(&mut rd, &mut buf, spin).await;
+        if !waiting {
+            idle.observe(start.elapsed());
+        }
+        match r {
             Ok(0) => return "server closed the connection".into(),
             Ok(_) => {}
             Err(e) => return format!("read failed: {e}"),

@@ -25,8 +25,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// The longest any request waits for its answer, reconnects included; then the caller gets an error.
     pub io_timeout: Duration,
-    /// While replies are awaited, how long the reader polls the socket before its thread sleeps:
-    /// trades a little CPU for latency at low queue depth. Zero disables.
+    /// How long the reader polls the socket before its thread sleeps, while replies are awaited and
+    /// between calls that follow each other closely (`ferrovol_proto::io::Spin`): trades a little CPU
+    /// for latency at low queue depth. Zero disables.
     pub poll: Duration,
 }
 

@@ -3,9 +3,13 @@
 //! Pure code: frame headers ([`header`]), opcodes and status codes ([`opcode`]), the limits every
 //! length from the wire is checked against ([`limits`]), validated domain types ([`types`]) and the codec
 //! between `BytesMut` and typed messages ([`codec`]). No sockets; see `PROTOCOL.md` for the byte layout.
+//! The one exception is the optional [`io`] module (feature `io`): socket helpers the server and the
+//! client share.
 
 pub mod codec;
 pub mod header;
+#[cfg(feature = "io")]
+pub mod io;
 pub mod limits;
 pub mod opcode;
 pub mod types;

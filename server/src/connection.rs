@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferrovol_proto::codec::{split_request, FrameError};
+use ferrovol_proto::io::{write_all_vectored, Spin};
 use ferrovol_proto::limits::{IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX};
 use ferrovol_proto::{Request, RequestId, Response, ResponseFrame, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -218,123 +219,8 @@ pub fn tune_socket(stream: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
-/// How long a connection polls for its next request before its thread sleeps. A sleeping thread
-/// costs a wakeup when the request comes, measured at ~100 us on this VM. That is more than a
-/// whole 4 KiB round trip, and a chain of dependent requests (a filesystem journal commit: write,
-/// flush, write, flush) pays it at every step. So a connection whose recent requests came less than
-/// `max` apart polls for up to `max`. One whose requests come further apart (idle, or lightly used)
-/// does not poll at all, and costs no CPU.
-#[derive(Debug)]
-pub struct Spin {
-    max: Duration,
-    /// Moving average of the wait for the next request, in ns. Each sample is capped at 2 x `max`,
-    /// so one long idle period is forgotten after a few quick requests.
-    avg_wait_ns: u64,
-}
-
-impl Spin {
-    pub fn new(max: Duration) -> Self {
-        // Start idle: a new connection polls once its requests prove to come close together.
-        let max_ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-        Self { max, avg_wait_ns: max_ns.saturating_mul(2) }
-    }
-
-    fn window(&self) -> Duration {
-        if u128::from(self.avg_wait_ns) < self.max.as_nanos() {
-            self.max
-        } else {
-            Duration::ZERO
-        }
-    }
-
-    fn observe(&mut self, waited: Duration) {
-        let cap = self.max.as_nanos().saturating_mul(2);
-        let sample = u64::try_from(waited.as_nanos().min(cap)).unwrap_or(u64::MAX);
-        self.avg_wait_ns = self.avg_wait_ns - self.avg_wait_ns / 4 + sample / 4;
-    }
-
-    /// Reads the next bytes, polling first when recent requests came close together.
-    pub async fn read(
-        &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        buf: &mut BytesMut,
-    ) -> std::io::Result<usize> {
-        let start = std::time::Instant::now();
-        let r = read_polling(rd, buf, self.window()).await;
-        self.observe(start.elapsed());
-        r
-    }
-}
-
-/// Reads into `buf`. First polls without sleeping for up to `spin` (yielding to other tasks in between),
-/// because at low queue depth the next frame usually arrives within microseconds and parking the thread
-/// costs a wakeup (tens of microseconds on a VM); then waits normally.
-pub async fn read_polling(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-    spin: Duration,
-) -> std::io::Result<usize> {
-    if !spin.is_zero() {
-        let start = std::time::Instant::now();
-        loop {
-            match rd.try_read_buf(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-    rd.read_buf(buf).await
-}
-
 fn take_permits(requests: &Arc<Semaphore>, bytes: &Arc<Semaphore>, cost: u32) -> Option<Permits> {
     let r = requests.clone().try_acquire_owned().ok()?;
     let b = if cost > 0 { Some(bytes.clone().try_acquire_many_owned(cost).ok()?) } else { None };
     Some(Some((r, b)))
-}
-
-/// Writes every slice, resuming after partial writes: header and payload leave in one syscall when the
-/// socket has room, and the payload is never copied into a staging buffer.
-pub async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
-    w: &mut W,
-    mut slices: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        let n = w.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod spin_tests {
-    use super::*;
-
-    #[test]
-    fn polls_only_while_requests_come_close_together() {
-        let max = Duration::from_micros(300);
-        let mut s = Spin::new(max);
-        assert_eq!(s.window(), Duration::ZERO, "a new connection does not poll");
-        for _ in 0..4 {
-            s.observe(Duration::from_micros(120));
-        }
-        assert_eq!(s.window(), max, "requests ~120 us apart: poll");
-        // A long idle period is capped, so it switches polling off after a few, not forever.
-        for _ in 0..4 {
-            s.observe(Duration::from_secs(10));
-        }
-        assert_eq!(s.window(), Duration::ZERO, "idle: no polling");
-        for _ in 0..6 {
-            s.observe(Duration::from_micros(50));
-        }
-        assert_eq!(s.window(), max, "busy again after a few quick requests");
-        assert_eq!(Spin::new(Duration::ZERO).window(), Duration::ZERO);
-    }
 }
