@@ -64,7 +64,11 @@ impl Spin {
 /// waits for this very CPU, and a poller that kept it would delay the frame it polls for. With it,
 /// polling on both ends took 4 KiB random I/O at queue depth 1 through the FUSE file from ~20K to
 /// ~30K IOPS on 2 vCPUs; without it, client-side polling lost 20% there.
-pub async fn read_polling(rd: &mut OwnedReadHalf, buf: &mut BytesMut, spin: Duration) -> std::io::Result<usize> {
+pub async fn read_polling(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    spin: Duration,
+) -> std::io::Result<usize> {
     if !spin.is_zero() {
         let start = Instant::now();
         loop {
