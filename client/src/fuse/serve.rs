@@ -10,8 +10,13 @@ use tracing::info;
 use super::BlockFile;
 use crate::{ClientError, ConnectOptions, Session};
 
-/// FUSE request threads.
-const FUSE_THREADS: usize = 4;
+/// FUSE request threads: one per CPU, at least 2, at most 4. They only read requests and hand them to
+/// the runtime, so more than the CPUs only contend for the kernel's request queue lock: on 2 vCPUs, 2
+/// threads against 4 measured +12..18% at 4 KiB queue depth 16, +13% at queue depth 1 and +23% on the
+/// ext4 fsync job (A/B, 5 rounds, medians; 1 MiB within the noise: reads -10%, writes +15%).
+fn fuse_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4)
+}
 
 /// Why serving a volume stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +45,7 @@ pub fn config(name: &VolumeName, read_only: bool) -> Config {
         // Root mounts for others (kubelet, pods, loop devices opened by other processes).
         config.acl = SessionACL::All;
     }
-    config.n_threads = Some(FUSE_THREADS);
+    config.n_threads = Some(fuse_threads());
     config.clone_fd = true;
     config
 }
