@@ -7,7 +7,8 @@ Targets (all 1 GiB, data in RAM):
   bindfs:  bindfs over tmpfs (a FUSE passthrough: the FUSE ceiling on this machine)
 fio jobs (direct I/O): psync qd1 and libaio qd16 x {1 MiB seq read, 1 MiB seq write, 4 KiB rand read,
 4 KiB rand write}. File-system jobs, on ext4 over a loop device (direct-io) over ours and over nbdfuse:
-metadata (create, stat, delete 10,000 files) and fsync-heavy (create + 4 KiB write + fsync per file).
+metadata (create, stat, delete 10,000 files) and fsync-heavy (create + 4 KiB write + fsync per file), plus
+the same on a loop device over a plain tmpfs file (no FUSE, no network): the ceiling of those jobs.
 Targets alternate within each round, the order rotating every round; medians and ratios are printed,
 raw samples saved as JSON, and a PNG plot drawn (matplotlib, installed from PyPI when missing).
 
@@ -26,6 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 1 << 30
+FS_NAMES = ["ours", "nbdfuse", "local"]
 FIO_JOBS = [(eng, qd, rw, bs) for eng, qd in (("psync", 1), ("libaio", 16))
             for rw, bs in (("read", "1m"), ("write", "1m"), ("randread", "4k"), ("randwrite", "4k"))]
 
@@ -166,10 +168,13 @@ def main():
                 print(f"round {rnd + 1} {key:<26} " + "  ".join(f"{n} {samples[key][n][-1]:>9.0f}" for n in names),
                       flush=True)
 
-        # ext4 over a loop device over each block path.
+        # ext4 over a loop device over each block path, and over a plain tmpfs file (no FUSE, no
+        # network): the ceiling any block path could reach on these jobs.
         fs = {}
-        for n in ("ours", "nbdfuse"):
-            dev = sh("losetup", "--find", "--show", "--direct-io=on", targets[n])
+        fs_targets = dict(targets, local=f"{shm}/raw/local.img")
+        sh("truncate", "-s", str(SIZE), fs_targets["local"])
+        for n in FS_NAMES:
+            dev = sh("losetup", "--find", "--show", "--direct-io=on", fs_targets[n])
             loops.append(dev)
             sh("mkfs.ext4", "-q", "-F", dev)
             mnt = f"{shm}/ext4-{n}"
@@ -177,7 +182,7 @@ def main():
             sh("mount", dev, mnt)
             mounts.insert(0, mnt)
         for rnd in range(args.rounds):
-            for n in (("ours", "nbdfuse") if rnd % 2 == 0 else ("nbdfuse", "ours")):
+            for n in FS_NAMES[rnd % 3:] + FS_NAMES[:rnd % 3]:
                 m, s = fs_jobs(f"{shm}/ext4-{n}", args.files)
                 fs.setdefault(n, {"metadata": [], "fsync": []})
                 fs[n]["metadata"].append(m)
@@ -208,10 +213,15 @@ def main():
                      "ours_per_nbdfuse": o / nb, "ours_per_bindfs": o / bi})
         print(f"{key:<28} {unit:>6} {o:>9.0f} {nb:>9.0f} {bi:>9.0f} {o / nb:>12.2f}x {o / bi:>11.2f}x")
     for job, unit in (("metadata", "ops/s"), ("fsync", "files/s")):
-        o, nb = med(fs["ours"][job]), med(fs["nbdfuse"][job])
+        o, nb, lo = med(fs["ours"][job]), med(fs["nbdfuse"][job]), med(fs["local"][job])
         rows.append({"job": f"ext4 {job}", "unit": unit, "samples": {n: fs[n][job] for n in fs},
-                     "ours": o, "nbdfuse": nb, "ours_per_nbdfuse": o / nb})
+                     "ours": o, "nbdfuse": nb, "local": lo, "ours_per_nbdfuse": o / nb,
+                     "local_per_nbdfuse": lo / nb})
         print(f"{'ext4 ' + job:<28} {unit:>6} {o:>9.0f} {nb:>9.0f} {'-':>9} {o / nb:>12.2f}x {'-':>12}")
+    print("\next4 on a loop device over a plain tmpfs file (no FUSE, no network), the ceiling for any block path:")
+    for r in rows[-2:]:
+        print(f"{r['job']:<28} {r['unit']:>6} {r['local']:>9.0f}   = {r['local_per_nbdfuse']:.2f}x nbdfuse, "
+              f"ours at {r['ours'] / r['local']:.0%} of it")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"rounds": args.rounds, "runtime_s": args.runtime, "files": args.files, "results": rows}, f,
