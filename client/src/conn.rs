@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_response, Hello};
-use ferrovol_proto::io::{read_polling, write_all_vectored, Spin};
+use ferrovol_proto::io::{poll_for, read_polling, write_all_vectored, Spin};
 use ferrovol_proto::limits::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use ferrovol_proto::opcode::FEATURES_ALL;
 use ferrovol_proto::*;
@@ -136,6 +136,11 @@ struct Shared {
     /// `broken_generation` (a late signal about an old connection must not tear down a new one).
     broken: Notify,
     broken_generation: AtomicU64,
+    /// Signalled after a call is sent, so a reader asleep in a plain read (it had nothing to wait
+    /// for) goes back to polling: the reply then costs no wakeup of its thread.
+    sent: Notify,
+    /// The reader is asleep with nothing awaited, registered for `sent`.
+    reader_idle: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -301,6 +306,11 @@ impl ConnHandle {
         let (reply, rx) = oneshot::channel();
         if let Some(frame) = self.register(op, reply) {
             self.shared.submit([frame]).await;
+            // Wakes the reader only if it is asleep with nothing awaited (no permit is stored, so a
+            // busy reader never takes a stale one); a deep queue pays one atomic load per call.
+            if self.shared.reader_idle.load(Ordering::Acquire) {
+                self.shared.sent.notify_waiters();
+            }
         }
         rx.await.map_err(|_| ClientError::Closed)?
     }
@@ -425,6 +435,8 @@ pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, first: Established) 
         queue: Mutex::new(Vec::new()),
         wr: tokio::sync::Mutex::new(None),
         broken: Notify::new(),
+        sent: Notify::new(),
+        reader_idle: std::sync::atomic::AtomicBool::new(false),
         broken_generation: AtomicU64::new(0),
     });
     let (alive, closed) = oneshot::channel();
@@ -690,12 +702,38 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
         // Poll while replies are awaited, and between calls that come close together (a FUSE file
         // at queue depth 1): an idle session costs no CPU.
         let waiting = !shared.state().pending.is_empty();
-        let spin = if waiting { poll } else { idle.window() };
         let start = std::time::Instant::now();
-        let r = read_polling(&mut rd, &mut buf, spin).await;
-        if !waiting {
+        let r = if waiting {
+            read_polling(&mut rd, &mut buf, poll).await
+        } else {
+            let r = match poll_for(&mut rd, &mut buf, idle.window()).await {
+                Some(r) => r,
+                // Nothing awaited: sleep until data comes or a call is sent, then poll for its
+                // reply instead of sleeping through it. `read_buf` is cancel safe (losing the race
+                // reads nothing).
+                None => {
+                    let sent = shared.sent.notified();
+                    tokio::pin!(sent);
+                    // Registered before the flag is raised, so no call can slip between the two.
+                    sent.as_mut().enable();
+                    shared.reader_idle.store(true, Ordering::Release);
+                    let woke = tokio::select! {
+                        r = rd.read_buf(&mut buf) => Some(r),
+                        () = &mut sent => None,
+                    };
+                    shared.reader_idle.store(false, Ordering::Release);
+                    match woke {
+                        Some(r) => r,
+                        None => {
+                            idle.observe(start.elapsed());
+                            continue;
+                        }
+                    }
+                }
+            };
             idle.observe(start.elapsed());
-        }
+            r
+        };
         match r {
             Ok(0) => return "server closed the connection".into(),
             Ok(_) => {}

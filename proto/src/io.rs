@@ -69,22 +69,35 @@ pub async fn read_polling(
     buf: &mut BytesMut,
     spin: Duration,
 ) -> std::io::Result<usize> {
-    if !spin.is_zero() {
-        let start = Instant::now();
-        loop {
-            match rd.try_read_buf(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
-        }
+    match poll_for(rd, buf, spin).await {
+        Some(r) => r,
+        None => tokio::io::AsyncReadExt::read_buf(rd, buf).await,
     }
-    tokio::io::AsyncReadExt::read_buf(rd, buf).await
+}
+
+/// The polling half of [`read_polling`]: reads into `buf` if data comes within `spin`, else `None`
+/// (for a caller that then waits for data *or* something else).
+pub async fn poll_for(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    spin: Duration,
+) -> Option<std::io::Result<usize>> {
+    if spin.is_zero() {
+        return None;
+    }
+    let start = Instant::now();
+    loop {
+        match rd.try_read_buf(buf) {
+            Ok(n) => return Some(Ok(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if start.elapsed() >= spin {
+            return None;
+        }
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Writes every slice, resuming after partial writes: header and payload leave in one syscall when the
