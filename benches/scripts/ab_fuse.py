@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""A/B test of two builds through the FUSE file, side by side in one run (needs root).
+
+Each side gets its own ferrovol-server (data dir on tmpfs), its own 1 GiB volume attached with its own
+`ferrovol` binary, and, for the `fsync` job, its own 256 MiB volume with ext4 on a direct-io loop device.
+Jobs run one round at a time, A and B alternating (the order flips every round); medians, the ratio B/A
+and the raw samples are printed. Run it once with the same binary on both sides (an A/A run) to see
+the harness's own spread on the machine: on the 2 vCPU VM it was -12%..+5%.
+
+Jobs: ENGINE:QD:RW:BS fio jobs with direct I/O (e.g. psync:1:randread:4k, libaio:16:write:1m), and
+`fsync` (create + 4 KiB write + fsync per file, 400 files, on ext4).
+
+Usage: sudo benches/scripts/ab_fuse.py --a OLD/ferrovol --b NEW/ferrovol [--server-a S] [--server-b S]
+                                      [--rounds 5] [--runtime 3] [JOB ...]
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_JOBS = ["psync:1:randread:4k", "libaio:16:randwrite:4k", "libaio:16:read:1m", "fsync"]
+
+
+def sh(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def fio(path, job, runtime):
+    eng, qd, rw, bs = job.split(":")
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        sh("fio", "--name=j", f"--filename={path}", f"--ioengine={eng}", f"--iodepth={qd}", f"--rw={rw}",
+           f"--bs={bs}", "--direct=1", "--size=1g", "--time_based=1", f"--runtime={runtime}",
+           "--output-format=json", f"--output={out.name}")
+        j = json.load(open(out.name))["jobs"][0]
+    side = j["read"] if j["read"]["io_bytes"] else j["write"]
+    return side["bw"] / 1024.0 if bs.endswith("m") else side["iops"]
+
+
+def fsync_job(mnt, files=400):
+    d = os.path.join(mnt, "fsync")
+    os.makedirs(d, exist_ok=True)
+    block = os.urandom(4096)
+    t = time.perf_counter()
+    for i in range(files):
+        fd = os.open(os.path.join(d, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, block)
+        os.fsync(fd)
+        os.close(fd)
+    rate = files / (time.perf_counter() - t)
+    for i in range(files):
+        os.unlink(os.path.join(d, f"f{i}"))
+    return rate
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rel = os.path.join(ROOT, "target", "release")
+    ap.add_argument("--a", required=True, help="ferrovol binary of side A")
+    ap.add_argument("--b", required=True, help="ferrovol binary of side B")
+    ap.add_argument("--server-a", default=os.path.join(rel, "ferrovol-server"))
+    ap.add_argument("--server-b", default=os.path.join(rel, "ferrovol-server"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtime", type=float, default=3.0)
+    ap.add_argument("jobs", nargs="*", default=DEFAULT_JOBS)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (FUSE mounts, loop devices)")
+    for tool in ("fio", "losetup", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing (benches/scripts/compare_fuse.py installs it)")
+    shm = tempfile.mkdtemp(prefix="ferrovol-ab-", dir="/dev/shm")
+    sides = {"A": (args.a, args.server_a), "B": (args.b, args.server_b)}
+    procs, mounts, loops, files, ext4 = [], [], [], {}, {}
+    try:
+        for tag, (client, server) in sides.items():
+            srv = subprocess.Popen([server, "--data", f"{shm}/data-{tag}", "--listen", "127.0.0.1:0"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env=dict(os.environ, RUST_LOG="warn"))
+            procs.append(srv)
+            addr = srv.stdout.readline().strip().removeprefix("listening on ")
+            for vol, size in (("fio", "1GiB"), ("fs", "256MiB")):
+                sh(client, "volume", "create", vol, "--size", size, "--server", addr)
+                path = f"{shm}/{tag}-{vol}.img"
+                open(path, "w").close()
+                sh(client, "attach", vol, path, "--background", "--server", addr)
+                mounts.append(path)
+            files[tag] = f"{shm}/{tag}-fio.img"
+            sh("fio", "--name=fill", f"--filename={files[tag]}", "--rw=write", "--bs=1m", "--direct=1",
+               "--size=1g", "--ioengine=libaio", "--iodepth=8")
+            if "fsync" in args.jobs:
+                dev = sh("losetup", "--find", "--show", "--direct-io=on", f"{shm}/{tag}-fs.img")
+                loops.append(dev)
+                sh("mkfs.ext4", "-q", "-F", dev)
+                ext4[tag] = f"{shm}/{tag}-ext4"
+                os.makedirs(ext4[tag])
+                sh("mount", dev, ext4[tag])
+                mounts.insert(0, ext4[tag])
+        samples = {j: {"A": [], "B": []} for j in args.jobs}
+        for rnd in range(args.rounds):
+            for job in args.jobs:
+                for tag in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
+                    v = fsync_job(ext4[tag]) if job == "fsync" else fio(files[tag], job, args.runtime)
+                    samples[job][tag].append(v)
+            print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    finally:
+        for m in mounts:
+            subprocess.run(["umount", m], capture_output=True)
+            if m in ext4.values():
+                time.sleep(0.2)
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        time.sleep(0.5)
+        for m in mounts:
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        for p in procs:
+            p.terminate()
+            p.wait()
+        shutil.rmtree(shm, ignore_errors=True)
+    print(f"\n{'job':<26} {'A':>10} {'B':>10} {'B/A':>6}  samples")
+    for job, s in samples.items():
+        a, b = statistics.median(s["A"]), statistics.median(s["B"])
+        print(f"{job:<26} {a:>10.0f} {b:>10.0f} {b / a:>6.2f}  A={[round(x) for x in s['A']]} "
+              f"B={[round(x) for x in s['B']]}")
+
+
+if __name__ == "__main__":
+    main()
