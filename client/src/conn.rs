@@ -648,6 +648,27 @@ impl Supervisor {
     }
 }
 
+/// With nothing awaited: sleeps until data comes (`Some`) or a call is sent (`None`), so the reader
+/// can poll for that call's reply instead of sleeping through it. `read_buf` is cancel safe: losing
+/// the race reads nothing.
+async fn read_or_sent(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Option<std::io::Result<usize>> {
+    let sent = shared.sent.notified();
+    tokio::pin!(sent);
+    // Registered before the flag is raised, so no call can slip between the two.
+    sent.as_mut().enable();
+    shared.reader_idle.store(true, Ordering::Release);
+    let r = tokio::select! {
+        r = rd.read_buf(buf) => Some(r),
+        () = &mut sent => None,
+    };
+    shared.reader_idle.store(false, Ordering::Release);
+    r
+}
+
 /// Reads replies and completes pending calls until the connection fails; returns why.
 async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -> String {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -702,36 +723,17 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
         // Poll while replies are awaited, and between calls that come close together (a FUSE file
         // at queue depth 1): an idle session costs no CPU.
         let waiting = !shared.state().pending.is_empty();
-        let start = std::time::Instant::now();
         let r = if waiting {
             read_polling(&mut rd, &mut buf, poll).await
         } else {
+            let start = std::time::Instant::now();
             let r = match poll_for(&mut rd, &mut buf, idle.window()).await {
-                Some(r) => r,
-                // Nothing awaited: sleep until data comes or a call is sent, then poll for its
-                // reply instead of sleeping through it. `read_buf` is cancel safe (losing the race
-                // reads nothing).
-                None => {
-                    let sent = shared.sent.notified();
-                    tokio::pin!(sent);
-                    // Registered before the flag is raised, so no call can slip between the two.
-                    sent.as_mut().enable();
-                    shared.reader_idle.store(true, Ordering::Release);
-                    let woke = tokio::select! {
-                        r = rd.read_buf(&mut buf) => Some(r),
-                        () = &mut sent => None,
-                    };
-                    shared.reader_idle.store(false, Ordering::Release);
-                    match woke {
-                        Some(r) => r,
-                        None => {
-                            idle.observe(start.elapsed());
-                            continue;
-                        }
-                    }
-                }
+                Some(r) => Some(r),
+                None => read_or_sent(&mut rd, &mut buf, &shared).await,
             };
             idle.observe(start.elapsed());
+            // A call was sent: poll for its reply.
+            let Some(r) = r else { continue };
             r
         };
         match r {
