@@ -90,6 +90,24 @@ impl Plugin {
         }
     }
 
+    /// NodeUnpublish of `target`, then NodeUnstage of `staging`; both must succeed.
+    async fn unpublish_unstage(&mut self, id: &str, target: &Path, staging: &Path) {
+        self.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .unwrap();
+        self.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+    }
+
     /// kill -9 and start again with the same arguments.
     async fn restart_hard(mut self) -> Plugin {
         let mut child = self.child.take().unwrap();
@@ -181,6 +199,32 @@ fn inv<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
 
 fn is_mounted(path: &Path) -> bool {
     ferrovol_client::host::mount_at(path).is_some()
+}
+
+/// kubelet's NodeStage (at `staging`) and NodePublish (at `target`) requests for `id`.
+fn node_reqs(
+    id: &str,
+    ctx: &HashMap<String, String>,
+    c: &VolumeCapability,
+    staging: &Path,
+    target: &Path,
+) -> (NodeStageVolumeRequest, NodePublishVolumeRequest) {
+    let stage = NodeStageVolumeRequest {
+        volume_id: id.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    let publish = NodePublishVolumeRequest {
+        volume_id: id.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    (stage, publish)
 }
 
 /// Every RPC of the flow is sent twice: the second must succeed too and change nothing.
@@ -659,21 +703,7 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     let staging = dir.path().join("staging");
     let target = dir.path().join("target");
     std::fs::create_dir_all(&staging).unwrap();
-    let stage = NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
-    let node_publish = NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
+    let (stage, node_publish) = node_reqs(&id, &ctx, &c, &staging, &target);
     // Two stages of one volume at once (attach + mkfs take a while): one runs, the other is ABORTED
     // (the CO retries it); the retry then finds the volume staged.
     let (mut n1, mut n2) = (a.node.clone(), a.node.clone());
@@ -750,20 +780,7 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
         println!("online ext4 growth not checked: no CAP_SYS_RESOURCE here ({})", e.message());
     }
 
-    a.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    a.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .unwrap();
+    a.unpublish_unstage(&id, &target, &staging).await;
     a.controller
         .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
             volume_id: id.clone(),
@@ -816,26 +833,11 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
         .into_inner()
         .publish_context;
     let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
-    let stage = NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
-    let publish = NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx,
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
+    let (stage, publish) = node_reqs(&id, &ctx, &c, &staging, &target);
     p.node.node_stage_volume(stage.clone()).await.unwrap();
     // The capability's mount flags reach the staging mount.
-    let opts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = opts.lines().find(|l| l.split(' ').nth(4) == Some(staging.to_str().unwrap())).unwrap();
-    assert!(line.split(' ').nth(5).unwrap().split(',').any(|o| o == "noatime"), "{line}");
+    let staged = ferrovol_client::host::mount_at(&staging).unwrap();
+    assert!(staged.options.iter().any(|o| o == "noatime"), "{staged:?}");
     p.node.node_publish_volume(publish.clone()).await.unwrap();
     std::fs::write(target.join("kept"), b"fsynced before the crash").unwrap();
     std::fs::File::open(target.join("kept")).unwrap().sync_all().unwrap();
@@ -870,38 +872,12 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     let again = p.node.node_stage_volume(stage.clone()).await.unwrap_err();
     assert!(again.message().contains("unstage and stage again"), "{again:?}");
 
-    p.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    p.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .unwrap();
+    p.unpublish_unstage(&id, &target, &staging).await;
     assert!(!is_mounted(&target) && !is_mounted(&staging) && !is_mounted(&image));
 
     // Stage again: a new attach process, and the fsynced file is there.
     p.node.node_stage_volume(stage).await.unwrap();
     p.node.node_publish_volume(publish).await.unwrap();
     assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
-    p.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    p.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .unwrap();
+    p.unpublish_unstage(&id, &target, &staging).await;
 }
