@@ -14,7 +14,6 @@ Usage: sudo benches/scripts/ab_fuse.py --a OLD/ferrovol --b NEW/ferrovol [--serv
                                       [--rounds 5] [--runtime 3] [JOB ...]
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,39 +22,20 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_fuse import ROOT, fio, fsync_job, sh  # noqa: E402  (the same jobs as the comparison)
+
 DEFAULT_JOBS = ["psync:1:randread:4k", "libaio:16:randwrite:4k", "libaio:16:read:1m", "fsync"]
 
 
-def sh(*cmd):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def fio(path, job, runtime):
+def run_job(target, ext4_mnt, job, runtime):
+    """One sample of `job` on one side: fio on its volume file, or the fsync job on its ext4."""
+    if job == "fsync":
+        d = os.path.join(ext4_mnt, "fsync")
+        os.makedirs(d, exist_ok=True)
+        return fsync_job(d, 400)
     eng, qd, rw, bs = job.split(":")
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        sh("fio", "--name=j", f"--filename={path}", f"--ioengine={eng}", f"--iodepth={qd}", f"--rw={rw}",
-           f"--bs={bs}", "--direct=1", "--size=1g", "--time_based=1", f"--runtime={runtime}",
-           "--output-format=json", f"--output={out.name}")
-        j = json.load(open(out.name))["jobs"][0]
-    side = j["read"] if j["read"]["io_bytes"] else j["write"]
-    return side["bw"] / 1024.0 if bs.endswith("m") else side["iops"]
-
-
-def fsync_job(mnt, files=400):
-    d = os.path.join(mnt, "fsync")
-    os.makedirs(d, exist_ok=True)
-    block = os.urandom(4096)
-    t = time.perf_counter()
-    for i in range(files):
-        fd = os.open(os.path.join(d, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o644)
-        os.write(fd, block)
-        os.fsync(fd)
-        os.close(fd)
-    rate = files / (time.perf_counter() - t)
-    for i in range(files):
-        os.unlink(os.path.join(d, f"f{i}"))
-    return rate
+    return fio(target, eng, qd, rw, bs, runtime)
 
 
 def main():
@@ -105,8 +85,7 @@ def main():
         for rnd in range(args.rounds):
             for job in args.jobs:
                 for tag in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
-                    v = fsync_job(ext4[tag]) if job == "fsync" else fio(files[tag], job, args.runtime)
-                    samples[job][tag].append(v)
+                    samples[job][tag].append(run_job(files[tag], ext4.get(tag), job, args.runtime))
             print(f"round {rnd + 1}/{args.rounds} done", flush=True)
     finally:
         for m in mounts:
