@@ -18,8 +18,8 @@ fn main() -> ExitCode {
     cli::init_tracing(cli.global.log_format);
     // Attach drives its own threads (FUSE) and runtime; detach needs none.
     let blocking = match &cli.command {
-        cli::Command::Attach { name, path, read_only, background } => {
-            Some(cli::attach::attach(&cli.global, name, path, *read_only, *background))
+        cli::Command::Attach { name, path, read_only, background, force_takeover } => {
+            Some(cli::attach::attach(&cli.global, name, path, *read_only, *background, *force_takeover))
         }
         cli::Command::Detach { path } => Some(cli::attach::detach(path)),
         cli::Command::Up { data, mount, size, volume } => Some(cli::up::up(data, mount, *size, volume)),

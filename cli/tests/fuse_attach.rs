@@ -18,14 +18,22 @@ use common::TestServer;
 use ferrovol_server::testing::privileged;
 
 fn ferrovol(server: &str, args: &[&str]) -> Output {
+    ferrovol_as("test-node", server, args)
+}
+
+fn ferrovol_as(node: &str, server: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferrovol"))
         .args(args)
         .env("FERROVOL_SERVER", server)
         .env("FERROVOL_TOKEN", "tok")
-        .env("FERROVOL_NODE_ID", "test-node")
+        .env("FERROVOL_NODE_ID", node)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn ok(out: &Output) {
@@ -267,4 +275,135 @@ fn server_lost_is_eio_after_the_timeout_and_sigterm_detaches() {
     }
     assert!(!is_mounted(&img), "still mounted after SIGTERM");
     drop(m);
+}
+
+/// One writer per volume, enforced by the server for every client: a second read-write attach, from
+/// another node or from the same one, fails naming the holder; readers are unlimited; a takeover
+/// fences the old holder at once; delete is refused while the attachment exists, even with nobody
+/// connected; the holder's clean detach releases it.
+#[test]
+fn one_writer_per_volume() {
+    if !privileged("one_writer_per_volume", &[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = TestServer::start(&data_dir, "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    ok(&ferrovol(&addr, &["volume", "create", "solo", "--size", "16MiB"]));
+    let img = |n: &str| {
+        let p = dir.path().join(format!("{n}.img"));
+        std::fs::write(&p, b"").unwrap();
+        p
+    };
+    let attach_as = |node: &str, path: &Path, extra: &[&str]| {
+        let mut args = vec!["attach", "solo", path.to_str().unwrap(), "--background"];
+        args.extend_from_slice(extra);
+        ferrovol_as(node, &addr, &args)
+    };
+    let (a_img, b_img, b2_img, r_img) = (img("a"), img("b"), img("b2"), img("r"));
+    ok(&attach_as("node-a", &a_img, &[]));
+    let a = Mounted(a_img.clone());
+    let data = pattern(7, 1 << 20);
+    write_direct(&a_img, 0, &data).unwrap();
+
+    // Another node, read-write: refused, naming the holder, how long, and what to do.
+    let out = attach_as("node-b", &b_img, &[]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("\"node-a\"") && e.contains("ago") && e.contains("--force-takeover"), "{e}");
+    assert!(!is_mounted(&b_img));
+    // The same node again (a second process): refused too.
+    let out = attach_as("node-a", &b_img, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already open for writing"), "{}", stderr(&out));
+    assert!(!is_mounted(&b_img));
+    // Readers are unlimited and see the writer's data.
+    ok(&attach_as("node-b", &r_img, &["--read-only"]));
+    let r = Mounted(r_img.clone());
+    assert_eq!(read_range_direct(&r_img, 0, 1 << 20), data);
+    // The volume shows its writer; delete is refused.
+    let stat = ferrovol(&addr, &["volume", "stat", "solo", "--json"]);
+    ok(&stat);
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("node-a"));
+    let out = ferrovol(&addr, &["volume", "delete", "solo"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("attached for writing by node"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Takeover: node-b gets it; node-a's next write is refused at once (EROFS from FENCED).
+    ok(&attach_as("node-b", &b2_img, &["--force-takeover"]));
+    let b = Mounted(b2_img.clone());
+    let err = write_direct(&a_img, 0, &pattern(8, 4096)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let newer = pattern(9, 1 << 20);
+    write_direct(&b2_img, 0, &newer).unwrap();
+    assert_eq!(read_range_direct(&r_img, 0, 1 << 20), newer);
+    detach(&addr, &a); // the old holder's release must not release node-b's attachment
+    let stat = ferrovol(&addr, &["volume", "stat", "solo", "--json"]);
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("node-b"));
+
+    // The attachment outlives the server and every connection: right after a restart, with the
+    // writer's process stopped, delete is still refused.
+    detach(&addr, &r);
+    server.kill();
+    let server = TestServer::start(&data_dir, &addr);
+    let out = ferrovol(&addr, &["volume", "delete", "solo"]);
+    assert!(!out.status.success() && stderr(&out).contains("node-b"), "{}", stderr(&out));
+    // node-b's clean detach releases it; then delete works.
+    detach(&addr, &b);
+    let stat = ferrovol(&addr, &["volume", "stat", "solo", "--json"]);
+    assert!(
+        !String::from_utf8_lossy(&stat.stdout).contains("node-b"),
+        "{}",
+        String::from_utf8_lossy(&stat.stdout)
+    );
+    ok(&ferrovol(&addr, &["volume", "delete", "solo"]));
+    drop(server);
+}
+
+fn write_direct(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let mut buf = AlignedBuf::new(data.len());
+    buf.as_mut().copy_from_slice(data);
+    f.write_all_at(buf.as_mut(), offset)?;
+    f.sync_all()
+}
+
+fn read_range_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+    let mut buf = AlignedBuf::new(len);
+    f.read_exact_at(buf.as_mut(), offset).unwrap();
+    buf.as_mut().to_vec()
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: a non-zero size with a valid alignment.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        Self { ptr, layout }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
 }

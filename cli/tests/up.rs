@@ -85,6 +85,42 @@ fn stop(mut child: Child, mount: &Path) {
     assert!(!loops.contains(&format!("up-{pid}")), "loop device left behind: {loops}");
 }
 
+/// Checks the filesystem offline: the volume attached read-only under a plain server, fsck -n.
+fn fsck_offline(dir: &Path, data: &Path) {
+    let server = TestServer::start_with_token(data, "127.0.0.1:0", None);
+    let img = dir.join("check.img");
+    std::fs::write(&img, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args([
+            "--server",
+            &server.addr.to_string(),
+            "attach",
+            "default",
+            img.to_str().unwrap(),
+            "--read-only",
+            "--background",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fsck = Command::new("fsck.ext4").args(["-n", "-f", img.to_str().unwrap()]).output().unwrap();
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    assert!(fsck.status.success(), "fsck -n found problems: {report}");
+    println!("fsck -n: {}", String::from_utf8_lossy(&fsck.stdout).lines().last().unwrap_or_default());
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["detach", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..100 {
+        if !is_mounted(&img) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn up_twice_keeps_files_and_fsck_is_clean() {
     if !privileged("up_twice_keeps_files_and_fsck_is_clean", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
@@ -113,41 +149,7 @@ fn up_twice_keeps_files_and_fsck_is_clean() {
     }
     stop(child, &mnt);
 
-    // Check the filesystem offline: the volume attached read-only under a plain server, fsck -n.
-    {
-        let server = TestServer::start_with_token(&data, "127.0.0.1:0", None);
-        let img = dir.path().join("check.img");
-        std::fs::write(&img, b"").unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
-            .args([
-                "--server",
-                &server.addr.to_string(),
-                "attach",
-                "default",
-                img.to_str().unwrap(),
-                "--read-only",
-                "--background",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let fsck = Command::new("fsck.ext4").args(["-n", "-f", img.to_str().unwrap()]).output().unwrap();
-        let report =
-            format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
-        assert!(fsck.status.success(), "fsck -n found problems: {report}");
-        println!("fsck -n: {}", String::from_utf8_lossy(&fsck.stdout).lines().last().unwrap_or_default());
-        let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
-            .args(["detach", img.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        for _ in 0..100 {
-            if !is_mounted(&img) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    fsck_offline(dir.path(), &data);
 
     // Up again: same files, no reformat.
     let child = up(&data, &mnt);
@@ -182,4 +184,38 @@ fn busy_mount_is_kept_until_free() {
     let child = up(&data, &mnt);
     assert_eq!(std::fs::read_to_string(mnt.join("held-open")).unwrap(), "still here\n");
     stop(child, &mnt);
+}
+
+/// A second `ferrovol up` on the same data dir (another mount point) refuses at once, naming the
+/// process that holds the data dir, and the first one keeps working; the filesystem checks clean.
+#[test]
+fn second_up_on_one_data_dir_refuses() {
+    if !privileged("second_up_on_one_data_dir_refuses", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, mnt, mnt2) = (dir.path().join("data"), dir.path().join("mnt"), dir.path().join("mnt2"));
+    let first = up(&data, &mnt);
+    std::fs::write(mnt.join("one"), b"first\n").unwrap();
+    let second = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["up", "--data", data.to_str().unwrap(), "--mount", mnt2.to_str().unwrap(), "--size", "64MiB"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second up on the same data dir started: {err}");
+    assert!(
+        err.contains("in use by another ferrovol server") && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+    assert!(!is_mounted(&mnt2));
+    // The first one is untouched.
+    std::fs::write(mnt.join("two"), b"still first\n").unwrap();
+    std::fs::File::open(mnt.join("two")).unwrap().sync_all().unwrap();
+    assert_eq!(std::fs::read_to_string(mnt.join("one")).unwrap(), "first\n");
+    stop(first, &mnt);
+    fsck_offline(dir.path(), &data);
+    let first = up(&data, &mnt);
+    assert_eq!(std::fs::read_to_string(mnt.join("two")).unwrap(), "still first\n");
+    stop(first, &mnt);
 }

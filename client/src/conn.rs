@@ -65,6 +65,8 @@ pub(crate) enum Op {
         vol: LocalVol,
         name: VolumeName,
         read_only: bool,
+        /// The writer attachment generation (read-write), kept for the re-OPEN after a reconnect.
+        generation: u64,
     },
     Close {
         vol: LocalVol,
@@ -107,9 +109,11 @@ struct Pending {
 struct VolEntry {
     name: VolumeName,
     read_only: bool,
+    generation: u64,
     handle: Option<VolumeHandle>,
-    /// Why the last re-OPEN failed, for the errors of calls on this volume.
-    reopen_error: Option<String>,
+    /// Why the last re-OPEN failed (the server's status and message), for the errors of calls on
+    /// this volume: FENCED after a takeover, NOT_FOUND...
+    reopen_error: Option<ErrorReply>,
 }
 
 /// Everything about the connection that callers, the reader and the supervisor share.
@@ -227,15 +231,19 @@ fn to_request(st: &State, op: &Op) -> std::result::Result<Request, ClientError> 
     let handle = |vol: &LocalVol| -> std::result::Result<VolumeHandle, ClientError> {
         match st.volumes.get(vol) {
             Some(VolEntry { handle: Some(h), .. }) => Ok(*h),
-            Some(VolEntry { reopen_error: Some(e), name, .. }) => Err(ClientError::Protocol(format!(
-                "volume {name} could not be re-opened after a reconnect: {e}"
-            ))),
+            Some(VolEntry { reopen_error: Some(e), name, .. }) => Err(ClientError::Server {
+                op: Opcode::Open,
+                status: e.status,
+                message: format!("volume {name} could not be re-opened after a reconnect: {}", e.message),
+            }),
             _ => Err(ClientError::InvalidArgument("volume is not open".into())),
         }
     };
     Ok(match op {
         Op::Control(r) => r.clone(),
-        Op::Open { name, read_only, .. } => Request::Open { name: name.clone(), read_only: *read_only },
+        Op::Open { name, read_only, generation, .. } => {
+            Request::Open { name: name.clone(), read_only: *read_only, generation: *generation }
+        }
         Op::Close { vol } => Request::Close { handle: handle(vol)? },
         Op::Data { vol, op } => {
             let handle = handle(vol)?;
@@ -278,10 +286,16 @@ impl ConnHandle {
     /// Registers the call; returns its frame if it can be written now.
     fn register(&self, op: Op, reply: oneshot::Sender<Result<Reply>>) -> Option<(u64, RequestFrame)> {
         let mut st = self.shared.state();
-        if let Op::Open { vol, name, read_only } = &op {
+        if let Op::Open { vol, name, read_only, generation } = &op {
             st.volumes.insert(
                 *vol,
-                VolEntry { name: name.clone(), read_only: *read_only, handle: None, reopen_error: None },
+                VolEntry {
+                    name: name.clone(),
+                    read_only: *read_only,
+                    generation: *generation,
+                    handle: None,
+                    reopen_error: None,
+                },
             );
         }
         let id = st.next_id.max(1);
@@ -381,8 +395,8 @@ fn server_error(op: Opcode, e: ErrorReply) -> ClientError {
     ClientError::Server { op, status: e.status, message: e.message }
 }
 
-/// Connects and completes the handshake.
-pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result<Established> {
+/// Connects and completes the handshake as client session `session`.
+pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions, session: u64) -> Result<Established> {
     let connect = TcpStream::connect(addr);
     let mut stream = match tokio::time::timeout(opts.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
@@ -410,6 +424,7 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION,
         features: FEATURES_ALL,
+        session,
         node_id: opts.node_id.clone(),
         token: opts.token.clone(),
     });
@@ -428,8 +443,8 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions) -> Result
     }
 }
 
-/// Starts the supervisor for an established connection.
-pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, first: Established) -> ConnHandle {
+/// Starts the supervisor for an established connection of client session `session`.
+pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, session: u64, first: Established) -> ConnHandle {
     let shared = Arc::new(Shared {
         state: Mutex::new(State { next_id: 1, ..Default::default() }),
         queue: Mutex::new(Vec::new()),
@@ -441,13 +456,15 @@ pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, first: Established) 
     });
     let (alive, closed) = oneshot::channel();
     let io_timeout = opts.io_timeout;
-    tokio::spawn(supervise(Supervisor { addr, opts, shared: shared.clone() }, first, closed));
+    tokio::spawn(supervise(Supervisor { addr, opts, session, shared: shared.clone() }, first, closed));
     ConnHandle { shared, next_vol: Arc::new(AtomicU32::new(1)), io_timeout, _alive: Arc::new(alive) }
 }
 
 struct Supervisor {
     addr: SocketAddr,
     opts: ConnectOptions,
+    /// The client session id, the same on every connection and reconnect (see `Hello::session`).
+    session: u64,
     shared: Arc<Shared>,
 }
 
@@ -591,7 +608,7 @@ impl Supervisor {
         let mut backoff = BACKOFF_MIN;
         loop {
             self.expire(Some((since, &last)));
-            match establish(self.addr, &self.opts).await {
+            match establish(self.addr, &self.opts, self.session).await {
                 Ok(mut est) => match self.reopen(&mut est).await {
                     Ok(()) => {
                         info!(server = %self.addr, down_for = ?since.elapsed(), "reconnected");
@@ -616,13 +633,21 @@ impl Supervisor {
 
     /// Re-OPENs every volume that was open, on the new connection (before its reader starts).
     async fn reopen(&self, est: &mut Established) -> Result<()> {
-        let vols: Vec<(LocalVol, VolumeName, bool)> =
-            self.shared.state().volumes.iter().map(|(k, v)| (*k, v.name.clone(), v.read_only)).collect();
+        let vols: Vec<(LocalVol, Request)> = self
+            .shared
+            .state()
+            .volumes
+            .iter()
+            .map(|(k, v)| {
+                (*k, Request::Open { name: v.name.clone(), read_only: v.read_only, generation: v.generation })
+            })
+            .collect();
         let mut buf = BytesMut::with_capacity(4096);
-        for (i, (vol, name, read_only)) in vols.into_iter().enumerate() {
+        for (i, (vol, req)) in vols.into_iter().enumerate() {
             // Ids of the handshake phase are never matched against pending calls.
             let id = RequestId(u64::MAX - i as u64);
-            let req = Request::Open { name: name.clone(), read_only };
+            let Request::Open { name, .. } = &req else { continue };
+            let name = name.clone();
             let resp = tokio::time::timeout(
                 self.opts.connect_timeout,
                 round_trip(&mut est.stream, &mut buf, id, &req),
@@ -640,7 +665,7 @@ impl Supervisor {
                 Err(e) => {
                     // The volume is gone or refused: calls on it fail with this reason; others go on.
                     warn!(volume = %name, error = %e, "volume could not be re-opened");
-                    entry.reopen_error = Some(e.to_string());
+                    entry.reopen_error = Some(e);
                 }
             }
         }

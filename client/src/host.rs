@@ -228,3 +228,64 @@ mod tests {
         std::fs::remove_dir(&dir).unwrap();
     }
 }
+
+/// Where the process serving a FUSE mount records itself, so `ferrovol detach` can wait for it to
+/// finish (it releases the writer attachment after the unmount): `/run/ferrovol/serving/` as root,
+/// else the temp dir. One file per mount path, named by a stable hash of the canonical path.
+pub fn serving_record(mount: &Path) -> PathBuf {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let base = if unsafe { libc::geteuid() } == 0 && Path::new("/run").is_dir() {
+        PathBuf::from("/run/ferrovol/serving")
+    } else {
+        std::env::temp_dir().join("ferrovol-serving")
+    };
+    let canon = std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_owned());
+    // FNV-1a: stable across builds (the recording and the waiting binaries may differ).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    base.join(format!("{h:016x}.pid"))
+}
+
+/// Records this process as the one serving `mount` (see [`serving_record`]); the record is removed
+/// when the returned guard is dropped.
+pub fn record_serving(mount: &Path) -> io::Result<ServingRecord> {
+    let path = serving_record(mount);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, format!("{}\n", std::process::id()))?;
+    Ok(ServingRecord(path))
+}
+
+/// Removes the serving record on drop.
+#[derive(Debug)]
+pub struct ServingRecord(PathBuf);
+
+impl Drop for ServingRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits (up to `limit`) for the process recorded as serving `mount` to exit. True when it did (or
+/// none was recorded), false when it is still running at the limit.
+pub fn wait_serving_exit(mount: &Path, limit: Duration) -> bool {
+    let path = serving_record(mount);
+    let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        return true;
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        if !alive || !path.exists() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

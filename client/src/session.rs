@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovol_proto::limits::LIST_ENTRIES_MAX;
-use ferrovol_proto::{HelloReply, Labels, NodeId, Opcode, Reply, Request, VolumeInfo, VolumeName};
+use ferrovol_proto::{HelloReply, Labels, NodeId, Opcode, Reply, Request, Status, VolumeInfo, VolumeName};
 
 use crate::conn::{self, ConnHandle, Op};
 use crate::error::{ClientError, Result};
@@ -64,6 +64,7 @@ pub struct Session {
 #[derive(Debug)]
 struct SessionInner {
     addr: SocketAddr,
+    node_id: NodeId,
     conns: Vec<ConnHandle>,
     hello: HelloReply,
     rr: AtomicUsize,
@@ -84,19 +85,30 @@ impl Session {
     pub async fn connect(addr: &str, opts: ConnectOptions) -> Result<Session> {
         let sock = resolve(addr).await?;
         let n = opts.connections.clamp(1, 64);
+        // One id for all of this session's connections and reconnects: the server lets one client
+        // session at a time write a volume, and a reconnect is still the same writer.
+        let client_session = rand::random::<u64>() | 1;
         let mut conns = Vec::with_capacity(n);
         let mut hello = None;
         for _ in 0..n {
-            let est = conn::establish(sock, &opts).await?;
+            let est = conn::establish(sock, &opts, client_session).await?;
             hello.get_or_insert_with(|| est.hello.clone());
-            conns.push(conn::spawn(sock, opts.clone(), est));
+            conns.push(conn::spawn(sock, opts.clone(), client_session, est));
         }
         let hello = hello.ok_or(ClientError::Closed)?;
-        Ok(Session { inner: Arc::new(SessionInner { addr: sock, conns, hello, rr: AtomicUsize::new(0) }) })
+        let node_id = opts.node_id;
+        Ok(Session {
+            inner: Arc::new(SessionInner { addr: sock, node_id, conns, hello, rr: AtomicUsize::new(0) }),
+        })
     }
 
     pub fn server_addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// The node this session acts as.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node_id
     }
 
     /// What the server said in the handshake (limits, features, server id).
@@ -130,8 +142,15 @@ impl Session {
         }
     }
 
+    /// Deletes a volume; refused while it is open or has a writer attachment.
     pub async fn delete_volume(&self, name: &VolumeName) -> Result<()> {
-        self.control(Request::VolumeDelete { name: name.clone() }).await.map(|_| ())
+        self.control(Request::VolumeDelete { name: name.clone(), force: false }).await.map(|_| ())
+    }
+
+    /// Deletes a volume although a writer attachment is recorded (its holder is known to be gone).
+    /// Needs the admin credential; still refused while the volume is open.
+    pub async fn delete_volume_forced(&self, name: &VolumeName) -> Result<()> {
+        self.control(Request::VolumeDelete { name: name.clone(), force: true }).await.map(|_| ())
     }
 
     pub async fn stat_volume(&self, name: &VolumeName) -> Result<VolumeInfo> {
@@ -201,25 +220,61 @@ impl Session {
         }
     }
 
-    /// Sets the writer attachment to `node` (fencing); returns its generation.
-    pub async fn attach_set(&self, name: &VolumeName, node: &NodeId) -> Result<u64> {
-        match self.control(Request::AttachSet { name: name.clone(), node: node.clone() }).await? {
+    /// Sets the writer attachment to `node` and returns its generation. Only `node` itself or an
+    /// admin may. `force` takes it over from another holder (fencing that holder's writes, even
+    /// those in flight); without it, a volume held by another node is `ATTACHED_ELSEWHERE`.
+    pub async fn attach_set(&self, name: &VolumeName, node: &NodeId, force: bool) -> Result<u64> {
+        match self.control(Request::AttachSet { name: name.clone(), node: node.clone(), force }).await? {
             Reply::Attached { generation } => Ok(generation),
             other => Err(unexpected(Opcode::AttachSet, other)),
         }
     }
 
-    pub async fn attach_clear(&self, name: &VolumeName, node: &NodeId) -> Result<()> {
-        self.control(Request::AttachClear { name: name.clone(), node: node.clone() }).await.map(|_| ())
+    /// Clears `node`'s writer attachment if it is still `generation` (0: whatever generation).
+    pub async fn attach_clear(&self, name: &VolumeName, node: &NodeId, generation: u64) -> Result<()> {
+        let req = Request::AttachClear { name: name.clone(), node: node.clone(), generation };
+        self.control(req).await.map(|_| ())
     }
 
-    /// Opens a volume for I/O, on every connection of the session.
+    /// Takes the writer attachment for this session's node (see [`Session::attach_set`]).
+    pub async fn attach_writer(&self, name: &VolumeName, force: bool) -> Result<u64> {
+        self.attach_set(name, &self.inner.node_id, force).await
+    }
+
+    /// Releases this node's writer attachment `generation` (a no-op once it was taken over, so an
+    /// old holder never releases its successor).
+    pub async fn release_writer(&self, name: &VolumeName, generation: u64) -> Result<()> {
+        match self.attach_clear(name, &self.inner.node_id, generation).await {
+            // Taken over since (by this node or another): nothing of ours to release.
+            Err(e) if matches!(e.status(), Some(Status::Fenced | Status::AttachedElsewhere)) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Opens a volume for I/O, on every connection of the session. Read-write takes this node's
+    /// writer attachment first (or finds it already held by this node) and keeps it after the
+    /// volume is closed: release it with [`Session::release_writer`], or open with a known
+    /// generation through [`Session::open_writer`].
     pub async fn open(&self, name: &VolumeName, read_only: bool) -> Result<Volume> {
+        if read_only {
+            return self.open_at(name, true, 0).await;
+        }
+        let generation = self.attach_writer(name, false).await?;
+        self.open_at(name, false, generation).await
+    }
+
+    /// Opens a volume read-write under writer attachment `generation` (from [`Session::attach_set`]
+    /// or a CSI publish context): `FENCED` when it is no longer current.
+    pub async fn open_writer(&self, name: &VolumeName, generation: u64) -> Result<Volume> {
+        self.open_at(name, false, generation).await
+    }
+
+    async fn open_at(&self, name: &VolumeName, read_only: bool, generation: u64) -> Result<Volume> {
         let mut opened = Vec::with_capacity(self.inner.conns.len());
         let mut size = 0;
         for c in &self.inner.conns {
             let vol = c.new_local_vol();
-            match c.call(Op::Open { vol, name: name.clone(), read_only }).await {
+            match c.call(Op::Open { vol, name: name.clone(), read_only, generation }).await {
                 Ok(Reply::Opened { size: s, .. }) => {
                     size = s;
                     opened.push((c.clone(), vol));
@@ -233,7 +288,7 @@ impl Session {
                 }
             }
         }
-        Ok(Volume::new(name.clone(), size, read_only, opened, self.inner.hello.payload_len_max))
+        Ok(Volume::new(name.clone(), size, read_only, generation, opened, self.inner.hello.payload_len_max))
     }
 }
 

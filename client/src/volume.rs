@@ -34,6 +34,8 @@ struct Inner {
     /// The size last seen (at open, or by the latest VOLUME_STAT: volumes grow online).
     size: AtomicU64,
     read_only: bool,
+    /// The writer attachment generation it was opened under (0: read-only).
+    generation: u64,
     conns: Vec<(ConnHandle, LocalVol)>,
     rr: AtomicUsize,
     piece_max: u32,
@@ -52,6 +54,7 @@ impl Volume {
         name: VolumeName,
         size: u64,
         read_only: bool,
+        generation: u64,
         conns: Vec<(ConnHandle, LocalVol)>,
         payload_len_max: u32,
     ) -> Self {
@@ -61,6 +64,7 @@ impl Volume {
                 name,
                 size: AtomicU64::new(size),
                 read_only,
+                generation,
                 conns,
                 rr: AtomicUsize::new(0),
                 piece_max,
@@ -79,6 +83,11 @@ impl Volume {
 
     pub fn read_only(&self) -> bool {
         self.inner.read_only
+    }
+
+    /// The writer attachment generation this volume was opened under (0 when read-only).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
     }
 
     /// Bytes of storage the volume occupies on the server (a VOLUME_STAT round trip).

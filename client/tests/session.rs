@@ -94,6 +94,9 @@ async fn volume_lifecycle_and_io() {
     assert_eq!(s.list_volumes().await.unwrap().len(), 6);
     assert_eq!(s.resize_volume(&name("p0"), 8192).await.unwrap().size, 8192);
     assert_eq!(s.delete_volume(&name("data")).await.unwrap_err().status(), Some(Status::Busy));
+    // Released but still open: still refused.
+    s.release_writer(&name("data"), vol.generation()).await.unwrap();
+    assert_eq!(s.delete_volume(&name("data")).await.unwrap_err().status(), Some(Status::Busy));
     drop(vol);
     // The close is asynchronous; delete succeeds once it has landed.
     let t = Instant::now();
@@ -116,17 +119,36 @@ async fn fencing_and_read_only() {
     let a = Session::connect(&server.addr.to_string(), opts("node-a")).await.unwrap();
     let b = Session::connect(&server.addr.to_string(), opts("node-b")).await.unwrap();
     a.create_volume(&name("f"), 1 << 20).await.unwrap();
-    a.attach_set(&name("f"), &NodeId::try_from("node-a").unwrap()).await.unwrap();
+    // A read-write open takes the node's writer attachment; another node cannot open it read-write.
     let va = a.open(&name("f"), false).await.unwrap();
-    let vb = b.open(&name("f"), false).await.unwrap();
+    assert_eq!(va.generation(), 1);
+    let e = b.open(&name("f"), false).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AttachedElsewhere), "{e}");
+    assert!(e.to_string().contains("node-a"), "the holder is named: {e}");
+    // Nor can another session of the same node (a second `ferrovol attach` on one host).
+    let a2 = Session::connect(&server.addr.to_string(), opts("node-a")).await.unwrap();
+    let e = a2.open(&name("f"), false).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Busy), "{e}");
     va.write_at(0, Bytes::from_static(b"a-was-here")).await.unwrap();
-    let e = vb.write_at(0, Bytes::from_static(b"b-was-here")).await.unwrap_err();
-    assert_eq!(e.status(), Some(Status::Fenced), "{e}");
+    let vb = b.open(&name("f"), true).await.unwrap();
     assert_eq!(&vb.read_at(0, 10).await.unwrap()[..], b"a-was-here");
-    let e = b.attach_set(&name("f"), &NodeId::try_from("node-b").unwrap()).await.unwrap_err();
-    assert_eq!(e.status(), Some(Status::AttachedElsewhere));
-    let ro = a.open(&name("f"), true).await.unwrap();
-    assert_eq!(ro.write_at(0, Bytes::from_static(b"x")).await.unwrap_err().status(), Some(Status::ReadOnly));
+    assert_eq!(vb.write_at(0, Bytes::from_static(b"x")).await.unwrap_err().status(), Some(Status::ReadOnly));
+    assert_eq!(a.delete_volume(&name("f")).await.unwrap_err().status(), Some(Status::Busy));
+
+    // A takeover fences A at once: its next write is FENCED, and so is its re-open after a reconnect.
+    let g = b.attach_writer(&name("f"), true).await.unwrap();
+    assert_eq!(g, 2);
+    let wb = b.open_writer(&name("f"), g).await.unwrap();
+    let e = va.write_at(0, Bytes::from_static(b"late")).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Fenced), "{e}");
+    wb.write_at(0, Bytes::from_static(b"b-took-it!")).await.unwrap();
+    assert_eq!(&vb.read_at(0, 10).await.unwrap()[..], b"b-took-it!");
+    // A's release of its old generation does not release B's attachment.
+    a.release_writer(&name("f"), 1).await.unwrap();
+    assert_eq!(a.stat_volume(&name("f")).await.unwrap().owner.unwrap().as_str(), "node-b");
+    b.release_writer(&name("f"), g).await.unwrap();
+    assert_eq!(a.stat_volume(&name("f")).await.unwrap().owner, None);
+    assert_eq!(wb.write_at(0, Bytes::from_static(b"x")).await.unwrap_err().status(), Some(Status::Fenced));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

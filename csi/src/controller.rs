@@ -363,7 +363,7 @@ impl Controller for ControllerService {
         let mut context = HashMap::from([("readonly".to_owned(), read_only.to_string())]);
         // Readers need no attachment; the node opens the volume read-only.
         if !read_only {
-            let generation = session.attach_set(&name, &node).await.map_err(|e| match e.status() {
+            let generation = session.attach_set(&name, &node, false).await.map_err(|e| match e.status() {
                 Some(Wire::AttachedElsewhere) => Status::failed_precondition(format!(
                     "volume {name} is published for writing to another node; unpublish it there first ({e})"
                 )),
@@ -401,7 +401,7 @@ impl Controller for ControllerService {
         };
         if let (Some(node), Some(owner)) = (target, info.owner.as_ref()) {
             if &node == owner {
-                match session.attach_clear(&name, &node).await {
+                match session.attach_clear(&name, &node, 0).await {
                     Ok(()) => info!(volume = %name, node = %node, "unpublished"),
                     Err(e) if matches!(e.status(), Some(Wire::AttachedElsewhere) | Some(Wire::NotFound)) => {}
                     Err(e) => return Err(status_of(&e)),

@@ -67,6 +67,10 @@ struct AttachArgs {
     path: PathBuf,
     #[arg(long)]
     read_only: bool,
+    /// Open read-write under this writer attachment generation (from ControllerPublish); without
+    /// it, a read-write attach takes the node's attachment itself and releases it at the end.
+    #[arg(long, conflicts_with = "read_only")]
+    generation: Option<u64>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -86,10 +90,15 @@ fn attach(args: AttachArgs) -> ExitCode {
         io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
         ..ConnectOptions::default()
     };
-    let served =
-        ferrovol_client::fuse::serve(&args.server, opts, &args.volume, &args.path, args.read_only, |_| {
-            println!("ready");
-        });
+    use ferrovol_client::fuse::Access;
+    let access = match (args.read_only, args.generation) {
+        (true, _) => Access::ReadOnly,
+        (false, Some(generation)) => Access::WriterAt { generation },
+        (false, None) => Access::Writer { takeover: false },
+    };
+    let served = ferrovol_client::fuse::serve(&args.server, opts, &args.volume, &args.path, access, |_| {
+        println!("ready");
+    });
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -146,6 +146,8 @@ impl Inner {
             .stderr(log);
         if st.read_only {
             cmd.arg("--read-only");
+        } else if let Some(g) = st.generation {
+            cmd.args(["--generation", &g.to_string()]);
         }
         // Its own session: a restart (or kill -9) of this plugin does not take the FUSE file down.
         match host::spawn_until_ready(&mut cmd, ATTACH_READY_TIMEOUT) {
@@ -248,7 +250,14 @@ impl Inner {
         Ok(())
     }
 
-    fn stage(&self, id: &str, staging: PathBuf, access: Access, read_only: bool) -> Result<(), Status> {
+    fn stage(
+        &self,
+        id: &str,
+        staging: PathBuf,
+        access: Access,
+        read_only: bool,
+        generation: Option<u64>,
+    ) -> Result<(), Status> {
         let mut st = match self.load(id)? {
             Some(st) => {
                 let same = st.staging_path == staging
@@ -272,6 +281,7 @@ impl Inner {
                 fs_type: access.fs_type.clone(),
                 mount_flags: access.mount_flags.clone(),
                 read_only,
+                generation,
                 image: self.state.image(id),
                 attach_pid: None,
                 loop_dev: None,
@@ -570,8 +580,16 @@ impl Node for NodeService {
             let session = self.link.session().await?;
             session.stat_volume(&name).await.map_err(|e| status_of(&e))?;
         }
+        // A read-write stage runs under the generation ControllerPublish set (fenced once another
+        // publish takes over); without one (no attacher), the attach process takes the attachment.
+        let generation = match req.publish_context.get("generation") {
+            Some(g) if !read_only => Some(g.parse::<u64>().map_err(|_| {
+                Status::invalid_argument(format!("publish_context generation {g:?} is not a number"))
+            })?),
+            _ => None,
+        };
         let id = name.to_string();
-        self.blocking(move |n| n.stage(&id, staging, access, read_only)).await?;
+        self.blocking(move |n| n.stage(&id, staging, access, read_only, generation)).await?;
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 

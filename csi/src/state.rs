@@ -17,6 +17,10 @@ pub struct Staged {
     pub fs_type: String,
     pub mount_flags: Vec<String>,
     pub read_only: bool,
+    /// The writer attachment generation from ControllerPublish's publish context: the attach
+    /// process opens the volume under it, and is fenced once it is no longer current.
+    #[serde(default)]
+    pub generation: Option<u64>,
     /// The FUSE file the attach process serves the volume on.
     pub image: PathBuf,
     pub attach_pid: Option<u32>,
@@ -95,6 +99,7 @@ mod tests {
             fs_type: "ext4".into(),
             mount_flags: vec![],
             read_only: false,
+            generation: Some(3),
             image: s.image("v"),
             attach_pid: Some(7),
             loop_dev: None,

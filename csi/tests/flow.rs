@@ -695,9 +695,13 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     b_session.register_node(&"node-b".parse().unwrap()).await.unwrap();
     let err = a.controller.controller_publish_volume(publish("node-b")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let b_vol = b_session.open(&id.parse().unwrap(), false).await.unwrap();
-    let refused = b_vol.write_at(0, bytes::Bytes::from_static(b"intruder")).await.unwrap_err();
-    assert_eq!(refused.status(), Some(ferrovol_proto::Status::Fenced), "{refused}");
+    let refused = b_session.open(&id.parse().unwrap(), false).await.unwrap_err();
+    assert_eq!(refused.status(), Some(ferrovol_proto::Status::AttachedElsewhere), "{refused}");
+    // Nor under the generation node A was given, nor by taking the attachment behind the
+    // controller's back without forcing.
+    let generation: u64 = ctx["generation"].parse().unwrap();
+    let refused = b_session.open_writer(&id.parse().unwrap(), generation).await.unwrap_err();
+    assert_eq!(refused.status(), Some(ferrovol_proto::Status::AttachedElsewhere), "{refused}");
 
     // Stage and publish on A, then kill -9 the plugin: the volume stays mounted and usable.
     let staging = dir.path().join("staging");
@@ -790,7 +794,13 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
         .await
         .unwrap();
     // Now B may take it, and B's writes land.
-    a.controller.controller_publish_volume(publish("node-b")).await.unwrap();
+    let ctx_b =
+        a.controller.controller_publish_volume(publish("node-b")).await.unwrap().into_inner().publish_context;
+    let generation_b: u64 = ctx_b["generation"].parse().unwrap();
+    assert!(generation_b > generation);
+    let stale = b_session.open_writer(&id.parse().unwrap(), generation).await.unwrap_err();
+    assert_eq!(stale.status(), Some(ferrovol_proto::Status::Fenced), "{stale}");
+    let b_vol = b_session.open_writer(&id.parse().unwrap(), generation_b).await.unwrap();
     b_vol.write_at(0, bytes::Bytes::from_static(b"now mine")).await.unwrap();
     b_vol.flush().await.unwrap();
     assert_eq!(&b_vol.read_at(0, 8).await.unwrap()[..], b"now mine");

@@ -325,8 +325,12 @@ pub struct Hello {
     pub version_min: u8,
     pub version_max: u8,
     pub features: u64,
+    /// The client's session: random, chosen once per client process session and kept across its
+    /// connections and reconnects. The server lets one session at a time write a volume.
+    pub session: u64,
     pub node_id: NodeId,
-    /// Shared secret; empty when the client has none.
+    /// The credential: the node's own credential, the admin token, or the join token (which enrolls
+    /// a node not known yet); empty when the client has none.
     pub token: String,
 }
 
@@ -342,6 +346,8 @@ pub enum Request {
     },
     VolumeDelete {
         name: VolumeName,
+        /// Admin only: delete although a writer attachment is recorded.
+        force: bool,
     },
     /// Names sorted ascending, strictly after `start_after`, at most `max_entries` (<= LIST_ENTRIES_MAX).
     VolumeList {
@@ -358,10 +364,15 @@ pub enum Request {
     AttachSet {
         name: VolumeName,
         node: NodeId,
+        /// Take the attachment over from another holder (or from an earlier one of the same node):
+        /// the generation changes and the old holder's writes are fenced.
+        force: bool,
     },
     AttachClear {
         name: VolumeName,
         node: NodeId,
+        /// The generation being released; 0 releases whatever generation `node` holds.
+        generation: u64,
     },
     StoreStat,
     NodeRegister {
@@ -373,6 +384,9 @@ pub enum Request {
     Open {
         name: VolumeName,
         read_only: bool,
+        /// Read-write: the writer attachment generation the session holds (from ATTACH_SET or the
+        /// CSI publish context). Read-only: 0.
+        generation: u64,
     },
     Close {
         handle: VolumeHandle,
@@ -456,6 +470,7 @@ impl Request {
                 p.put_u8(hello.version_max);
                 p.put_u16_le(0);
                 p.put_u64_le(hello.features);
+                p.put_u64_le(hello.session);
                 put_str8(&mut p, hello.node_id.as_str());
                 put_str16(&mut p, &hello.token);
                 p.freeze()
@@ -469,7 +484,14 @@ impl Request {
                 }
                 p.freeze()
             }
-            Request::VolumeDelete { name } | Request::VolumeStat { name } => {
+            Request::VolumeDelete { name, force } => {
+                if *force {
+                    h.flags |= FLAG_FORCE;
+                }
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::VolumeStat { name } => {
                 put_str8(&mut p, name.as_str());
                 p.freeze()
             }
@@ -483,9 +505,18 @@ impl Request {
                 put_str8(&mut p, name.as_str());
                 p.freeze()
             }
-            Request::AttachSet { name, node } | Request::AttachClear { name, node } => {
+            Request::AttachSet { name, node, force } => {
+                if *force {
+                    h.flags |= FLAG_FORCE;
+                }
                 put_str8(&mut p, name.as_str());
                 put_str8(&mut p, node.as_str());
+                p.freeze()
+            }
+            Request::AttachClear { name, node, generation } => {
+                put_str8(&mut p, name.as_str());
+                put_str8(&mut p, node.as_str());
+                p.put_u64_le(*generation);
                 p.freeze()
             }
             Request::StoreStat => Bytes::new(),
@@ -493,11 +524,12 @@ impl Request {
                 put_str8(&mut p, node.as_str());
                 p.freeze()
             }
-            Request::Open { name, read_only } => {
+            Request::Open { name, read_only, generation } => {
                 if *read_only {
                     h.flags |= FLAG_READ_ONLY;
                 }
                 put_str8(&mut p, name.as_str());
+                p.put_u64_le(*generation);
                 p.freeze()
             }
             Request::Close { handle } | Request::Flush { handle } => {
@@ -558,6 +590,7 @@ impl Request {
         let allowed_flags = match op {
             Opcode::Write | Opcode::WriteZeroes => FLAG_FUA,
             Opcode::Open => FLAG_READ_ONLY,
+            Opcode::AttachSet | Opcode::VolumeDelete => FLAG_FORCE,
             _ => 0,
         };
         if h.flags & !allowed_flags != 0 {
@@ -570,6 +603,7 @@ impl Request {
             return Err(fail(Status::BadRequest, format!("{op}: unused header fields must be zero")));
         }
         let fua = h.flags & FLAG_FUA != 0;
+        let force = h.flags & FLAG_FORCE != 0;
         let mut r = Reader::new(&raw.payload);
         let parsed = (|| -> Result<Request, PayloadError> {
             let req = match op {
@@ -580,9 +614,10 @@ impl Request {
                         return Err(PayloadError::Invalid("reserved HELLO field is not zero"));
                     }
                     let features = r.u64()?;
+                    let session = r.u64()?;
                     let node_id = r.node_id()?;
                     let token = r.str16(TOKEN_LEN_MAX)?.to_owned();
-                    Request::Hello(Hello { version_min, version_max, features, node_id, token })
+                    Request::Hello(Hello { version_min, version_max, features, session, node_id, token })
                 }
                 Opcode::VolumeCreate => {
                     let size = r.u64()?;
@@ -594,7 +629,7 @@ impl Request {
                     let labels = if r.buf.is_empty() { Labels::new() } else { r.labels()? };
                     Request::VolumeCreate { size, name, labels }
                 }
-                Opcode::VolumeDelete => Request::VolumeDelete { name: r.volume_name()? },
+                Opcode::VolumeDelete => Request::VolumeDelete { name: r.volume_name()?, force },
                 Opcode::VolumeStat => Request::VolumeStat { name: r.volume_name()? },
                 Opcode::VolumeList => {
                     let max_entries = r.u32()?;
@@ -609,13 +644,21 @@ impl Request {
                     let size = r.u64()?;
                     Request::VolumeResize { size, name: r.volume_name()? }
                 }
-                Opcode::AttachSet => Request::AttachSet { name: r.volume_name()?, node: r.node_id()? },
-                Opcode::AttachClear => Request::AttachClear { name: r.volume_name()?, node: r.node_id()? },
+                Opcode::AttachSet => Request::AttachSet { name: r.volume_name()?, node: r.node_id()?, force },
+                Opcode::AttachClear => {
+                    Request::AttachClear { name: r.volume_name()?, node: r.node_id()?, generation: r.u64()? }
+                }
                 Opcode::StoreStat => Request::StoreStat,
                 Opcode::NodeRegister => Request::NodeRegister { node: r.node_id()? },
                 Opcode::NodeStat => Request::NodeStat { node: r.node_id()? },
                 Opcode::Open => {
-                    Request::Open { read_only: h.flags & FLAG_READ_ONLY != 0, name: r.volume_name()? }
+                    let read_only = h.flags & FLAG_READ_ONLY != 0;
+                    let name = r.volume_name()?;
+                    let generation = r.u64()?;
+                    if read_only && generation != 0 {
+                        return Err(PayloadError::Invalid("a read-only OPEN carries generation 0"));
+                    }
+                    Request::Open { read_only, name, generation }
                 }
                 Opcode::Close => Request::Close { handle: h.handle },
                 Opcode::Flush => Request::Flush { handle: h.handle },
@@ -656,11 +699,16 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloReply {
     pub version: u8,
+    /// `SESSION_ADMIN`, `SESSION_ENROLLED`.
+    pub session_flags: u8,
     pub features: u64,
     pub in_flight_requests_max: u32,
     pub in_flight_bytes_max: u32,
     pub payload_len_max: u32,
     pub server_id: String,
+    /// The node's new credential when this HELLO enrolled it (`SESSION_ENROLLED`), else empty. The
+    /// client keeps it and presents it from then on.
+    pub credential: String,
 }
 
 /// What the server knows about a volume.
@@ -676,6 +724,8 @@ pub struct VolumeInfo {
     pub generation: u64,
     /// The node holding the writer attachment, if any.
     pub owner: Option<NodeId>,
+    /// When the current writer attachment was set (0 = none).
+    pub attached_unix_ms: u64,
     /// Set at creation.
     pub labels: Labels,
 }
@@ -759,6 +809,7 @@ fn put_volume_info(p: &mut BytesMut, v: &VolumeInfo) {
     p.put_u64_le(v.created_unix_ms);
     p.put_u64_le(v.generation);
     put_str8(p, v.owner.as_ref().map(|n| n.as_str()).unwrap_or(""));
+    p.put_u64_le(v.attached_unix_ms);
     put_labels(p, &v.labels);
 }
 
@@ -771,8 +822,19 @@ fn get_volume_info(r: &mut Reader<'_>) -> Result<VolumeInfo, PayloadError> {
     let generation = r.u64()?;
     let owner = r.str8(NODE_ID_LEN_MAX)?;
     let owner = if owner.is_empty() { None } else { Some(NodeId::try_from(owner)?) };
+    let attached_unix_ms = r.u64()?;
     let labels = r.labels()?;
-    Ok(VolumeInfo { name, kind, size, allocated, created_unix_ms, generation, owner, labels })
+    Ok(VolumeInfo {
+        name,
+        kind,
+        size,
+        allocated,
+        created_unix_ms,
+        generation,
+        owner,
+        attached_unix_ms,
+        labels,
+    })
 }
 
 impl Response {
@@ -793,13 +855,14 @@ impl Response {
                 let payload = match reply {
                     Reply::Hello(h) => {
                         p.put_u8(h.version);
-                        p.put_u8(0);
+                        p.put_u8(h.session_flags);
                         p.put_u16_le(0);
                         p.put_u64_le(h.features);
                         p.put_u32_le(h.in_flight_requests_max);
                         p.put_u32_le(h.in_flight_bytes_max);
                         p.put_u32_le(h.payload_len_max);
                         put_str8(&mut p, &h.server_id);
+                        put_str16(&mut p, &h.credential);
                         p.freeze()
                     }
                     Reply::Done => Bytes::new(),
@@ -878,15 +941,17 @@ impl Response {
             Ok(match op {
                 Opcode::Hello => {
                     let version = r.u8()?;
-                    let _ = r.u8()?;
+                    let session_flags = r.u8()?;
                     let _ = r.u16()?;
                     Reply::Hello(HelloReply {
                         version,
+                        session_flags,
                         features: r.u64()?,
                         in_flight_requests_max: r.u32()?,
                         in_flight_bytes_max: r.u32()?,
                         payload_len_max: r.u32()?,
                         server_id: r.str8(SERVER_ID_LEN_MAX)?.to_owned(),
+                        credential: r.str16(TOKEN_LEN_MAX)?.to_owned(),
                     })
                 }
                 Opcode::VolumeCreate | Opcode::VolumeStat | Opcode::VolumeResize => {

@@ -1,10 +1,12 @@
 //! Every bound of the protocol in one place. Lengths read from the wire are checked against these
 //! constants *before* anything is allocated for them.
 
-/// Current (and only) protocol version. Carried in every header; negotiated by HELLO.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Current (and only) protocol version. Carried in every header; negotiated by HELLO. Version 2 added
+/// the client session id and credentials to HELLO, generations to OPEN and ATTACH_CLEAR, and the
+/// attachment time to VolumeInfo; version 1 had no enforced writer and is no longer spoken.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Oldest version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u8 = 1;
+pub const PROTOCOL_VERSION_MIN: u8 = 2;
 
 /// Largest payload of any frame (a WRITE request or a READ response), in bytes.
 pub const PAYLOAD_LEN_MAX: u32 = 4 << 20;

@@ -102,8 +102,16 @@ impl fmt::Display for Opcode {
 pub const FLAG_FUA: u16 = 1 << 0;
 /// OPEN: open read-only.
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// ATTACH_SET: take the writer attachment over from another holder (fences it). VOLUME_DELETE (admin
+/// only): delete although a writer attachment is recorded (its holder is known to be gone).
+pub const FLAG_FORCE: u16 = 1 << 2;
 /// Every flag bit this version defines; a request with any other bit set is refused.
-pub const FLAGS_KNOWN: u16 = FLAG_FUA | FLAG_READ_ONLY;
+pub const FLAGS_KNOWN: u16 = FLAG_FUA | FLAG_READ_ONLY | FLAG_FORCE;
+
+/// HELLO reply `session_flags`: the session authenticated with the admin credential.
+pub const SESSION_ADMIN: u8 = 1 << 0;
+/// HELLO reply `session_flags`: the node was enrolled by this HELLO; `credential` is its new secret.
+pub const SESSION_ENROLLED: u8 = 1 << 1;
 
 /// Feature bits exchanged in HELLO (the server answers with the intersection).
 pub const FEATURE_FUA: u64 = 1 << 0;
@@ -154,10 +162,13 @@ pub enum Status {
     Busy = 20,
     /// A bug on the server; details are in its log.
     Internal = 21,
+    /// Authenticated, but this session may not do that (another node's attachment, a forced delete
+    /// without the admin credential).
+    Forbidden = 22,
 }
 
 impl Status {
-    pub const ALL: [Status; 22] = [
+    pub const ALL: [Status; 23] = [
         Status::Ok,
         Status::BadRequest,
         Status::UnsupportedVersion,
@@ -180,6 +191,7 @@ impl Status {
         Status::InvalidArgument,
         Status::Busy,
         Status::Internal,
+        Status::Forbidden,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -196,7 +208,7 @@ impl Status {
             Status::AlreadyExists => "volume already exists",
             Status::OutOfRange => "offset or length beyond the end of the volume",
             Status::ReadOnly => "volume is open read-only",
-            Status::Fenced => "write refused: another node holds the writer attachment",
+            Status::Fenced => "refused: this session does not hold the volume's current writer attachment",
             Status::BadHandle => "unknown volume handle",
             Status::NotReady => "handshake required first",
             Status::Io => "storage I/O error on the server",
@@ -206,6 +218,7 @@ impl Status {
             Status::InvalidArgument => "invalid argument",
             Status::Busy => "volume is in use",
             Status::Internal => "internal server error",
+            Status::Forbidden => "not allowed for this session",
         }
     }
 }

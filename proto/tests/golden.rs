@@ -16,7 +16,7 @@ fn read_request_golden() {
     let frame = req.encode(RequestId(0x0102030405060708));
     let mut expected: Vec<u8> = vec![];
     expected.extend_from_slice(b"FVRQ"); // magic
-    expected.push(1); // version
+    expected.push(2); // version
     expected.push(0x22); // opcode READ
     expected.extend_from_slice(&[0, 0]); // flags
     expected.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]); // request id, LE
@@ -40,7 +40,7 @@ fn write_fua_request_golden() {
     let frame = req.encode(RequestId(9));
     let mut expected: Vec<u8> = vec![];
     expected.extend_from_slice(b"FVRQ");
-    expected.push(1); // version
+    expected.push(2); // version
     expected.push(0x23); // WRITE
     expected.extend_from_slice(&[1, 0]); // flags: FUA
     expected.extend_from_slice(&9u64.to_le_bytes()); // request id
@@ -60,18 +60,20 @@ fn write_fua_request_golden() {
 #[test]
 fn hello_request_golden() {
     let req = Request::Hello(Hello {
-        version_min: 1,
-        version_max: 1,
+        version_min: 2,
+        version_max: 2,
         features: 0b111,
+        session: 0x0102_0304_0506_0708,
         node_id: NodeId::try_from("n1").unwrap(),
         token: "tok".into(),
     });
     let frame = req.encode(RequestId(1));
     let payload: &[u8] = &[
-        1, // version_min
-        1, // version_max
+        2, // version_min
+        2, // version_max
         0, 0, // reserved
         7, 0, 0, 0, 0, 0, 0, 0, // features: FUA | TRIM | WRITE_ZEROES
+        8, 7, 6, 5, 4, 3, 2, 1, // client session id
         2, b'n', b'1', // node id, str8
         3, 0, b't', b'o', b'k', // token, str16
     ];
@@ -79,6 +81,94 @@ fn hello_request_golden() {
     assert_eq!(frame.header[5], 0x01); // opcode HELLO
     assert_eq!(&frame.header[32..36], &(payload.len() as u32).to_le_bytes());
     assert_eq!(&frame.header[36..40], &crc(payload));
+}
+
+#[test]
+fn hello_reply_golden() {
+    let resp = Response::ok(
+        RequestId(1),
+        Opcode::Hello,
+        Reply::Hello(HelloReply {
+            version: 2,
+            session_flags: 0b10, // SESSION_ENROLLED
+            features: 7,
+            in_flight_requests_max: 256,
+            in_flight_bytes_max: 1 << 26,
+            payload_len_max: 1 << 22,
+            server_id: "s".into(),
+            credential: "cr".into(),
+        }),
+    );
+    let payload: &[u8] = &[
+        2,    // version chosen
+        0b10, // session flags: bit 0 admin, bit 1 enrolled (a credential follows)
+        0, 0, // reserved
+        7, 0, 0, 0, 0, 0, 0, 0, // features
+        0, 1, 0, 0, // in_flight_requests_max 256
+        0, 0, 0, 4, // in_flight_bytes_max 64 MiB
+        0, 0, 0x40, 0, // payload_len_max 4 MiB
+        1, b's', // server id, str8
+        2, 0, b'c', b'r', // credential, str16
+    ];
+    assert_eq!(&resp.encode().payload[..], payload);
+}
+
+#[test]
+fn attachment_requests_golden() {
+    let v = || VolumeName::try_from("v").unwrap();
+    let n = || NodeId::try_from("n").unwrap();
+    // ATTACH_SET with FORCE (takeover): flag bit 2 in the header, name and node in the payload.
+    let f = Request::AttachSet { name: v(), node: n(), force: true }.encode(RequestId(1));
+    assert_eq!(frame_flags(&f), 0b100);
+    assert_eq!(&f.payload[..], &[1, b'v', 1, b'n']);
+    // ATTACH_CLEAR: name, node, generation u64 (0 = any).
+    let f = Request::AttachClear { name: v(), node: n(), generation: 5 }.encode(RequestId(1));
+    assert_eq!((f.header[5], frame_flags(&f)), (0x16, 0));
+    assert_eq!(&f.payload[..], &[1, b'v', 1, b'n', 5, 0, 0, 0, 0, 0, 0, 0]);
+    // OPEN read-write under generation 3; read-only carries 0 and flag bit 1.
+    let f = Request::Open { name: v(), read_only: false, generation: 3 }.encode(RequestId(1));
+    assert_eq!((f.header[5], frame_flags(&f)), (0x20, 0));
+    assert_eq!(&f.payload[..], &[1, b'v', 3, 0, 0, 0, 0, 0, 0, 0]);
+    let f = Request::Open { name: v(), read_only: true, generation: 0 }.encode(RequestId(1));
+    assert_eq!(frame_flags(&f), 0b10);
+    assert_eq!(&f.payload[..], &[1, b'v', 0, 0, 0, 0, 0, 0, 0, 0]);
+    // VOLUME_DELETE with FORCE.
+    let f = Request::VolumeDelete { name: v(), force: true }.encode(RequestId(1));
+    assert_eq!((f.header[5], frame_flags(&f)), (0x11, 0b100));
+    // A read-only OPEN with a generation, and FORCE on an opcode that has no such flag, are refused.
+    let mut bad =
+        Request::Open { name: v(), read_only: true, generation: 0 }.encode(RequestId(9)).to_bytes().to_vec();
+    let at = bad.len() - 8;
+    bad[at] = 1;
+    let mut buf = reframe(&bad);
+    assert_eq!(
+        Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err().status,
+        Status::BadRequest
+    );
+    let mut h =
+        RequestHeader { version: 2, opcode: Opcode::VolumeStat as u8, flags: 0b100, ..Default::default() };
+    h.request_id = RequestId(3);
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    assert_eq!(
+        Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err().status,
+        Status::BadRequest
+    );
+}
+
+fn frame_flags(f: &RequestFrame) -> u16 {
+    u16::from_le_bytes([f.header[6], f.header[7]])
+}
+
+/// Re-encodes a request whose payload was edited: new payload CRC and header CRC.
+fn reframe(bytes: &[u8]) -> BytesMut {
+    let payload = &bytes[REQUEST_HEADER_LEN..];
+    let mut header = bytes[..REQUEST_HEADER_LEN].to_vec();
+    header[36..40].copy_from_slice(&crc(payload));
+    let hcrc = crc(&header[..44]);
+    header[44..48].copy_from_slice(&hcrc);
+    let mut out = BytesMut::from(&header[..]);
+    out.extend_from_slice(payload);
+    out
 }
 
 #[test]
@@ -133,7 +223,7 @@ fn error_response_golden() {
     let frame = resp.encode();
     let mut expected: Vec<u8> = vec![];
     expected.extend_from_slice(b"FVRS"); // magic
-    expected.push(1); // version
+    expected.push(2); // version
     expected.push(0x23); // opcode echo: WRITE
     expected.extend_from_slice(&[12, 0]); // status 12 = Fenced
     expected.extend_from_slice(&5u64.to_le_bytes()); // request id
@@ -207,7 +297,7 @@ fn corrupt_header_is_fatal() {
 #[test]
 fn oversized_length_rejected_before_allocation() {
     let h = RequestHeader {
-        version: 1,
+        version: 2,
         opcode: Opcode::Write as u8,
         request_id: RequestId(3),
         payload_len: u32::MAX,
@@ -223,7 +313,7 @@ fn oversized_length_rejected_before_allocation() {
     assert_eq!(buf.capacity(), cap_before);
     // Control opcodes have a much lower limit.
     let h =
-        RequestHeader { version: 1, opcode: Opcode::Hello as u8, payload_len: 1 << 20, ..Default::default() };
+        RequestHeader { version: 2, opcode: Opcode::Hello as u8, payload_len: 1 << 20, ..Default::default() };
     let mut buf = BytesMut::from(&h.encode()[..]);
     assert!(matches!(split_request(&mut buf), Err(FrameError::PayloadTooLarge { .. })));
     // An unsupported version is fatal too.
@@ -252,7 +342,7 @@ fn hostile_names_and_fields_rejected() {
     // A name like "../x" never becomes a VolumeName, so build the payload by hand.
     let payload = [&[4u8][..], b"../x"].concat();
     let h = RequestHeader {
-        version: 1,
+        version: 2,
         opcode: Opcode::VolumeDelete as u8,
         request_id: RequestId(1),
         payload_len: payload.len() as u32,
@@ -275,7 +365,7 @@ fn hostile_names_and_fields_rejected() {
     // Unknown opcode, unknown flags, a READ larger than the limit.
     for (opcode, flags, length) in [(0x7f, 0, 0), (0x22, 0x8000, 0), (0x22, 0, u32::MAX), (0x21, 1, 0)] {
         let h = RequestHeader {
-            version: 1,
+            version: 2,
             opcode,
             flags,
             length,
@@ -299,13 +389,16 @@ fn response_round_trip_all_replies() {
         created_unix_ms: 1_700_000_000_000,
         generation: 3,
         owner: Some(NodeId::try_from("node-a").unwrap()),
+        attached_unix_ms: 1_700_000_001_000,
         labels: Labels::from([("csi.ferrovol.io/name".to_owned(), "pvc-Ω ünïcode".to_owned())]),
     };
     let cases = vec![
         (
             Opcode::Hello,
             Reply::Hello(HelloReply {
-                version: 1,
+                version: 2,
+                session_flags: 3,
+                credential: "c".repeat(64),
                 features: 7,
                 in_flight_requests_max: 256,
                 in_flight_bytes_max: 1 << 26,

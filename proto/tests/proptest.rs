@@ -25,25 +25,47 @@ fn handle() -> impl Strategy<Value = VolumeHandle> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (any::<u8>(), any::<u8>(), any::<u64>(), node(), "[ -~]{0,64}").prop_map(|(a, b, f, n, t)| {
-            Request::Hello(Hello { version_min: a, version_max: b, features: f, node_id: n, token: t })
-        }),
+        (any::<u8>(), any::<u8>(), any::<u64>(), any::<u64>(), node(), "[ -~]{0,64}").prop_map(
+            |(a, b, f, session, n, t)| {
+                Request::Hello(Hello {
+                    version_min: a,
+                    version_max: b,
+                    features: f,
+                    session,
+                    node_id: n,
+                    token: t,
+                })
+            }
+        ),
         (name(), any::<u64>(), labels()).prop_map(|(name, size, labels)| Request::VolumeCreate {
             name,
             size,
             labels
         }),
-        name().prop_map(|name| Request::VolumeDelete { name }),
+        (name(), any::<bool>()).prop_map(|(name, force)| Request::VolumeDelete { name, force }),
         name().prop_map(|name| Request::VolumeStat { name }),
         (proptest::option::of(name()), 1u32..=256)
             .prop_map(|(s, m)| Request::VolumeList { start_after: s, max_entries: m }),
         (name(), any::<u64>()).prop_map(|(name, size)| Request::VolumeResize { name, size }),
-        (name(), node()).prop_map(|(name, node)| Request::AttachSet { name, node }),
+        (name(), node(), any::<bool>()).prop_map(|(name, node, force)| Request::AttachSet {
+            name,
+            node,
+            force
+        }),
         Just(Request::StoreStat),
         node().prop_map(|node| Request::NodeRegister { node }),
         node().prop_map(|node| Request::NodeStat { node }),
-        (name(), node()).prop_map(|(name, node)| Request::AttachClear { name, node }),
-        (name(), any::<bool>()).prop_map(|(name, read_only)| Request::Open { name, read_only }),
+        (name(), node(), any::<u64>()).prop_map(|(name, node, generation)| Request::AttachClear {
+            name,
+            node,
+            generation
+        }),
+        name().prop_map(|name| Request::Open { name, read_only: true, generation: 0 }),
+        (name(), any::<u64>()).prop_map(|(name, generation)| Request::Open {
+            name,
+            read_only: false,
+            generation
+        }),
         handle().prop_map(|handle| Request::Close { handle }),
         handle().prop_map(|handle| Request::Flush { handle }),
         (handle(), any::<u64>(), 0u32..=limits::READ_LEN_MAX)
@@ -61,7 +83,112 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
+fn volume_info() -> impl Strategy<Value = VolumeInfo> {
+    (
+        name(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        proptest::option::of(node()),
+        any::<u64>(),
+        labels(),
+    )
+        .prop_map(
+            |(name, size, allocated, created_unix_ms, generation, owner, attached_unix_ms, labels)| {
+                VolumeInfo {
+                    name,
+                    kind: 0,
+                    size,
+                    allocated,
+                    created_unix_ms,
+                    generation,
+                    owner,
+                    attached_unix_ms,
+                    labels,
+                }
+            },
+        )
+}
+
+/// Every successful reply, with the opcode it answers.
+fn reply() -> impl Strategy<Value = (Opcode, Reply)> {
+    prop_oneof![
+        (any::<u8>(), any::<u8>(), any::<u64>(), any::<(u32, u32, u32)>(), "[ -~]{0,128}", "[ -~]{0,64}")
+            .prop_map(|(version, session_flags, features, (r, b, p), server_id, credential)| {
+                (
+                    Opcode::Hello,
+                    Reply::Hello(HelloReply {
+                        version,
+                        session_flags,
+                        features,
+                        in_flight_requests_max: r,
+                        in_flight_bytes_max: b,
+                        payload_len_max: p,
+                        server_id,
+                        credential,
+                    }),
+                )
+            }),
+        prop_oneof![
+            Just(Opcode::VolumeDelete),
+            Just(Opcode::AttachClear),
+            Just(Opcode::Close),
+            Just(Opcode::Write),
+            Just(Opcode::Flush),
+            Just(Opcode::Trim),
+            Just(Opcode::WriteZeroes)
+        ]
+        .prop_map(|op| (op, Reply::Done)),
+        (
+            prop_oneof![Just(Opcode::VolumeCreate), Just(Opcode::VolumeStat), Just(Opcode::VolumeResize)],
+            volume_info()
+        )
+            .prop_map(|(op, v)| (op, Reply::Volume(v))),
+        (proptest::collection::vec(volume_info(), 0..5), any::<bool>())
+            .prop_map(|(entries, more)| (Opcode::VolumeList, Reply::List { entries, more })),
+        any::<u64>().prop_map(|generation| (Opcode::AttachSet, Reply::Attached { generation })),
+        any::<[u64; 4]>().prop_map(|[t, f, p, v]| {
+            (
+                Opcode::StoreStat,
+                Reply::StoreStat(StoreStat {
+                    total_bytes: t,
+                    free_bytes: f,
+                    provisioned_bytes: p,
+                    volumes: v,
+                }),
+            )
+        }),
+        (prop_oneof![Just(Opcode::NodeRegister), Just(Opcode::NodeStat)], any::<u64>())
+            .prop_map(|(op, registered_unix_ms)| (op, Reply::Node { registered_unix_ms })),
+        (handle(), any::<u64>(), any::<bool>())
+            .prop_map(|(handle, size, read_only)| (Opcode::Open, Reply::Opened { handle, size, read_only })),
+        proptest::collection::vec(any::<u8>(), 0..5000)
+            .prop_map(|d| (Opcode::Read, Reply::Data(Bytes::from(d)))),
+    ]
+}
+
 proptest! {
+    #[test]
+    fn replies_round_trip(replies in proptest::collection::vec((any::<u64>(), reply()), 1..6), chunk in 1usize..200) {
+        let sent: Vec<Response> =
+            replies.into_iter().map(|(id, (op, reply))| Response::ok(RequestId(id), op, reply)).collect();
+        let mut stream = BytesMut::new();
+        for r in &sent {
+            r.encode().write_to(&mut stream);
+        }
+        let mut buf = BytesMut::new();
+        let mut out = vec![];
+        for piece in stream.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(raw) = split_response(&mut buf).unwrap() {
+                out.push(Response::parse(raw).unwrap());
+            }
+        }
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!(out, sent);
+    }
+
     #[test]
     fn requests_round_trip(reqs in proptest::collection::vec((any::<u64>(), request()), 1..8), chunk in 1usize..200) {
         let mut stream = BytesMut::new();
@@ -83,7 +210,7 @@ proptest! {
     }
 
     #[test]
-    fn error_responses_round_trip(id in any::<u64>(), op in any::<u8>(), msg in "[ -~]{0,200}", st in 1usize..22) {
+    fn error_responses_round_trip(id in any::<u64>(), op in any::<u8>(), msg in "[ -~]{0,200}", st in 1usize..opcode::Status::ALL.len()) {
         let status = opcode::Status::ALL[st];
         let resp = Response::error(RequestId(id), op, status, msg);
         let mut buf = BytesMut::new();

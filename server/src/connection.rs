@@ -115,7 +115,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 }
             };
             let outcome = match Request::parse(raw) {
-                Ok((id, req)) => session.handle(&ctx, id, req).await,
+                Ok((id, req)) => session.handle(&ctx, id, req),
                 Err(e) => {
                     debug!(error = %e, "request refused");
                     let resp = Response::error(e.request_id, e.opcode, e.status, e.message);

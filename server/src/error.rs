@@ -18,10 +18,15 @@ pub enum StoreError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("volume is open read-only on this connection")]
     ReadOnly,
-    #[error("write refused: node {owner:?} holds the writer attachment of this volume")]
-    Fenced { owner: String },
-    #[error("volume is attached for writing by node {owner:?}")]
-    AttachedElsewhere { owner: String },
+    /// Refused: the session does not hold the volume's current writer attachment (it never did, or
+    /// it was taken over or released since).
+    #[error("{0}")]
+    Fenced(String),
+    /// The writer attachment belongs to someone else; the message names the holder and since when.
+    #[error("{0}")]
+    AttachedElsewhere(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Busy(String),
     #[error("unknown volume handle {0}")]
@@ -44,8 +49,9 @@ impl StoreError {
             StoreError::InvalidArgument(_) => Status::InvalidArgument,
             StoreError::OutOfRange { .. } => Status::OutOfRange,
             StoreError::ReadOnly => Status::ReadOnly,
-            StoreError::Fenced { .. } => Status::Fenced,
-            StoreError::AttachedElsewhere { .. } => Status::AttachedElsewhere,
+            StoreError::Fenced(_) => Status::Fenced,
+            StoreError::AttachedElsewhere(_) => Status::AttachedElsewhere,
+            StoreError::Forbidden(_) => Status::Forbidden,
             StoreError::Busy(_) => Status::Busy,
             StoreError::BadHandle(_) => Status::BadHandle,
             StoreError::NoSpace => Status::NoSpace,

@@ -41,12 +41,20 @@ pub enum Outcome {
 struct OpenVolume {
     vol: Arc<Volume>,
     read_only: bool,
+    /// Read-write handles: the writer attachment generation they were opened under (every write is
+    /// checked against the volume's current one).
+    generation: u64,
 }
 
 /// A connection's session: who the peer is (after HELLO) and which volumes it has open.
 #[derive(Default)]
 pub struct Session {
     node: Option<NodeId>,
+    /// Authenticated with the admin credential: may act on other nodes' attachments and force
+    /// deletes.
+    admin: bool,
+    /// The client's session id from HELLO (shared by its connections and reconnects).
+    client_session: u64,
     handles: HashMap<u32, OpenVolume>,
     next_handle: u32,
 }
@@ -60,9 +68,17 @@ impl std::fmt::Debug for Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for (_, h) in self.handles.drain() {
-            h.vol.opens.fetch_sub(1, Ordering::AcqRel);
+            release(&h, self.client_session);
         }
     }
+}
+
+/// Undoes what OPEN counted for a handle.
+fn release(h: &OpenVolume, client_session: u64) {
+    if !h.read_only {
+        h.vol.close_writer(h.generation, client_session);
+    }
+    h.vol.opens.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from response timing.
@@ -105,13 +121,20 @@ fn durable(id: RequestId, op: Opcode, vol: Arc<Volume>, reply: Reply) -> Outcome
     }))
 }
 
-/// A control operation on the store, run on the blocking pool (it fsyncs metadata).
-async fn store_op<T: Send + 'static>(
+/// A control operation on the store: run on the blocking pool (it may fsync metadata) and answered
+/// when done, while the connection goes on reading and serving the requests behind it.
+fn store_op<T: Send + 'static>(
     ctx: &Context,
+    id: RequestId,
+    op: Opcode,
     f: impl FnOnce(&crate::store::Store) -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
+    reply: impl FnOnce(T) -> Reply + Send + 'static,
+) -> Outcome {
     let store = ctx.store.clone();
-    blocking(move || f(&store)).await
+    Outcome::Later(Box::pin(async move {
+        let r = blocking(move || f(&store)).await;
+        done(id, op, r.map(reply))
+    }))
 }
 
 impl Session {
@@ -123,7 +146,7 @@ impl Session {
         self.handles.get(&h.0).ok_or(StoreError::BadHandle(h.0))
     }
 
-    pub async fn handle(&mut self, ctx: &Context, id: RequestId, req: Request) -> Outcome {
+    pub fn handle(&mut self, ctx: &Context, id: RequestId, req: Request) -> Outcome {
         let op = req.opcode();
         if self.node.is_none() {
             let Request::Hello(hello) = req else {
@@ -141,52 +164,72 @@ impl Session {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
             Request::VolumeCreate { name, size, labels } => {
-                let r = store_op(ctx, move |s| s.create(&name, size, &labels)).await;
-                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
+                store_op(ctx, id, op, move |s| s.create(&name, size, &labels), Reply::Volume)
             }
-            Request::VolumeDelete { name } => {
-                let r = store_op(ctx, move |s| s.delete(&name)).await;
-                Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
+            Request::VolumeDelete { name, force } => {
+                if let Err(e) = self.admin_for(force, || format!("forcing the delete of volume {name}")) {
+                    return Outcome::Reply(err(id, op, &e));
+                }
+                store_op(ctx, id, op, move |s| s.delete(&name, force), |()| Reply::Done)
             }
-            Request::VolumeList { start_after, max_entries } => {
-                let r = store_op(ctx, move |s| Ok(s.list(start_after.as_ref(), max_entries))).await;
-                Outcome::Reply(done(id, op, r.map(|(entries, more)| Reply::List { entries, more })))
-            }
+            Request::VolumeList { start_after, max_entries } => store_op(
+                ctx,
+                id,
+                op,
+                move |s| Ok(s.list(start_after.as_ref(), max_entries)),
+                |(entries, more)| Reply::List { entries, more },
+            ),
             Request::VolumeStat { name } => {
-                let r = store_op(ctx, move |s| s.get(&name).map(|v| v.info())).await;
-                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
+                store_op(ctx, id, op, move |s| s.get(&name).map(|v| v.info()), Reply::Volume)
             }
             Request::VolumeResize { name, size } => {
-                let r = store_op(ctx, move |s| s.resize(&name, size)).await;
-                Outcome::Reply(done(id, op, r.map(Reply::Volume)))
+                store_op(ctx, id, op, move |s| s.resize(&name, size), Reply::Volume)
             }
-            Request::AttachSet { name, node } => {
-                let r = store_op(ctx, move |s| s.attach_set(&name, &node)).await;
-                Outcome::Reply(done(id, op, r.map(|generation| Reply::Attached { generation })))
+            Request::AttachSet { name, node, force } => {
+                if let Err(e) = self.may_act_for(&node) {
+                    return Outcome::Reply(err(id, op, &e));
+                }
+                store_op(
+                    ctx,
+                    id,
+                    op,
+                    move |s| s.attach_set(&name, &node, force),
+                    |generation| Reply::Attached { generation },
+                )
             }
-            Request::AttachClear { name, node } => {
-                let r = store_op(ctx, move |s| s.attach_clear(&name, &node)).await;
-                Outcome::Reply(done(id, op, r.map(|()| Reply::Done)))
+            Request::AttachClear { name, node, generation } => {
+                if let Err(e) = self.may_act_for(&node) {
+                    return Outcome::Reply(err(id, op, &e));
+                }
+                store_op(ctx, id, op, move |s| s.attach_clear(&name, &node, generation), |()| Reply::Done)
             }
             Request::NodeRegister { node } => {
-                let r = store_op(ctx, move |s| s.node_register(&node)).await;
-                Outcome::Reply(done(id, op, r.map(|registered_unix_ms| Reply::Node { registered_unix_ms })))
+                if let Err(e) = self.may_act_for(&node) {
+                    return Outcome::Reply(err(id, op, &e));
+                }
+                store_op(
+                    ctx,
+                    id,
+                    op,
+                    move |s| s.node_register(&node),
+                    |registered_unix_ms| Reply::Node { registered_unix_ms },
+                )
             }
-            Request::NodeStat { node } => {
-                let r = store_op(ctx, move |s| s.node_stat(&node)).await;
-                Outcome::Reply(done(id, op, r.map(|registered_unix_ms| Reply::Node { registered_unix_ms })))
-            }
-            Request::StoreStat => {
-                let r = store_op(ctx, move |s| s.stat()).await;
-                Outcome::Reply(done(id, op, r.map(Reply::StoreStat)))
-            }
-            Request::Open { name, read_only } => {
-                Outcome::Reply(done(id, op, self.open(&ctx.store, &name, read_only)))
+            Request::NodeStat { node } => store_op(
+                ctx,
+                id,
+                op,
+                move |s| s.node_stat(&node),
+                |registered_unix_ms| Reply::Node { registered_unix_ms },
+            ),
+            Request::StoreStat => store_op(ctx, id, op, move |s| s.stat(), Reply::StoreStat),
+            Request::Open { name, read_only, generation } => {
+                Outcome::Reply(done(id, op, self.open(&ctx.store, &name, read_only, generation)))
             }
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
                     Some(h) => {
-                        h.vol.opens.fetch_sub(1, Ordering::AcqRel);
+                        release(&h, self.client_session);
                         Ok(Reply::Done)
                     }
                     None => Err(StoreError::BadHandle(handle.0)),
@@ -198,21 +241,15 @@ impl Session {
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Write { handle, offset, data, fua } => {
-                let r = self.writable(handle).and_then(|vol| {
-                    vol.write(offset, &data)?;
-                    Ok(vol)
-                });
+                let r = self.writable(handle, |vol| vol.write(offset, &data));
                 self.maybe_durable(id, op, handle, r, fua)
             }
             Request::WriteZeroes { handle, offset, len, fua } => {
-                let r = self.writable(handle).and_then(|vol| {
-                    vol.write_zeroes(offset, len)?;
-                    Ok(vol)
-                });
+                let r = self.writable(handle, |vol| vol.write_zeroes(offset, len));
                 self.maybe_durable(id, op, handle, r, fua)
             }
             Request::Trim { handle, offset, len } => {
-                let r = self.writable(handle).and_then(|vol| vol.trim(offset, len)).map(|()| Reply::Done);
+                let r = self.writable(handle, |vol| vol.trim(offset, len)).map(|_| Reply::Done);
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Flush { handle } => match self.handle_of(handle) {
@@ -247,11 +284,17 @@ impl Session {
         }
         debug!(node = %hello.node_id, "handshake done");
         self.node = Some(hello.node_id);
+        self.client_session = hello.session;
+        // Until per-node credentials exist, the one token is the admin's (and no token: open mode,
+        // where every session is admin and identity is only claimed: loopback and tests).
+        self.admin = true;
         Outcome::Reply(Response::ok(
             id,
             Opcode::Hello,
             Reply::Hello(HelloReply {
                 version: PROTOCOL_VERSION,
+                session_flags: if self.admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 },
+                credential: String::new(),
                 features: hello.features & FEATURES_ALL,
                 in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
                 in_flight_bytes_max: IN_FLIGHT_BYTES_MAX,
@@ -261,38 +304,70 @@ impl Session {
         ))
     }
 
+    /// Only the node itself, or an admin, may set or clear its attachments and register it.
+    fn may_act_for(&self, node: &NodeId) -> StoreResult<()> {
+        if self.admin || self.node.as_ref() == Some(node) {
+            return Ok(());
+        }
+        Err(StoreError::Forbidden(format!(
+            "this session is node {:?}: it may not act for node \"{node}\" (only the admin credential may)",
+            self.node.as_ref().map(NodeId::as_str).unwrap_or("")
+        )))
+    }
+
+    /// `what` needs the admin credential when `needed`.
+    fn admin_for(&self, needed: bool, what: impl FnOnce() -> String) -> StoreResult<()> {
+        if needed && !self.admin {
+            return Err(StoreError::Forbidden(format!("{} needs the admin credential", what())));
+        }
+        Ok(())
+    }
+
+    /// OPEN: read-only for anyone; read-write only under the session node's current writer
+    /// attachment `generation`, for one client session at a time.
     fn open(
         &mut self,
         store: &crate::store::Store,
         name: &VolumeName,
         read_only: bool,
+        generation: u64,
     ) -> StoreResult<Reply> {
         if self.handles.len() >= HANDLES_PER_CONNECTION_MAX {
             return Err(StoreError::InvalidArgument(format!(
                 "{HANDLES_PER_CONNECTION_MAX} volumes are already open on this connection"
             )));
         }
-        let vol = store.get(name)?;
-        vol.opens.fetch_add(1, Ordering::AcqRel);
+        // Handles exist only after HELLO, so the node is known here.
+        let node = self.node.clone().ok_or(StoreError::InvalidArgument("handshake required".into()))?;
+        let vol = store.open_volume(name)?;
+        if !read_only {
+            if let Err(e) = vol.open_writer(&node, generation, self.client_session) {
+                vol.opens.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        }
         // Handle numbers are never reused on a connection (0 is never a valid handle).
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
         let handle = VolumeHandle(self.next_handle);
         let size = vol.size();
-        debug!(volume = %name, %handle, read_only, "volume opened");
-        self.handles.insert(handle.0, OpenVolume { vol, read_only });
+        debug!(volume = %name, %handle, read_only, generation, "volume opened");
+        self.handles.insert(handle.0, OpenVolume { vol, read_only, generation });
         Ok(Reply::Opened { handle, size, read_only })
     }
 
-    /// The volume behind `handle`, if this session may write to it: opened read-write, and no other
-    /// node holds the writer attachment (fencing).
-    fn writable(&self, handle: VolumeHandle) -> StoreResult<Arc<Volume>> {
+    /// Runs `write` on the volume behind `handle` if this session may write to it: opened
+    /// read-write, under the volume's current writer attachment generation (fencing, checked for
+    /// every request, held until the write is done).
+    fn writable<T>(
+        &self,
+        handle: VolumeHandle,
+        write: impl FnOnce(&Volume) -> StoreResult<T>,
+    ) -> StoreResult<Arc<Volume>> {
         let h = self.handle_of(handle)?;
-        // Handles exist only after HELLO, so the node is known here.
-        let node = self.node.as_ref().ok_or(StoreError::InvalidArgument("handshake required".into()))?;
         if h.read_only {
             return Err(StoreError::ReadOnly);
         }
-        h.vol.check_writer(node)?;
+        h.vol.fenced(h.generation, || write(&h.vol))?;
         Ok(h.vol.clone())
     }
 

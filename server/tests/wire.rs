@@ -63,13 +63,7 @@ fn hostile_input_never_hurts_others() {
 
     // Wrong token: AuthFailed, then closed.
     let mut c = RawClient::connect(addr);
-    let r = c.call(Request::Hello(codec::Hello {
-        version_min: 1,
-        version_max: 1,
-        features: 0,
-        node_id: NodeId::try_from("mallory").unwrap(),
-        token: "guess".into(),
-    }));
+    let r = c.call(hello_request("mallory", "guess"));
     assert_eq!(status(&r), Status::AuthFailed);
     assert!(c.is_closed());
     by.round();
@@ -92,7 +86,7 @@ fn hostile_input_never_hurts_others() {
     // An oversized length: TooLarge for that request id, closed, nothing allocated for it.
     let mut c = RawClient::hello(addr, "big", "sesame");
     let h = header::RequestHeader {
-        version: 1,
+        version: ferrovol_proto::limits::PROTOCOL_VERSION,
         opcode: Opcode::Write as u8,
         request_id: RequestId(77),
         payload_len: u32::MAX,
@@ -107,7 +101,9 @@ fn hostile_input_never_hurts_others() {
 
     // A bad payload CRC: Checksum for that request, and the connection stays usable.
     let mut c = RawClient::hello(addr, "crc", "sesame");
-    let hd = open(&mut c, "calm");
+    let r = c.call(Request::VolumeCreate { name: name("scratch"), size: 1 << 20, labels: Labels::new() });
+    assert_eq!(status(&r), Status::Ok);
+    let hd = open(&mut c, "scratch");
     let mut frame = Request::Write { handle: hd, offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
         .encode(RequestId(5))
         .to_bytes()
@@ -124,7 +120,7 @@ fn hostile_input_never_hurts_others() {
     // VOLUME_CREATE payload: size u64, kind u8, name str8 = "../x".
     let payload = [&(1u64 << 20).to_le_bytes()[..], &[0u8], &[4u8], b"../x"].concat();
     let hdr = header::RequestHeader {
-        version: 1,
+        version: ferrovol_proto::limits::PROTOCOL_VERSION,
         opcode: Opcode::VolumeCreate as u8,
         request_id: RequestId(9),
         payload_len: payload.len() as u32,
@@ -149,8 +145,12 @@ fn hostile_input_never_hurts_others() {
     assert_eq!(status(&r), Status::OutOfRange);
     let r = c.call(Request::VolumeStat { name: name("nope") });
     assert_eq!(status(&r), Status::NotFound);
-    let unknown =
-        header::RequestHeader { version: 1, opcode: 0x7e, request_id: RequestId(31), ..Default::default() };
+    let unknown = header::RequestHeader {
+        version: ferrovol_proto::limits::PROTOCOL_VERSION,
+        opcode: 0x7e,
+        request_id: RequestId(31),
+        ..Default::default()
+    };
     c.send_bytes(&unknown.encode()).unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
@@ -184,7 +184,7 @@ fn hostile_input_never_hurts_others() {
 
 fn c_del(addr: SocketAddr) -> Status {
     let mut c = RawClient::hello(addr, "deleter", "sesame");
-    status(&c.call(Request::VolumeDelete { name: name("calm") }))
+    status(&c.call(Request::VolumeDelete { name: name("calm"), force: false }))
 }
 
 #[test]
@@ -221,23 +221,31 @@ fn pipelined_out_of_order_and_fencing() {
         }
     }
 
-    // Fencing: A takes the writer attachment; B may read but not write, nor take it.
-    let gen = match a
-        .call(Request::AttachSet { name: name("v"), node: NodeId::try_from("node-a").unwrap() })
-        .result
-    {
-        Ok(Reply::Attached { generation }) => generation,
+    // Fencing: A holds the writer attachment (generation 1, taken by `open`); B may read, but may
+    // neither open it read-write (under any generation) nor take it without forcing.
+    assert_eq!(attach(&mut a, "v", false).unwrap(), 1, "A holds generation 1");
+    let mut b = RawClient::hello(addr, "node-b", "");
+    for generation in [0, 1, 2] {
+        let r = b.call(Request::Open { name: name("v"), read_only: false, generation });
+        assert_eq!(status(&r), Status::AttachedElsewhere, "{r:?}");
+    }
+    let e = attach(&mut b, "v", false).unwrap_err();
+    assert_eq!(e.status, Status::AttachedElsewhere);
+    assert!(e.message.contains("node \"node-a\"") && e.message.contains("ago"), "{e}");
+    let hb_ro = match b.call(Request::Open { name: name("v"), read_only: true, generation: 0 }).result {
+        Ok(Reply::Opened { handle, .. }) => handle,
         other => panic!("{other:?}"),
     };
-    assert_eq!(gen, 1);
-    let mut b = RawClient::hello(addr, "node-b", "");
-    let hb = open(&mut b, "v");
-    let w = Request::Write { handle: hb, offset: 0, data: Bytes::from_static(b"evil"), fua: false };
-    assert_eq!(status(&b.call(w.clone())), Status::Fenced);
-    assert_eq!(status(&b.call(Request::Trim { handle: hb, offset: 0, len: 4096 })), Status::Fenced);
-    assert_eq!(status(&b.call(Request::Read { handle: hb, offset: 0, len: 4 })), Status::Ok);
-    let steal = Request::AttachSet { name: name("v"), node: NodeId::try_from("node-b").unwrap() };
-    assert_eq!(status(&b.call(steal.clone())), Status::AttachedElsewhere);
+    assert_eq!(status(&b.call(Request::Read { handle: hb_ro, offset: 0, len: 4 })), Status::Ok);
+    assert_eq!(
+        status(&b.call(Request::Write {
+            handle: hb_ro,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+            fua: false
+        })),
+        Status::ReadOnly
+    );
     assert_eq!(
         status(&a.call(Request::Write {
             handle: ha,
@@ -247,12 +255,16 @@ fn pipelined_out_of_order_and_fencing() {
         })),
         Status::Ok
     );
-    // After A lets go, B may take over and write.
-    assert_eq!(
-        status(&a.call(Request::AttachClear { name: name("v"), node: NodeId::try_from("node-a").unwrap() })),
-        Status::Ok
-    );
-    assert_eq!(status(&b.call(steal)), Status::Ok);
+    // After A lets go (its own generation), B may take it and write.
+    let release = |g| Request::AttachClear {
+        name: name("v"),
+        node: NodeId::try_from("node-a").unwrap(),
+        generation: g,
+    };
+    assert_eq!(status(&a.call(release(7))), Status::Fenced, "not A's generation: not released");
+    assert_eq!(status(&a.call(release(1))), Status::Ok);
+    let hb = open(&mut b, "v");
+    let w = Request::Write { handle: hb, offset: 0, data: Bytes::from_static(b"mine"), fua: false };
     assert_eq!(status(&b.call(w)), Status::Ok);
     assert_eq!(
         status(&a.call(Request::Write {
@@ -262,16 +274,6 @@ fn pipelined_out_of_order_and_fencing() {
             fua: false
         })),
         Status::Fenced
-    );
-
-    // Read-only opens refuse writes.
-    let ro = match b.call(Request::Open { name: name("v"), read_only: true }).result {
-        Ok(Reply::Opened { handle, read_only: true, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(
-        status(&b.call(Request::Write { handle: ro, offset: 0, data: Bytes::from_static(b"x"), fua: false })),
-        Status::ReadOnly
     );
 
     // TRIM lowers the allocated bytes.
@@ -286,6 +288,78 @@ fn pipelined_out_of_order_and_fencing() {
     assert!(after < before / 2, "allocated {before} -> {after}");
     match b.call(Request::Read { handle: hb, offset: 0, len: 4096 }).result {
         Ok(Reply::Data(d)) => assert!(d.iter().all(|x| *x == 0)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn takeover_fences_writes_already_in_flight() {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (addr, _dir, _t) = start(None);
+    let mut a = RawClient::hello(addr, "node-a", "");
+    let r = a.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new() });
+    assert_eq!(status(&r), Status::Ok);
+    let ha = open(&mut a, "v");
+    const BLOCKS: u64 = 16;
+
+    // A streams writes of 'A' over the first blocks without waiting for replies; a second thread
+    // tallies the replies.
+    let mut tx = a.stream.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut id = 1000u64;
+            while !stop.load(Ordering::Relaxed) {
+                let data = Bytes::from(vec![b'A'; 4096]);
+                let w = Request::Write { handle: ha, offset: (id % BLOCKS) * 4096, data, fua: false };
+                if tx.write_all(&w.encode(RequestId(id)).to_bytes()).is_err() {
+                    break;
+                }
+                id += 1;
+            }
+            tx.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let tally = std::thread::spawn(move || {
+        let (mut ok, mut fenced) = (0u64, 0u64);
+        while let Some(r) = a.recv() {
+            match status(&r) {
+                Status::Ok => ok += 1,
+                Status::Fenced => fenced += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (ok, fenced)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+
+    // B takes the volume over (A is "dead" as far as B knows) and overwrites every block.
+    let mut b = RawClient::hello(addr, "node-b", "");
+    let g = attach(&mut b, "v", true).unwrap();
+    assert_eq!(g, 2);
+    let hb = match b.call(Request::Open { name: name("v"), read_only: false, generation: g }).result {
+        Ok(Reply::Opened { handle, .. }) => handle,
+        other => panic!("{other:?}"),
+    };
+    for i in 0..BLOCKS {
+        let w =
+            Request::Write { handle: hb, offset: i * 4096, data: Bytes::from(vec![b'B'; 4096]), fua: false };
+        assert_eq!(status(&b.call(w)), Status::Ok);
+    }
+    assert_eq!(status(&b.call(Request::Flush { handle: hb })), Status::Ok);
+    // A keeps sending for a while after the takeover was answered.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    let (ok, fenced) = tally.join().unwrap();
+    assert!(ok > 0 && fenced > 0, "A's writes overlapped the takeover: {ok} ok, {fenced} fenced");
+
+    // Not one of A's writes landed after the takeover: every block still holds B's data.
+    match b.call(Request::Read { handle: hb, offset: 0, len: (BLOCKS * 4096) as u32 }).result {
+        Ok(Reply::Data(d)) => assert!(d.iter().all(|x| *x == b'B'), "a write of the old holder landed"),
         other => panic!("{other:?}"),
     }
 }

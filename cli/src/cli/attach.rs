@@ -45,13 +45,16 @@ pub fn attach(
     path: &Path,
     read_only: bool,
     background: bool,
+    force_takeover: bool,
 ) -> anyhow::Result<()> {
     check_mount_point(path)?;
     if background {
         return spawn_background(name, path);
     }
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    fuse::serve(&global.server, global.options(), name, path, read_only, |size| {
+    let access =
+        if read_only { fuse::Access::ReadOnly } else { fuse::Access::Writer { takeover: force_takeover } };
+    fuse::serve(&global.server, global.options(), name, path, access, |size| {
         if notify {
             println!("ready");
         } else {
@@ -126,6 +129,11 @@ pub fn detach(path: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot unmount {}: {e}", path.display())
         }
     })?;
+    // The attach process releases the writer attachment after the unmount: wait for it, so that
+    // what follows a detach (a delete, an attach elsewhere) finds the volume free.
+    if !host::wait_serving_exit(path, Duration::from_secs(30)) {
+        eprintln!("ferrovol: the attach process of {} has not exited after 30 s", path.display());
+    }
     println!("detached {}", path.display());
     Ok(())
 }

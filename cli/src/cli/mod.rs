@@ -63,6 +63,11 @@ pub enum Command {
         /// Return once the mount is ready, leaving it served by a background process.
         #[arg(long)]
         background: bool,
+        /// Take the writer attachment over from the node that holds it (fencing that node's
+        /// writes, even those in flight). Only when that node is known to be dead: two writers
+        /// corrupt a filesystem.
+        #[arg(long, conflicts_with = "read_only")]
+        force_takeover: bool,
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
@@ -111,7 +116,13 @@ pub enum VolumeCmd {
         size: u64,
     },
     /// Delete a volume (refused while it is open or attached).
-    Delete { name: VolumeName },
+    Delete {
+        name: VolumeName,
+        /// Delete although a writer attachment is recorded, once its node is known to be gone
+        /// (needs the admin credential; an open volume is still refused).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -165,7 +165,7 @@ fn start(
 
     // 2. The volume: created on first use, reused after.
     let opts = ConnectOptions { token, node_id: "ferrovol-up".parse()?, ..ConnectOptions::default() };
-    let vol = rt.block_on(async {
+    let (session, vol) = rt.block_on(async {
         let session = Session::connect(&addr.to_string(), opts).await?;
         match session.stat_volume(name).await {
             Ok(v) => {
@@ -183,8 +183,16 @@ fn start(
             }
             Err(e) => return Err(anyhow::Error::from(e)),
         }
-        anyhow::Ok(session.open(name, false).await?)
+        // The writer attachment: the data dir lock already keeps a second `up` out, and this
+        // keeps out any other client of the same server while the volume is mounted.
+        let generation = session.attach_writer(name, false).await?;
+        let vol = session.open_writer(name, generation).await?;
+        anyhow::Ok((session, vol))
     })?;
+    let (generation, handle, volume) = (vol.generation(), rt.handle().clone(), name.clone());
+    teardown.push("released the writer attachment", move || {
+        Ok(handle.block_on(session.release_writer(&volume, generation))?)
+    });
 
     // 3. FUSE attach over a file in /run.
     let run_dir = PathBuf::from(format!("/run/ferrovol/up-{}", std::process::id()));

@@ -63,8 +63,12 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
             let v = session.resize_volume(&name, size).await?;
             println!("volume {} is now {}", v.name, format_size(v.size));
         }
-        VolumeCmd::Delete { name } => {
-            session.delete_volume(&name).await?;
+        VolumeCmd::Delete { name, force } => {
+            if force {
+                session.delete_volume_forced(&name).await?;
+            } else {
+                session.delete_volume(&name).await?;
+            }
             println!("deleted volume {name}");
         }
     }

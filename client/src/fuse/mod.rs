@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::{ClientError, Volume};
 
 mod serve;
-pub use serve::{config, serve, ServeError};
+pub use serve::{config, serve, Access, ServeError};
 
 /// Largest request the kernel may send (its limit here: 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;

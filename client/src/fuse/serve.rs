@@ -18,6 +18,16 @@ fn fuse_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4)
 }
 
+async fn release_attachment(
+    session: &Session,
+    name: &VolumeName,
+    generation: u64,
+) -> Result<(), ClientError> {
+    session.release_writer(name, generation).await?;
+    info!(volume = %name, generation, "writer attachment released");
+    Ok(())
+}
+
 /// Why serving a volume stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -50,6 +60,28 @@ pub fn config(name: &VolumeName, read_only: bool) -> Config {
     config
 }
 
+/// How a served volume is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    /// Read-write: take this node's writer attachment (a takeover with `takeover`), and release it
+    /// after a clean unmount. A volume held by another node is refused, naming the holder.
+    Writer {
+        takeover: bool,
+    },
+    /// Read-write under an attachment someone else set and will clear (the CSI controller's
+    /// ControllerPublish): refused with FENCED once `generation` is no longer current.
+    WriterAt {
+        generation: u64,
+    },
+}
+
+impl Access {
+    pub fn read_only(self) -> bool {
+        self == Access::ReadOnly
+    }
+}
+
 /// Connects, opens `name`, mounts it over the regular file `path` and serves it until it is
 /// unmounted (`ferrovol detach`, umount) or SIGTERM/SIGINT arrives (then it unmounts itself; a busy
 /// mount stays and keeps being served). `ready` runs once the mount is usable, with the volume's size.
@@ -58,19 +90,29 @@ pub fn serve(
     opts: ConnectOptions,
     name: &VolumeName,
     path: &Path,
-    read_only: bool,
+    access: Access,
     ready: impl FnOnce(u64),
 ) -> Result<(), ServeError> {
+    let read_only = access.read_only();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("ferrovol-io")
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    let vol = rt.block_on(async {
+    let (client, vol) = rt.block_on(async {
         let session = Session::connect(server, opts).await?;
-        session.open(name, read_only).await
+        let vol = match access {
+            Access::ReadOnly => session.open(name, true).await?,
+            Access::Writer { takeover } => {
+                let generation = session.attach_writer(name, takeover).await?;
+                session.open_writer(name, generation).await?
+            }
+            Access::WriterAt { generation } => session.open_writer(name, generation).await?,
+        };
+        Ok::<_, ClientError>((session, vol))
     })?;
+    let generation = vol.generation();
     let size = vol.size();
     let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
     let shown = path.display().to_string();
@@ -97,8 +139,16 @@ pub fn serve(
         }
     });
     info!(volume = %name, path = %shown, size, read_only, "attached");
+    // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
+    let _record = crate::host::record_serving(path)
+        .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     ready(size);
     session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     info!(path = %shown, "detached");
+    if let Access::Writer { .. } = access {
+        // Unmounted cleanly, so nothing can write any more: release the attachment (only if it
+        // is still ours: after a takeover this is a no-op).
+        rt.block_on(release_attachment(&client, name, generation))?;
+    }
     Ok(())
 }

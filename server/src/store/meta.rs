@@ -31,6 +31,9 @@ pub struct VolumeMeta {
     pub generation: u64,
     /// Node id holding the writer attachment.
     pub owner: Option<String>,
+    /// When `owner` took the attachment (unix ms); 0 in metadata written before it was recorded.
+    #[serde(default)]
+    pub attached_unix_ms: u64,
     /// Set at creation (VOLUME_CREATE labels); absent in metadata written before labels existed.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: ferrovol_proto::Labels,

@@ -34,10 +34,58 @@ pub struct Store {
     server_id: String,
     /// Registered nodes (NODE_REGISTER), mirrored in `nodes.json`.
     nodes: Mutex<BTreeMap<String, u64>>,
-    volumes: Mutex<BTreeMap<VolumeName, Arc<Volume>>>,
+    /// The volume map, and the names reserved by a create or delete in progress. Held only for map
+    /// operations, never across I/O: creates and deletes reserve the name, do their I/O unlocked and
+    /// come back to publish the result.
+    volumes: Mutex<Volumes>,
+    /// `DIR/ferrovol.lock`, flock'ed for the store's life: one server per data dir.
+    _lock: File,
 }
 
-fn now_unix_ms() -> u64 {
+/// The lock file: held (flock, exclusive) by the server using the data dir, and holding its pid.
+pub const LOCK_FILE: &str = "ferrovol.lock";
+
+/// Takes the data dir's lock, or says who holds it. The kernel releases it when the process dies,
+/// however it dies, so a stale lock cannot outlive its server.
+fn lock_data_dir(root: &Path) -> StoreResult<File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::io::AsRawFd;
+    let path = root.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| dir_err(&path, e))?;
+    // SAFETY: flock on an fd we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(dir_err(&path, format!("cannot lock: {e}")));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() { "another process".to_owned() } else { format!("pid {holder}") };
+        return Err(StoreError::DataDir(format!(
+            "{} is in use by another ferrovol server ({who}); one server per data dir",
+            root.display()
+        )));
+    }
+    let pid = format!("{}\n", std::process::id());
+    let written = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(pid.as_bytes()));
+    written.map_err(|e| dir_err(&path, e))?;
+    Ok(file)
+}
+#[derive(Debug, Default)]
+struct Volumes {
+    map: BTreeMap<VolumeName, Arc<Volume>>,
+    /// Being created or deleted: OPEN, CREATE and DELETE of these names are refused meanwhile.
+    busy: std::collections::BTreeSet<VolumeName>,
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -62,6 +110,7 @@ impl Store {
     /// understand, saying why, rather than guessing.
     pub fn open(root: &Path) -> StoreResult<Self> {
         fs::create_dir_all(root).map_err(|e| dir_err(root, e))?;
+        let lock = lock_data_dir(root)?;
         let marker_path = root.join(MARKER_FILE);
         let marker = match fs::read(&marker_path) {
             Ok(bytes) => {
@@ -85,7 +134,9 @@ impl Store {
                 m
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut entries = fs::read_dir(root).map_err(|e| dir_err(root, e))?;
+                let mut entries = fs::read_dir(root)
+                    .map_err(|e| dir_err(root, e))?
+                    .filter(|e| e.as_ref().map_or(true, |e| e.file_name() != LOCK_FILE));
                 if let Some(entry) = entries.next() {
                     let entry = entry.map_err(|e| dir_err(root, e))?;
                     return Err(dir_err(
@@ -148,7 +199,8 @@ impl Store {
             root: root.to_owned(),
             volumes_dir,
             server_id: marker.server_id,
-            volumes: Mutex::new(volumes),
+            volumes: Mutex::new(Volumes { map: volumes, busy: Default::default() }),
+            _lock: lock,
             nodes: Mutex::new(nodes),
         })
     }
@@ -161,12 +213,32 @@ impl Store {
         &self.server_id
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VolumeName, Arc<Volume>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Volumes> {
         self.volumes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, name: &VolumeName) -> StoreResult<Arc<Volume>> {
-        self.lock().get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+        self.lock().map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+    }
+
+    /// Counts a new open of `name` (undone by decrementing `Volume::opens`), under the same lock as
+    /// DELETE's check: a volume is never deleted between being found and being counted as open.
+    pub fn open_volume(&self, name: &VolumeName) -> StoreResult<Arc<Volume>> {
+        let vols = self.lock();
+        if vols.busy.contains(name) {
+            return Err(StoreError::Busy(format!("volume {name} is being created or deleted")));
+        }
+        let vol = vols.map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        vol.opens.fetch_add(1, Ordering::AcqRel);
+        Ok(vol)
+    }
+
+    /// Reserves `name` for a create or delete; released by `Reserved`'s drop.
+    fn reserve<'a>(&'a self, vols: &mut Volumes, name: &VolumeName) -> StoreResult<Reserved<'a>> {
+        if !vols.busy.insert(name.clone()) {
+            return Err(StoreError::Busy(format!("volume {name} is being created or deleted")));
+        }
+        Ok(Reserved { store: self, name: name.clone() })
     }
 
     /// Creates a volume: built under a temporary name, then renamed into place, so a crash never leaves
@@ -174,11 +246,13 @@ impl Store {
     pub fn create(&self, name: &VolumeName, size: u64, labels: &Labels) -> StoreResult<VolumeInfo> {
         validate_size(size)?;
         ferrovol_proto::validate_labels(labels)?;
-        let mut vols = self.lock();
-        if let Some(existing) = vols.get(name) {
-            let _ = existing;
-            return Err(StoreError::AlreadyExists(name.to_string()));
-        }
+        let reserved = {
+            let mut vols = self.lock();
+            if vols.map.contains_key(name) {
+                return Err(StoreError::AlreadyExists(name.to_string()));
+            }
+            self.reserve(&mut vols, name)?
+        };
         let tmp = self.volumes_dir.join(format!(".creating-{name}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp)?;
@@ -194,6 +268,7 @@ impl Store {
                 created_unix_ms: now_unix_ms(),
                 generation: 0,
                 owner: None,
+                attached_unix_ms: 0,
                 labels: labels.clone(),
             };
             write_meta(&tmp, &meta)?;
@@ -211,30 +286,37 @@ impl Store {
         sync_dir(&self.volumes_dir)?;
         let vol = Arc::new(open_volume(name.clone(), &final_dir, meta)?);
         let info = vol.info();
-        vols.insert(name.clone(), vol);
+        self.lock().map.insert(name.clone(), vol);
+        drop(reserved);
         info!(volume = %name, size, "volume created");
         Ok(info)
     }
 
-    /// Deletes a volume. Refused while any connection has it open or a node holds its writer
-    /// attachment: never delete data that may still be in use.
-    pub fn delete(&self, name: &VolumeName) -> StoreResult<()> {
-        let mut vols = self.lock();
-        let vol = vols.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        let opens = vol.opens.load(Ordering::Acquire);
-        if opens > 0 {
-            return Err(StoreError::Busy(format!("volume {name} is open on {opens} connection(s)")));
-        }
-        if let Some(owner) = vol.owner() {
-            return Err(StoreError::Busy(format!(
-                "volume {name} is attached for writing by node {owner:?}; clear the attachment first"
-            )));
-        }
+    /// Deletes a volume. Refused while any connection has it open, and while a node holds its writer
+    /// attachment (persisted: it holds across server restarts and while the holder is away) unless
+    /// `force` (the caller checked that it is an admin): never delete data that may still be in use.
+    pub fn delete(&self, name: &VolumeName, force: bool) -> StoreResult<()> {
+        let (vol, reserved) = {
+            let mut vols = self.lock();
+            let vol = vols.map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+            if let (Some(owner), false) = (vol.owner(), force) {
+                return Err(StoreError::Busy(format!(
+                    "volume {name} is attached for writing by node {owner:?}; detach it there (or an \
+                     admin may force the delete once that node is known to be gone)"
+                )));
+            }
+            let opens = vol.opens.load(Ordering::Acquire);
+            if opens > 0 {
+                return Err(StoreError::Busy(format!("volume {name} is open on {opens} connection(s)")));
+            }
+            // From here OPEN of this name is refused, so `opens` stays 0.
+            (vol, self.reserve(&mut vols, name)?)
+        };
         let doomed = self.volumes_dir.join(format!(".deleting-{name}-{}", now_unix_ms()));
         fs::rename(&vol.dir, &doomed)?;
         sync_dir(&self.volumes_dir)?;
-        vols.remove(name);
-        drop(vols);
+        self.lock().map.remove(name);
+        drop(reserved);
         if let Err(e) = fs::remove_dir_all(&doomed) {
             warn!(path = %doomed.display(), error = %e, "could not remove deleted volume; startup will retry");
         }
@@ -246,7 +328,8 @@ impl Store {
     pub fn list(&self, start_after: Option<&VolumeName>, max_entries: u32) -> (Vec<VolumeInfo>, bool) {
         let max = max_entries.clamp(1, LIST_ENTRIES_MAX) as usize;
         let vols: Vec<Arc<Volume>> = {
-            let map = self.lock();
+            let vols = self.lock();
+            let map = &vols.map;
             let iter: Box<dyn Iterator<Item = (&VolumeName, &Arc<Volume>)>> = match start_after {
                 Some(s) => Box::new(
                     map.range::<VolumeName, _>((std::ops::Bound::Excluded(s), std::ops::Bound::Unbounded)),
@@ -267,14 +350,23 @@ impl Store {
         Ok(vol.info())
     }
 
-    pub fn attach_set(&self, name: &VolumeName, node: &NodeId) -> StoreResult<u64> {
-        let generation = self.get(name)?.attach_set(node)?;
-        info!(volume = %name, node = %node, generation, "writer attachment set");
+    pub fn attach_set(&self, name: &VolumeName, node: &NodeId, force: bool) -> StoreResult<u64> {
+        let vol = self.get(name)?;
+        let before = vol.info();
+        let generation = vol.attach_set(node, force)?;
+        if generation != before.generation {
+            match before.owner {
+                Some(old) if force => {
+                    warn!(volume = %name, node = %node, from = %old, generation, "writer attachment taken over")
+                }
+                _ => info!(volume = %name, node = %node, generation, "writer attachment set"),
+            }
+        }
         Ok(generation)
     }
 
-    pub fn attach_clear(&self, name: &VolumeName, node: &NodeId) -> StoreResult<()> {
-        self.get(name)?.attach_clear(node)?;
+    pub fn attach_clear(&self, name: &VolumeName, node: &NodeId, generation: u64) -> StoreResult<()> {
+        self.get(name)?.attach_clear(node, generation)?;
         info!(volume = %name, node = %node, "writer attachment cleared");
         Ok(())
     }
@@ -316,8 +408,8 @@ impl Store {
         }
         let frsize = st.f_frsize;
         let (provisioned_bytes, volumes) = {
-            let map = self.lock();
-            (map.values().map(|v| v.size()).sum(), map.len() as u64)
+            let vols = self.lock();
+            (vols.map.values().map(|v| v.size()).sum(), vols.map.len() as u64)
         };
         Ok(ferrovol_proto::StoreStat {
             total_bytes: st.f_blocks.saturating_mul(frsize),
@@ -330,11 +422,23 @@ impl Store {
 
     /// fdatasync every volume (shutdown).
     pub fn flush_all(&self) -> StoreResult<()> {
-        let vols: Vec<_> = self.lock().values().cloned().collect();
+        let vols: Vec<_> = self.lock().map.values().cloned().collect();
         for v in vols {
             v.flush()?;
         }
         Ok(())
+    }
+}
+
+/// A name reserved by a create or delete in progress; released on drop, whatever the outcome.
+struct Reserved<'a> {
+    store: &'a Store,
+    name: VolumeName,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.store.lock().busy.remove(&self.name);
     }
 }
 
@@ -387,8 +491,8 @@ mod tests {
         v.write(12288, b"tail").unwrap();
         assert_eq!(&v.read(12288, 4).unwrap()[..], b"tail");
         let node = NodeId::try_from("n1").unwrap();
-        assert_eq!(store.attach_set(&name("a"), &node).unwrap(), 1);
-        assert!(matches!(store.delete(&name("a")), Err(StoreError::Busy(_))));
+        assert_eq!(store.attach_set(&name("a"), &node, false).unwrap(), 1);
+        assert!(matches!(store.delete(&name("a"), false), Err(StoreError::Busy(_))));
         drop(store);
 
         let store = Store::open(dir.path()).unwrap();
@@ -396,10 +500,18 @@ mod tests {
         assert_eq!(b.size(), 16384);
         assert_eq!(&b.read(12288, 4).unwrap()[..], b"tail");
         assert_eq!(store.get(&name("a")).unwrap().owner().as_deref(), Some("n1"));
-        store.attach_clear(&name("a"), &node).unwrap();
-        store.delete(&name("a")).unwrap();
+        assert!(matches!(store.attach_clear(&name("a"), &node, 7), Err(StoreError::Fenced(_))));
+        store.attach_clear(&name("a"), &node, 1).unwrap();
+        store.delete(&name("a"), false).unwrap();
         assert!(matches!(store.get(&name("a")), Err(StoreError::NotFound(_))));
-        assert!(matches!(store.delete(&name("a")), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.delete(&name("a"), false), Err(StoreError::NotFound(_))));
+
+        // A forced delete overrides a recorded attachment, never an open volume.
+        store.attach_set(&name("b"), &node, false).unwrap();
+        let opened = store.open_volume(&name("b")).unwrap();
+        assert!(matches!(store.delete(&name("b"), true), Err(StoreError::Busy(_))));
+        opened.opens.fetch_sub(1, Ordering::AcqRel);
+        store.delete(&name("b"), true).unwrap();
     }
 
     #[test]
@@ -427,12 +539,33 @@ mod tests {
         let v = store.get(&name("v")).unwrap();
         let a = NodeId::try_from("a").unwrap();
         let b = NodeId::try_from("b").unwrap();
-        v.check_writer(&b).unwrap();
-        v.attach_set(&a).unwrap();
-        assert_eq!(v.attach_set(&a).unwrap(), 1, "idempotent");
-        assert!(matches!(v.attach_set(&b), Err(StoreError::AttachedElsewhere { .. })));
-        assert!(matches!(v.check_writer(&b), Err(StoreError::Fenced { .. })));
-        v.check_writer(&a).unwrap();
+        let write = |g: u64| v.fenced(g, || v.write(0, b"x"));
+        assert!(matches!(v.open_writer(&a, 0, 1), Err(StoreError::Fenced(_))), "no attachment, no writer");
+        assert_eq!(v.attach_set(&a, false).unwrap(), 1);
+        assert_eq!(v.attach_set(&a, false).unwrap(), 1, "idempotent");
+        let e = v.attach_set(&b, false).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::AttachedElsewhere(m) if m.contains("\"a\"") && m.contains("ago")),
+            "{e}"
+        );
+        assert!(matches!(v.open_writer(&b, 1, 2), Err(StoreError::AttachedElsewhere(_))));
+        assert!(matches!(v.open_writer(&a, 2, 1), Err(StoreError::Fenced(_))), "stale generation");
+        v.open_writer(&a, 1, 1).unwrap();
+        v.open_writer(&a, 1, 1).unwrap(); // the same session again (a second connection)
+        assert!(matches!(v.open_writer(&a, 1, 9), Err(StoreError::Busy(_))), "another session of a");
+        write(1).unwrap();
+        // A takeover fences generation 1, even for the same node.
+        assert_eq!(v.attach_set(&b, true).unwrap(), 2);
+        assert!(matches!(write(1), Err(StoreError::Fenced(_))));
+        v.open_writer(&b, 2, 3).unwrap();
+        write(2).unwrap();
+        v.close_writer(1, 1); // an old handle closing does not release the new session
+        assert!(matches!(v.open_writer(&b, 2, 4), Err(StoreError::Busy(_))));
+        v.close_writer(2, 3);
+        v.open_writer(&b, 2, 4).unwrap();
+        assert!(matches!(v.attach_clear(&a, 0), Err(StoreError::AttachedElsewhere(_))));
+        v.attach_clear(&b, 2).unwrap();
+        assert!(matches!(write(2), Err(StoreError::Fenced(_))), "released: fenced too");
         assert!(matches!(v.write(8190, b"xyz"), Err(StoreError::OutOfRange { .. })));
         assert!(matches!(v.read(u64::MAX, 2), Err(StoreError::OutOfRange { .. })));
         v.write(0, &[1u8; 8192]).unwrap();
@@ -441,6 +574,17 @@ mod tests {
         let r = v.read(0, 8192).unwrap();
         assert!(r[..4196].iter().all(|b| *b == 0));
         assert!(r[4196..].iter().all(|b| *b == 1));
+    }
+
+    #[test]
+    fn one_store_per_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another ferrovol server"), "{err}");
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(first);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

@@ -27,13 +27,41 @@ pub struct Volume {
     size: AtomicU64,
     /// Serialises metadata changes; held across their fsyncs, so the write path never takes it.
     meta: Mutex<VolumeMeta>,
-    /// The writer attachment as the write path checks it: a copy of `meta.owner`, replaced (briefly)
-    /// after the metadata is durable, so a write never waits for a metadata fsync.
-    owner: RwLock<Option<String>>,
+    /// The writer attachment generation as the write path checks it (a copy of `meta.generation`).
+    /// Every write holds it shared across its check and its pwrite; an attachment change takes it
+    /// exclusively, after the metadata is durable, to publish the new generation. So once a takeover
+    /// or release has been answered, no write of the old holder can land, not even one that was
+    /// already in flight on its connection.
+    fence: RwLock<u64>,
+    /// Who writes under the current generation: one client session at a time, so two processes of
+    /// one node (two `ferrovol attach` of the same volume) cannot both mount it read-write.
+    writers: Mutex<WriterSession>,
     /// Connections that have this volume OPEN (delete refuses while > 0).
     pub(crate) opens: AtomicU32,
     /// Recent fdatasync time (ns, moving average): decides whether a FLUSH runs inline.
     flush_ns: AtomicU64,
+}
+
+/// The client session that holds read-write handles of a volume under one attachment generation.
+#[derive(Debug, Default, Clone, Copy)]
+struct WriterSession {
+    generation: u64,
+    session: u64,
+    handles: u32,
+}
+
+/// "3m 12s": how long something has been held, for error messages.
+pub(crate) fn held_for(since_unix_ms: u64) -> String {
+    if since_unix_ms == 0 {
+        return "an unknown time".into();
+    }
+    let s = super::now_unix_ms().saturating_sub(since_unix_ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
 }
 
 /// A FLUSH whose recent fdatasyncs took less than this runs inline on the connection's thread (two
@@ -66,6 +94,26 @@ fn map_file(file: &File) -> std::io::Result<Bytes> {
     Ok(Bytes::from_owner(MapOwner(map)))
 }
 
+/// A UTC timestamp for messages, "2026-12-01 10:04:05 UTC" (civil-from-days, no time crate needed).
+pub(crate) fn format_unix_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "an unknown time".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 fn io_err(e: std::io::Error) -> StoreError {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         StoreError::NoSpace
@@ -95,7 +143,8 @@ impl Volume {
             file,
             map: RwLock::new(map),
             size: AtomicU64::new(meta.size),
-            owner: RwLock::new(meta.owner.clone()),
+            fence: RwLock::new(meta.generation),
+            writers: Mutex::new(WriterSession::default()),
             meta: Mutex::new(meta),
             opens: AtomicU32::new(0),
             // Starts just above the limit: the first flushes go to the pool and are measured.
@@ -125,12 +174,83 @@ impl Volume {
         }
     }
 
-    /// Fencing: may a session of `node` write? Yes when nobody holds the writer attachment, or `node` does.
-    pub fn check_writer(&self, node: &NodeId) -> StoreResult<()> {
-        let owner = self.owner.read().unwrap_or_else(|p| p.into_inner());
-        match &*owner {
-            Some(owner) if owner != node.as_str() => Err(StoreError::Fenced { owner: owner.clone() }),
-            _ => Ok(()),
+    /// Runs `write` (a pwrite, TRIM or WRITE_ZEROES) only if `generation` is still the volume's
+    /// writer attachment generation, holding the fence shared until it is done (see `fence`).
+    pub fn fenced<T>(&self, generation: u64, write: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
+        let current = self.fence.read().unwrap_or_else(|p| p.into_inner());
+        if *current != generation {
+            drop(current);
+            return Err(StoreError::Fenced(format!(
+                "volume {}: the writer attachment this handle was opened under (generation {generation}) \
+                 is no longer current ({}); it was released or taken over",
+                self.name,
+                self.holder_description()
+            )));
+        }
+        write()
+    }
+
+    /// "held by node X (generation 4) for 3m 2s" or "no writer attachment".
+    fn holder_description(&self) -> String {
+        let meta = self.lock_meta();
+        match &meta.owner {
+            Some(o) => format!(
+                "held by node {o:?}, generation {}, for {}",
+                meta.generation,
+                held_for(meta.attached_unix_ms)
+            ),
+            None => "no writer attachment now".into(),
+        }
+    }
+
+    /// Admits a read-write OPEN by `session` of `node` under `generation`: `node` must hold the
+    /// writer attachment and `generation` must be current, and no other client session may have the
+    /// volume open for writing under it. Undone by [`Volume::close_writer`].
+    pub fn open_writer(&self, node: &NodeId, generation: u64, session: u64) -> StoreResult<()> {
+        let meta = self.lock_meta();
+        match &meta.owner {
+            None => {
+                return Err(StoreError::Fenced(format!(
+                    "volume {} has no writer attachment: take it (ATTACH_SET) before opening it read-write",
+                    self.name
+                )))
+            }
+            Some(o) if o != node.as_str() => {
+                return Err(StoreError::AttachedElsewhere(format!(
+                    "volume {} is attached for writing by node {o:?} (for {}), not by \"{node}\"",
+                    self.name,
+                    held_for(meta.attached_unix_ms)
+                )))
+            }
+            Some(_) if meta.generation != generation => {
+                return Err(StoreError::Fenced(format!(
+                    "volume {}: generation {generation} is not the current writer attachment ({}): \
+                     it was released or taken over",
+                    self.name, meta.generation
+                )))
+            }
+            Some(_) => {}
+        }
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if w.handles > 0 && w.generation == generation && w.session != session {
+            return Err(StoreError::Busy(format!(
+                "volume {} is already open for writing by another client of node \"{node}\"; one writer \
+                 at a time (detach the other one first)",
+                self.name
+            )));
+        }
+        if w.handles == 0 || w.generation != generation {
+            *w = WriterSession { generation, session, handles: 0 };
+        }
+        w.handles += 1;
+        Ok(())
+    }
+
+    /// A read-write handle opened by [`Volume::open_writer`] is closed.
+    pub fn close_writer(&self, generation: u64, session: u64) {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if w.generation == generation && w.session == session {
+            w.handles = w.handles.saturating_sub(1);
         }
     }
 
@@ -220,16 +340,21 @@ impl Volume {
             created_unix_ms: meta.created_unix_ms,
             generation: meta.generation,
             owner: meta.owner.as_deref().and_then(|o| NodeId::try_from(o).ok()),
+            attached_unix_ms: if meta.owner.is_some() { meta.attached_unix_ms } else { 0 },
             labels: meta.labels.clone(),
         }
     }
 
     pub fn owner(&self) -> Option<String> {
-        self.owner.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock_meta().owner.clone()
     }
 
-    fn publish_owner(&self, owner: Option<String>) {
-        *self.owner.write().unwrap_or_else(|p| p.into_inner()) = owner;
+    /// Writes `next` durably, then publishes its generation to the write path (see `fence`).
+    fn commit_attachment(&self, meta: &mut VolumeMeta, next: VolumeMeta) -> StoreResult<()> {
+        write_meta(&self.dir, &next).map_err(io_err)?;
+        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = next.generation;
+        *meta = next;
+        Ok(())
     }
 
     /// Grows the volume. Shrinking is refused: it would destroy data under a filesystem and invalidate
@@ -259,48 +384,75 @@ impl Volume {
         Ok(())
     }
 
-    /// Sets the writer attachment to `node`. Idempotent for the same node; refused while another node
-    /// holds it. Returns the attachment generation.
-    pub fn attach_set(&self, node: &NodeId) -> StoreResult<u64> {
+    /// Sets the writer attachment to `node` and returns its generation. Without `force`: idempotent
+    /// while `node` holds it, refused while another node does (the error names the holder and since
+    /// when). With `force` (a takeover): always a new generation, which fences every earlier holder,
+    /// `node`'s own earlier sessions included.
+    pub fn attach_set(&self, node: &NodeId, force: bool) -> StoreResult<u64> {
         let mut meta = self.lock_meta();
         match &meta.owner {
-            Some(owner) if owner == node.as_str() => return Ok(meta.generation),
-            Some(owner) => return Err(StoreError::AttachedElsewhere { owner: owner.clone() }),
-            None => {}
+            Some(owner) if owner == node.as_str() && !force => return Ok(meta.generation),
+            Some(owner) if owner != node.as_str() && !force => {
+                return Err(StoreError::AttachedElsewhere(format!(
+                    "volume {} is attached for writing by node {owner:?} since {} ({} ago, generation \
+                     {}); detach it there first, or take it over (--force-takeover) only if that node \
+                     is known to be dead",
+                    self.name,
+                    format_unix_ms(meta.attached_unix_ms),
+                    held_for(meta.attached_unix_ms),
+                    meta.generation
+                )))
+            }
+            _ => {}
         }
         let mut next = meta.clone();
         next.owner = Some(node.as_str().to_owned());
         next.generation += 1;
-        write_meta(&self.dir, &next).map_err(io_err)?;
-        self.publish_owner(next.owner.clone());
-        *meta = next;
+        next.attached_unix_ms = super::now_unix_ms();
+        self.commit_attachment(&mut meta, next)?;
         Ok(meta.generation)
     }
 
-    /// Clears the writer attachment held by `node`. Idempotent when nobody holds it; refused when
-    /// another node does.
-    pub fn attach_clear(&self, node: &NodeId) -> StoreResult<()> {
+    /// Clears the writer attachment held by `node`, if it is `generation` (0: any generation).
+    /// Idempotent when nobody holds it; refused when another node or another generation does (an
+    /// old holder must not release its successor's attachment).
+    pub fn attach_clear(&self, node: &NodeId, generation: u64) -> StoreResult<()> {
         let mut meta = self.lock_meta();
         match &meta.owner {
             None => return Ok(()),
             Some(owner) if owner != node.as_str() => {
-                return Err(StoreError::AttachedElsewhere { owner: owner.clone() })
+                return Err(StoreError::AttachedElsewhere(format!(
+                    "volume {} is attached for writing by node {owner:?}, not by \"{node}\"",
+                    self.name
+                )))
+            }
+            Some(_) if generation != 0 && generation != meta.generation => {
+                return Err(StoreError::Fenced(format!(
+                    "volume {}: generation {generation} is no longer the writer attachment (now {}); \
+                     it was taken over, so it is not released",
+                    self.name, meta.generation
+                )))
             }
             Some(_) => {}
         }
         let mut next = meta.clone();
         next.owner = None;
         next.generation += 1;
-        write_meta(&self.dir, &next).map_err(io_err)?;
-        self.publish_owner(None);
-        *meta = next;
-        Ok(())
+        next.attached_unix_ms = 0;
+        self.commit_attachment(&mut meta, next)
     }
 }
 
 #[cfg(test)]
 mod flush_tests {
     use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(format_unix_ms(1), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_unix_ms(1_796_119_445_000), "2026-12-01 10:04:05 UTC");
+    }
 
     #[test]
     fn inline_only_while_recent_syncs_were_fast() {

@@ -15,6 +15,8 @@ pub struct RawClient {
     pub stream: TcpStream,
     buf: BytesMut,
     next_id: u64,
+    /// The node id of the HELLO (empty before it).
+    pub node: String,
 }
 
 impl RawClient {
@@ -22,19 +24,14 @@ impl RawClient {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream.set_nodelay(true).unwrap();
-        Self { stream, buf: BytesMut::new(), next_id: 1 }
+        Self { stream, buf: BytesMut::new(), next_id: 1, node: String::new() }
     }
 
     pub fn hello(addr: SocketAddr, node: &str, token: &str) -> Self {
         let mut c = Self::connect(addr);
-        let r = c.call(Request::Hello(Hello {
-            version_min: 1,
-            version_max: 1,
-            features: 7,
-            node_id: NodeId::try_from(node).unwrap(),
-            token: token.into(),
-        }));
+        let r = c.call(hello_request(node, token));
         assert!(r.result.is_ok(), "handshake failed: {r:?}");
+        c.node = node.to_owned();
         c
     }
 
@@ -95,8 +92,39 @@ pub fn status(r: &Response) -> Status {
     }
 }
 
+/// A HELLO as the client library sends it (a random client session).
+pub fn hello_request(node: &str, token: &str) -> Request {
+    Request::Hello(Hello {
+        version_min: ferrovol_proto::limits::PROTOCOL_VERSION_MIN,
+        version_max: ferrovol_proto::limits::PROTOCOL_VERSION,
+        features: 7,
+        session: rand_session(),
+        node_id: NodeId::try_from(node).unwrap(),
+        token: token.into(),
+    })
+}
+
+fn rand_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish() | 1
+}
+
+/// ATTACH_SET for the client's own node: the generation, or the refusal.
+pub fn attach(c: &mut RawClient, vol: &str, force: bool) -> Result<u64, ferrovol_proto::ErrorReply> {
+    let node = NodeId::try_from(c.node.as_str()).unwrap();
+    match c.call(Request::AttachSet { name: name(vol), node, force }).result {
+        Ok(Reply::Attached { generation }) => Ok(generation),
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the writer attachment for the client's node, then opens read-write under it.
 pub fn open(c: &mut RawClient, vol: &str) -> VolumeHandle {
-    match c.call(Request::Open { name: name(vol), read_only: false }).result {
+    let generation = attach(c, vol, false).expect("writer attachment");
+    match c.call(Request::Open { name: name(vol), read_only: false, generation }).result {
         Ok(Reply::Opened { handle, .. }) => handle,
         other => panic!("open failed: {other:?}"),
     }
