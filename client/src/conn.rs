@@ -34,6 +34,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::credential::Credentials;
 use crate::error::{ClientError, Result};
 use crate::ConnectOptions;
 
@@ -395,8 +396,41 @@ fn server_error(op: Opcode, e: ErrorReply) -> ClientError {
     ClientError::Server { op, status: e.status, message: e.message }
 }
 
-/// Connects and completes the handshake as client session `session`.
-pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions, session: u64) -> Result<Established> {
+/// Connects and completes the handshake as client session `session`, presenting this node's
+/// credential (or `opts.token` while it has none) and keeping a credential the server issues.
+pub(crate) async fn establish(
+    addr: SocketAddr,
+    opts: &ConnectOptions,
+    session: u64,
+    creds: &Credentials,
+) -> Result<Established> {
+    let first = creds.token(&opts.token);
+    match establish_once(addr, opts, session, creds, &first).await {
+        Err(e @ ClientError::Server { status: Status::AuthFailed, .. }) => {
+            // One more try, when there is something else to present: a credential another process
+            // of this node saved meanwhile (two enrolling at once), or the join token when the
+            // saved credential was refused (an admin reset the node so that it enrolls again).
+            let fresh = creds.reread(&opts.token);
+            let retry = if fresh != first {
+                fresh
+            } else if first != opts.token && !opts.token.is_empty() {
+                opts.token.clone()
+            } else {
+                return Err(e);
+            };
+            establish_once(addr, opts, session, creds, &retry).await
+        }
+        r => r,
+    }
+}
+
+async fn establish_once(
+    addr: SocketAddr,
+    opts: &ConnectOptions,
+    session: u64,
+    creds: &Credentials,
+    token: &str,
+) -> Result<Established> {
     let connect = TcpStream::connect(addr);
     let mut stream = match tokio::time::timeout(opts.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
@@ -426,7 +460,7 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions, session: 
         features: FEATURES_ALL,
         session,
         node_id: opts.node_id.clone(),
-        token: opts.token.clone(),
+        token: token.to_owned(),
     });
     let mut buf = BytesMut::with_capacity(4096);
     let resp =
@@ -437,14 +471,26 @@ pub(crate) async fn establish(addr: SocketAddr, opts: &ConnectOptions, session: 
                 reason: format!("no handshake reply within {:?}", opts.connect_timeout),
             })??;
     match resp.result {
-        Ok(Reply::Hello(h)) => Ok(Established { stream, hello: h }),
+        Ok(Reply::Hello(h)) => {
+            if h.session_flags & ferrovol_proto::opcode::SESSION_ENROLLED != 0 {
+                info!(server = %addr, node = %opts.node_id, "enrolled: this node has its own credential now");
+                creds.enrolled(&h.credential)?;
+            }
+            Ok(Established { stream, hello: h })
+        }
         Ok(other) => Err(ClientError::Protocol(format!("unexpected handshake reply {other:?}"))),
         Err(e) => Err(server_error(Opcode::Hello, e)),
     }
 }
 
 /// Starts the supervisor for an established connection of client session `session`.
-pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, session: u64, first: Established) -> ConnHandle {
+pub(crate) fn spawn(
+    addr: SocketAddr,
+    opts: ConnectOptions,
+    session: u64,
+    creds: Arc<Credentials>,
+    first: Established,
+) -> ConnHandle {
     let shared = Arc::new(Shared {
         state: Mutex::new(State { next_id: 1, ..Default::default() }),
         queue: Mutex::new(Vec::new()),
@@ -456,7 +502,7 @@ pub(crate) fn spawn(addr: SocketAddr, opts: ConnectOptions, session: u64, first:
     });
     let (alive, closed) = oneshot::channel();
     let io_timeout = opts.io_timeout;
-    tokio::spawn(supervise(Supervisor { addr, opts, session, shared: shared.clone() }, first, closed));
+    tokio::spawn(supervise(Supervisor { addr, opts, session, creds, shared: shared.clone() }, first, closed));
     ConnHandle { shared, next_vol: Arc::new(AtomicU32::new(1)), io_timeout, _alive: Arc::new(alive) }
 }
 
@@ -465,6 +511,7 @@ struct Supervisor {
     opts: ConnectOptions,
     /// The client session id, the same on every connection and reconnect (see `Hello::session`).
     session: u64,
+    creds: Arc<Credentials>,
     shared: Arc<Shared>,
 }
 
@@ -608,7 +655,7 @@ impl Supervisor {
         let mut backoff = BACKOFF_MIN;
         loop {
             self.expire(Some((since, &last)));
-            match establish(self.addr, &self.opts, self.session).await {
+            match establish(self.addr, &self.opts, self.session, &self.creds).await {
                 Ok(mut est) => match self.reopen(&mut est).await {
                     Ok(()) => {
                         info!(server = %self.addr, down_for = ?since.elapsed(), "reconnected");

@@ -16,12 +16,14 @@
 //! Reconnects are transparent for data operations (see [`conn`](crate::conn) for the rules).
 
 mod conn;
+mod credential;
 pub mod error;
 pub mod fuse;
 pub mod host;
 mod session;
 mod volume;
 
+pub use credential::default_credential_file;
 pub use error::{ClientError, Result};
 pub use session::{ConnectOptions, Session};
 pub use volume::Volume;

@@ -9,16 +9,21 @@ use ferrovol_proto::limits::LIST_ENTRIES_MAX;
 use ferrovol_proto::{HelloReply, Labels, NodeId, Opcode, Reply, Request, Status, VolumeInfo, VolumeName};
 
 use crate::conn::{self, ConnHandle, Op};
+use crate::credential::Credentials;
 use crate::error::{ClientError, Result};
 use crate::volume::Volume;
 
 /// How to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectOptions {
     /// Who we are: the writer attachment (fencing) is checked against this.
     pub node_id: NodeId,
-    /// Shared secret, when the server requires one.
+    /// What to present when this node has no credential yet: the join token (the server then
+    /// enrolls the node and issues its credential) or the admin token. Empty: none.
     pub token: String,
+    /// Where this node's credential is kept once issued, and read from on every connect (see
+    /// [`crate::default_credential_file`]). `None`: it is kept in memory only, for this session.
+    pub credential_file: Option<std::path::PathBuf>,
     /// Parallel TCP connections (requests are spread round-robin).
     pub connections: usize,
     /// Limit for one connect + handshake attempt.
@@ -29,6 +34,19 @@ pub struct ConnectOptions {
     /// between calls that follow each other closely (`ferrovol_proto::io::Spin`): trades a little CPU
     /// for latency at low queue depth. Zero disables.
     pub poll: Duration,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("ConnectOptions")
+            .field("node_id", &self.node_id)
+            .field("token", &if self.token.is_empty() { "" } else { "<set>" })
+            .field("credential_file", &self.credential_file)
+            .field("connections", &self.connections)
+            .field("io_timeout", &self.io_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The node id when none is configured: `FERROVOL_NODE_ID`, else the host name.
@@ -47,6 +65,7 @@ impl Default for ConnectOptions {
         Self {
             node_id: default_node_id(),
             token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+            credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
             connections: 1,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(30),
@@ -88,12 +107,13 @@ impl Session {
         // One id for all of this session's connections and reconnects: the server lets one client
         // session at a time write a volume, and a reconnect is still the same writer.
         let client_session = rand::random::<u64>() | 1;
+        let creds = Arc::new(Credentials::new(opts.credential_file.clone()));
         let mut conns = Vec::with_capacity(n);
         let mut hello = None;
         for _ in 0..n {
-            let est = conn::establish(sock, &opts, client_session).await?;
+            let est = conn::establish(sock, &opts, client_session, &creds).await?;
             hello.get_or_insert_with(|| est.hello.clone());
-            conns.push(conn::spawn(sock, opts.clone(), client_session, est));
+            conns.push(conn::spawn(sock, opts.clone(), client_session, creds.clone(), est));
         }
         let hello = hello.ok_or(ClientError::Closed)?;
         let node_id = opts.node_id;
@@ -109,6 +129,17 @@ impl Session {
     /// The node this session acts as.
     pub fn node_id(&self) -> &NodeId {
         &self.inner.node_id
+    }
+
+    /// Whether the server took this session as admin (the admin token, or a server without
+    /// credentials, where everyone is).
+    pub fn is_admin(&self) -> bool {
+        self.inner.hello.session_flags & ferrovol_proto::opcode::SESSION_ADMIN != 0
+    }
+
+    /// Admin: forgets `node`'s credential, so that it can enroll again with the join token.
+    pub async fn reset_node(&self, node: &NodeId) -> Result<()> {
+        self.control(Request::NodeReset { node: node.clone() }).await.map(|_| ())
     }
 
     /// What the server said in the handshake (limits, features, server id).

@@ -230,3 +230,81 @@ async fn bounded_wait_when_server_is_gone() {
     let e = s.stat_volume(&name("g")).await.unwrap_err();
     assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
 }
+
+/// Identity is proven: a node enrolls once with the join token and from then on only its own
+/// credential admits it; nobody else can act as it or for it; the admin can, and can reset it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_prove_who_they_are() {
+    let (_d, dir) = tmp();
+    const ADMIN: &str = "admin-token-0123456789";
+    const JOIN: &str = "join-token-0123456789";
+    let auth = ferrovol_server::Auth { admin_token: Some(ADMIN.into()), join_token: Some(JOIN.into()) };
+    let server = TestServer::start_with_auth(&dir, "127.0.0.1:0", auth.clone());
+    let addr = server.addr.to_string();
+    let as_node = |node: &str, token: &str, file: Option<PathBuf>| ConnectOptions {
+        token: token.into(),
+        credential_file: file,
+        connections: 1,
+        ..opts(node)
+    };
+    let cred_a = dir.join("creds/node-a");
+
+    // Enrollment: the join token admits a new node once, and the credential is saved privately.
+    let a = Session::connect(&addr, as_node("node-a", JOIN, Some(cred_a.clone()))).await.unwrap();
+    assert!(!a.is_admin());
+    let first_cred = std::fs::read_to_string(&cred_a).unwrap();
+    assert_eq!(first_cred.trim().len(), 64);
+    // The join token no longer admits node-a: no one else can become node-a.
+    let e = Session::connect(&addr, as_node("node-a", JOIN, None)).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AuthFailed), "{e}");
+    assert!(e.to_string().contains("wrong credential for node node-a"), "{e}");
+    let e = Session::connect(&addr, as_node("node-a", "guess", None)).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AuthFailed), "{e}");
+    // Another node's credential does not admit node-a either.
+    let cred_b = dir.join("creds/node-b");
+    let b = Session::connect(&addr, as_node("node-b", JOIN, Some(cred_b.clone()))).await.unwrap();
+    let b_secret = std::fs::read_to_string(&cred_b).unwrap();
+    let e = Session::connect(&addr, as_node("node-a", b_secret.trim(), None)).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AuthFailed), "{e}");
+    // Node-a again, from its file: admitted, not enrolled anew.
+    let a2 = Session::connect(&addr, as_node("node-a", JOIN, Some(cred_a.clone()))).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&cred_a).unwrap(), first_cred);
+
+    // A node acts only for itself.
+    let admin = Session::connect(&addr, as_node("controller", ADMIN, None)).await.unwrap();
+    assert!(admin.is_admin());
+    admin.create_volume(&name("shared"), 1 << 20).await.unwrap();
+    let node_b: NodeId = "node-b".parse().unwrap();
+    let g = b.attach_writer(&name("shared"), false).await.unwrap();
+    for e in [
+        a.attach_set(&name("shared"), &node_b, true).await.unwrap_err(),
+        a.attach_clear(&name("shared"), &node_b, 0).await.unwrap_err(),
+        a.delete_volume_forced(&name("shared")).await.unwrap_err(),
+        a.reset_node(&node_b).await.unwrap_err(),
+        a.register_node(&node_b).await.unwrap_err(),
+    ] {
+        assert_eq!(e.status(), Some(Status::Forbidden), "{e}");
+    }
+    assert_eq!(a.stat_volume(&name("shared")).await.unwrap().generation, g, "nothing changed");
+    // The admin may manage node-b's attachment (ControllerUnpublish) and force a delete.
+    admin.attach_clear(&name("shared"), &node_b, 0).await.unwrap();
+    admin.attach_set(&name("shared"), &node_b, false).await.unwrap();
+    admin.delete_volume_forced(&name("shared")).await.unwrap();
+
+    // The server restarts: sessions reconnect with their credentials and go on.
+    a2.create_volume(&name("after"), 1 << 20).await.unwrap();
+    let va = a2.open(&name("after"), false).await.unwrap();
+    server.kill();
+    let server = TestServer::start_with_auth(&dir, &addr, auth);
+    va.write_at(0, Bytes::from_static(b"resumed")).await.unwrap();
+    assert_eq!(&va.read_at(0, 7).await.unwrap()[..], b"resumed");
+
+    // A reset: node-a's old credential is refused, and it enrolls again with the join token.
+    admin.reset_node(&"node-a".parse().unwrap()).await.unwrap();
+    let e = Session::connect(&addr, as_node("node-a", "", Some(cred_a.clone()))).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::AuthFailed), "without the join token it cannot come back: {e}");
+    let a3 = Session::connect(&addr, as_node("node-a", JOIN, Some(cred_a.clone()))).await.unwrap();
+    assert_ne!(std::fs::read_to_string(&cred_a).unwrap(), first_cred, "a new credential");
+    a3.stat_volume(&name("after")).await.unwrap();
+    drop(server);
+}

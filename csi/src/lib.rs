@@ -39,13 +39,16 @@ pub enum Mode {
 }
 
 /// Everything the services need to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub mode: Mode,
     /// The CSI node id (this node's, in node mode); also the ferrovol node id its writes carry.
     pub node_id: NodeId,
     pub server: String,
+    /// The admin token (controller) or the join token (node).
     pub token: String,
+    /// Where this node's credential is kept once it enrolled (shared with its attach processes).
+    pub credential_file: PathBuf,
     /// Where the node keeps what must survive a restart: staged volumes, image files, attach logs.
     pub state_dir: PathBuf,
     /// Seconds an attached volume's I/O waits for the server before failing with EIO.
@@ -54,11 +57,24 @@ pub struct Config {
     pub max_volumes_per_node: i64,
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("mode", &self.mode)
+            .field("node_id", &self.node_id)
+            .field("server", &self.server)
+            .field("credential_file", &self.credential_file)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Config {
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
             node_id: self.node_id.clone(),
             token: self.token.clone(),
+            credential_file: Some(self.credential_file.clone()),
             io_timeout: self.io_timeout,
             connect_timeout: Duration::from_secs(10),
             ..ConnectOptions::default()

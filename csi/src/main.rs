@@ -33,9 +33,14 @@ struct Cli {
     /// The ferrovol server.
     #[arg(long, env = "FERROVOL_SERVER", default_value = ferrovol_client::DEFAULT_SERVER)]
     server: String,
-    /// Shared secret, when the server requires one.
-    #[arg(long, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
-    token: String,
+    /// File holding the token (else FERROVOL_TOKEN): the admin token for the controller, the join
+    /// token for node plugins (each node then enrolls and keeps its own credential in
+    /// --credential-file). Never on the command line.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the node plugin keeps its node credential (default: STATE_DIR/credential).
+    #[arg(long)]
+    credential_file: Option<PathBuf>,
     /// Where the node keeps what must survive its restart (staged volumes, FUSE files, attach logs).
     #[arg(long, default_value = "/var/lib/ferrovol-csi")]
     state_dir: PathBuf,
@@ -87,6 +92,7 @@ fn attach(args: AttachArgs) -> ExitCode {
     let opts = ConnectOptions {
         node_id: args.node_id,
         token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+        credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
         io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
         ..ConnectOptions::default()
     };
@@ -116,11 +122,19 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let token = match ferrovol_proto::secret::read("token", cli.token_file.as_deref(), "FERROVOL_TOKEN") {
+        Ok(t) => t.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("ferrovol-csi: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = Config {
         mode: cli.mode,
         node_id: cli.node_id,
         server: cli.server,
-        token: cli.token,
+        token,
+        credential_file: cli.credential_file.unwrap_or_else(|| cli.state_dir.join("credential")),
         state_dir: cli.state_dir,
         io_timeout: Duration::from_secs(cli.io_timeout_s.max(1)),
         max_volumes_per_node: cli.max_volumes_per_node,

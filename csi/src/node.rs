@@ -143,6 +143,7 @@ impl Inner {
             .arg("--path")
             .arg(&st.image)
             .env("FERROVOL_TOKEN", &c.token)
+            .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
             .stderr(log);
         if st.read_only {
             cmd.arg("--read-only");

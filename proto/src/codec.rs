@@ -381,6 +381,10 @@ pub enum Request {
     NodeStat {
         node: NodeId,
     },
+    /// Admin only: forget `node`'s credential.
+    NodeReset {
+        node: NodeId,
+    },
     Open {
         name: VolumeName,
         read_only: bool,
@@ -435,6 +439,7 @@ impl Request {
             Request::StoreStat => Opcode::StoreStat,
             Request::NodeRegister { .. } => Opcode::NodeRegister,
             Request::NodeStat { .. } => Opcode::NodeStat,
+            Request::NodeReset { .. } => Opcode::NodeReset,
             Request::Open { .. } => Opcode::Open,
             Request::Close { .. } => Opcode::Close,
             Request::Read { .. } => Opcode::Read,
@@ -520,7 +525,7 @@ impl Request {
                 p.freeze()
             }
             Request::StoreStat => Bytes::new(),
-            Request::NodeRegister { node } | Request::NodeStat { node } => {
+            Request::NodeRegister { node } | Request::NodeStat { node } | Request::NodeReset { node } => {
                 put_str8(&mut p, node.as_str());
                 p.freeze()
             }
@@ -651,6 +656,7 @@ impl Request {
                 Opcode::StoreStat => Request::StoreStat,
                 Opcode::NodeRegister => Request::NodeRegister { node: r.node_id()? },
                 Opcode::NodeStat => Request::NodeStat { node: r.node_id()? },
+                Opcode::NodeReset => Request::NodeReset { node: r.node_id()? },
                 Opcode::Open => {
                     let read_only = h.flags & FLAG_READ_ONLY != 0;
                     let name = r.volume_name()?;
@@ -987,6 +993,7 @@ impl Response {
                     Reply::Data(raw.payload.clone())
                 }
                 Opcode::VolumeDelete
+                | Opcode::NodeReset
                 | Opcode::AttachClear
                 | Opcode::Close
                 | Opcode::Write

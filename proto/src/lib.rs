@@ -12,6 +12,7 @@ pub mod header;
 pub mod io;
 pub mod limits;
 pub mod opcode;
+pub mod secret;
 pub mod types;
 
 /// The CSI spec's services and messages (package `csi.v1`), generated from `csi/csi.proto` at build

@@ -24,6 +24,8 @@ pub enum Opcode {
     NodeRegister = 0x18,
     /// Whether a node is known, and since when.
     NodeStat = 0x19,
+    /// Admin: forget a node's credential, so that it can enroll again with the join token.
+    NodeReset = 0x1a,
     Open = 0x20,
     Close = 0x21,
     Read = 0x22,
@@ -34,7 +36,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 18] = [
+    pub const ALL: [Opcode; 19] = [
         Opcode::Hello,
         Opcode::VolumeCreate,
         Opcode::VolumeDelete,
@@ -46,6 +48,7 @@ impl Opcode {
         Opcode::StoreStat,
         Opcode::NodeRegister,
         Opcode::NodeStat,
+        Opcode::NodeReset,
         Opcode::Open,
         Opcode::Close,
         Opcode::Read,
@@ -68,6 +71,7 @@ impl Opcode {
             Opcode::StoreStat => "STORE_STAT",
             Opcode::NodeRegister => "NODE_REGISTER",
             Opcode::NodeStat => "NODE_STAT",
+            Opcode::NodeReset => "NODE_RESET",
             Opcode::Open => "OPEN",
             Opcode::Close => "CLOSE",
             Opcode::Read => "READ",

@@ -55,6 +55,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::StoreStat),
         node().prop_map(|node| Request::NodeRegister { node }),
         node().prop_map(|node| Request::NodeStat { node }),
+        node().prop_map(|node| Request::NodeReset { node }),
         (name(), node(), any::<u64>()).prop_map(|(name, node, generation)| Request::AttachClear {
             name,
             node,
@@ -132,6 +133,7 @@ fn reply() -> impl Strategy<Value = (Opcode, Reply)> {
             }),
         prop_oneof![
             Just(Opcode::VolumeDelete),
+            Just(Opcode::NodeReset),
             Just(Opcode::AttachClear),
             Just(Opcode::Close),
             Just(Opcode::Write),

@@ -79,7 +79,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 Ok(Some(raw)) => raw,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(error = %e, "unreadable frame; closing the connection");
+                    crate::listener::refusal(
+                        || warn!(error = %e, "unreadable frame; closing the connection"),
+                    );
                     let (id, op) = match &e {
                         FrameError::PayloadTooLarge { request_id, opcode, .. } => (*request_id, *opcode),
                         _ => (RequestId(0), 0),
@@ -172,7 +174,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 break 'conn;
             }
             _ = tokio::time::sleep_until(handshake_deadline), if handshaking => {
-                warn!("no HELLO within the handshake timeout; closing");
+                crate::listener::refusal(|| warn!("no HELLO within the handshake timeout; closing"));
                 break 'conn;
             }
         };

@@ -91,6 +91,60 @@ fn token_eq(a: &str, b: &str) -> bool {
     diff == 0
 }
 
+/// Who the HELLO proves to be: `(admin, new credential)`, or why it is refused.
+///
+/// - Open mode (no token configured): anyone, as any node, as admin. Identity is only claimed.
+/// - The admin token: admin, as the node it names.
+/// - An enrolled node: only with its own credential (compared by SHA-256, in constant time).
+/// - A node not enrolled yet, with the join token: enrolled now; the reply carries its credential.
+///
+/// Enrollment writes `nodes.json` (an fsync) on this connection's thread: it happens once per node.
+fn authenticate(ctx: &Context, hello: &Hello) -> Result<(bool, Option<String>), String> {
+    let auth = &ctx.auth;
+    if auth.is_open() {
+        return Ok((true, None));
+    }
+    if auth.admin_token.as_deref().is_some_and(|t| token_eq(t, &hello.token)) {
+        return Ok((true, None));
+    }
+    let node = &hello.node_id;
+    if let Some(hash) = ctx.store.node_credential(node) {
+        if token_eq(&hash, &sha256_hex(&hello.token)) {
+            return Ok((false, None));
+        }
+        return Err(format!(
+            "wrong credential for node {node}: an enrolled node must present its own credential (if it \
+             lost it, an admin can `ferrovol node reset {node}` so that it enrolls again)"
+        ));
+    }
+    match &auth.join_token {
+        Some(join) if token_eq(join, &hello.token) => {
+            let credential = new_credential();
+            match ctx.store.node_enroll(node, sha256_hex(&credential)) {
+                Ok(()) => Ok((false, Some(credential))),
+                Err(StoreError::AlreadyExists(_)) => {
+                    Err(format!("node {node} was enrolled meanwhile; retry with its credential"))
+                }
+                Err(e) => Err(format!("cannot enroll node {node}: {e}")),
+            }
+        }
+        _ => Err(format!(
+            "node {node} is not enrolled, and the token is neither the join token nor the admin token"
+        )),
+    }
+}
+
+/// A node credential: 256 random bits, hex.
+fn new_credential() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn err(id: RequestId, op: Opcode, e: &StoreError) -> Response {
     Response { request_id: id, opcode: op as u8, result: Err(e.to_reply()) }
 }
@@ -215,6 +269,12 @@ impl Session {
                     |registered_unix_ms| Reply::Node { registered_unix_ms },
                 )
             }
+            Request::NodeReset { node } => {
+                if let Err(e) = self.admin_for(true, || format!("resetting the credential of node {node}")) {
+                    return Outcome::Reply(err(id, op, &e));
+                }
+                store_op(ctx, id, op, move |s| s.node_reset(&node), |()| Reply::Done)
+            }
             Request::NodeStat { node } => store_op(
                 ctx,
                 id,
@@ -271,30 +331,33 @@ impl Session {
                 ),
             ));
         }
-        if let Some(token) = &ctx.token {
-            if !token_eq(token, &hello.token) {
-                warn!(node = %hello.node_id, "authentication failed: wrong token");
+        let (admin, credential) = match authenticate(ctx, &hello) {
+            Ok(who) => who,
+            Err(message) => {
+                crate::listener::refusal(|| warn!(node = %hello.node_id, %message, "authentication failed"));
                 return Outcome::ReplyAndClose(Response::error(
                     id,
                     Opcode::Hello as u8,
                     Status::AuthFailed,
-                    "wrong or missing token",
+                    message,
                 ));
             }
-        }
-        debug!(node = %hello.node_id, "handshake done");
+        };
+        debug!(node = %hello.node_id, admin, "handshake done");
         self.node = Some(hello.node_id);
         self.client_session = hello.session;
-        // Until per-node credentials exist, the one token is the admin's (and no token: open mode,
-        // where every session is admin and identity is only claimed: loopback and tests).
-        self.admin = true;
+        self.admin = admin;
+        let mut session_flags = if admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 };
+        if credential.is_some() {
+            session_flags |= ferrovol_proto::opcode::SESSION_ENROLLED;
+        }
         Outcome::Reply(Response::ok(
             id,
             Opcode::Hello,
             Reply::Hello(HelloReply {
                 version: PROTOCOL_VERSION,
-                session_flags: if self.admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 },
-                credential: String::new(),
+                session_flags,
+                credential: credential.unwrap_or_default(),
                 features: hello.features & FEATURES_ALL,
                 in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
                 in_flight_bytes_max: IN_FLIGHT_BYTES_MAX,

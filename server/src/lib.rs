@@ -12,4 +12,4 @@ pub mod listener;
 pub mod store;
 pub mod testing;
 
-pub use listener::{Server, ServerConfig};
+pub use listener::{Auth, Server, ServerConfig};

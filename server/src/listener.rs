@@ -20,12 +20,64 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// How long shutdown waits for in-flight requests before closing connections anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Refusals logged per second at most (failed handshakes, connections over a cap, slow or idle
+/// peers cut): a flood of bad clients must not flood the log too.
+pub const REFUSAL_LOGS_PER_S: u32 = 10;
+
+/// Runs `log` (a `warn!` of a refusal) unless `REFUSAL_LOGS_PER_S` refusals were already logged in
+/// this second; those not logged are counted, and the count is logged with the next second's first.
+pub(crate) fn refusal(log: impl FnOnce()) {
+    static STATE: std::sync::Mutex<(u64, u32, u64)> = std::sync::Mutex::new((0, 0, 0));
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut st = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    if st.0 != now_s {
+        if st.2 > 0 {
+            warn!(suppressed = st.2, "more refusals were not logged (rate limit)");
+        }
+        *st = (now_s, 0, 0);
+    }
+    if st.1 < REFUSAL_LOGS_PER_S {
+        st.1 += 1;
+        drop(st);
+        log();
+    } else {
+        st.2 += 1;
+    }
+}
+
+/// Who may connect, and as whom (see PROTOCOL.md, "Identity"). With neither token the server is
+/// open: any client may claim any node id and every session is admin (loopback and tests only).
+#[derive(Clone, Default)]
+pub struct Auth {
+    /// The admin credential: may act for any node (the CSI controller, `ferrovol up`'s own client).
+    pub admin_token: Option<String>,
+    /// Lets a node that is not enrolled yet enroll: it then gets a credential of its own, which
+    /// it must present from then on (the join token alone no longer admits it).
+    pub join_token: Option<String>,
+}
+
+impl Auth {
+    /// No credential configured: identity is claimed, not proven.
+    pub fn is_open(&self) -> bool {
+        self.admin_token.is_none() && self.join_token.is_none()
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets themselves.
+        f.debug_struct("Auth")
+            .field("admin_token", &self.admin_token.is_some())
+            .field("join_token", &self.join_token.is_some())
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// Shared secret clients must present in HELLO; `None` accepts any client (loopback use).
-    pub token: Option<String>,
+    pub auth: Auth,
     pub handshake_timeout: Duration,
     /// How long a connection polls for its next request before sleeping (0 = never poll).
     pub poll: Duration,
@@ -38,7 +90,7 @@ impl ServerConfig {
         Self {
             data_dir: data_dir.into(),
             listen,
-            token: None,
+            auth: Auth::default(),
             handshake_timeout: Duration::from_secs(10),
             poll: Duration::from_micros(300),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
@@ -50,7 +102,7 @@ impl ServerConfig {
 #[derive(Debug)]
 pub struct Context {
     pub store: Arc<Store>,
-    pub token: Option<String>,
+    pub auth: Auth,
     pub handshake_timeout: Duration,
     pub poll: Duration,
 }
@@ -141,7 +193,10 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let ctx = Arc::new(Context {
             store: Arc::new(store),
-            token: config.token.filter(|t| !t.is_empty()),
+            auth: Auth {
+                admin_token: config.auth.admin_token.filter(|t| !t.is_empty()),
+                join_token: config.auth.join_token.filter(|t| !t.is_empty()),
+            },
             handshake_timeout: config.handshake_timeout,
             poll: config.poll,
         });
@@ -196,7 +251,7 @@ impl Server {
                         }
                     };
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        warn!(%peer, limit = CONNECTIONS_MAX, "too many connections; closing the new one");
+                        refusal(|| warn!(%peer, limit = CONNECTIONS_MAX, "too many connections; closing the new one"));
                         continue;
                     };
                     let stream = match stream.into_std() {

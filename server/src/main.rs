@@ -23,10 +23,15 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7700", env = "FERROVOL_LISTEN")]
     listen: SocketAddr,
-    /// Shared secret clients must present; empty accepts any client. Prefer the environment variable
-    /// (command lines are visible to other users).
-    #[arg(long, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
-    token: String,
+    /// File holding the admin token (or FERROVOL_ADMIN_TOKEN): the credential that may act for any
+    /// node (the CSI controller). Secrets never go on the command line.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// File holding the join token (or FERROVOL_JOIN_TOKEN): lets a node that is not enrolled yet
+    /// enroll and get a credential of its own. With neither token, any client may claim any node
+    /// id (loopback and tests only).
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// Seconds a new connection has to complete the handshake.
     #[arg(long, default_value_t = 10)]
     handshake_timeout_s: u64,
@@ -87,7 +92,25 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         let mut config = ServerConfig::new(&args.data, args.listen);
-        config.token = Some(args.token.clone()).filter(|t| !t.is_empty());
+        config.auth = ferrovol_server::Auth {
+            admin_token: ferrovol_proto::secret::read_server_token(
+                "admin token",
+                args.admin_token_file.as_deref(),
+                "FERROVOL_ADMIN_TOKEN",
+            )?,
+            join_token: ferrovol_proto::secret::read_server_token(
+                "join token",
+                args.join_token_file.as_deref(),
+                "FERROVOL_JOIN_TOKEN",
+            )?,
+        };
+        if config.auth.is_open() && !args.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %args.listen,
+                "no admin or join token: any client may act as any node (give --admin-token-file and \
+                 --join-token-file, or listen on loopback only)"
+            );
+        }
         config.handshake_timeout = std::time::Duration::from_secs(args.handshake_timeout_s.max(1));
         config.poll = std::time::Duration::from_micros(args.poll_us.min(10_000));
         if let Some(n) = args.threads {

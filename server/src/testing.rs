@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{Server, ServerConfig};
+use crate::{Auth, Server, ServerConfig};
 
 /// A server on its own runtime in its own thread; `kill` (or drop) stops it abruptly, like a crash of
 /// the process: connections are cut and nothing more is answered.
@@ -23,9 +23,14 @@ impl TestServer {
         Self::start_with_token(dir, addr, Some("tok"))
     }
 
+    /// A server whose admin token is `token` (`None`: open, every client is admin).
     pub fn start_with_token(dir: &Path, addr: &str, token: Option<&str>) -> Self {
+        Self::start_with_auth(dir, addr, Auth { admin_token: token.map(str::to_owned), join_token: None })
+    }
+
+    pub fn start_with_auth(dir: &Path, addr: &str, auth: Auth) -> Self {
         let mut config = ServerConfig::new(dir, addr.parse().unwrap());
-        config.token = token.map(str::to_owned);
+        config.auth = auth;
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {

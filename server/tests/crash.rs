@@ -156,3 +156,51 @@ fn refuses_a_foreign_data_dir() {
     assert!(err.contains("not a ferrovol data dir"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.path().join("thesis.tex")).unwrap(), "precious");
 }
+
+/// The real binary: a second server on one data dir exits non-zero naming the holder's pid (the
+/// first keeps serving); the deploy placeholder token and short tokens are refused at startup;
+/// tokens never come from argv (there is no flag for them).
+#[test]
+fn one_server_per_data_dir_and_no_placeholder_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by another ferrovol server") && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+    let mut c = RawClient::hello(addr, "n1", "");
+    assert!(c.call(Request::StoreStat).result.is_ok(), "the first server still serves");
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let other = tempfile::tempdir().unwrap();
+    let token_file = other.path().join("admin");
+    for (bad, why) in [("change-me-before-deploying", "placeholder"), ("short", "fewer than")] {
+        std::fs::write(&token_file, bad).unwrap();
+        for (flag, env) in [(true, false), (false, true)] {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"));
+            cmd.args(["--data", other.path().join("d").to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+            if flag {
+                cmd.arg("--admin-token-file").arg(&token_file);
+            }
+            if env {
+                cmd.env("FERROVOL_JOIN_TOKEN", bad);
+            }
+            let out = cmd.output().unwrap();
+            assert!(!out.status.success(), "{bad:?} accepted");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(why) && err.contains("openssl rand"), "{err}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", other.path().join("d").to_str().unwrap(), "--token", "0123456789abcdef0123"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a token on the command line must not be accepted");
+}

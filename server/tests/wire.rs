@@ -13,9 +13,13 @@ use ferrovol_proto::*;
 use ferrovol_server::{Server, ServerConfig};
 
 fn start(token: Option<&str>) -> (SocketAddr, tempfile::TempDir, std::thread::JoinHandle<()>) {
+    start_auth(ferrovol_server::Auth { admin_token: token.map(str::to_owned), join_token: None })
+}
+
+fn start_auth(auth: ferrovol_server::Auth) -> (SocketAddr, tempfile::TempDir, std::thread::JoinHandle<()>) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    config.token = token.map(str::to_owned);
+    config.auth = auth;
     config.handshake_timeout = Duration::from_secs(2);
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {

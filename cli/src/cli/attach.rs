@@ -54,7 +54,7 @@ pub fn attach(
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     let access =
         if read_only { fuse::Access::ReadOnly } else { fuse::Access::Writer { takeover: force_takeover } };
-    fuse::serve(&global.server, global.options(), name, path, access, |size| {
+    fuse::serve(&global.server, global.options()?, name, path, access, |size| {
         if notify {
             println!("ready");
         } else {

@@ -25,9 +25,15 @@ pub struct Global {
     /// Server address.
     #[arg(long, global = true, env = "FERROVOL_SERVER", default_value = ferrovol_client::DEFAULT_SERVER)]
     pub server: String,
-    /// Shared secret, when the server requires one.
-    #[arg(long, global = true, env = "FERROVOL_TOKEN", hide_env_values = true, default_value = "")]
-    pub token: String,
+    /// File holding the token to present while this node has no credential of its own: the join
+    /// token (the server then enrolls the node) or the admin token. Else FERROVOL_TOKEN. Secrets
+    /// are never taken from the command line.
+    #[arg(long, global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Where this node keeps the credential the server issued when it enrolled (default: under
+    /// /var/lib/ferrovol-client/credentials as root, ~/.local/state/ferrovol otherwise).
+    #[arg(long, global = true, env = "FERROVOL_CREDENTIAL_FILE")]
+    pub credential_file: Option<std::path::PathBuf>,
     /// This client's node id (default: FERROVOL_NODE_ID, else the host name).
     #[arg(long, global = true)]
     pub node_id: Option<NodeId>,
@@ -50,6 +56,9 @@ pub enum Command {
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Nodes and their credentials.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Throughput harness.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -126,6 +135,13 @@ pub enum VolumeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Forget a node's credential (admin), so that it enrolls again with the join token: for a
+    /// node that lost its credential file, or one to lock out until it does.
+    Reset { node: NodeId },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Raw protocol benchmark: the client library against a server, no FUSE.
     Raw {
@@ -169,18 +185,23 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 impl Global {
-    pub fn options(&self) -> ConnectOptions {
+    pub fn options(&self) -> anyhow::Result<ConnectOptions> {
         let mut o = ConnectOptions::default();
         if let Some(n) = &self.node_id {
             o.node_id = n.clone();
         }
-        o.token = self.token.clone();
+        o.token = ferrovol_proto::secret::read("token", self.token_file.as_deref(), "FERROVOL_TOKEN")?
+            .unwrap_or_default();
+        o.credential_file = self
+            .credential_file
+            .clone()
+            .or_else(|| ferrovol_client::default_credential_file(o.node_id.as_str(), &self.server));
         o.io_timeout = Duration::from_secs(self.io_timeout_s.max(1));
-        o
+        Ok(o)
     }
 
     pub async fn connect(&self, connections: usize) -> anyhow::Result<Session> {
-        let mut o = self.options();
+        let mut o = self.options()?;
         o.connections = connections;
         Ok(Session::connect(&self.server, o).await?)
     }
@@ -189,6 +210,14 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
+        Command::Node(NodeCmd::Reset { node }) => {
+            let session = cli.global.connect(1).await?;
+            session.reset_node(&node).await?;
+            println!(
+                "node {node}: credential forgotten; it enrolls again with the join token on its next connect"
+            );
+            Ok(())
+        }
         Command::Attach { .. } | Command::Detach { .. } | Command::Up { .. } => {
             anyhow::bail!("attach and detach run outside the runtime (see main)")
         }

@@ -145,7 +145,7 @@ fn start(
     // 1. The embedded server, on loopback, with a random token so other local users cannot connect.
     let token = format!("{:032x}", rand::random::<u128>());
     let mut config = ServerConfig::new(data, "127.0.0.1:0".parse()?);
-    config.token = Some(token.clone());
+    config.auth.admin_token = Some(token.clone());
     let server = rt.block_on(Server::bind(config))?;
     let addr = server.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

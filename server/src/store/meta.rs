@@ -39,10 +39,43 @@ pub struct VolumeMeta {
     pub labels: ferrovol_proto::Labels,
 }
 
-/// Nodes registered with this server (NODE_REGISTER): node id -> first registration, unix ms.
+/// Nodes known to this server (NODE_REGISTER, or enrolled by HELLO with the join token).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodesFile {
-    pub nodes: std::collections::BTreeMap<String, u64>,
+    pub nodes: std::collections::BTreeMap<String, NodeEntry>,
+}
+
+/// One node: when it was first registered, and the SHA-256 (hex) of its credential once enrolled.
+/// The credential itself is never stored: only the node has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "NodeEntryOnDisk")]
+pub struct NodeEntry {
+    pub registered_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_sha256: Option<String>,
+}
+
+/// Layout 1 wrote a bare registration time per node; both forms are read.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NodeEntryOnDisk {
+    Registered(u64),
+    Entry {
+        registered_unix_ms: u64,
+        #[serde(default)]
+        credential_sha256: Option<String>,
+    },
+}
+
+impl From<NodeEntryOnDisk> for NodeEntry {
+    fn from(e: NodeEntryOnDisk) -> Self {
+        match e {
+            NodeEntryOnDisk::Registered(t) => NodeEntry { registered_unix_ms: t, credential_sha256: None },
+            NodeEntryOnDisk::Entry { registered_unix_ms, credential_sha256 } => {
+                NodeEntry { registered_unix_ms, credential_sha256 }
+            }
+        }
+    }
 }
 
 pub const NODES_FILE: &str = "nodes.json";

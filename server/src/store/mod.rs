@@ -32,8 +32,8 @@ pub struct Store {
     root: PathBuf,
     volumes_dir: PathBuf,
     server_id: String,
-    /// Registered nodes (NODE_REGISTER), mirrored in `nodes.json`.
-    nodes: Mutex<BTreeMap<String, u64>>,
+    /// Known nodes and their credential hashes, mirrored in `nodes.json`.
+    nodes: Mutex<BTreeMap<String, NodeEntry>>,
     /// The volume map, and the names reserved by a create or delete in progress. Held only for map
     /// operations, never across I/O: creates and deletes reserve the name, do their I/O unlocked and
     /// come back to publish the result.
@@ -371,29 +371,84 @@ impl Store {
         Ok(())
     }
 
-    /// Records `node` as known (persistently); returns when it was first registered.
-    pub fn node_register(&self, node: &NodeId) -> StoreResult<u64> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = nodes.get(node.as_str()) {
-            return Ok(*t);
-        }
-        if nodes.len() >= ferrovol_proto::limits::NODES_MAX {
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeEntry>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` to a copy of the node table and makes it durable, then current.
+    fn change_nodes<T>(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, NodeEntry>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut nodes = self.lock_nodes();
+        let mut next = NodesFile { nodes: nodes.clone() };
+        let out = change(&mut next.nodes)?;
+        if next.nodes.len() > ferrovol_proto::limits::NODES_MAX {
             return Err(StoreError::NoSpace);
         }
-        let now = now_unix_ms();
-        let mut next = NodesFile { nodes: nodes.clone() };
-        next.nodes.insert(node.as_str().to_owned(), now);
         let path = self.root.join(NODES_FILE);
         let json = serde_json::to_vec_pretty(&next).map_err(|e| dir_err(&path, e))?;
         replace_file(&path, &json)?;
         *nodes = next.nodes;
+        Ok(out)
+    }
+
+    /// Records `node` as known (persistently); returns when it was first registered.
+    pub fn node_register(&self, node: &NodeId) -> StoreResult<u64> {
+        if let Some(e) = self.lock_nodes().get(node.as_str()) {
+            return Ok(e.registered_unix_ms);
+        }
+        let t = self.change_nodes(|nodes| {
+            let e = nodes
+                .entry(node.as_str().to_owned())
+                .or_insert(NodeEntry { registered_unix_ms: now_unix_ms(), credential_sha256: None });
+            Ok(e.registered_unix_ms)
+        })?;
         info!(node = %node, "node registered");
-        Ok(now)
+        Ok(t)
     }
 
     pub fn node_stat(&self, node: &NodeId) -> StoreResult<u64> {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes.get(node.as_str()).copied().ok_or_else(|| StoreError::NodeNotFound(node.to_string()))
+        let nodes = self.lock_nodes();
+        nodes
+            .get(node.as_str())
+            .map(|e| e.registered_unix_ms)
+            .ok_or_else(|| StoreError::NodeNotFound(node.to_string()))
+    }
+
+    /// The SHA-256 (hex) of `node`'s credential, if it is enrolled.
+    pub fn node_credential(&self, node: &NodeId) -> Option<String> {
+        self.lock_nodes().get(node.as_str()).and_then(|e| e.credential_sha256.clone())
+    }
+
+    /// Enrolls `node` with a credential whose SHA-256 (hex) is `credential_sha256`; registers it if
+    /// it was not. Refused (`AlreadyExists`) when it already has a credential: an enrolled identity
+    /// is never replaced by whoever holds the join token.
+    pub fn node_enroll(&self, node: &NodeId, credential_sha256: String) -> StoreResult<()> {
+        self.change_nodes(|nodes| {
+            let e = nodes
+                .entry(node.as_str().to_owned())
+                .or_insert(NodeEntry { registered_unix_ms: now_unix_ms(), credential_sha256: None });
+            if e.credential_sha256.is_some() {
+                return Err(StoreError::AlreadyExists(format!("node {node}")));
+            }
+            e.credential_sha256 = Some(credential_sha256);
+            Ok(())
+        })?;
+        info!(node = %node, "node enrolled");
+        Ok(())
+    }
+
+    /// Forgets `node`'s credential (admin: a node that lost it, or one to lock out until it enrolls
+    /// again). Its registration stays. `NodeNotFound` for a node never registered.
+    pub fn node_reset(&self, node: &NodeId) -> StoreResult<()> {
+        self.change_nodes(|nodes| {
+            let e = nodes.get_mut(node.as_str()).ok_or_else(|| StoreError::NodeNotFound(node.to_string()))?;
+            e.credential_sha256 = None;
+            Ok(())
+        })?;
+        warn!(node = %node, "node credential reset; the node must enroll again");
+        Ok(())
     }
 
     /// Capacity of the filesystem holding the data dir, and what the volumes were given.
@@ -574,6 +629,34 @@ mod tests {
         let r = v.read(0, 8192).unwrap();
         assert!(r[..4196].iter().all(|b| *b == 0));
         assert!(r[4196..].iter().all(|b| *b == 1));
+    }
+
+    #[test]
+    fn node_credentials_persist_and_old_node_lists_load() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // A node list written before credentials existed.
+        fs::write(dir.path().join(NODES_FILE), br#"{"nodes":{"old":1700000000000}}"#).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = NodeId::try_from("old").unwrap();
+        assert_eq!(store.node_stat(&old).unwrap(), 1_700_000_000_000);
+        assert_eq!(store.node_credential(&old), None);
+        store.node_enroll(&old, "aa".into()).unwrap();
+        assert!(matches!(store.node_enroll(&old, "bb".into()), Err(StoreError::AlreadyExists(_))));
+        let new = NodeId::try_from("new").unwrap();
+        store.node_enroll(&new, "cc".into()).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.node_credential(&old).as_deref(), Some("aa"));
+        assert_eq!(store.node_stat(&old).unwrap(), 1_700_000_000_000, "registration time kept");
+        assert_eq!(store.node_credential(&new).as_deref(), Some("cc"));
+        store.node_reset(&old).unwrap();
+        assert_eq!(store.node_credential(&old), None);
+        assert!(matches!(
+            store.node_reset(&NodeId::try_from("x").unwrap()),
+            Err(StoreError::NodeNotFound(_))
+        ));
+        store.node_enroll(&old, "dd".into()).unwrap();
     }
 
     #[test]
