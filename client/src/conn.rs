@@ -45,6 +45,21 @@ const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);
+/// A connection the server has said nothing on for this long gets a PING (idle heartbeat, and the
+/// probe of a connection whose replies stopped: the server answers PING at once, even while a long
+/// FLUSH runs).
+const PING_AFTER: Duration = Duration::from_secs(2);
+/// A connection with calls outstanding (a PING at least) and nothing from the server for this long
+/// is dead (a silent partition, a vanished host): reconnect and re-send, instead of waiting out
+/// TCP's retransmission backoff.
+const SILENCE_MAX: Duration = Duration::from_secs(5);
+/// One connect attempt while reconnecting: short, so the first SYN after a partition heals comes
+/// soon (a fresh attempt sends one at once).
+const RECONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
+/// The kernel gives up on a connection whose sent data stays unacknowledged this long
+/// (TCP_USER_TIMEOUT), so a write into a dead path fails instead of retrying for ~15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+const _: () = assert!(PING_AFTER.as_millis() < SILENCE_MAX.as_millis());
 
 /// A volume as known to one connection: the caller's id for it, stable across reconnects.
 pub(crate) type LocalVol = u32;
@@ -146,6 +161,9 @@ struct Shared {
     sent: Notify,
     /// The reader is asleep with nothing awaited, registered for `sent`.
     reader_idle: std::sync::atomic::AtomicBool,
+    /// When the server last sent anything (ms since `epoch`): the heartbeat's clock.
+    heard_ms: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl Shared {
@@ -155,6 +173,20 @@ impl Shared {
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Vec<(u64, RequestFrame)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Something arrived from the server.
+    fn heard(&self) {
+        self.heard_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the server has been silent.
+    fn silent_for(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
     }
 
     /// Queues frames and writes everything queued if no one else is writing (flat combining): the
@@ -444,7 +476,7 @@ async fn establish_once(
     };
     let _ = stream.set_nodelay(true);
     {
-        // Room for a whole max-size frame each way (see the server's `tune_socket`).
+        // Room for a whole max-size frame each way (see the server's `enlarge_buffers`).
         let sock = socket2::SockRef::from(&stream);
         let _ = sock.set_recv_buffer_size(4 << 20);
         let _ = sock.set_send_buffer_size(4 << 20);
@@ -453,6 +485,9 @@ async fn establish_once(
             .with_time(Duration::from_secs(30))
             .with_interval(Duration::from_secs(10));
         let _ = sock.set_tcp_keepalive(&keepalive);
+        if let Err(e) = ferrovol_proto::io::set_tcp_user_timeout(&stream, TCP_USER_TIMEOUT) {
+            debug!(error = %e, "TCP_USER_TIMEOUT not set");
+        }
     }
     let hello = Request::Hello(Hello {
         version_min: PROTOCOL_VERSION_MIN,
@@ -499,6 +534,8 @@ pub(crate) fn spawn(
         sent: Notify::new(),
         reader_idle: std::sync::atomic::AtomicBool::new(false),
         broken_generation: AtomicU64::new(0),
+        heard_ms: AtomicU64::new(0),
+        epoch: std::time::Instant::now(),
     });
     let (alive, closed) = oneshot::channel();
     let io_timeout = opts.io_timeout;
@@ -520,8 +557,10 @@ async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Rec
     loop {
         let (rd, wr) = conn.stream.into_split();
         let mut reader = tokio::spawn(read_loop(rd, sup.shared.clone(), sup.opts.poll));
+        sup.shared.heard();
         let generation = sup.go_live(wr).await;
         let mut ticker = tokio::time::interval(TICK);
+        let mut pinged = Instant::now();
         let reason = loop {
             tokio::select! {
                 _ = &mut closed => {
@@ -535,7 +574,18 @@ async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Rec
                         break "write failed".to_owned();
                     }
                 }
-                _ = ticker.tick() => sup.expire(None),
+                _ = ticker.tick() => {
+                    sup.expire(None);
+                    let silent = sup.shared.silent_for();
+                    if silent >= SILENCE_MAX && sup.shared.state().pending.values().any(|p| p.sent) {
+                        reader.abort();
+                        break format!("no reply from the server for {silent:.1?}");
+                    }
+                    if silent >= PING_AFTER && pinged.elapsed() >= PING_AFTER {
+                        pinged = Instant::now();
+                        sup.ping().await;
+                    }
+                }
             }
         };
         warn!(server = %sup.addr, %reason, "connection lost; reconnecting");
@@ -548,6 +598,28 @@ async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Rec
 }
 
 impl Supervisor {
+    /// Sends a PING nobody waits for: its reply (or the lack of one) is what the heartbeat watches.
+    async fn ping(&self) {
+        let (reply, _rx) = oneshot::channel();
+        let frame = {
+            let mut st = self.shared.state();
+            if !st.connected {
+                return;
+            }
+            let id = st.next_id.max(1);
+            st.next_id = id + 1;
+            let frame = (st.generation, Request::Ping.encode(RequestId(id)));
+            let call = Call {
+                op: Op::Control(Request::Ping),
+                reply,
+                deadline: Instant::now() + self.opts.io_timeout,
+            };
+            st.pending.insert(id, Pending { call, sent: true });
+            frame
+        };
+        self.shared.submit([frame]).await;
+    }
+
     /// Installs a fresh write half, then re-sends every pending request in its original order, before
     /// any caller can write on the new connection.
     async fn go_live(&self, wr: OwnedWriteHalf) -> u64 {
@@ -655,7 +727,9 @@ impl Supervisor {
         let mut backoff = BACKOFF_MIN;
         loop {
             self.expire(Some((since, &last)));
-            match establish(self.addr, &self.opts, self.session, &self.creds).await {
+            let mut attempt = self.opts.clone();
+            attempt.connect_timeout = attempt.connect_timeout.min(RECONNECT_ATTEMPT_MAX);
+            match establish(self.addr, &attempt, self.session, &self.creds).await {
                 Ok(mut est) => match self.reopen(&mut est).await {
                     Ok(()) => {
                         info!(server = %self.addr, down_for = ?since.elapsed(), "reconnected");
@@ -758,6 +832,12 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
             let parsed = Response::parse(raw);
             let mut st = shared.state();
             let Some(p) = st.pending.remove(&id.0) else {
+                if id.0 != 0 && id.0 < st.next_id {
+                    // A call that expired (its caller got an error) or a heartbeat of an old
+                    // generation: the answer came late, which is no reason to drop the connection.
+                    debug!(request = %id, opcode, "reply to a call that is no longer waiting; dropped");
+                    continue;
+                }
                 return format!("reply to unknown request {id} (opcode {opcode:#04x})");
             };
             let op = p.call.op.opcode();
@@ -810,7 +890,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
         };
         match r {
             Ok(0) => return "server closed the connection".into(),
-            Ok(_) => {}
+            Ok(_) => shared.heard(),
             Err(e) => return format!("read failed: {e}"),
         }
     }

@@ -123,6 +123,15 @@ pub fn request_payload_len_max(opcode: u8) -> u32 {
 /// Splits one request frame off the front of `src`, or returns `Ok(None)` if it is not all there yet
 /// (after reserving room for the rest, bounded by the limits).
 pub fn split_request(src: &mut BytesMut) -> Result<Option<RawRequest>, FrameError> {
+    split_request_within(src, PAYLOAD_LEN_MAX)
+}
+
+/// [`split_request`] with a lower payload limit: the server passes `HELLO_PAYLOAD_LEN_MAX` before a
+/// peer has authenticated, so a header claiming megabytes makes it reserve nothing.
+pub fn split_request_within(
+    src: &mut BytesMut,
+    payload_len_max: u32,
+) -> Result<Option<RawRequest>, FrameError> {
     let Some(hdr_bytes) = src.get(..REQUEST_HEADER_LEN) else {
         return Ok(None);
     };
@@ -132,7 +141,7 @@ pub fn split_request(src: &mut BytesMut) -> Result<Option<RawRequest>, FrameErro
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&header.version) {
         return Err(FrameError::UnsupportedVersion(header.version));
     }
-    let max = request_payload_len_max(header.opcode);
+    let max = request_payload_len_max(header.opcode).min(payload_len_max);
     if header.payload_len > max {
         return Err(FrameError::PayloadTooLarge {
             request_id: header.request_id,
@@ -338,6 +347,7 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Hello(Hello),
+    Ping,
     VolumeCreate {
         name: VolumeName,
         size: u64,
@@ -429,6 +439,7 @@ impl Request {
     pub fn opcode(&self) -> Opcode {
         match self {
             Request::Hello(_) => Opcode::Hello,
+            Request::Ping => Opcode::Ping,
             Request::VolumeCreate { .. } => Opcode::VolumeCreate,
             Request::VolumeDelete { .. } => Opcode::VolumeDelete,
             Request::VolumeList { .. } => Opcode::VolumeList,
@@ -524,7 +535,7 @@ impl Request {
                 p.put_u64_le(*generation);
                 p.freeze()
             }
-            Request::StoreStat => Bytes::new(),
+            Request::StoreStat | Request::Ping => Bytes::new(),
             Request::NodeRegister { node } | Request::NodeStat { node } | Request::NodeReset { node } => {
                 put_str8(&mut p, node.as_str());
                 p.freeze()
@@ -654,6 +665,7 @@ impl Request {
                     Request::AttachClear { name: r.volume_name()?, node: r.node_id()?, generation: r.u64()? }
                 }
                 Opcode::StoreStat => Request::StoreStat,
+                Opcode::Ping => Request::Ping,
                 Opcode::NodeRegister => Request::NodeRegister { node: r.node_id()? },
                 Opcode::NodeStat => Request::NodeStat { node: r.node_id()? },
                 Opcode::NodeReset => Request::NodeReset { node: r.node_id()? },
@@ -993,6 +1005,7 @@ impl Response {
                     Reply::Data(raw.payload.clone())
                 }
                 Opcode::VolumeDelete
+                | Opcode::Ping
                 | Opcode::NodeReset
                 | Opcode::AttachClear
                 | Opcode::Close

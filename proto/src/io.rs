@@ -116,6 +116,29 @@ pub async fn write_all_vectored<W: AsyncWriteExt + Unpin>(
     Ok(())
 }
 
+/// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the kernel fails the socket.
+pub fn set_tcp_user_timeout(
+    stream: &impl std::os::unix::io::AsRawFd,
+    limit: Duration,
+) -> std::io::Result<()> {
+    let ms = libc::c_uint::try_from(limit.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: setsockopt on a valid socket fd, with a pointer to a c_uint and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_uint>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,9 @@ pub const VOLUME_NAME_LEN_MAX: usize = 63;
 pub const NODE_ID_LEN_MAX: usize = 128;
 /// Authentication token.
 pub const TOKEN_LEN_MAX: usize = 1024;
+/// Largest payload accepted before a successful HELLO: a whole HELLO fits, nothing larger is read
+/// (or allocated) for a peer that has not authenticated.
+pub const HELLO_PAYLOAD_LEN_MAX: u32 = 2048;
 /// Server id string in HELLO replies.
 pub const SERVER_ID_LEN_MAX: usize = 128;
 /// Human-readable message in an error reply.
@@ -46,6 +49,9 @@ pub const VOLUME_SIZE_ALIGN: u64 = 4096;
 pub const VOLUME_SIZE_MAX: u64 = 1 << 50;
 
 const _: () = assert!(READ_LEN_MAX <= PAYLOAD_LEN_MAX);
+// HELLO: versions, reserved, features, session, node id (str8), token (str16).
+const _: () =
+    assert!(1 + 1 + 2 + 8 + 8 + 1 + NODE_ID_LEN_MAX + 2 + TOKEN_LEN_MAX <= HELLO_PAYLOAD_LEN_MAX as usize);
 const _: () = assert!(CONTROL_PAYLOAD_LEN_MAX < PAYLOAD_LEN_MAX);
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= 2 * PAYLOAD_LEN_MAX, "one max-size request must always fit");
 // A full LIST reply (each entry at most ~300 bytes) must fit one payload.

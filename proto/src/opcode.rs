@@ -9,6 +9,9 @@ use std::fmt;
 pub enum Opcode {
     /// Handshake: version range, features, node id, token. Must be the first request.
     Hello = 0x01,
+    /// A no-op round trip: the client's heartbeat while idle, and its probe of a connection that
+    /// stopped answering.
+    Ping = 0x02,
     VolumeCreate = 0x10,
     VolumeDelete = 0x11,
     VolumeList = 0x12,
@@ -36,8 +39,9 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 19] = [
+    pub const ALL: [Opcode; 20] = [
         Opcode::Hello,
+        Opcode::Ping,
         Opcode::VolumeCreate,
         Opcode::VolumeDelete,
         Opcode::VolumeList,
@@ -61,6 +65,7 @@ impl Opcode {
     pub fn name(self) -> &'static str {
         match self {
             Opcode::Hello => "HELLO",
+            Opcode::Ping => "PING",
             Opcode::VolumeCreate => "VOLUME_CREATE",
             Opcode::VolumeDelete => "VOLUME_DELETE",
             Opcode::VolumeList => "VOLUME_LIST",

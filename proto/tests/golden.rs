@@ -132,6 +132,9 @@ fn attachment_requests_golden() {
     let f = Request::Open { name: v(), read_only: true, generation: 0 }.encode(RequestId(1));
     assert_eq!(frame_flags(&f), 0b10);
     assert_eq!(&f.payload[..], &[1, b'v', 0, 0, 0, 0, 0, 0, 0, 0]);
+    // PING: opcode 0x02, no payload.
+    let f = Request::Ping.encode(RequestId(1));
+    assert_eq!((f.header[5], f.payload.len()), (0x02, 0));
     // NODE_RESET: node str8.
     let f = Request::NodeReset { node: n() }.encode(RequestId(1));
     assert_eq!(f.header[5], 0x1a);

@@ -53,6 +53,7 @@ fn request() -> impl Strategy<Value = Request> {
             force
         }),
         Just(Request::StoreStat),
+        Just(Request::Ping),
         node().prop_map(|node| Request::NodeRegister { node }),
         node().prop_map(|node| Request::NodeStat { node }),
         node().prop_map(|node| Request::NodeReset { node }),
@@ -133,6 +134,7 @@ fn reply() -> impl Strategy<Value = (Opcode, Reply)> {
             }),
         prop_oneof![
             Just(Opcode::VolumeDelete),
+            Just(Opcode::Ping),
             Just(Opcode::NodeReset),
             Just(Opcode::AttachClear),
             Just(Opcode::Close),

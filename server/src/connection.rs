@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferrovol_proto::codec::{split_request, FrameError};
+use ferrovol_proto::codec::{split_request_within, FrameError};
 use ferrovol_proto::io::{write_all_vectored, Spin};
-use ferrovol_proto::limits::{IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX};
+use ferrovol_proto::limits::{
+    HELLO_PAYLOAD_LEN_MAX, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, PAYLOAD_LEN_MAX,
+};
 use ferrovol_proto::{Request, RequestId, Response, ResponseFrame, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -25,7 +27,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Outcome, Session};
-use crate::listener::{Context, SHUTDOWN_GRACE};
+use crate::listener::{Context, Ticket, SHUTDOWN_GRACE};
 
 /// Socket read size: large enough that a 1 MiB WRITE arrives in a few reads.
 const READ_CHUNK: usize = 256 << 10;
@@ -57,9 +59,14 @@ async fn write_batch(wr: &Writer, batch: &mut Vec<Outgoing>) -> std::io::Result<
     result
 }
 
-pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+/// Read buffer before HELLO: a whole HELLO fits; nothing more is allocated for an unknown peer.
+const HANDSHAKE_BUFFER: usize = 4096;
+const _: () =
+    assert!(HANDSHAKE_BUFFER >= ferrovol_proto::REQUEST_HEADER_LEN + HELLO_PAYLOAD_LEN_MAX as usize);
+
+pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiver<bool>, ticket: &Ticket) {
     let _ = stream.set_nodelay(true);
-    tune_socket(&stream);
+    set_keepalive(&stream);
     let (mut rd, wr) = stream.into_split();
     let wr: Writer = Arc::new(Mutex::new(wr));
     let mut later = JoinSet::new();
@@ -67,15 +74,21 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     let requests = Arc::new(Semaphore::new(IN_FLIGHT_REQUESTS_MAX as usize));
     let bytes = Arc::new(Semaphore::new(IN_FLIGHT_BYTES_MAX as usize));
     let mut session = Session::default();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(HANDSHAKE_BUFFER);
+    // Since when a frame has been partly received (slow-sender cut-off), and when the peer last
+    // sent anything (idle cut-off), both after HELLO.
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    let mut last_heard = tokio::time::Instant::now();
     let mut spin = Spin::new(ctx.poll);
     let handshake_deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     debug!("connection accepted");
 
     'conn: loop {
         // Handle every complete frame already buffered, in arrival order.
+        let mut progressed = false;
         loop {
-            let raw = match split_request(&mut buf) {
+            let limit = if session.is_ready() { PAYLOAD_LEN_MAX } else { HELLO_PAYLOAD_LEN_MAX };
+            let raw = match split_request_within(&mut buf, limit) {
                 Ok(Some(raw)) => raw,
                 Ok(None) => break,
                 Err(e) => {
@@ -116,6 +129,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     Some((r, b))
                 }
             };
+            progressed = true;
+            let was_ready = session.is_ready();
             let outcome = match Request::parse(raw) {
                 Ok((id, req)) => session.handle(&ctx, id, req),
                 Err(e) => {
@@ -128,6 +143,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     }
                 }
             };
+            if session.is_ready() && !was_ready {
+                // Authenticated: no longer evictable, and now worth big socket buffers.
+                ticket.authenticated();
+                enlarge_buffers(rd.as_ref());
+            }
             match outcome {
                 Outcome::Reply(resp) => {
                     let frame = resp.encode();
@@ -163,10 +183,26 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
         }
         // Reap finished background replies so the set stays small.
         while later.try_join_next().is_some() {}
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        let handshaking = !session.is_ready();
+        if handshaking {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(HANDSHAKE_BUFFER);
+            }
+        } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        let handshaking = !session.is_ready();
+        let now = tokio::time::Instant::now();
+        // The frame now at the front started arriving no earlier than the last one completed.
+        partial_since = match partial_since {
+            _ if buf.is_empty() => None,
+            Some(t) if !progressed => Some(t),
+            _ => Some(now),
+        };
+        let frame_deadline = partial_since.map_or(now + ctx.frame_timeout, |t| t + ctx.frame_timeout);
+        let idle = !handshaking
+            && buf.is_empty()
+            && later.is_empty()
+            && requests.available_permits() == IN_FLIGHT_REQUESTS_MAX as usize;
         let read = tokio::select! {
             r = spin.read(&mut rd, &mut buf) => r,
             _ = stop.wait_for(|s| *s) => {
@@ -177,11 +213,27 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 crate::listener::refusal(|| warn!("no HELLO within the handshake timeout; closing"));
                 break 'conn;
             }
+            () = ticket.evict.notified(), if handshaking => {
+                debug!("evicted during the handshake to make room for a new connection");
+                break 'conn;
+            }
+            _ = tokio::time::sleep_until(frame_deadline), if !handshaking && partial_since.is_some() => {
+                crate::listener::refusal(|| warn!(bytes = buf.len(), timeout = ?ctx.frame_timeout,
+                    "a frame was not completed in time (slow sender); closing"));
+                break 'conn;
+            }
+            _ = tokio::time::sleep_until(last_heard + ctx.idle_timeout), if idle => {
+                crate::listener::refusal(|| warn!(timeout = ?ctx.idle_timeout, "idle connection; closing"));
+                break 'conn;
+            }
         };
+        last_heard = tokio::time::Instant::now();
         match read {
             Ok(0) => {
                 if !buf.is_empty() {
-                    warn!(bytes = buf.len(), "connection closed in the middle of a frame");
+                    crate::listener::refusal(|| {
+                        warn!(bytes = buf.len(), "connection closed in the middle of a frame")
+                    });
                 }
                 break;
             }
@@ -210,10 +262,20 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
 /// go instead of in window-sized pieces with a wakeup each (the kernel caps these at net.core.*mem_max).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-pub fn tune_socket(stream: &TcpStream) {
+/// Socket buffers for whole max-size frames: only for authenticated peers (kernel memory).
+fn enlarge_buffers(stream: &TcpStream) {
     let sock = socket2::SockRef::from(stream);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+}
+
+/// Replies unacknowledged this long fail the socket (TCP_USER_TIMEOUT): a client whose host is gone
+/// stops holding a connection (and its in-flight budget) after this, not after ~15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn set_keepalive(stream: &TcpStream) {
+    let _ = ferrovol_proto::io::set_tcp_user_timeout(stream, TCP_USER_TIMEOUT);
+    let sock = socket2::SockRef::from(stream);
     // A peer whose host vanished (no RST) is noticed within about a minute instead of never.
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))

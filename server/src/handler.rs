@@ -217,6 +217,7 @@ impl Session {
             Request::Hello(_) => {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
+            Request::Ping => Outcome::Reply(Response::ok(id, op, Reply::Done)),
             Request::VolumeCreate { name, size, labels } => {
                 store_op(ctx, id, op, move |s| s.create(&name, size, &labels), Reply::Volume)
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
@@ -17,6 +17,13 @@ use crate::store::Store;
 
 /// Connections served at once; more are accepted and closed at once with a log line.
 pub const CONNECTIONS_MAX: usize = 1024;
+/// Connections from one IP address at once.
+pub const CONNECTIONS_PER_PEER_MAX: usize = 256;
+/// Connections that have not completed HELLO yet, at once. When a new connection would go over
+/// any cap, the oldest connection still in its handshake (of that peer, for the per-peer cap) is
+/// closed to make room: a flood of idle or half-sent handshakes cannot lock real clients out,
+/// since a real client completes its handshake in a round trip and is never the oldest for long.
+pub const HANDSHAKES_MAX: usize = 128;
 /// How long shutdown waits for in-flight requests before closing connections anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -79,6 +86,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub auth: Auth,
     pub handshake_timeout: Duration,
+    /// After HELLO: a frame must arrive whole within this once its first byte did (slow senders
+    /// are cut).
+    pub frame_timeout: Duration,
+    /// After HELLO: a connection with nothing in flight that sends nothing for this long is closed
+    /// (clients send a PING every few seconds while idle).
+    pub idle_timeout: Duration,
     /// How long a connection polls for its next request before sleeping (0 = never poll).
     pub poll: Duration,
     /// Connection threads (default: the number of CPUs).
@@ -92,8 +105,89 @@ impl ServerConfig {
             listen,
             auth: Auth::default(),
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
             poll: Duration::from_micros(300),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
+}
+
+/// Admission: the connection caps (total, per peer, in handshake) and the queue of connections still
+/// in their handshake, oldest first, each with the `Notify` that evicts it.
+#[derive(Debug, Default)]
+pub struct Admission {
+    state: std::sync::Mutex<AdmissionState>,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionState {
+    total: usize,
+    per_peer: std::collections::HashMap<std::net::IpAddr, usize>,
+    handshaking: std::collections::VecDeque<(u64, std::net::IpAddr, Arc<tokio::sync::Notify>)>,
+}
+
+/// A connection's place under the caps; released on drop.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    id: u64,
+    peer: std::net::IpAddr,
+    /// Notified when the connection is evicted during its handshake.
+    pub evict: Arc<tokio::sync::Notify>,
+}
+
+impl Admission {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits connection `id` from `peer`, evicting the oldest handshake if a cap is reached; `None`
+    /// (refuse it) when every connection in the way has authenticated.
+    pub fn admit(self: &Arc<Self>, id: u64, peer: std::net::IpAddr) -> Option<Ticket> {
+        let mut st = self.lock();
+        let over_peer = st.per_peer.get(&peer).copied().unwrap_or(0) >= CONNECTIONS_PER_PEER_MAX;
+        if over_peer || st.total >= CONNECTIONS_MAX || st.handshaking.len() >= HANDSHAKES_MAX {
+            let victim = if over_peer {
+                st.handshaking.iter().position(|(_, p, _)| *p == peer)
+            } else {
+                (!st.handshaking.is_empty()).then_some(0)
+            };
+            let (_, old_peer, evict) = st.handshaking.remove(victim?)?;
+            // Its count drops when it has gone; until then the caps are over by one.
+            evict.notify_one();
+            drop(st);
+            refusal(
+                || warn!(%peer, evicted_peer = %old_peer, "connection caps reached; closed the oldest handshake"),
+            );
+            st = self.lock();
+        }
+        st.total += 1;
+        *st.per_peer.entry(peer).or_insert(0) += 1;
+        let evict = Arc::new(tokio::sync::Notify::new());
+        st.handshaking.push_back((id, peer, evict.clone()));
+        Some(Ticket { admission: self.clone(), id, peer, evict })
+    }
+}
+
+impl Ticket {
+    /// The handshake succeeded: the connection can no longer be evicted.
+    pub fn authenticated(&self) {
+        let mut st = self.admission.lock();
+        st.handshaking.retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut st = self.admission.lock();
+        st.handshaking.retain(|(id, _, _)| *id != self.id);
+        st.total = st.total.saturating_sub(1);
+        if let Some(n) = st.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.per_peer.remove(&self.peer);
+            }
         }
     }
 }
@@ -104,6 +198,8 @@ pub struct Context {
     pub store: Arc<Store>,
     pub auth: Auth,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
+    pub idle_timeout: Duration,
     pub poll: Duration,
 }
 
@@ -120,7 +216,7 @@ struct Job {
     span: tracing::Span,
     ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    ticket: Ticket,
 }
 
 /// The connection threads. Dropped without a graceful shutdown (the `run` future was dropped: a test
@@ -148,13 +244,13 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>, stop: watch::
         tokio::select! {
             job = rx.recv() => {
                 let Some(job) = job else { break };
-                let Job { stream, span, ctx, stop, permit } = job;
+                let Job { stream, span, ctx, stop, ticket } = job;
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => {
                         conns.spawn(
                             async move {
-                                connection::serve(stream, ctx, stop).await;
-                                drop(permit);
+                                connection::serve(stream, ctx, stop, &ticket).await;
+                                drop(ticket);
                             }
                             .instrument(span),
                         );
@@ -198,6 +294,8 @@ impl Server {
                 join_token: config.auth.join_token.filter(|t| !t.is_empty()),
             },
             handshake_timeout: config.handshake_timeout,
+            frame_timeout: config.frame_timeout,
+            idle_timeout: config.idle_timeout,
             poll: config.poll,
         });
         Ok(Self { ctx, listener, workers: config.workers })
@@ -220,7 +318,7 @@ impl Server {
     /// runtime only accepts.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        let admission = Arc::new(Admission::default());
         let worker_count = self.workers.max(1);
         let mut senders = Vec::with_capacity(worker_count);
         let mut threads = Vec::with_capacity(worker_count);
@@ -245,13 +343,14 @@ impl Server {
                         Ok(a) => a,
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
+                            refusal(|| warn!(error = %e, "accept failed"));
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     };
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        refusal(|| warn!(%peer, limit = CONNECTIONS_MAX, "too many connections; closing the new one"));
+                    let Some(ticket) = admission.admit(next_id + 1, peer.ip()) else {
+                        refusal(|| warn!(%peer, total = CONNECTIONS_MAX, per_peer = CONNECTIONS_PER_PEER_MAX,
+                            "too many connections; closing the new one"));
                         continue;
                     };
                     let stream = match stream.into_std() {
@@ -263,7 +362,7 @@ impl Server {
                     };
                     next_id += 1;
                     let span = tracing::info_span!("conn", id = next_id, %peer);
-                    let job = Job { stream, span, ctx: self.ctx.clone(), stop: stop_rx.clone(), permit };
+                    let job = Job { stream, span, ctx: self.ctx.clone(), stop: stop_rx.clone(), ticket };
                     let w = usize::try_from(next_id).unwrap_or(0) % worker_count;
                     if workers.senders[w].send(job).is_err() {
                         warn!(%peer, "connection worker is gone");
