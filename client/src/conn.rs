@@ -861,9 +861,13 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -
                         Err(server_error(op, e))
                     }
                 },
-                Err(e) => {
-                    debug!(error = %e, "bad reply payload");
+                Err(e) if e.checksum => {
+                    warn!(request = %id, %op, error = %e, "reply failed its checksum");
                     Err(ClientError::Checksum { op })
+                }
+                Err(e) => {
+                    warn!(request = %id, %op, error = %e, "malformed reply");
+                    Err(ClientError::Protocol(format!("malformed reply to {op}: {}", e.message)))
                 }
             };
             drop(st);

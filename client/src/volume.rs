@@ -131,7 +131,10 @@ impl Volume {
                     return Err(ClientError::Protocol(format!("READ of {len} bytes returned {}", d.len())))
                 }
                 Ok(other) => return Err(unexpected(Opcode::Read, other)),
-                Err(ClientError::Checksum { .. }) if tries < READ_CHECKSUM_RETRIES => tries += 1,
+                Err(ClientError::Checksum { .. }) if tries < READ_CHECKSUM_RETRIES => {
+                    tries += 1;
+                    tracing::warn!(volume = %self.name(), offset, len, attempt = tries, "READ reply failed its checksum; retrying");
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -59,6 +59,9 @@ pub struct RequestError {
 #[error("bad response to request {request_id}: {message}")]
 pub struct ResponseError {
     pub request_id: RequestId,
+    /// The payload failed its CRC (damaged in transit: worth a retry), as opposed to a payload
+    /// that arrived intact but makes no sense (a broken or foreign peer: not worth one).
+    pub checksum: bool,
     pub message: String,
 }
 
@@ -936,13 +939,14 @@ impl Response {
     /// Verifies the payload checksum and converts a raw frame into a response.
     pub fn parse(raw: RawResponse) -> Result<Response, ResponseError> {
         let h = raw.header;
-        let fail = |message: String| ResponseError { request_id: h.request_id, message };
+        let fail = |message: String| ResponseError { request_id: h.request_id, checksum: false, message };
         let actual = payload_crc(&raw.payload);
         if actual != h.payload_crc {
-            return Err(fail(format!(
-                "payload crc {actual:#010x} does not match header {:#010x}",
-                h.payload_crc
-            )));
+            return Err(ResponseError {
+                request_id: h.request_id,
+                checksum: true,
+                message: format!("payload crc {actual:#010x} does not match header {:#010x}", h.payload_crc),
+            });
         }
         let status = Status::try_from(h.status).map_err(|v| fail(format!("unknown status {v}")))?;
         if status != Status::Ok {

@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrovol_proto::limits::{LIST_ENTRIES_MAX, VOLUME_SIZE_ALIGN, VOLUME_SIZE_MAX};
 use ferrovol_proto::{Labels, NodeId, VolumeInfo, VolumeName};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::meta::*;
 pub use self::volume::Volume;
@@ -83,6 +83,20 @@ struct Volumes {
     map: BTreeMap<VolumeName, Arc<Volume>>,
     /// Being created or deleted: OPEN, CREATE and DELETE of these names are refused meanwhile.
     busy: std::collections::BTreeSet<VolumeName>,
+    /// Volumes found at startup that could not be loaded, and why: not served, and their names are
+    /// not reused (their data is still on disk for an operator to look at).
+    broken: BTreeMap<VolumeName, String>,
+}
+
+impl Volumes {
+    fn get(&self, name: &VolumeName) -> StoreResult<Arc<Volume>> {
+        if let Some(why) = self.broken.get(name) {
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "volume {name} could not be loaded at startup: {why}"
+            ))));
+        }
+        self.map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+    }
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
@@ -165,6 +179,7 @@ impl Store {
         let volumes_dir = root.join("volumes");
         fs::create_dir_all(&volumes_dir).map_err(|e| dir_err(&volumes_dir, e))?;
         let mut volumes = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for entry in fs::read_dir(&volumes_dir).map_err(|e| dir_err(&volumes_dir, e))? {
             let entry = entry.map_err(|e| dir_err(&volumes_dir, e))?;
             let path = entry.path();
@@ -177,12 +192,22 @@ impl Store {
             }
             let name = VolumeName::try_from(fname.as_ref())
                 .map_err(|e| dir_err(&path, format!("not a volume directory name: {e}")))?;
-            let meta = read_meta(&path).map_err(StoreError::DataDir)?;
-            if meta.name != name.as_str() {
-                return Err(dir_err(&path, format!("metadata names volume {:?}", meta.name)));
+            // A volume that cannot be loaded is reported by name and skipped: the others are served.
+            let loaded = read_meta(&path).map_err(StoreError::DataDir).and_then(|meta| {
+                if meta.name != name.as_str() {
+                    return Err(dir_err(&path, format!("metadata names volume {:?}", meta.name)));
+                }
+                open_volume(name.clone(), &path, meta)
+            });
+            match loaded {
+                Ok(vol) => {
+                    volumes.insert(name, Arc::new(vol));
+                }
+                Err(e) => {
+                    error!(volume = %name, error = %e, "volume cannot be loaded; not serving it");
+                    broken.insert(name, e.to_string());
+                }
             }
-            let vol = open_volume(name.clone(), &path, meta)?;
-            volumes.insert(name, Arc::new(vol));
         }
         let nodes_path = root.join(NODES_FILE);
         let nodes = match fs::read(&nodes_path) {
@@ -199,7 +224,7 @@ impl Store {
             root: root.to_owned(),
             volumes_dir,
             server_id: marker.server_id,
-            volumes: Mutex::new(Volumes { map: volumes, busy: Default::default() }),
+            volumes: Mutex::new(Volumes { map: volumes, busy: Default::default(), broken }),
             _lock: lock,
             nodes: Mutex::new(nodes),
         })
@@ -218,7 +243,7 @@ impl Store {
     }
 
     pub fn get(&self, name: &VolumeName) -> StoreResult<Arc<Volume>> {
-        self.lock().map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+        self.lock().get(name)
     }
 
     /// Counts a new open of `name` (undone by decrementing `Volume::opens`), under the same lock as
@@ -228,7 +253,7 @@ impl Store {
         if vols.busy.contains(name) {
             return Err(StoreError::Busy(format!("volume {name} is being created or deleted")));
         }
-        let vol = vols.map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let vol = vols.get(name)?;
         vol.opens.fetch_add(1, Ordering::AcqRel);
         Ok(vol)
     }
@@ -248,7 +273,7 @@ impl Store {
         ferrovol_proto::validate_labels(labels)?;
         let reserved = {
             let mut vols = self.lock();
-            if vols.map.contains_key(name) {
+            if vols.map.contains_key(name) || vols.broken.contains_key(name) {
                 return Err(StoreError::AlreadyExists(name.to_string()));
             }
             self.reserve(&mut vols, name)?
@@ -298,7 +323,7 @@ impl Store {
     pub fn delete(&self, name: &VolumeName, force: bool) -> StoreResult<()> {
         let (vol, reserved) = {
             let mut vols = self.lock();
-            let vol = vols.map.get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+            let vol = vols.get(name)?;
             if let (Some(owner), false) = (vol.owner(), force) {
                 return Err(StoreError::Busy(format!(
                     "volume {name} is attached for writing by node {owner:?}; detach it there (or an \
@@ -657,6 +682,53 @@ mod tests {
             Err(StoreError::NodeNotFound(_))
         ));
         store.node_enroll(&old, "dd".into()).unwrap();
+    }
+
+    #[test]
+    fn thin_volumes_take_no_address_space_and_a_bad_volume_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // 16 TiB where the filesystem allows it (ext4 with 4 KiB blocks stops just below).
+        let size = [16u64 << 40, (16u64 << 40) - (1 << 30), 1 << 40]
+            .into_iter()
+            .find(|s| {
+                let probe = dir.path().join("probe");
+                let ok = File::create(&probe).and_then(|f| f.set_len(*s)).is_ok();
+                let _ = fs::remove_file(&probe);
+                ok
+            })
+            .unwrap();
+        for i in 0..10 {
+            store.create(&name(&format!("thin{i}")), size, &Labels::new()).unwrap();
+        }
+        drop(store);
+        fs::write(dir.path().join("volumes/thin3/meta.json"), b"{ not json").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in [0, 1, 2, 4, 5, 6, 7, 8, 9] {
+            let v = store.get(&name(&format!("thin{i}"))).unwrap();
+            v.write(size - 4096, b"end").unwrap();
+            assert_eq!(&v.read(size - 4096, 3).unwrap()[..], b"end");
+        }
+        let e = store.get(&name("thin3")).unwrap_err().to_string();
+        assert!(e.contains("thin3") && e.contains("could not be loaded"), "{e}");
+        assert!(matches!(
+            store.create(&name("thin3"), 4096, &Labels::new()),
+            Err(StoreError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn a_data_file_cut_short_fails_the_read_not_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create(&name("v"), 1 << 20, &Labels::new()).unwrap();
+        let v = store.get(&name("v")).unwrap();
+        v.write(0, &[7u8; 8192]).unwrap();
+        // Truncated behind the server's back (a mapping would SIGBUS here).
+        File::options().write(true).open(dir.path().join("volumes/v/data")).unwrap().set_len(4096).unwrap();
+        assert_eq!(&v.read(0, 4096).unwrap()[..], &[7u8; 4096][..]);
+        let e = v.read(0, 65536).unwrap_err();
+        assert!(matches!(e, StoreError::Io(_)), "{e}");
     }
 
     #[test]

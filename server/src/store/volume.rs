@@ -1,4 +1,5 @@
-//! One volume: a sparse data file, its read-only shared mapping, and its metadata.
+//! One volume: a sparse data file and its metadata. Reads are `pread`s into a buffer of the reply's
+//! own (see `Volume::read` for why not a memory mapping).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -7,9 +8,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ferrovol_proto::{NodeId, VolumeInfo, VolumeName};
-use memmap2::Mmap;
 
 use super::meta::{write_meta, VolumeMeta};
 use crate::error::{StoreError, StoreResult};
@@ -20,10 +20,6 @@ pub struct Volume {
     pub(crate) name: VolumeName,
     pub(crate) dir: PathBuf,
     file: File,
-    /// The whole data file mapped read-only and shared, as `Bytes` (`Bytes::from_owner`): a READ reply
-    /// is a slice of it, sent to the socket straight from the page cache. Replaced on growth; old
-    /// mappings stay valid for replies still in flight because a volume never shrinks.
-    map: RwLock<Bytes>,
     size: AtomicU64,
     /// Serialises metadata changes; held across their fsyncs, so the write path never takes it.
     meta: Mutex<VolumeMeta>,
@@ -75,25 +71,6 @@ fn next_average(old: u64, sample_ns: u64) -> u64 {
     old - old / 4 + sample_ns.min(10 * INLINE_FLUSH_NS) / 4
 }
 
-/// The mapping as an owner for `Bytes::from_owner`.
-struct MapOwner(Mmap);
-
-impl AsRef<[u8]> for MapOwner {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-fn map_file(file: &File) -> std::io::Result<Bytes> {
-    // SAFETY: the mapping is read-only and MAP_SHARED over a file that only this server modifies (through
-    // pwrite/fallocate, which keep the page cache coherent with the mapping) and never shrinks while
-    // mapped, so reads through it cannot fault. Content may change under a reader; readers treat it as a
-    // snapshot of unspecified age, exactly like a concurrent pread. Someone truncating the file from
-    // outside the server could cause SIGBUS; the data dir is the server's own (documented).
-    let map = unsafe { Mmap::map(file)? };
-    Ok(Bytes::from_owner(MapOwner(map)))
-}
-
 /// A UTC timestamp for messages, "2026-12-01 10:04:05 UTC" (civil-from-days, no time crate needed).
 pub(crate) fn format_unix_ms(ms: u64) -> String {
     if ms == 0 {
@@ -136,12 +113,10 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::
 
 impl Volume {
     pub(crate) fn open(name: VolumeName, dir: PathBuf, file: File, meta: VolumeMeta) -> StoreResult<Self> {
-        let map = map_file(&file)?;
         Ok(Self {
             name,
             dir,
             file,
-            map: RwLock::new(map),
             size: AtomicU64::new(meta.size),
             fence: RwLock::new(meta.generation),
             writers: Mutex::new(WriterSession::default()),
@@ -254,17 +229,48 @@ impl Volume {
         }
     }
 
-    /// Reads `len` bytes at `offset`: a slice of the shared mapping, no copy.
+    /// Reads `len` bytes at `offset` with `pread` into a new buffer, which becomes the reply payload.
+    ///
+    /// One copy (page cache -> buffer) where a shared mapping would need none, measured as the price
+    /// of three properties a mapping cannot give: a media error or a file cut short behind the
+    /// server's back fails this one request with an I/O status instead of killing the server with
+    /// SIGBUS; the reply's CRC is computed over a private buffer, so a write landing during the read
+    /// can no longer make the CRC disagree with the bytes sent; and address space is not spent on
+    /// volume sizes (a mapping of every volume made ten 16 TiB thin volumes unloadable).
     pub fn read(&self, offset: u64, len: u32) -> StoreResult<Bytes> {
         self.check_range(offset, u64::from(len))?;
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let start = usize::try_from(offset).map_err(|_| StoreError::InvalidArgument("offset".into()))?;
-        let end = start + len as usize;
-        if end > map.len() {
-            // Cannot happen: the mapping is replaced before the size grows. Refuse instead of panicking.
-            return Err(StoreError::OutOfRange { offset, len: u64::from(len), size: map.len() as u64 });
+        let len = len as usize;
+        let mut buf = BytesMut::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            let at = libc::off_t::try_from(at).map_err(|_| StoreError::InvalidArgument("offset".into()))?;
+            let filled = buf.len();
+            let spare = buf.spare_capacity_mut();
+            let want = (len - filled).min(spare.len());
+            // SAFETY: pread writes at most `want` bytes into the spare capacity of `buf`, which has at
+            // least that much room; nothing reads those bytes before `set_len` marks the ones written.
+            let n = unsafe { libc::pread(self.file.as_raw_fd(), spare.as_mut_ptr().cast(), want, at) };
+            match n {
+                n if n > 0 => {
+                    // SAFETY: pread initialised the first `n` (<= `want`) spare bytes.
+                    unsafe { buf.set_len(buf.len() + n as usize) };
+                }
+                0 => {
+                    return Err(StoreError::Io(std::io::Error::other(format!(
+                        "volume {}: the data file ends before {} (cut short outside the server?)",
+                        self.name,
+                        offset + buf.len() as u64
+                    ))))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(io_err(e));
+                    }
+                }
+            }
         }
-        Ok(map.slice(start..end))
+        Ok(buf.freeze())
     }
 
     /// Writes into the page cache (pwrite: the one copy of a write on the server).
@@ -370,12 +376,10 @@ impl Volume {
                 meta.size
             )));
         }
-        // Order: grow the file durably, then the mapping, then the metadata, then the visible size. A
-        // crash before the metadata write leaves a file longer than its metadata, which startup trims.
+        // Order: grow the file durably, then the metadata, then the visible size. A crash before the
+        // metadata write leaves a file longer than its metadata, which startup trims.
         self.file.set_len(new_size).map_err(io_err)?;
         self.file.sync_all().map_err(io_err)?;
-        let map = map_file(&self.file)?;
-        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
         let mut next = meta.clone();
         next.size = new_size;
         write_meta(&self.dir, &next).map_err(io_err)?;
