@@ -219,3 +219,73 @@ fn second_up_on_one_data_dir_refuses() {
     assert_eq!(std::fs::read_to_string(mnt.join("two")).unwrap(), "still first\n");
     stop(first, &mnt);
 }
+
+/// `ferrovol up` killed with SIGKILL leaves a dead FUSE file, a bound loop device and an ext4
+/// mount behind: the next `up` finds them (the pid is gone), cleans them up and starts, and what
+/// was fsynced is there.
+#[test]
+fn stale_run_after_sigkill_is_cleaned_up() {
+    if !privileged("stale_run_after_sigkill_is_cleaned_up", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, mnt) = (dir.path().join("data"), dir.path().join("mnt"));
+    let mut first = up(&data, &mnt);
+    {
+        let mut f = std::fs::File::create(mnt.join("kept")).unwrap();
+        f.write_all(b"fsynced\n").unwrap();
+        f.sync_all().unwrap();
+    }
+    let pid = first.id();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(is_mounted(&mnt), "the kill left the mount behind (the case under test)");
+    let second = up(&data, &mnt);
+    assert_eq!(std::fs::read_to_string(mnt.join("kept")).unwrap(), "fsynced\n");
+    let loops = String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();
+    assert!(!loops.contains(&format!("up-{pid}/")), "the dead run's loop device is still bound: {loops}");
+    assert!(!Path::new(&format!("/run/ferrovol/up-{pid}")).exists());
+    stop(second, &mnt);
+}
+
+/// Ctrl-C in the middle of the start (here: right after the loop device, while ext4 is being made):
+/// everything set up so far is undone, nothing is left mounted or bound.
+#[test]
+fn ctrl_c_during_start_undoes_everything() {
+    if !privileged("ctrl_c_during_start_undoes_everything", &["losetup", "mkfs.ext4", "fsck.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, mnt) = (dir.path().join("data"), dir.path().join("mnt"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["up", "--data", data.to_str().unwrap(), "--mount", mnt.to_str().unwrap(), "--size", "1GiB"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "up exited early: {seen}");
+        seen.push_str(&line);
+        if line.starts_with("loop:") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) with a valid pid and signal.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    assert!(!status.success(), "an interrupted start is a failed start: {seen}{rest}");
+    assert!(rest.contains("undoing"), "{rest}");
+    assert!(!is_mounted(&mnt));
+    let loops = String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();
+    assert!(!loops.contains(&format!("up-{pid}/")), "loop device left behind: {loops}");
+    assert!(!Path::new(&format!("/run/ferrovol/up-{pid}")).exists(), "{seen}{rest}");
+    // And the next start works.
+    let again = up(&data, &mnt);
+    stop(again, &mnt);
+}

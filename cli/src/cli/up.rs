@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -78,11 +79,11 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
         }
     }
     std::fs::create_dir_all(mount).with_context(|| format!("cannot create {}", mount.display()))?;
+    clean_stale_runs();
     if let Some(host::MountEntry { fstype: t, source, .. }) = host::mount_at(mount) {
-        bail!(
-            "{} is already a mount point ({t} {source}); is another `ferrovol up` running?",
-            mount.display()
-        );
+        let holder =
+            run_of_loop(&source).map(|pid| format!(" by `ferrovol up` (pid {pid})")).unwrap_or_default();
+        bail!("{} is already a mount point ({t} {source}){holder}", mount.display());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,8 +91,27 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    // Signals are ours from the first step: Ctrl-C while mkfs runs (which also stops mkfs, in the
+    // same process group) or at any other step makes the start fail, and what was set up is undone.
+    let stop = Arc::new(Stop::default());
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = rt.block_on(async {
+            anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        })?;
+        let stop = stop.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.raise();
+            }
+        });
+    }
     let mut teardown = Teardown::default();
-    let result = start(&rt, data, mount, size, name, &mut teardown);
+    let result = start(&rt, data, mount, size, name, &mut teardown, &stop);
     match result {
         Ok(()) => {
             println!("ready: volume {name} is mounted at {} (Ctrl-C to stop)", mount.display());
@@ -100,17 +120,9 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
                  comes back with the next `ferrovol up`",
                 data.display()
             );
-            use tokio::signal::unix::{signal, SignalKind};
-            let (mut term, mut int) = rt.block_on(async {
-                anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
-            })?;
+            let mut seen = 0;
             loop {
-                rt.block_on(async {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                });
+                rt.block_on(stop.wait(&mut seen));
                 println!("stopping:");
                 if teardown.run() {
                     println!("stopped cleanly");
@@ -134,6 +146,96 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
     }
 }
 
+/// Ctrl-C / SIGTERM, counted: raised by the signal task, checked between the start's steps and
+/// awaited once running.
+struct Stop {
+    signals: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        Self { signals: tokio::sync::watch::channel(0).0 }
+    }
+}
+
+impl Stop {
+    fn raise(&self) {
+        self.signals.send_modify(|n| *n += 1);
+    }
+
+    /// Fails the start if a signal came during it.
+    fn check(&self) -> anyhow::Result<()> {
+        if *self.signals.borrow() > 0 {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    /// Waits for a signal after the `seen`-th (each counts once).
+    async fn wait(&self, seen: &mut u64) {
+        let mut rx = self.signals.subscribe();
+        let n = rx.wait_for(|n| *n > *seen).await.map(|n| *n);
+        if let Ok(n) = n {
+            *seen = n;
+        }
+    }
+}
+
+const RUN_DIR: &str = "/run/ferrovol";
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// The pid of the `ferrovol up` run whose image file backs loop device `dev`, if any.
+fn run_of_loop(dev: &str) -> Option<i32> {
+    let name = dev.strip_prefix("/dev/")?;
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    let rest = Path::new(backing.trim()).strip_prefix(RUN_DIR).ok()?;
+    rest.iter().next()?.to_str()?.strip_prefix("up-")?.parse().ok()
+}
+
+/// Cleans up after `ferrovol up` runs that died without a teardown (kill -9, OOM): their ext4
+/// mount (on a loop device over a FUSE file nobody serves any more), the loop device, the dead FUSE
+/// mount and the run dir. Runs whose process is alive are left alone. What was fsynced is on the
+/// server; the rest died with the process.
+fn clean_stale_runs() {
+    let Ok(entries) = std::fs::read_dir(RUN_DIR) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.strip_prefix("up-")?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid_alive(pid) {
+            continue;
+        }
+        let images: Vec<PathBuf> =
+            std::fs::read_dir(&dir).map_or(vec![], |d| d.flatten().map(|e| e.path()).collect());
+        for img in images.iter().filter(|p| p.extension().is_some_and(|e| e == "img")) {
+            for dev in host::loops_of(img) {
+                for m in host::mounts_of(&dev) {
+                    let _ = Command::new("umount").arg("-l").arg(&m).output();
+                    println!(
+                        "cleanup: unmounted {} (left by a ferrovol up, pid {pid}, that died)",
+                        m.display()
+                    );
+                }
+                if host::loop_release(&dev).is_ok() {
+                    println!("cleanup: released {dev}");
+                }
+            }
+            if host::mount_at(img).is_some() {
+                let _ = Command::new("umount").arg("-l").arg(img).output();
+            }
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            println!("cleanup: removed {} (pid {pid} is gone)", dir.display());
+        }
+    }
+}
+
 fn start(
     rt: &tokio::runtime::Runtime,
     data: &Path,
@@ -141,6 +243,7 @@ fn start(
     size: u64,
     name: &VolumeName,
     teardown: &mut Teardown,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     // 1. The embedded server, on loopback, with a random token so other local users cannot connect.
     let token = format!("{:032x}", rand::random::<u128>());
@@ -162,6 +265,7 @@ fn start(
         Ok(())
     });
     println!("server: data in {}, listening on {addr} (loopback only)", data.display());
+    stop.check()?;
 
     // 2. The volume: created on first use, reused after.
     let opts = ConnectOptions { token, node_id: "ferrovol-up".parse()?, ..ConnectOptions::default() };
@@ -193,6 +297,7 @@ fn start(
     teardown.push("released the writer attachment", move || {
         Ok(handle.block_on(session.release_writer(&volume, generation))?)
     });
+    stop.check()?;
 
     // 3. FUSE attach over a file in /run.
     let run_dir = PathBuf::from(format!("/run/ferrovol/up-{}", std::process::id()));
@@ -221,12 +326,14 @@ fn start(
         Ok(())
     });
     println!("attach: volume {name} is the file {}", img.display());
+    stop.check()?;
 
     // 4. A loop device over it (direct I/O: the page cache above the loop device is enough).
     let loopdev = host::loop_attach(&img, false)?;
     let dev = loopdev.clone();
     teardown.push(format!("released {loopdev}"), move || Ok(host::loop_release(&dev)?));
     println!("loop:   {loopdev}");
+    stop.check()?;
 
     // 5. ext4 on first use only: never format a device that already holds something.
     let probe = Command::new("blkid").args(["-p", &loopdev]).output().context("cannot run blkid")?;
@@ -238,6 +345,7 @@ fn start(
         }
         _ => bail!("blkid -p {loopdev} failed: {}", String::from_utf8_lossy(&probe.stderr).trim()),
     }
+    stop.check()?;
 
     // 6. Mount.
     let mount_s = mount.to_string_lossy().into_owned();
