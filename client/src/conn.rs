@@ -24,11 +24,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_response, Hello};
 use ferrovol_proto::io::{poll_for, read_polling, write_all_vectored, Spin};
+use ferrovol_proto::io::{ReadHalf, Stream, WriteHalf};
 use ferrovol_proto::limits::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use ferrovol_proto::opcode::FEATURES_ALL;
 use ferrovol_proto::*;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -145,7 +145,7 @@ struct State {
 }
 
 /// The write half with the connection generation it belongs to (None while disconnected).
-type WriteSlot = Option<(u64, OwnedWriteHalf)>;
+type WriteSlot = Option<(u64, WriteHalf)>;
 
 struct Shared {
     state: Mutex<State>,
@@ -379,7 +379,7 @@ impl ConnHandle {
 }
 
 pub(crate) struct Established {
-    stream: TcpStream,
+    stream: Stream,
     pub(crate) hello: HelloReply,
 }
 
@@ -391,7 +391,7 @@ impl std::fmt::Debug for Established {
 
 /// Sends one request and waits for its reply on a connection that has no reader task yet.
 async fn round_trip(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     id: RequestId,
     req: &Request,
@@ -464,7 +464,7 @@ async fn establish_once(
     token: &str,
 ) -> Result<Established> {
     let connect = TcpStream::connect(addr);
-    let mut stream = match tokio::time::timeout(opts.connect_timeout, connect).await {
+    let stream = match tokio::time::timeout(opts.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ClientError::Connect { addr: addr.to_string(), reason: e.to_string() }),
         Err(_) => {
@@ -497,6 +497,32 @@ async fn establish_once(
         node_id: opts.node_id.clone(),
         token: token.to_owned(),
     });
+    let mut stream = match &opts.tls {
+        None => Stream::Plain(stream),
+        Some(tls) => {
+            let connector = ferrovol_proto::tls::TlsConnector::from(tls.config.clone());
+            let handshake = connector.connect(tls.server_name.clone(), stream);
+            match tokio::time::timeout(opts.connect_timeout, handshake).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(s.into())),
+                Ok(Err(e)) => {
+                    return Err(ClientError::Connect {
+                        addr: addr.to_string(),
+                        reason: format!(
+                        "TLS handshake failed: {e} (does the server speak TLS, with a certificate for {:?} \
+                             signed by the CA given?)",
+                        tls.server_name
+                    ),
+                    })
+                }
+                Err(_) => {
+                    return Err(ClientError::Connect {
+                        addr: addr.to_string(),
+                        reason: format!("no TLS handshake within {:?}", opts.connect_timeout),
+                    })
+                }
+            }
+        }
+    };
     let mut buf = BytesMut::with_capacity(4096);
     let resp =
         tokio::time::timeout(opts.connect_timeout, round_trip(&mut stream, &mut buf, RequestId(0), &hello))
@@ -622,7 +648,7 @@ impl Supervisor {
 
     /// Installs a fresh write half, then re-sends every pending request in its original order, before
     /// any caller can write on the new connection.
-    async fn go_live(&self, wr: OwnedWriteHalf) -> u64 {
+    async fn go_live(&self, wr: WriteHalf) -> u64 {
         let mut slot = self.shared.wr.lock().await;
         let (generation, resend) = {
             let mut st = self.shared.state();
@@ -798,7 +824,7 @@ impl Supervisor {
 /// can poll for that call's reply instead of sleeping through it. `read_buf` is cancel safe: losing
 /// the race reads nothing.
 async fn read_or_sent(
-    rd: &mut OwnedReadHalf,
+    rd: &mut ReadHalf,
     buf: &mut BytesMut,
     shared: &Shared,
 ) -> Option<std::io::Result<usize>> {
@@ -816,7 +842,7 @@ async fn read_or_sent(
 }
 
 /// Reads replies and completes pending calls until the connection fails; returns why.
-async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, poll: Duration) -> String {
+async fn read_loop(mut rd: ReadHalf, shared: Arc<Shared>, poll: Duration) -> String {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     // Between calls (none pending) it polls only while calls follow each other closely.
     let mut idle = Spin::new(poll);

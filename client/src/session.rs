@@ -34,6 +34,31 @@ pub struct ConnectOptions {
     /// between calls that follow each other closely (`ferrovol_proto::io::Spin`): trades a little CPU
     /// for latency at low queue depth. Zero disables.
     pub poll: Duration,
+    /// TLS: the CA to verify the server with (and an optional client certificate), see
+    /// [`ClientTls`]. `None`: plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+/// A client's TLS settings.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub config: Arc<ferrovol_proto::tls::ClientConfig>,
+    /// The name the server's certificate must carry (the host of the server address).
+    pub server_name: ferrovol_proto::tls::TlsServerName<'static>,
+}
+
+impl ClientTls {
+    /// From PEM files: the CA, and optionally a client certificate and key; for server `addr`.
+    pub fn from_files(
+        addr: &str,
+        ca: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::result::Result<Self, ferrovol_proto::tls::TlsError> {
+        Ok(Self {
+            config: ferrovol_proto::tls::client_config(ca, client)?,
+            server_name: ferrovol_proto::tls::server_name(addr)?,
+        })
+    }
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -45,6 +70,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("credential_file", &self.credential_file)
             .field("connections", &self.connections)
             .field("io_timeout", &self.io_timeout)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +96,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(30),
             poll: Duration::from_micros(100),
+            tls: None,
         }
     }
 }

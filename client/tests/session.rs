@@ -308,3 +308,72 @@ async fn nodes_prove_who_they_are() {
     a3.stat_volume(&name("after")).await.unwrap();
     drop(server);
 }
+
+/// TLS on the wire: a TLS client works (and reconnects); plaintext to a TLS server and TLS to a
+/// plaintext one fail with errors that say so; a server certificate from another CA is refused;
+/// with a client CA the server requires a client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_wire() {
+    use ferrovol_client::ClientTls;
+    use ferrovol_proto::tls;
+    let (_d, dir) = tmp();
+    let certs = tls::generate(&dir.join("pki"), &["127.0.0.1", "localhost"], "node-t").unwrap();
+    let other = tls::generate(&dir.join("other"), &["127.0.0.1"], "x").unwrap();
+    let auth = ferrovol_server::Auth { admin_token: Some("tok".into()), join_token: None };
+    let server_tls = tls::server_config(&certs.server_cert, &certs.server_key, None).unwrap();
+    let server =
+        TestServer::start_with(&dir.join("data"), "127.0.0.1:0", auth.clone(), Some(server_tls.clone()));
+    let addr = server.addr.to_string();
+    let with_tls = |ca: &std::path::Path, client: Option<(&std::path::Path, &std::path::Path)>| {
+        ConnectOptions { tls: Some(ClientTls::from_files(&addr, ca, client).unwrap()), ..opts("node-t") }
+    };
+
+    let s = Session::connect(&addr, with_tls(&certs.ca, None)).await.unwrap();
+    s.create_volume(&name("sealed"), 8 << 20).await.unwrap();
+    let vol = s.open(&name("sealed"), false).await.unwrap();
+    let data = pattern(3, 3 << 20);
+    vol.write_at(0, data.clone()).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(vol.read_at(0, data.len()).await.unwrap(), data);
+
+    let e = Session::connect(&addr, opts("plain")).await.unwrap_err();
+    assert!(e.to_string().contains("requires TLS"), "plaintext to a TLS server: {e}");
+    let e = Session::connect(&addr, with_tls(&other.ca, None)).await.unwrap_err();
+    assert!(e.to_string().contains("TLS handshake failed"), "a certificate from another CA: {e}");
+
+    // The server restarts: the TLS session reconnects and the I/O goes on.
+    server.kill();
+    let server = TestServer::start_with(&dir.join("data"), &addr, auth.clone(), Some(server_tls));
+    vol.write_at(4096, Bytes::from_static(b"after restart")).await.unwrap();
+    assert_eq!(&vol.read_at(4096, 13).await.unwrap()[..], b"after restart");
+    drop(vol);
+    drop(s);
+    drop(server);
+
+    // A plaintext server: a TLS client says the handshake failed.
+    let plain = TestServer::start_with(&dir.join("data2"), "127.0.0.1:0", auth.clone(), None);
+    let paddr = plain.addr.to_string();
+    let o = ConnectOptions {
+        tls: Some(ClientTls::from_files(&paddr, &certs.ca, None).unwrap()),
+        ..opts("node-t")
+    };
+    let e = Session::connect(&paddr, o).await.unwrap_err();
+    assert!(e.to_string().contains("TLS handshake failed"), "TLS to a plaintext server: {e}");
+    drop(plain);
+
+    // mTLS: a client certificate signed by the client CA is required.
+    let mtls = tls::server_config(&certs.server_cert, &certs.server_key, Some(&certs.ca)).unwrap();
+    let server = TestServer::start_with(&dir.join("data3"), "127.0.0.1:0", auth, Some(mtls));
+    let maddr = server.addr.to_string();
+    let o = |client| ConnectOptions {
+        tls: Some(ClientTls::from_files(&maddr, &certs.ca, client).unwrap()),
+        ..opts("node-t")
+    };
+    assert!(Session::connect(&maddr, o(None)).await.is_err(), "no client certificate");
+    let other_client = Some((other.client_cert.as_path(), other.client_key.as_path()));
+    assert!(Session::connect(&maddr, o(other_client)).await.is_err(), "a client certificate from another CA");
+    let s = Session::connect(&maddr, o(Some((certs.client_cert.as_path(), certs.client_key.as_path()))))
+        .await
+        .unwrap();
+    s.list_volumes().await.unwrap();
+}

@@ -49,12 +49,31 @@ pub struct Config {
     pub token: String,
     /// Where this node's credential is kept once it enrolled (shared with its attach processes).
     pub credential_file: PathBuf,
+    /// TLS to the server: the CA, and an optional client certificate and key (PEM files, passed on
+    /// to the attach processes too).
+    pub tls_files: Option<TlsFiles>,
+    pub tls: Option<ferrovol_client::ClientTls>,
     /// Where the node keeps what must survive a restart: staged volumes, image files, attach logs.
     pub state_dir: PathBuf,
     /// Seconds an attached volume's I/O waits for the server before failing with EIO.
     pub io_timeout: Duration,
     /// Reported in NodeGetInfo.
     pub max_volumes_per_node: i64,
+}
+
+/// The PEM files of a client's TLS settings.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    /// Loads them for server `addr`.
+    pub fn load(&self, addr: &str) -> Result<ferrovol_client::ClientTls, ferrovol_proto::tls::TlsError> {
+        let cert = self.cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        ferrovol_client::ClientTls::from_files(addr, &self.ca, cert)
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +94,7 @@ impl Config {
             node_id: self.node_id.clone(),
             token: self.token.clone(),
             credential_file: Some(self.credential_file.clone()),
+            tls: self.tls.clone(),
             io_timeout: self.io_timeout,
             connect_timeout: Duration::from_secs(10),
             ..ConnectOptions::default()

@@ -41,6 +41,15 @@ struct Cli {
     /// Where the node plugin keeps its node credential (default: STATE_DIR/credential).
     #[arg(long)]
     credential_file: Option<PathBuf>,
+    /// TLS: verify the server against this CA (PEM); without it, plaintext.
+    #[arg(long, env = "FERROVOL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// TLS: a client certificate (PEM) for a server that requires one.
+    #[arg(long, env = "FERROVOL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the client certificate's key (PEM).
+    #[arg(long, env = "FERROVOL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Where the node keeps what must survive its restart (staged volumes, FUSE files, attach logs).
     #[arg(long, default_value = "/var/lib/ferrovol-csi")]
     state_dir: PathBuf,
@@ -88,8 +97,25 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The attach process's TLS files: from the environment its plugin set.
+fn tls_files() -> Option<ferrovol_csi::TlsFiles> {
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    Some(ferrovol_csi::TlsFiles {
+        ca: var("FERROVOL_TLS_CA")?,
+        cert: var("FERROVOL_TLS_CERT").zip(var("FERROVOL_TLS_KEY")),
+    })
+}
+
 fn attach(args: AttachArgs) -> ExitCode {
+    let tls = match tls_files().map(|f| f.load(&args.server)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ferrovol-csi attach: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = ConnectOptions {
+        tls,
         node_id: args.node_id,
         token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
         credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
@@ -129,7 +155,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls_files = cli
+        .tls_ca
+        .clone()
+        .map(|ca| ferrovol_csi::TlsFiles { ca, cert: cli.tls_cert.clone().zip(cli.tls_key.clone()) });
+    let tls = match tls_files.as_ref().map(|f| f.load(&cli.server)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ferrovol-csi: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = Config {
+        tls_files,
+        tls,
         mode: cli.mode,
         node_id: cli.node_id,
         server: cli.server,

@@ -144,7 +144,16 @@ impl Inner {
             .arg(&st.image)
             .env("FERROVOL_TOKEN", &c.token)
             .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
+            .env_remove("FERROVOL_TLS_CA")
+            .env_remove("FERROVOL_TLS_CERT")
+            .env_remove("FERROVOL_TLS_KEY")
             .stderr(log);
+        if let Some(t) = &c.tls_files {
+            cmd.env("FERROVOL_TLS_CA", &t.ca);
+            if let Some((cert, key)) = &t.cert {
+                cmd.env("FERROVOL_TLS_CERT", cert).env("FERROVOL_TLS_KEY", key);
+            }
+        }
         if st.read_only {
             cmd.arg("--read-only");
         } else if let Some(g) = st.generation {

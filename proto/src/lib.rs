@@ -13,6 +13,8 @@ pub mod io;
 pub mod limits;
 pub mod opcode;
 pub mod secret;
+#[cfg(feature = "io")]
+pub mod tls;
 pub mod types;
 
 /// The CSI spec's services and messages (package `csi.v1`), generated from `csi/csi.proto` at build

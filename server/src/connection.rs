@@ -15,12 +15,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ferrovol_proto::codec::{split_request_within, FrameError};
 use ferrovol_proto::io::{write_all_vectored, Spin};
+use ferrovol_proto::io::{Stream, WriteHalf};
 use ferrovol_proto::limits::{
     HELLO_PAYLOAD_LEN_MAX, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, PAYLOAD_LEN_MAX,
 };
 use ferrovol_proto::{Request, RequestId, Response, ResponseFrame, Status};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -44,7 +44,7 @@ struct Outgoing {
     _permits: Permits,
 }
 
-type Writer = Arc<Mutex<OwnedWriteHalf>>;
+type Writer = Arc<Mutex<WriteHalf>>;
 
 async fn write_batch(wr: &Writer, batch: &mut Vec<Outgoing>) -> std::io::Result<()> {
     if batch.is_empty() {
@@ -64,9 +64,49 @@ const HANDSHAKE_BUFFER: usize = 4096;
 const _: () =
     assert!(HANDSHAKE_BUFFER >= ferrovol_proto::REQUEST_HEADER_LEN + HELLO_PAYLOAD_LEN_MAX as usize);
 
+/// Wraps a new connection in TLS when the server has it: a TLS handshake within the handshake
+/// deadline, or, for a peer that speaks plaintext to a server that requires TLS, one plaintext
+/// error frame saying so. `None`: closed.
+async fn secure(stream: TcpStream, ctx: &Context, deadline: tokio::time::Instant) -> Option<Stream> {
+    let Some(acceptor) = &ctx.tls else { return Some(Stream::Plain(stream)) };
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+    match peeked {
+        Ok(Ok(1)) if first[0] == ferrovol_proto::tls::TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1)) => {
+            crate::listener::refusal(|| warn!("plaintext client on a server that requires TLS; closing"));
+            let resp = Response::error(
+                RequestId(0),
+                0,
+                Status::BadRequest,
+                "this server requires TLS: connect with a CA (--tls-ca) to use it",
+            );
+            let mut s = stream;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), s.write_all(&resp.encode().to_bytes())).await;
+            return None;
+        }
+        _ => return None,
+    }
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => {
+            crate::listener::refusal(|| warn!(error = %e, "TLS handshake failed; closing"));
+            None
+        }
+        Err(_) => {
+            crate::listener::refusal(|| warn!("no TLS handshake within the handshake timeout; closing"));
+            None
+        }
+    }
+}
+
 pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiver<bool>, ticket: &Ticket) {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
+    let handshake_deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&stream);
+    let Some(stream) = secure(stream, &ctx, handshake_deadline).await else { return };
     let (mut rd, wr) = stream.into_split();
     let wr: Writer = Arc::new(Mutex::new(wr));
     let mut later = JoinSet::new();
@@ -80,7 +120,6 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     let mut partial_since: Option<tokio::time::Instant> = None;
     let mut last_heard = tokio::time::Instant::now();
     let mut spin = Spin::new(ctx.poll);
-    let handshake_deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     debug!("connection accepted");
 
     'conn: loop {
@@ -146,7 +185,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             if session.is_ready() && !was_ready {
                 // Authenticated: no longer evictable, and now worth big socket buffers.
                 ticket.authenticated();
-                enlarge_buffers(rd.as_ref());
+                // SAFETY: `fd` is the socket that `rd` and `wr` own; both live until this function
+                // returns, so the descriptor stays open while it is borrowed here.
+                enlarge_buffers(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
             }
             match outcome {
                 Outcome::Reply(resp) => {
@@ -263,8 +304,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 /// Socket buffers for whole max-size frames: only for authenticated peers (kernel memory).
-fn enlarge_buffers(stream: &TcpStream) {
-    let sock = socket2::SockRef::from(stream);
+fn enlarge_buffers(fd: std::os::fd::BorrowedFd<'_>) {
+    let sock = socket2::SockRef::from(&fd);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
 }

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub auth: Auth,
+    /// TLS on the port (`None`: plaintext). With it, plaintext clients are refused with a clear
+    /// error.
+    pub tls: Option<Arc<ferrovol_proto::tls::ServerConfig>>,
     pub handshake_timeout: Duration,
     /// After HELLO: a frame must arrive whole within this once its first byte did (slow senders
     /// are cut).
@@ -104,6 +107,7 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             listen,
             auth: Auth::default(),
+            tls: None,
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
@@ -193,14 +197,23 @@ impl Drop for Ticket {
 }
 
 /// What every connection shares.
-#[derive(Debug)]
 pub struct Context {
     pub store: Arc<Store>,
     pub auth: Auth,
+    pub tls: Option<ferrovol_proto::tls::TlsAcceptor>,
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
     pub poll: Duration,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("auth", &self.auth)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -289,6 +302,7 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let ctx = Arc::new(Context {
             store: Arc::new(store),
+            tls: config.tls.map(ferrovol_proto::tls::TlsAcceptor::from),
             auth: Auth {
                 admin_token: config.auth.admin_token.filter(|t| !t.is_empty()),
                 join_token: config.auth.join_token.filter(|t| !t.is_empty()),

@@ -32,6 +32,16 @@ struct Args {
     /// id (loopback and tests only).
     #[arg(long)]
     join_token_file: Option<PathBuf>,
+    /// TLS: the server's certificate chain (PEM). With it (and --tls-key) the port speaks only TLS;
+    /// plaintext clients get a clear error.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TLS: require client certificates signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Seconds a new connection has to complete the handshake.
     #[arg(long, default_value_t = 10)]
     handshake_timeout_s: u64,
@@ -104,6 +114,9 @@ fn main() -> ExitCode {
                 "FERROVOL_JOIN_TOKEN",
             )?,
         };
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            config.tls = Some(ferrovol_proto::tls::server_config(cert, key, args.tls_client_ca.as_deref())?);
+        }
         if config.auth.is_open() && !args.listen.ip().is_loopback() {
             tracing::warn!(
                 listen = %args.listen,

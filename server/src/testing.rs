@@ -29,8 +29,19 @@ impl TestServer {
     }
 
     pub fn start_with_auth(dir: &Path, addr: &str, auth: Auth) -> Self {
+        Self::start_with(dir, addr, auth, None)
+    }
+
+    /// With TLS on the port when `tls` is given.
+    pub fn start_with(
+        dir: &Path,
+        addr: &str,
+        auth: Auth,
+        tls: Option<std::sync::Arc<ferrovol_proto::tls::ServerConfig>>,
+    ) -> Self {
         let mut config = ServerConfig::new(dir, addr.parse().unwrap());
         config.auth = auth;
+        config.tls = tls;
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -204,3 +204,50 @@ fn one_server_per_data_dir_and_no_placeholder_secrets() {
         .unwrap();
     assert!(!out.status.success(), "a token on the command line must not be accepted");
 }
+
+/// The real binary with `--tls-cert/--tls-key`: a TLS client completes HELLO; a plaintext client
+/// gets one plaintext error saying that TLS is required, and is closed.
+#[test]
+fn tls_flags_serve_tls_and_refuse_plaintext() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ferrovol_proto::tls::generate(&dir.path().join("pki"), &["127.0.0.1"], "c").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", dir.path().join("d").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&pki.server_cert)
+        .arg("--tls-key")
+        .arg(&pki.server_key)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: SocketAddr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+
+    let mut plain = RawClient::connect(addr);
+    plain.send_bytes(&hello_request("p", "").encode(RequestId(1)).to_bytes()).unwrap();
+    let r = plain.recv().expect("an error before closing");
+    assert!(matches!(&r.result, Err(e) if e.message.contains("requires TLS")), "{r:?}");
+    assert!(plain.is_closed());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = ferrovol_proto::tls::client_config(&pki.ca, None).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ferrovol_proto::tls::server_name(&addr.to_string()).unwrap();
+        let mut tls = ferrovol_proto::tls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+        tls.write_all(&hello_request("t", "").encode(RequestId(1)).to_bytes()).await.unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let resp = loop {
+            if let Some(raw) = codec::split_response(&mut buf).unwrap() {
+                break Response::parse(raw).unwrap();
+            }
+            assert!(tls.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        };
+        assert!(matches!(resp.result, Ok(Reply::Hello(_))), "{resp:?}");
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

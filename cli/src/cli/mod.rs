@@ -34,6 +34,15 @@ pub struct Global {
     /// /var/lib/ferrovol-client/credentials as root, ~/.local/state/ferrovol otherwise).
     #[arg(long, global = true, env = "FERROVOL_CREDENTIAL_FILE")]
     pub credential_file: Option<std::path::PathBuf>,
+    /// TLS: verify the server against this CA (PEM); without it the connection is plaintext.
+    #[arg(long, global = true, env = "FERROVOL_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// TLS: this client's certificate (PEM), for a server that requires one.
+    #[arg(long, global = true, env = "FERROVOL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS: this client's private key (PEM).
+    #[arg(long, global = true, env = "FERROVOL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// This client's node id (default: FERROVOL_NODE_ID, else the host name).
     #[arg(long, global = true)]
     pub node_id: Option<NodeId>,
@@ -59,6 +68,9 @@ pub enum Command {
     /// Nodes and their credentials.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// TLS helpers.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Throughput harness.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -135,6 +147,21 @@ pub enum VolumeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TlsCmd {
+    /// Make a small CA, a server certificate and a client certificate in DIR (PEM; keys 0600): for
+    /// tests and trying TLS out. A deployment brings its own (cert-manager, say).
+    Generate {
+        dir: std::path::PathBuf,
+        /// DNS names or IP addresses the server certificate is for (repeat).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// The client certificate's name.
+        #[arg(long, default_value = "ferrovol-client")]
+        client: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NodeCmd {
     /// Forget a node's credential (admin), so that it enrolls again with the join token: for a
     /// node that lost its credential file, or one to lock out until it does.
@@ -197,6 +224,10 @@ impl Global {
             .clone()
             .or_else(|| ferrovol_client::default_credential_file(o.node_id.as_str(), &self.server));
         o.io_timeout = Duration::from_secs(self.io_timeout_s.max(1));
+        if let Some(ca) = &self.tls_ca {
+            let client = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+            o.tls = Some(ferrovol_client::ClientTls::from_files(&self.server, ca, client)?);
+        }
         Ok(o)
     }
 
@@ -210,6 +241,14 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
+        Command::Tls(TlsCmd::Generate { dir, names, client }) => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let g = ferrovol_proto::tls::generate(&dir, &names, &client)?;
+            println!("CA {}", g.ca.display());
+            println!("server certificate {} key {}", g.server_cert.display(), g.server_key.display());
+            println!("client certificate {} key {}", g.client_cert.display(), g.client_key.display());
+            Ok(())
+        }
         Command::Node(NodeCmd::Reset { node }) => {
             let session = cli.global.connect(1).await?;
             session.reset_node(&node).await?;
