@@ -61,6 +61,14 @@ const RECONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 const _: () = assert!(PING_AFTER.as_millis() < SILENCE_MAX.as_millis());
 
+/// Which connection of which client session: the same on every reconnect of that connection (see
+/// `Hello::slot`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionSlot {
+    pub(crate) id: u64,
+    pub(crate) slot: u16,
+}
+
 /// A volume as known to one connection: the caller's id for it, stable across reconnects.
 pub(crate) type LocalVol = u32;
 
@@ -433,7 +441,7 @@ fn server_error(op: Opcode, e: ErrorReply) -> ClientError {
 pub(crate) async fn establish(
     addr: SocketAddr,
     opts: &ConnectOptions,
-    session: u64,
+    session: SessionSlot,
     creds: &Credentials,
 ) -> Result<Established> {
     let first = creds.token(&opts.token);
@@ -459,7 +467,7 @@ pub(crate) async fn establish(
 async fn establish_once(
     addr: SocketAddr,
     opts: &ConnectOptions,
-    session: u64,
+    session: SessionSlot,
     creds: &Credentials,
     token: &str,
 ) -> Result<Established> {
@@ -493,7 +501,8 @@ async fn establish_once(
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION,
         features: FEATURES_ALL,
-        session,
+        session: session.id,
+        slot: session.slot,
         node_id: opts.node_id.clone(),
         token: token.to_owned(),
     });
@@ -548,7 +557,7 @@ async fn establish_once(
 pub(crate) fn spawn(
     addr: SocketAddr,
     opts: ConnectOptions,
-    session: u64,
+    session: SessionSlot,
     creds: Arc<Credentials>,
     first: Established,
 ) -> ConnHandle {
@@ -573,7 +582,7 @@ struct Supervisor {
     addr: SocketAddr,
     opts: ConnectOptions,
     /// The client session id, the same on every connection and reconnect (see `Hello::session`).
-    session: u64,
+    session: SessionSlot,
     creds: Arc<Credentials>,
     shared: Arc<Shared>,
 }
@@ -609,7 +618,7 @@ async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Rec
                     }
                     if silent >= PING_AFTER && pinged.elapsed() >= PING_AFTER {
                         pinged = Instant::now();
-                        sup.ping().await;
+                        sup.ping();
                     }
                 }
             }
@@ -625,7 +634,9 @@ async fn supervise(sup: Supervisor, first: Established, mut closed: oneshot::Rec
 
 impl Supervisor {
     /// Sends a PING nobody waits for: its reply (or the lack of one) is what the heartbeat watches.
-    async fn ping(&self) {
+    /// The write runs on its own task: a socket whose send buffer is full (a dead path) must not
+    /// stall the supervisor, whose silence check is what gives up on that path.
+    fn ping(&self) {
         let (reply, _rx) = oneshot::channel();
         let frame = {
             let mut st = self.shared.state();
@@ -643,7 +654,8 @@ impl Supervisor {
             st.pending.insert(id, Pending { call, sent: true });
             frame
         };
-        self.shared.submit([frame]).await;
+        let shared = self.shared.clone();
+        tokio::spawn(async move { shared.submit([frame]).await });
     }
 
     /// Installs a fresh write half, then re-sends every pending request in its original order, before
@@ -779,16 +791,34 @@ impl Supervisor {
     }
 
     /// Re-OPENs every volume that was open, on the new connection (before its reader starts).
+    /// Volumes whose own OPEN is still pending are skipped: that OPEN is re-sent as it is, and
+    /// opening them here too would leave a second handle open on the server.
     async fn reopen(&self, est: &mut Established) -> Result<()> {
-        let vols: Vec<(LocalVol, Request)> = self
-            .shared
-            .state()
-            .volumes
-            .iter()
-            .map(|(k, v)| {
-                (*k, Request::Open { name: v.name.clone(), read_only: v.read_only, generation: v.generation })
-            })
-            .collect();
+        let vols: Vec<(LocalVol, Request)> = {
+            let st = self.shared.state();
+            let opening: std::collections::HashSet<LocalVol> = st
+                .pending
+                .values()
+                .filter_map(|p| match &p.call.op {
+                    Op::Open { vol, .. } => Some(*vol),
+                    _ => None,
+                })
+                .collect();
+            st.volumes
+                .iter()
+                .filter(|(k, _)| !opening.contains(k))
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        Request::Open {
+                            name: v.name.clone(),
+                            read_only: v.read_only,
+                            generation: v.generation,
+                        },
+                    )
+                })
+                .collect()
+        };
         let mut buf = BytesMut::with_capacity(4096);
         for (i, (vol, req)) in vols.into_iter().enumerate() {
             // Ids of the handshake phase are never matched against pending calls.

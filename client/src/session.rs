@@ -137,10 +137,11 @@ impl Session {
         let creds = Arc::new(Credentials::new(opts.credential_file.clone()));
         let mut conns = Vec::with_capacity(n);
         let mut hello = None;
-        for _ in 0..n {
-            let est = conn::establish(sock, &opts, client_session, &creds).await?;
+        for i in 0..n {
+            let slot = conn::SessionSlot { id: client_session, slot: u16::try_from(i).unwrap_or(u16::MAX) };
+            let est = conn::establish(sock, &opts, slot, &creds).await?;
             hello.get_or_insert_with(|| est.hello.clone());
-            conns.push(conn::spawn(sock, opts.clone(), client_session, creds.clone(), est));
+            conns.push(conn::spawn(sock, opts.clone(), slot, creds.clone(), est));
         }
         let hello = hello.ok_or(ClientError::Closed)?;
         let node_id = opts.node_id;

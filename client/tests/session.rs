@@ -278,6 +278,8 @@ async fn nodes_prove_who_they_are() {
     let g = b.attach_writer(&name("shared"), false).await.unwrap();
     for e in [
         a.attach_set(&name("shared"), &node_b, true).await.unwrap_err(),
+        // Taking node-b's attachment over for itself: only an admin may fence another node.
+        a.attach_writer(&name("shared"), true).await.unwrap_err(),
         a.attach_clear(&name("shared"), &node_b, 0).await.unwrap_err(),
         a.delete_volume_forced(&name("shared")).await.unwrap_err(),
         a.reset_node(&node_b).await.unwrap_err(),

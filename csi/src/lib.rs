@@ -93,7 +93,8 @@ impl Config {
         ConnectOptions {
             node_id: self.node_id.clone(),
             token: self.token.clone(),
-            credential_file: Some(self.credential_file.clone()),
+            // The controller presents the admin token; a node credential file would shadow it.
+            credential_file: (self.mode != Mode::Controller).then(|| self.credential_file.clone()),
             tls: self.tls.clone(),
             io_timeout: self.io_timeout,
             connect_timeout: Duration::from_secs(10),

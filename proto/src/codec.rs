@@ -340,6 +340,10 @@ pub struct Hello {
     /// The client's session: random, chosen once per client process session and kept across its
     /// connections and reconnects. The server lets one session at a time write a volume.
     pub session: u64,
+    /// Which of the session's connections this is (0..). A new HELLO with the same session and
+    /// slot (a reconnect) retires the connection it replaces: that one's writes are refused from
+    /// then on, so a write still queued there can never land after the re-sent ones.
+    pub slot: u16,
     pub node_id: NodeId,
     /// The credential: the node's own credential, the admin token, or the join token (which enrolls
     /// a node not known yet); empty when the client has none.
@@ -487,7 +491,7 @@ impl Request {
             Request::Hello(hello) => {
                 p.put_u8(hello.version_min);
                 p.put_u8(hello.version_max);
-                p.put_u16_le(0);
+                p.put_u16_le(hello.slot);
                 p.put_u64_le(hello.features);
                 p.put_u64_le(hello.session);
                 put_str8(&mut p, hello.node_id.as_str());
@@ -629,14 +633,20 @@ impl Request {
                 Opcode::Hello => {
                     let version_min = r.u8()?;
                     let version_max = r.u8()?;
-                    if r.u16()? != 0 {
-                        return Err(PayloadError::Invalid("reserved HELLO field is not zero"));
-                    }
+                    let slot = r.u16()?;
                     let features = r.u64()?;
                     let session = r.u64()?;
                     let node_id = r.node_id()?;
                     let token = r.str16(TOKEN_LEN_MAX)?.to_owned();
-                    Request::Hello(Hello { version_min, version_max, features, session, node_id, token })
+                    Request::Hello(Hello {
+                        version_min,
+                        version_max,
+                        features,
+                        session,
+                        slot,
+                        node_id,
+                        token,
+                    })
                 }
                 Opcode::VolumeCreate => {
                     let size = r.u64()?;

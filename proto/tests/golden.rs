@@ -64,6 +64,7 @@ fn hello_request_golden() {
         version_max: 2,
         features: 0b111,
         session: 0x0102_0304_0506_0708,
+        slot: 3,
         node_id: NodeId::try_from("n1").unwrap(),
         token: "tok".into(),
     });
@@ -71,7 +72,7 @@ fn hello_request_golden() {
     let payload: &[u8] = &[
         2, // version_min
         2, // version_max
-        0, 0, // reserved
+        3, 0, // connection slot within the session
         7, 0, 0, 0, 0, 0, 0, 0, // features: FUA | TRIM | WRITE_ZEROES
         8, 7, 6, 5, 4, 3, 2, 1, // client session id
         2, b'n', b'1', // node id, str8

@@ -25,18 +25,18 @@ fn handle() -> impl Strategy<Value = VolumeHandle> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (any::<u8>(), any::<u8>(), any::<u64>(), any::<u64>(), node(), "[ -~]{0,64}").prop_map(
-            |(a, b, f, session, n, t)| {
+        (any::<u8>(), any::<u8>(), any::<u64>(), (any::<u64>(), any::<u16>()), node(), "[ -~]{0,64}")
+            .prop_map(|(a, b, f, (session, slot), n, t)| {
                 Request::Hello(Hello {
                     version_min: a,
                     version_max: b,
                     features: f,
                     session,
+                    slot,
                     node_id: n,
                     token: t,
                 })
-            }
-        ),
+            }),
         (name(), any::<u64>(), labels()).prop_map(|(name, size, labels)| Request::VolumeCreate {
             name,
             size,

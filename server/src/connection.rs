@@ -67,8 +67,27 @@ const _: () =
 /// Wraps a new connection in TLS when the server has it: a TLS handshake within the handshake
 /// deadline, or, for a peer that speaks plaintext to a server that requires TLS, one plaintext
 /// error frame saying so. `None`: closed.
-async fn secure(stream: TcpStream, ctx: &Context, deadline: tokio::time::Instant) -> Option<Stream> {
+async fn secure(
+    stream: TcpStream,
+    ctx: &Context,
+    deadline: tokio::time::Instant,
+    ticket: &Ticket,
+) -> Option<Stream> {
     let Some(acceptor) = &ctx.tls else { return Some(Stream::Plain(stream)) };
+    tokio::select! {
+        s = secure_tls(stream, acceptor, deadline) => s,
+        () = ticket.evict.notified() => {
+            debug!("evicted during the TLS handshake to make room for a new connection");
+            None
+        }
+    }
+}
+
+async fn secure_tls(
+    stream: TcpStream,
+    acceptor: &ferrovol_proto::tls::TlsAcceptor,
+    deadline: tokio::time::Instant,
+) -> Option<Stream> {
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
     match peeked {
@@ -106,7 +125,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     set_keepalive(&stream);
     let handshake_deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let fd = std::os::unix::io::AsRawFd::as_raw_fd(&stream);
-    let Some(stream) = secure(stream, &ctx, handshake_deadline).await else { return };
+    let Some(stream) = secure(stream, &ctx, handshake_deadline, ticket).await else { return };
     let (mut rd, wr) = stream.into_split();
     let wr: Writer = Arc::new(Mutex::new(wr));
     let mut later = JoinSet::new();
@@ -150,7 +169,10 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             } else {
                 raw.header.payload_len
             };
-            let permits = match take_permits(&requests, &bytes, cost) {
+            // A PING is answered at once, even while the in-flight budget is used up (a long FLUSH
+            // holding permits): it is how a client tells a slow server from a dead connection.
+            let ping = raw.header.opcode == ferrovol_proto::Opcode::Ping as u8 && session.is_ready();
+            let permits = match if ping { Some(None) } else { take_permits(&requests, &bytes, cost) } {
                 Some(p) => p,
                 None => {
                     if write_batch(&wr, &mut batch).await.is_err() {

@@ -55,6 +55,9 @@ pub struct Session {
     admin: bool,
     /// The client's session id from HELLO (shared by its connections and reconnects).
     client_session: u64,
+    /// This connection's slot of the client session, and the epoch it writes under (a reconnect of
+    /// the slot moves the epoch on and retires this connection).
+    slot: Option<(Arc<crate::listener::SlotFence>, u64)>,
     handles: HashMap<u32, OpenVolume>,
     next_handle: u32,
 }
@@ -244,11 +247,12 @@ impl Session {
                 if let Err(e) = self.may_act_for(&node) {
                     return Outcome::Reply(err(id, op, &e));
                 }
+                let admin = self.admin;
                 store_op(
                     ctx,
                     id,
                     op,
-                    move |s| s.attach_set(&name, &node, force),
+                    move |s| s.attach_set(&name, &node, force, admin),
                     |generation| Reply::Attached { generation },
                 )
             }
@@ -347,6 +351,7 @@ impl Session {
         debug!(node = %hello.node_id, admin, "handshake done");
         self.node = Some(hello.node_id);
         self.client_session = hello.session;
+        self.slot = Some(ctx.slots.claim(hello.session, hello.slot));
         self.admin = admin;
         let mut session_flags = if admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 };
         if credential.is_some() {
@@ -431,7 +436,17 @@ impl Session {
         if h.read_only {
             return Err(StoreError::ReadOnly);
         }
-        h.vol.fenced(h.generation, || write(&h.vol))?;
+        let write = || h.vol.fenced(h.generation, || write(&h.vol));
+        match &self.slot {
+            Some((fence, epoch)) => fence.current(*epoch, write).unwrap_or_else(|| {
+                Err(StoreError::Fenced(
+                    "this connection was replaced by a newer one of the same client (a reconnect); its \
+                     writes are refused so they cannot land after the re-sent ones"
+                        .into(),
+                ))
+            })?,
+            None => write()?,
+        };
         Ok(h.vol.clone())
     }
 

@@ -196,11 +196,56 @@ impl Drop for Ticket {
     }
 }
 
+/// The connections of client sessions, by (session, slot): a HELLO for a slot that has a live
+/// connection retires that connection (see `Hello::slot`).
+#[derive(Debug, Default)]
+pub struct Slots {
+    map: std::sync::Mutex<std::collections::HashMap<(u64, u16), std::sync::Weak<SlotFence>>>,
+}
+
+/// One slot's current epoch. Writes hold it shared across their check and their pwrite; a new
+/// HELLO for the slot takes it exclusively to move it on.
+#[derive(Debug, Default)]
+pub struct SlotFence {
+    epoch: std::sync::RwLock<u64>,
+}
+
+impl Slots {
+    /// Claims `(session, slot)` for a new connection: returns the slot's fence and the epoch this
+    /// connection writes under. Any older connection of the slot is retired by this.
+    pub fn claim(&self, session: u64, slot: u16) -> (Arc<SlotFence>, u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fence) = map.get(&(session, slot)).and_then(std::sync::Weak::upgrade) {
+            drop(map);
+            let mut epoch = fence.epoch.write().unwrap_or_else(|p| p.into_inner());
+            *epoch += 1;
+            let mine = *epoch;
+            drop(epoch);
+            return (fence, mine);
+        }
+        if map.len() >= 2 * CONNECTIONS_MAX {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let fence = Arc::new(SlotFence::default());
+        map.insert((session, slot), Arc::downgrade(&fence));
+        (fence, 0)
+    }
+}
+
+impl SlotFence {
+    /// Runs `write` if `epoch` is still the slot's, holding the slot shared until it is done.
+    pub fn current<T>(&self, epoch: u64, write: impl FnOnce() -> T) -> Option<T> {
+        let now = self.epoch.read().unwrap_or_else(|p| p.into_inner());
+        (*now == epoch).then(write)
+    }
+}
+
 /// What every connection shares.
 pub struct Context {
     pub store: Arc<Store>,
     pub auth: Auth,
     pub tls: Option<ferrovol_proto::tls::TlsAcceptor>,
+    pub slots: Slots,
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
@@ -303,6 +348,7 @@ impl Server {
         let ctx = Arc::new(Context {
             store: Arc::new(store),
             tls: config.tls.map(ferrovol_proto::tls::TlsAcceptor::from),
+            slots: Slots::default(),
             auth: Auth {
                 admin_token: config.auth.admin_token.filter(|t| !t.is_empty()),
                 join_token: config.auth.join_token.filter(|t| !t.is_empty()),

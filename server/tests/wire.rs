@@ -413,3 +413,35 @@ fn reads_racing_writes_always_carry_a_matching_crc() {
     writer.join().unwrap();
     assert!(reads > 10, "{reads} reads");
 }
+
+/// A reconnect retires the connection it replaces: once the new HELLO of the same client session
+/// and slot is answered, a write still arriving on the old connection is FENCED (it must not land
+/// after the client re-sent it on the new one), while another slot of the session is unaffected.
+#[test]
+fn a_reconnect_retires_the_old_connection_of_its_slot() {
+    let (addr, _dir, _t) = start(None);
+    let session = 0x5e55_1011;
+    let connect = |slot| {
+        let mut c = RawClient::connect(addr);
+        assert!(c.call(hello_as("n", "", session, slot)).result.is_ok());
+        c.node = "n".into();
+        c
+    };
+    let mut old = connect(0);
+    let r = old.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new() });
+    assert_eq!(status(&r), Status::Ok);
+    let h_old = open(&mut old, "v");
+    let mut other_slot = connect(1);
+    let h_other = open(&mut other_slot, "v");
+    let w = |h| Request::Write { handle: h, offset: 0, data: Bytes::from_static(b"data"), fua: false };
+    assert_eq!(status(&old.call(w(h_old))), Status::Ok);
+
+    let mut new = connect(0); // slot 0 reconnects
+    let h_new = open(&mut new, "v");
+    let r = old.call(w(h_old));
+    assert_eq!(status(&r), Status::Fenced, "{r:?}");
+    assert_eq!(status(&new.call(w(h_new))), Status::Ok);
+    assert_eq!(status(&other_slot.call(w(h_other))), Status::Ok, "slot 1 is another connection");
+    // Reads on the old connection still work (they are harmless).
+    assert_eq!(status(&old.call(Request::Read { handle: h_old, offset: 0, len: 4 })), Status::Ok);
+}

@@ -53,6 +53,11 @@ pub struct NodeEntry {
     pub registered_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_sha256: Option<String>,
+    /// An admin reset the node: it may enroll (again) with the join token. A node registered
+    /// without a credential otherwise (before credentials existed, or by NODE_REGISTER in open
+    /// mode) may not: whoever holds the join token could claim it and its attachments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enroll: bool,
 }
 
 /// Layout 1 wrote a bare registration time per node; both forms are read.
@@ -64,15 +69,19 @@ enum NodeEntryOnDisk {
         registered_unix_ms: u64,
         #[serde(default)]
         credential_sha256: Option<String>,
+        #[serde(default)]
+        enroll: bool,
     },
 }
 
 impl From<NodeEntryOnDisk> for NodeEntry {
     fn from(e: NodeEntryOnDisk) -> Self {
         match e {
-            NodeEntryOnDisk::Registered(t) => NodeEntry { registered_unix_ms: t, credential_sha256: None },
-            NodeEntryOnDisk::Entry { registered_unix_ms, credential_sha256 } => {
-                NodeEntry { registered_unix_ms, credential_sha256 }
+            NodeEntryOnDisk::Registered(t) => {
+                NodeEntry { registered_unix_ms: t, credential_sha256: None, enroll: false }
+            }
+            NodeEntryOnDisk::Entry { registered_unix_ms, credential_sha256, enroll } => {
+                NodeEntry { registered_unix_ms, credential_sha256, enroll }
             }
         }
     }

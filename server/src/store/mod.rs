@@ -324,21 +324,33 @@ impl Store {
         let (vol, reserved) = {
             let mut vols = self.lock();
             let vol = vols.get(name)?;
-            if let (Some(owner), false) = (vol.owner(), force) {
-                return Err(StoreError::Busy(format!(
+            let opens = vol.opens.load(Ordering::Acquire);
+            // The owner check and the mark are one step under the volume's metadata lock, so an
+            // ATTACH_SET either lands before (and is seen here) or after (and is refused).
+            vol.mark_deleting(|owner| match (owner, force) {
+                (Some(owner), false) => Err(StoreError::Busy(format!(
                     "volume {name} is attached for writing by node {owner:?}; detach it there (or an \
                      admin may force the delete once that node is known to be gone)"
-                )));
-            }
-            let opens = vol.opens.load(Ordering::Acquire);
-            if opens > 0 {
-                return Err(StoreError::Busy(format!("volume {name} is open on {opens} connection(s)")));
-            }
+                ))),
+                _ if opens > 0 => {
+                    Err(StoreError::Busy(format!("volume {name} is open on {opens} connection(s)")))
+                }
+                _ => Ok(()),
+            })?;
             // From here OPEN of this name is refused, so `opens` stays 0.
-            (vol, self.reserve(&mut vols, name)?)
+            match self.reserve(&mut vols, name) {
+                Ok(r) => (vol, r),
+                Err(e) => {
+                    vol.unmark_deleting();
+                    return Err(e);
+                }
+            }
         };
         let doomed = self.volumes_dir.join(format!(".deleting-{name}-{}", now_unix_ms()));
-        fs::rename(&vol.dir, &doomed)?;
+        if let Err(e) = fs::rename(&vol.dir, &doomed) {
+            vol.unmark_deleting();
+            return Err(e.into());
+        }
         sync_dir(&self.volumes_dir)?;
         self.lock().map.remove(name);
         drop(reserved);
@@ -375,9 +387,17 @@ impl Store {
         Ok(vol.info())
     }
 
-    pub fn attach_set(&self, name: &VolumeName, node: &NodeId, force: bool) -> StoreResult<u64> {
+    /// Sets `node`'s writer attachment (see [`Volume::attach_set`]). A takeover from *another*
+    /// node needs an admin (`admin`): a node may not fence another one on its own say-so.
+    pub fn attach_set(&self, name: &VolumeName, node: &NodeId, force: bool, admin: bool) -> StoreResult<u64> {
         let vol = self.get(name)?;
         let before = vol.info();
+        if force && !admin && before.owner.as_ref().is_some_and(|o| o != node) {
+            return Err(StoreError::Forbidden(format!(
+                "taking volume {name} over from node {:?} needs the admin credential",
+                before.owner.as_ref().map(NodeId::as_str).unwrap_or("")
+            )));
+        }
         let generation = vol.attach_set(node, force)?;
         if generation != before.generation {
             match before.owner {
@@ -424,9 +444,11 @@ impl Store {
             return Ok(e.registered_unix_ms);
         }
         let t = self.change_nodes(|nodes| {
-            let e = nodes
-                .entry(node.as_str().to_owned())
-                .or_insert(NodeEntry { registered_unix_ms: now_unix_ms(), credential_sha256: None });
+            let e = nodes.entry(node.as_str().to_owned()).or_insert(NodeEntry {
+                registered_unix_ms: now_unix_ms(),
+                credential_sha256: None,
+                enroll: false,
+            });
             Ok(e.registered_unix_ms)
         })?;
         info!(node = %node, "node registered");
@@ -451,13 +473,23 @@ impl Store {
     /// is never replaced by whoever holds the join token.
     pub fn node_enroll(&self, node: &NodeId, credential_sha256: String) -> StoreResult<()> {
         self.change_nodes(|nodes| {
-            let e = nodes
-                .entry(node.as_str().to_owned())
-                .or_insert(NodeEntry { registered_unix_ms: now_unix_ms(), credential_sha256: None });
+            let e = nodes.entry(node.as_str().to_owned()).or_insert(NodeEntry {
+                registered_unix_ms: now_unix_ms(),
+                credential_sha256: None,
+                enroll: true,
+            });
             if e.credential_sha256.is_some() {
                 return Err(StoreError::AlreadyExists(format!("node {node}")));
             }
+            if !e.enroll {
+                return Err(StoreError::Forbidden(format!(
+                    "node {node} is registered but has no credential (registered before credentials \
+                     existed, or without one); an admin must `ferrovol node reset {node}` before it \
+                     can enroll"
+                )));
+            }
             e.credential_sha256 = Some(credential_sha256);
+            e.enroll = false;
             Ok(())
         })?;
         info!(node = %node, "node enrolled");
@@ -470,6 +502,7 @@ impl Store {
         self.change_nodes(|nodes| {
             let e = nodes.get_mut(node.as_str()).ok_or_else(|| StoreError::NodeNotFound(node.to_string()))?;
             e.credential_sha256 = None;
+            e.enroll = true;
             Ok(())
         })?;
         warn!(node = %node, "node credential reset; the node must enroll again");
@@ -571,7 +604,7 @@ mod tests {
         v.write(12288, b"tail").unwrap();
         assert_eq!(&v.read(12288, 4).unwrap()[..], b"tail");
         let node = NodeId::try_from("n1").unwrap();
-        assert_eq!(store.attach_set(&name("a"), &node, false).unwrap(), 1);
+        assert_eq!(store.attach_set(&name("a"), &node, false, false).unwrap(), 1);
         assert!(matches!(store.delete(&name("a"), false), Err(StoreError::Busy(_))));
         drop(store);
 
@@ -587,7 +620,7 @@ mod tests {
         assert!(matches!(store.delete(&name("a"), false), Err(StoreError::NotFound(_))));
 
         // A forced delete overrides a recorded attachment, never an open volume.
-        store.attach_set(&name("b"), &node, false).unwrap();
+        store.attach_set(&name("b"), &node, false, false).unwrap();
         let opened = store.open_volume(&name("b")).unwrap();
         assert!(matches!(store.delete(&name("b"), true), Err(StoreError::Busy(_))));
         opened.opens.fetch_sub(1, Ordering::AcqRel);
@@ -666,6 +699,9 @@ mod tests {
         let old = NodeId::try_from("old").unwrap();
         assert_eq!(store.node_stat(&old).unwrap(), 1_700_000_000_000);
         assert_eq!(store.node_credential(&old), None);
+        // Registered without a credential: the join token alone cannot claim it; a reset can.
+        assert!(matches!(store.node_enroll(&old, "aa".into()), Err(StoreError::Forbidden(_))));
+        store.node_reset(&old).unwrap();
         store.node_enroll(&old, "aa".into()).unwrap();
         assert!(matches!(store.node_enroll(&old, "bb".into()), Err(StoreError::AlreadyExists(_))));
         let new = NodeId::try_from("new").unwrap();

@@ -34,6 +34,8 @@ pub struct Volume {
     writers: Mutex<WriterSession>,
     /// Connections that have this volume OPEN (delete refuses while > 0).
     pub(crate) opens: AtomicU32,
+    /// A DELETE is under way (set under the metadata lock): attachments are refused.
+    deleting: std::sync::atomic::AtomicBool,
     /// Recent fdatasync time (ns, moving average): decides whether a FLUSH runs inline.
     flush_ns: AtomicU64,
 }
@@ -122,6 +124,7 @@ impl Volume {
             writers: Mutex::new(WriterSession::default()),
             meta: Mutex::new(meta),
             opens: AtomicU32::new(0),
+            deleting: std::sync::atomic::AtomicBool::new(false),
             // Starts just above the limit: the first flushes go to the pool and are measured.
             flush_ns: AtomicU64::new(2 * INLINE_FLUSH_NS),
         })
@@ -388,12 +391,32 @@ impl Volume {
         Ok(())
     }
 
+    /// DELETE: checks the holder with `check` and marks the volume as being deleted, in one step
+    /// under the metadata lock (see `attach_set`).
+    pub(crate) fn mark_deleting(
+        &self,
+        check: impl FnOnce(Option<&str>) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let meta = self.lock_meta();
+        check(meta.owner.as_deref())?;
+        self.deleting.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) fn unmark_deleting(&self) {
+        let _meta = self.lock_meta();
+        self.deleting.store(false, Ordering::Release);
+    }
+
     /// Sets the writer attachment to `node` and returns its generation. Without `force`: idempotent
     /// while `node` holds it, refused while another node does (the error names the holder and since
     /// when). With `force` (a takeover): always a new generation, which fences every earlier holder,
     /// `node`'s own earlier sessions included.
     pub fn attach_set(&self, node: &NodeId, force: bool) -> StoreResult<u64> {
         let mut meta = self.lock_meta();
+        if self.deleting.load(Ordering::Acquire) {
+            return Err(StoreError::NotFound(format!("{} (being deleted)", self.name)));
+        }
         match &meta.owner {
             Some(owner) if owner == node.as_str() && !force => return Ok(meta.generation),
             Some(owner) if owner != node.as_str() && !force => {

@@ -94,11 +94,17 @@ pub fn status(r: &Response) -> Status {
 
 /// A HELLO as the client library sends it (a random client session).
 pub fn hello_request(node: &str, token: &str) -> Request {
+    hello_as(node, token, rand_session(), 0)
+}
+
+/// A HELLO for connection `slot` of client session `session`.
+pub fn hello_as(node: &str, token: &str, session: u64, slot: u16) -> Request {
     Request::Hello(Hello {
         version_min: ferrovol_proto::limits::PROTOCOL_VERSION_MIN,
         version_max: ferrovol_proto::limits::PROTOCOL_VERSION,
         features: 7,
-        session: rand_session(),
+        session,
+        slot,
         node_id: NodeId::try_from(node).unwrap(),
         token: token.into(),
     })
