@@ -24,6 +24,7 @@ use tonic::Code;
 struct Plugin {
     child: Option<Child>,
     socket: PathBuf,
+    token: String,
     args: Vec<String>,
     identity: IdentityClient<Channel>,
     controller: ControllerClient<Channel>,
@@ -48,7 +49,19 @@ async fn connect(socket: &Path) -> Channel {
 
 impl Plugin {
     async fn start(dir: &Path, server: &str, node_id: &str, mode: &str) -> Plugin {
-        let socket = dir.join(format!("csi-{node_id}-{mode}.sock"));
+        Self::start_with_token(dir, server, node_id, mode, "tok", &format!("state-{node_id}")).await
+    }
+
+    /// With `token` as FERROVOL_TOKEN and `state` (under `dir`) as its state dir.
+    async fn start_with_token(
+        dir: &Path,
+        server: &str,
+        node_id: &str,
+        mode: &str,
+        token: &str,
+        state: &str,
+    ) -> Plugin {
+        let socket = dir.join(format!("csi-{node_id}-{mode}-{state}.sock"));
         let args = vec![
             "--endpoint".into(),
             format!("unix://{}", socket.display()),
@@ -59,18 +72,18 @@ impl Plugin {
             "--server".into(),
             server.into(),
             "--state-dir".into(),
-            dir.join(format!("state-{node_id}")).display().to_string(),
+            dir.join(state).display().to_string(),
             "--io-timeout-s".into(),
             "10".into(),
         ];
-        Self::spawn(socket, args).await
+        Self::spawn(socket, args, token.to_owned()).await
     }
 
-    async fn spawn(socket: PathBuf, args: Vec<String>) -> Plugin {
+    async fn spawn(socket: PathBuf, args: Vec<String>, token: String) -> Plugin {
         let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-csi"))
             .args(&args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("FERROVOL_TOKEN", "tok") // TestServer's token
+            .env("FERROVOL_TOKEN", &token)
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -83,6 +96,7 @@ impl Plugin {
         Plugin {
             child: Some(child),
             socket,
+            token,
             args,
             identity: IdentityClient::new(ch.clone()),
             controller: ControllerClient::new(ch.clone()),
@@ -113,7 +127,8 @@ impl Plugin {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
-        Self::spawn(self.socket.clone(), std::mem::take(&mut self.args)).await
+        Self::spawn(self.socket.clone(), std::mem::take(&mut self.args), std::mem::take(&mut self.token))
+            .await
     }
 }
 
@@ -890,4 +905,72 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     p.node.node_publish_volume(publish).await.unwrap();
     assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
     p.unpublish_unstage(&id, &target, &staging).await;
+}
+
+/// The deploy story of identity: the controller with the admin token, the node plugin with the join
+/// token. The node enrolls at its first connect and keeps its credential in its state dir; its
+/// attach process uses that credential; the whole kubelet flow works. A second plugin claiming the
+/// same node id with the join token (a pod on another host with the Secret) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_node_prove_who_they_are() {
+    if !privileged("controller_and_node_prove_who_they_are", &["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    const ADMIN: &str = "admin-token-for-the-csi-test";
+    const JOIN: &str = "join-token-for-the-csi-test";
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let auth = ferrovol_server::Auth { admin_token: Some(ADMIN.into()), join_token: Some(JOIN.into()) };
+    let server = TestServer::start_with_auth(&dir.path().join("data"), "127.0.0.1:0", auth);
+    let addr = server.addr.to_string();
+    let mut ctl =
+        Plugin::start_with_token(dir.path(), &addr, "controller", "controller", ADMIN, "state-ctl").await;
+    let mut node = Plugin::start_with_token(dir.path(), &addr, "node-a", "node", JOIN, "state-node-a").await;
+    let info = node.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.node_id, "node-a");
+    let cred = std::fs::read_to_string(dir.path().join("state-node-a/credential")).unwrap();
+    assert_eq!(cred.trim().len(), 64, "the node keeps its own credential");
+    assert!(!dir.path().join("state-ctl/credential").exists(), "the controller uses the admin token");
+
+    let id = ctl
+        .controller
+        .create_volume(create_req("who", 32 << 20, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let c = cap(false, Mode::SingleNodeWriter);
+    let publish = ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "node-a".into(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    let ctx = ctl.controller.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+    let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let (stage, node_publish) = node_reqs(&id, &ctx, &c, &staging, &target);
+    node.node.node_stage_volume(stage).await.unwrap();
+    node.node.node_publish_volume(node_publish).await.unwrap();
+    std::fs::write(target.join("hello"), b"enrolled").unwrap();
+    std::fs::File::open(target.join("hello")).unwrap().sync_all().unwrap();
+    node.unpublish_unstage(&id, &target, &staging).await;
+
+    // Another plugin says it is node-a, with the join token but not node-a's credential.
+    let mut impostor =
+        Plugin::start_with_token(dir.path(), &addr, "node-a", "node", JOIN, "state-impostor").await;
+    let e = impostor.node.node_get_info(NodeGetInfoRequest {}).await.unwrap_err();
+    assert!(e.message().contains("wrong credential"), "{e:?}");
+
+    ctl.controller
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ctl.controller.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
 }

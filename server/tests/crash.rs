@@ -14,8 +14,13 @@ use common::*;
 use ferrovol_proto::*;
 
 fn spawn_server(dir: &Path, listen: &str) -> (Child, SocketAddr) {
+    spawn_server_with(dir, listen, &[])
+}
+
+fn spawn_server_with(dir: &Path, listen: &str, extra: &[&std::ffi::OsStr]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
         .args(["--data", dir.to_str().unwrap(), "--listen", listen])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -212,19 +217,13 @@ fn tls_flags_serve_tls_and_refuse_plaintext() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let pki = ferrovol_proto::tls::generate(&dir.path().join("pki"), &["127.0.0.1"], "c").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
-        .args(["--data", dir.path().join("d").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .arg("--tls-cert")
-        .arg(&pki.server_cert)
-        .arg("--tls-key")
-        .arg(&pki.server_key)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+    let tls = [
+        "--tls-cert".as_ref(),
+        pki.server_cert.as_os_str(),
+        "--tls-key".as_ref(),
+        pki.server_key.as_os_str(),
+    ];
+    let (mut child, addr) = spawn_server_with(&dir.path().join("d"), "127.0.0.1:0", &tls);
 
     let mut plain = RawClient::connect(addr);
     plain.send_bytes(&hello_request("p", "").encode(RequestId(1)).to_bytes()).unwrap();
