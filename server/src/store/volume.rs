@@ -23,12 +23,13 @@ pub struct Volume {
     size: AtomicU64,
     /// Serialises metadata changes; held across their fsyncs, so the write path never takes it.
     meta: Mutex<VolumeMeta>,
-    /// The writer attachment generation as the write path checks it (a copy of `meta.generation`).
-    /// Every write holds it shared across its check and its pwrite; an attachment change takes it
-    /// exclusively, after the metadata is durable, to publish the new generation. So once a takeover
-    /// or release has been answered, no write of the old holder can land, not even one that was
-    /// already in flight on its connection.
-    fence: RwLock<u64>,
+    /// The writer attachment as the data path sees it (a copy of the metadata's owner, generation
+    /// and time). Every write holds it shared across its generation check and its pwrite; an
+    /// attachment change takes it exclusively, after the metadata is durable, to publish the new
+    /// one. So once a takeover or release has been answered, no write of the old holder can land,
+    /// not even one that was already in flight on its connection. OPEN reads it too, so it never
+    /// waits for a metadata fsync (which holds `meta`).
+    fence: RwLock<Attachment>,
     /// Who writes under the current generation: one client session at a time, so two processes of
     /// one node (two `ferrovol attach` of the same volume) cannot both mount it read-write.
     writers: Mutex<WriterSession>,
@@ -38,6 +39,24 @@ pub struct Volume {
     deleting: std::sync::atomic::AtomicBool,
     /// Recent fdatasync time (ns, moving average): decides whether a FLUSH runs inline.
     flush_ns: AtomicU64,
+}
+
+/// A volume's writer attachment, as published to the data path (see `Volume::fence`).
+#[derive(Debug, Clone, Default)]
+struct Attachment {
+    generation: u64,
+    owner: Option<String>,
+    attached_unix_ms: u64,
+}
+
+impl Attachment {
+    fn of(meta: &VolumeMeta) -> Self {
+        Self {
+            generation: meta.generation,
+            owner: meta.owner.clone(),
+            attached_unix_ms: meta.attached_unix_ms,
+        }
+    }
 }
 
 /// The client session that holds read-write handles of a volume under one attachment generation.
@@ -120,7 +139,7 @@ impl Volume {
             dir,
             file,
             size: AtomicU64::new(meta.size),
-            fence: RwLock::new(meta.generation),
+            fence: RwLock::new(Attachment::of(&meta)),
             writers: Mutex::new(WriterSession::default()),
             meta: Mutex::new(meta),
             opens: AtomicU32::new(0),
@@ -156,7 +175,7 @@ impl Volume {
     /// writer attachment generation, holding the fence shared until it is done (see `fence`).
     pub fn fenced<T>(&self, generation: u64, write: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
         let current = self.fence.read().unwrap_or_else(|p| p.into_inner());
-        if *current != generation {
+        if current.generation != generation {
             drop(current);
             return Err(StoreError::Fenced(format!(
                 "volume {}: the writer attachment this handle was opened under (generation {generation}) \
@@ -170,7 +189,7 @@ impl Volume {
 
     /// "held by node X (generation 4) for 3m 2s" or "no writer attachment".
     fn holder_description(&self) -> String {
-        let meta = self.lock_meta();
+        let meta = self.fence.read().unwrap_or_else(|p| p.into_inner()).clone();
         match &meta.owner {
             Some(o) => format!(
                 "held by node {o:?}, generation {}, for {}",
@@ -185,7 +204,7 @@ impl Volume {
     /// writer attachment and `generation` must be current, and no other client session may have the
     /// volume open for writing under it. Undone by [`Volume::close_writer`].
     pub fn open_writer(&self, node: &NodeId, generation: u64, session: u64) -> StoreResult<()> {
-        let meta = self.lock_meta();
+        let meta = self.fence.read().unwrap_or_else(|p| p.into_inner()).clone();
         match &meta.owner {
             None => {
                 return Err(StoreError::Fenced(format!(
@@ -361,7 +380,7 @@ impl Volume {
     /// Writes `next` durably, then publishes its generation to the write path (see `fence`).
     fn commit_attachment(&self, meta: &mut VolumeMeta, next: VolumeMeta) -> StoreResult<()> {
         write_meta(&self.dir, &next).map_err(io_err)?;
-        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = next.generation;
+        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = Attachment::of(&next);
         *meta = next;
         Ok(())
     }
