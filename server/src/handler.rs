@@ -415,8 +415,12 @@ impl Session {
                 return Err(e);
             }
         }
-        // Handle numbers are never reused on a connection (0 is never a valid handle).
+        // Handle numbers are not reused while open, and 0 is never a valid handle (after 2^32
+        // opens on one connection the counter wraps and skips the numbers still in use).
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
+        while self.handles.contains_key(&self.next_handle) {
+            self.next_handle = self.next_handle.wrapping_add(1).max(1);
+        }
         let handle = VolumeHandle(self.next_handle);
         let size = vol.size();
         debug!(volume = %name, %handle, read_only, generation, "volume opened");

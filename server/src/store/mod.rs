@@ -392,13 +392,7 @@ impl Store {
     pub fn attach_set(&self, name: &VolumeName, node: &NodeId, force: bool, admin: bool) -> StoreResult<u64> {
         let vol = self.get(name)?;
         let before = vol.info();
-        if force && !admin && before.owner.as_ref().is_some_and(|o| o != node) {
-            return Err(StoreError::Forbidden(format!(
-                "taking volume {name} over from node {:?} needs the admin credential",
-                before.owner.as_ref().map(NodeId::as_str).unwrap_or("")
-            )));
-        }
-        let generation = vol.attach_set(node, force)?;
+        let generation = vol.attach_set(node, force, admin)?;
         if generation != before.generation {
             match before.owner {
                 Some(old) if force => {
@@ -654,9 +648,9 @@ mod tests {
         let b = NodeId::try_from("b").unwrap();
         let write = |g: u64| v.fenced(g, || v.write(0, b"x"));
         assert!(matches!(v.open_writer(&a, 0, 1), Err(StoreError::Fenced(_))), "no attachment, no writer");
-        assert_eq!(v.attach_set(&a, false).unwrap(), 1);
-        assert_eq!(v.attach_set(&a, false).unwrap(), 1, "idempotent");
-        let e = v.attach_set(&b, false).unwrap_err();
+        assert_eq!(v.attach_set(&a, false, false).unwrap(), 1);
+        assert_eq!(v.attach_set(&a, false, false).unwrap(), 1, "idempotent");
+        let e = v.attach_set(&b, false, false).unwrap_err();
         assert!(
             matches!(&e, StoreError::AttachedElsewhere(m) if m.contains("\"a\"") && m.contains("ago")),
             "{e}"
@@ -668,7 +662,9 @@ mod tests {
         assert!(matches!(v.open_writer(&a, 1, 9), Err(StoreError::Busy(_))), "another session of a");
         write(1).unwrap();
         // A takeover fences generation 1, even for the same node.
-        assert_eq!(v.attach_set(&b, true).unwrap(), 2);
+        // Taking it from another node needs an admin (a node may not fence another on its own).
+        assert!(matches!(v.attach_set(&b, true, false), Err(StoreError::Forbidden(_))));
+        assert_eq!(v.attach_set(&b, true, true).unwrap(), 2);
         assert!(matches!(write(1), Err(StoreError::Fenced(_))));
         v.open_writer(&b, 2, 3).unwrap();
         write(2).unwrap();

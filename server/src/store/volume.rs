@@ -431,12 +431,22 @@ impl Volume {
     /// while `node` holds it, refused while another node does (the error names the holder and since
     /// when). With `force` (a takeover): always a new generation, which fences every earlier holder,
     /// `node`'s own earlier sessions included.
-    pub fn attach_set(&self, node: &NodeId, force: bool) -> StoreResult<u64> {
+    ///
+    /// `admin`: the caller may take the attachment over from *another* node; without it such a
+    /// takeover is `Forbidden`. Checked here, under the metadata lock, so the holder cannot change
+    /// between the check and the takeover.
+    pub fn attach_set(&self, node: &NodeId, force: bool, admin: bool) -> StoreResult<u64> {
         let mut meta = self.lock_meta();
         if self.deleting.load(Ordering::Acquire) {
             return Err(StoreError::NotFound(format!("{} (being deleted)", self.name)));
         }
         match &meta.owner {
+            Some(owner) if owner != node.as_str() && force && !admin => {
+                return Err(StoreError::Forbidden(format!(
+                    "taking volume {} over from node {owner:?} needs the admin credential",
+                    self.name
+                )))
+            }
             Some(owner) if owner == node.as_str() && !force => return Ok(meta.generation),
             Some(owner) if owner != node.as_str() && !force => {
                 return Err(StoreError::AttachedElsewhere(format!(
