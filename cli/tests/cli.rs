@@ -53,6 +53,44 @@ fn volume_commands() {
 }
 
 #[test]
+fn snapshot_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0");
+    ok(&ferrovol(&server, &["volume", "create", "web", "--size", "16MiB"]));
+    let out = ok(&ferrovol(&server, &["snapshot", "create", "web-1", "--volume", "web", "--wait"]));
+    assert!(out.contains("created snapshot web-1 of volume web") && out.contains("ready"), "{out}");
+    fails(&ferrovol(&server, &["snapshot", "create", "web-1", "--volume", "web"]), "already exists");
+    fails(&ferrovol(&server, &["snapshot", "create", "x", "--volume", "nope"]), "not found");
+    let list = ok(&ferrovol(&server, &["snapshot", "list"]));
+    assert!(list.contains("web-1") && list.contains("16 MiB") && list.contains("ready"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&ferrovol(&server, &["snapshot", "list", "--volume", "web", "--json"])))
+            .unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert!(ok(&ferrovol(&server, &["snapshot", "list", "--volume", "other"])).lines().count() == 1);
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(&ferrovol(&server, &["snapshot", "stat", "web-1", "--json"]))).unwrap();
+    assert_eq!((stat["source"].as_str(), stat["ready"].as_bool()), (Some("web"), Some(true)));
+    // Restore and clone: the size defaults to the source's, and may not be smaller.
+    let out = ok(&ferrovol(&server, &["volume", "create", "restored", "--from-snapshot", "web-1"]));
+    assert!(out.contains("16 MiB") && out.contains("from snapshot web-1"), "{out}");
+    let out = ok(&ferrovol(&server, &["volume", "create", "copy", "--from-volume", "web", "--size", "32MiB"]));
+    assert!(out.contains("32 MiB") && out.contains("clone of volume web"), "{out}");
+    fails(
+        &ferrovol(&server, &["volume", "create", "tiny", "--from-snapshot", "web-1", "--size", "4MiB"]),
+        "smaller than its source",
+    );
+    fails(&ferrovol(&server, &["volume", "create", "none"]), "--size");
+    fails(
+        &ferrovol(&server, &["volume", "create", "both", "--from-snapshot", "a", "--from-volume", "b"]),
+        "cannot be used with",
+    );
+    ok(&ferrovol(&server, &["snapshot", "delete", "web-1"]));
+    fails(&ferrovol(&server, &["snapshot", "delete", "web-1"]), "not found");
+    fails(&ferrovol(&server, &["volume", "create", "again", "--from-snapshot", "web-1"]), "not found");
+}
+
+#[test]
 fn clear_errors_for_connection_problems() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0");

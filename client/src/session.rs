@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovol_proto::limits::LIST_ENTRIES_MAX;
-use ferrovol_proto::{HelloReply, Labels, NodeId, Opcode, Reply, Request, Status, VolumeInfo, VolumeName};
+use ferrovol_proto::{
+    HelloReply, Labels, NodeId, Opcode, Reply, Request, SnapshotInfo, Status, VolumeInfo, VolumeName,
+    VolumeSource,
+};
 
 use crate::conn::{self, ConnHandle, Op};
 use crate::credential::Credentials;
@@ -195,9 +198,84 @@ impl Session {
         size: u64,
         labels: Labels,
     ) -> Result<VolumeInfo> {
-        match self.control(Request::VolumeCreate { name: name.clone(), size, labels }).await? {
+        self.create_volume_from(name, size, labels, None).await
+    }
+
+    /// Creates a volume, from a snapshot or (a clone) a volume when `source` is given; `size` 0 is
+    /// then the source's size. A copy (where the server cannot reflink) runs within the call, so a
+    /// large one may outlast the client's I/O timeout: the server still finishes it, and the volume
+    /// then exists (a retry gets `ALREADY_EXISTS`, or `BUSY` while it is being made).
+    pub async fn create_volume_from(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        labels: Labels,
+        source: Option<VolumeSource>,
+    ) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeCreate { name: name.clone(), size, labels, source }).await? {
             Reply::Volume(v) => Ok(v),
             other => Err(unexpected(Opcode::VolumeCreate, other)),
+        }
+    }
+
+    /// Cuts a point-in-time snapshot of volume `source`. Ready at once where the server reflinks;
+    /// otherwise `ready` is false until its background copy is done (poll [`Session::stat_snapshot`]).
+    pub async fn create_snapshot(
+        &self,
+        name: &VolumeName,
+        source: &VolumeName,
+        labels: Labels,
+    ) -> Result<SnapshotInfo> {
+        match self
+            .control(Request::SnapshotCreate { name: name.clone(), source: source.clone(), labels })
+            .await?
+        {
+            Reply::Snapshot(s) => Ok(s),
+            other => Err(unexpected(Opcode::SnapshotCreate, other)),
+        }
+    }
+
+    pub async fn delete_snapshot(&self, name: &VolumeName) -> Result<()> {
+        self.control(Request::SnapshotDelete { name: name.clone() }).await.map(|_| ())
+    }
+
+    pub async fn stat_snapshot(&self, name: &VolumeName) -> Result<SnapshotInfo> {
+        match self.control(Request::SnapshotStat { name: name.clone() }).await? {
+            Reply::Snapshot(s) => Ok(s),
+            other => Err(unexpected(Opcode::SnapshotStat, other)),
+        }
+    }
+
+    /// One page of snapshots after `start_after` (only `source`'s when given); the bool says
+    /// whether more follow.
+    pub async fn list_snapshots_page(
+        &self,
+        source: Option<&VolumeName>,
+        start_after: Option<&VolumeName>,
+        max_entries: u32,
+    ) -> Result<(Vec<SnapshotInfo>, bool)> {
+        let req = Request::SnapshotList {
+            source: source.cloned(),
+            start_after: start_after.cloned(),
+            max_entries: max_entries.clamp(1, LIST_ENTRIES_MAX),
+        };
+        match self.control(req).await? {
+            Reply::SnapshotList { entries, more } => Ok((entries, more)),
+            other => Err(unexpected(Opcode::SnapshotList, other)),
+        }
+    }
+
+    /// Every snapshot (of `source`, when given), following pages.
+    pub async fn list_snapshots(&self, source: Option<&VolumeName>) -> Result<Vec<SnapshotInfo>> {
+        let mut all: Vec<SnapshotInfo> = vec![];
+        loop {
+            let (page, more) =
+                self.list_snapshots_page(source, all.last().map(|v| &v.name), LIST_ENTRIES_MAX).await?;
+            let empty = page.is_empty();
+            all.extend(page);
+            if !more || empty {
+                return Ok(all);
+            }
         }
     }
 

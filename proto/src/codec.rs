@@ -357,9 +357,12 @@ pub enum Request {
     Ping,
     VolumeCreate {
         name: VolumeName,
+        /// 0 only with a `source`: the source's size.
         size: u64,
         /// Kept with the volume and returned in its VolumeInfo (empty: none).
         labels: Labels,
+        /// The volume starts as a copy of a snapshot or (a clone) of another volume.
+        source: Option<VolumeSource>,
     },
     VolumeDelete {
         name: VolumeName,
@@ -402,6 +405,24 @@ pub enum Request {
     NodeReset {
         node: NodeId,
     },
+    /// Snapshot names follow the volume name rules, in a namespace of their own.
+    SnapshotCreate {
+        name: VolumeName,
+        source: VolumeName,
+        labels: Labels,
+    },
+    SnapshotDelete {
+        name: VolumeName,
+    },
+    /// Names ascending, strictly after `start_after`; only `source`'s snapshots when given.
+    SnapshotList {
+        source: Option<VolumeName>,
+        start_after: Option<VolumeName>,
+        max_entries: u32,
+    },
+    SnapshotStat {
+        name: VolumeName,
+    },
     Open {
         name: VolumeName,
         read_only: bool,
@@ -442,6 +463,18 @@ pub enum Request {
 /// Volume kinds. Only block volumes exist in this version.
 pub const VOLUME_KIND_BLOCK: u8 = 0;
 
+/// Where a new volume's content comes from (VOLUME_CREATE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    Snapshot(VolumeName),
+    /// A clone: the volume's content at the moment the server received the create.
+    Volume(VolumeName),
+}
+
+/// VOLUME_CREATE source kinds on the wire.
+pub const SOURCE_SNAPSHOT: u8 = 1;
+pub const SOURCE_VOLUME: u8 = 2;
+
 impl Request {
     pub fn opcode(&self) -> Opcode {
         match self {
@@ -458,6 +491,10 @@ impl Request {
             Request::NodeRegister { .. } => Opcode::NodeRegister,
             Request::NodeStat { .. } => Opcode::NodeStat,
             Request::NodeReset { .. } => Opcode::NodeReset,
+            Request::SnapshotCreate { .. } => Opcode::SnapshotCreate,
+            Request::SnapshotDelete { .. } => Opcode::SnapshotDelete,
+            Request::SnapshotList { .. } => Opcode::SnapshotList,
+            Request::SnapshotStat { .. } => Opcode::SnapshotStat,
             Request::Open { .. } => Opcode::Open,
             Request::Close { .. } => Opcode::Close,
             Request::Read { .. } => Opcode::Read,
@@ -498,13 +535,40 @@ impl Request {
                 put_str16(&mut p, &hello.token);
                 p.freeze()
             }
-            Request::VolumeCreate { name, size, labels } => {
+            Request::VolumeCreate { name, size, labels, source } => {
                 p.put_u64_le(*size);
                 p.put_u8(VOLUME_KIND_BLOCK);
                 put_str8(&mut p, name.as_str());
-                if !labels.is_empty() {
+                if !labels.is_empty() || source.is_some() {
                     put_labels(&mut p, labels);
                 }
+                match source {
+                    None => {}
+                    Some(VolumeSource::Snapshot(s)) => {
+                        p.put_u8(SOURCE_SNAPSHOT);
+                        put_str8(&mut p, s.as_str());
+                    }
+                    Some(VolumeSource::Volume(v)) => {
+                        p.put_u8(SOURCE_VOLUME);
+                        put_str8(&mut p, v.as_str());
+                    }
+                }
+                p.freeze()
+            }
+            Request::SnapshotCreate { name, source, labels } => {
+                put_str8(&mut p, name.as_str());
+                put_str8(&mut p, source.as_str());
+                put_labels(&mut p, labels);
+                p.freeze()
+            }
+            Request::SnapshotDelete { name } | Request::SnapshotStat { name } => {
+                put_str8(&mut p, name.as_str());
+                p.freeze()
+            }
+            Request::SnapshotList { source, start_after, max_entries } => {
+                p.put_u32_le(*max_entries);
+                put_str8(&mut p, start_after.as_ref().map(|n| n.as_str()).unwrap_or(""));
+                put_str8(&mut p, source.as_ref().map(|n| n.as_str()).unwrap_or(""));
                 p.freeze()
             }
             Request::VolumeDelete { name, force } => {
@@ -654,9 +718,42 @@ impl Request {
                         return Err(PayloadError::Invalid("unknown volume kind"));
                     }
                     let name = r.volume_name()?;
-                    // Labels are optional: a payload may end right after the name.
+                    // Labels are optional: a payload may end right after the name. A source follows
+                    // the labels.
                     let labels = if r.buf.is_empty() { Labels::new() } else { r.labels()? };
-                    Request::VolumeCreate { size, name, labels }
+                    let source = if r.buf.is_empty() {
+                        None
+                    } else {
+                        match r.u8()? {
+                            SOURCE_SNAPSHOT => Some(VolumeSource::Snapshot(r.volume_name()?)),
+                            SOURCE_VOLUME => Some(VolumeSource::Volume(r.volume_name()?)),
+                            _ => return Err(PayloadError::Invalid("unknown volume source kind")),
+                        }
+                    };
+                    Request::VolumeCreate { size, name, labels, source }
+                }
+                Opcode::SnapshotCreate => Request::SnapshotCreate {
+                    name: r.volume_name()?,
+                    source: r.volume_name()?,
+                    labels: r.labels()?,
+                },
+                Opcode::SnapshotDelete => Request::SnapshotDelete { name: r.volume_name()? },
+                Opcode::SnapshotStat => Request::SnapshotStat { name: r.volume_name()? },
+                Opcode::SnapshotList => {
+                    let max_entries = r.u32()?;
+                    if max_entries == 0 || max_entries > LIST_ENTRIES_MAX {
+                        return Err(PayloadError::Invalid("max_entries must be 1..=LIST_ENTRIES_MAX"));
+                    }
+                    let optional = |s: &str| -> Result<Option<VolumeName>, PayloadError> {
+                        if s.is_empty() {
+                            Ok(None)
+                        } else {
+                            Ok(Some(VolumeName::try_from(s)?))
+                        }
+                    };
+                    let start_after = optional(r.str8(VOLUME_NAME_LEN_MAX)?)?;
+                    let source = optional(r.str8(VOLUME_NAME_LEN_MAX)?)?;
+                    Request::SnapshotList { source, start_after, max_entries }
                 }
                 Opcode::VolumeDelete => Request::VolumeDelete { name: r.volume_name()?, force },
                 Opcode::VolumeStat => Request::VolumeStat { name: r.volume_name()? },
@@ -761,6 +858,25 @@ pub struct VolumeInfo {
     pub labels: Labels,
 }
 
+/// What the server knows about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: VolumeName,
+    /// The volume it is an image of (which may have been deleted since).
+    pub source: VolumeName,
+    /// The source's size when the snapshot was cut.
+    pub size: u64,
+    /// Bytes of storage the snapshot occupies (shared extents of a reflink count in full).
+    pub allocated: u64,
+    pub created_unix_ms: u64,
+    /// Complete and usable as a volume source. A reflinked snapshot is ready at once; a copied one
+    /// once its copy is done.
+    pub ready: bool,
+    /// Progress of the copy: bytes of `size` already preserved (`size` when ready).
+    pub copied_bytes: u64,
+    pub labels: Labels,
+}
+
 /// The server's data dir: what its filesystem holds and what the volumes were given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStat {
@@ -798,8 +914,14 @@ pub enum Reply {
         size: u64,
         read_only: bool,
     },
-    /// READ: the data, shared with the read buffer (client) or the volume's mapping (server).
+    /// READ: the data, shared with the read buffer (client) or the server's read buffer.
     Data(Bytes),
+    /// SNAPSHOT_CREATE, SNAPSHOT_STAT.
+    Snapshot(SnapshotInfo),
+    SnapshotList {
+        entries: Vec<SnapshotInfo>,
+        more: bool,
+    },
 }
 
 /// A failed request: a status and a human-readable reason.
@@ -830,6 +952,34 @@ pub struct Response {
     /// The request's opcode byte (0 when the request could not be read at all).
     pub opcode: u8,
     pub result: Result<Reply, ErrorReply>,
+}
+
+fn put_snapshot_info(p: &mut BytesMut, v: &SnapshotInfo) {
+    put_str8(p, v.name.as_str());
+    put_str8(p, v.source.as_str());
+    p.put_u64_le(v.size);
+    p.put_u64_le(v.allocated);
+    p.put_u64_le(v.created_unix_ms);
+    p.put_u8(u8::from(v.ready));
+    p.put_u64_le(v.copied_bytes);
+    put_labels(p, &v.labels);
+}
+
+fn get_snapshot_info(r: &mut Reader<'_>) -> Result<SnapshotInfo, PayloadError> {
+    Ok(SnapshotInfo {
+        name: r.volume_name()?,
+        source: r.volume_name()?,
+        size: r.u64()?,
+        allocated: r.u64()?,
+        created_unix_ms: r.u64()?,
+        ready: match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(PayloadError::Invalid("snapshot ready flag is not 0 or 1")),
+        },
+        copied_bytes: r.u64()?,
+        labels: r.labels()?,
+    })
 }
 
 fn put_volume_info(p: &mut BytesMut, v: &VolumeInfo) {
@@ -931,6 +1081,18 @@ impl Response {
                         p.freeze()
                     }
                     Reply::Data(d) => d.clone(),
+                    Reply::Snapshot(v) => {
+                        put_snapshot_info(&mut p, v);
+                        p.freeze()
+                    }
+                    Reply::SnapshotList { entries, more } => {
+                        p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+                        p.put_u8(u8::from(*more));
+                        for v in entries {
+                            put_snapshot_info(&mut p, v);
+                        }
+                        p.freeze()
+                    }
                 };
                 (Status::Ok as u16, payload)
             }
@@ -1001,6 +1163,19 @@ impl Response {
                     }
                     Reply::List { entries, more }
                 }
+                Opcode::SnapshotCreate | Opcode::SnapshotStat => Reply::Snapshot(get_snapshot_info(&mut r)?),
+                Opcode::SnapshotList => {
+                    let n = r.u32()?;
+                    if n > LIST_ENTRIES_MAX {
+                        return Err(PayloadError::Invalid("too many list entries"));
+                    }
+                    let more = r.u8()? != 0;
+                    let mut entries = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        entries.push(get_snapshot_info(&mut r)?);
+                    }
+                    Reply::SnapshotList { entries, more }
+                }
                 Opcode::AttachSet => Reply::Attached { generation: r.u64()? },
                 Opcode::StoreStat => Reply::StoreStat(StoreStat {
                     total_bytes: r.u64()?,
@@ -1019,6 +1194,7 @@ impl Response {
                     Reply::Data(raw.payload.clone())
                 }
                 Opcode::VolumeDelete
+                | Opcode::SnapshotDelete
                 | Opcode::Ping
                 | Opcode::NodeReset
                 | Opcode::AttachClear

@@ -27,8 +27,8 @@ pub mod csi {
 
 pub use codec::{
     split_request, split_response, ErrorReply, Frame, FrameError, Hello, HelloReply, RawRequest, RawResponse,
-    Reply, Request, RequestError, RequestFrame, Response, ResponseError, ResponseFrame, StoreStat,
-    VolumeInfo,
+    Reply, Request, RequestError, RequestFrame, Response, ResponseError, ResponseFrame, SnapshotInfo,
+    StoreStat, VolumeInfo, VolumeSource,
 };
 pub use header::{RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 pub use opcode::{Opcode, Status};

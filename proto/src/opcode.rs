@@ -29,6 +29,11 @@ pub enum Opcode {
     NodeStat = 0x19,
     /// Admin: forget a node's credential, so that it can enroll again with the join token.
     NodeReset = 0x1a,
+    /// A point-in-time, read-only image of a block volume.
+    SnapshotCreate = 0x1b,
+    SnapshotDelete = 0x1c,
+    SnapshotList = 0x1d,
+    SnapshotStat = 0x1e,
     Open = 0x20,
     Close = 0x21,
     Read = 0x22,
@@ -39,7 +44,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 20] = [
+    pub const ALL: [Opcode; 24] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -53,6 +58,10 @@ impl Opcode {
         Opcode::NodeRegister,
         Opcode::NodeStat,
         Opcode::NodeReset,
+        Opcode::SnapshotCreate,
+        Opcode::SnapshotDelete,
+        Opcode::SnapshotList,
+        Opcode::SnapshotStat,
         Opcode::Open,
         Opcode::Close,
         Opcode::Read,
@@ -77,6 +86,10 @@ impl Opcode {
             Opcode::NodeRegister => "NODE_REGISTER",
             Opcode::NodeStat => "NODE_STAT",
             Opcode::NodeReset => "NODE_RESET",
+            Opcode::SnapshotCreate => "SNAPSHOT_CREATE",
+            Opcode::SnapshotDelete => "SNAPSHOT_DELETE",
+            Opcode::SnapshotList => "SNAPSHOT_LIST",
+            Opcode::SnapshotStat => "SNAPSHOT_STAT",
             Opcode::Open => "OPEN",
             Opcode::Close => "CLOSE",
             Opcode::Read => "READ",

@@ -26,6 +26,7 @@ fn bounded_decoder_fuzz() {
             name: VolumeName::try_from("abc").unwrap(),
             size: 1 << 20,
             labels: Labels::new(),
+            source: None,
         }
         .encode(RequestId(3))
         .to_bytes()

@@ -185,6 +185,7 @@ fn volume_create_payload_golden() {
         name: VolumeName::try_from("vol-a").unwrap(),
         size: 1 << 30,
         labels: Labels::new(),
+        source: None,
     };
     let frame = req.encode(RequestId(2));
     let payload: &[u8] = &[
@@ -199,7 +200,8 @@ fn volume_create_payload_golden() {
 #[test]
 fn volume_create_with_labels_golden() {
     let labels = Labels::from([("k".to_owned(), "vé".to_owned())]);
-    let req = Request::VolumeCreate { name: VolumeName::try_from("v").unwrap(), size: 4096, labels };
+    let req =
+        Request::VolumeCreate { name: VolumeName::try_from("v").unwrap(), size: 4096, labels, source: None };
     let frame = req.encode(RequestId(3));
     let payload: &[u8] = &[
         0, 0x10, 0, 0, 0, 0, 0, 0, // size 4096
@@ -219,10 +221,88 @@ fn volume_create_with_labels_golden() {
         name: VolumeName::try_from("v").unwrap(),
         size: 4096,
         labels: Labels::from([("K".to_owned(), String::new())]),
+        source: None,
     };
     let mut buf = BytesMut::new();
     bad.encode(RequestId(4)).write_to(&mut buf);
     assert!(Request::parse(split_request(&mut buf).unwrap().unwrap()).is_err());
+}
+
+#[test]
+fn volume_create_from_source_golden() {
+    let req = Request::VolumeCreate {
+        name: VolumeName::try_from("c").unwrap(),
+        size: 0,
+        labels: Labels::new(),
+        source: Some(VolumeSource::Snapshot(VolumeName::try_from("s1").unwrap())),
+    };
+    let frame = req.encode(RequestId(3));
+    let payload: &[u8] = &[
+        0, 0, 0, 0, 0, 0, 0, 0, // size 0: the source's size
+        0, // kind: block
+        1, b'c', // name, str8
+        0,    // no labels (present because a source follows)
+        1,    // source kind: snapshot
+        2, b's', b'1', // source name, str8
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    let mut buf = BytesMut::new();
+    frame.write_to(&mut buf);
+    let (_, back) = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap();
+    assert_eq!(back, req);
+    // An unknown source kind is refused.
+    let mut bad = payload.to_vec();
+    bad[12] = 3;
+    let mut h = RequestHeader::decode(&frame.header).unwrap();
+    h.payload_len = bad.len() as u32;
+    h.payload_crc = u32::from_le_bytes(crc(&bad));
+    let mut buf = BytesMut::from(&h.encode()[..]);
+    buf.extend_from_slice(&bad);
+    let err = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+    assert_eq!(err.status, Status::BadRequest);
+}
+
+#[test]
+fn snapshot_requests_golden() {
+    let n = |s: &str| VolumeName::try_from(s).unwrap();
+    let create = Request::SnapshotCreate { name: n("s1"), source: n("v"), labels: Labels::new() };
+    let f = create.encode(RequestId(1));
+    assert_eq!(f.header[5], 0x1b);
+    assert_eq!(&f.payload[..], &[2, b's', b'1', 1, b'v', 0][..]);
+    let f = Request::SnapshotDelete { name: n("s1") }.encode(RequestId(1));
+    assert_eq!((f.header[5], &f.payload[..]), (0x1c, &[2, b's', b'1'][..]));
+    let f = Request::SnapshotStat { name: n("s1") }.encode(RequestId(1));
+    assert_eq!((f.header[5], &f.payload[..]), (0x1e, &[2, b's', b'1'][..]));
+    let list = Request::SnapshotList { source: Some(n("v")), start_after: None, max_entries: 10 };
+    let f = list.encode(RequestId(1));
+    assert_eq!((f.header[5], &f.payload[..]), (0x1d, &[10, 0, 0, 0, 0, 1, b'v'][..]));
+}
+
+#[test]
+fn snapshot_reply_golden() {
+    let info = SnapshotInfo {
+        name: VolumeName::try_from("s").unwrap(),
+        source: VolumeName::try_from("v").unwrap(),
+        size: 4096,
+        allocated: 0,
+        created_unix_ms: 1,
+        ready: false,
+        copied_bytes: 2048,
+        labels: Labels::new(),
+    };
+    let frame = Response::ok(RequestId(9), Opcode::SnapshotStat, Reply::Snapshot(info)).encode();
+    let payload: &[u8] = &[
+        1, b's', // name
+        1, b'v', // source
+        0, 0x10, 0, 0, 0, 0, 0, 0, // size 4096
+        0, 0, 0, 0, 0, 0, 0, 0, // allocated
+        1, 0, 0, 0, 0, 0, 0, 0, // created_unix_ms
+        0, // ready: no
+        0, 8, 0, 0, 0, 0, 0, 0, // copied_bytes 2048
+        0, // labels: none
+    ];
+    assert_eq!(&frame.payload[..], payload);
+    assert_eq!(frame.header[5], 0x1e);
 }
 
 #[test]
@@ -400,6 +480,16 @@ fn response_round_trip_all_replies() {
         attached_unix_ms: 1_700_000_001_000,
         labels: Labels::from([("csi.ferrovol.io/name".to_owned(), "pvc-Ω ünïcode".to_owned())]),
     };
+    let snap = SnapshotInfo {
+        name: VolumeName::try_from("s").unwrap(),
+        source: VolumeName::try_from("v").unwrap(),
+        size: 1 << 30,
+        allocated: 1 << 29,
+        created_unix_ms: 1_700_000_000_000,
+        ready: true,
+        copied_bytes: 1 << 30,
+        labels: Labels::from([("csi.ferrovol.io/name".to_owned(), "snapshot-1".to_owned())]),
+    };
     let cases = vec![
         (
             Opcode::Hello,
@@ -429,6 +519,10 @@ fn response_round_trip_all_replies() {
         (Opcode::NodeStat, Reply::Node { registered_unix_ms: 1_700_000_000_000 }),
         (Opcode::Read, Reply::Data(Bytes::from_static(b"data"))),
         (Opcode::Flush, Reply::Done),
+        (Opcode::SnapshotCreate, Reply::Snapshot(snap.clone())),
+        (Opcode::SnapshotStat, Reply::Snapshot(snap.clone())),
+        (Opcode::SnapshotList, Reply::SnapshotList { entries: vec![snap.clone(), snap], more: false }),
+        (Opcode::SnapshotDelete, Reply::Done),
     ];
     for (op, reply) in cases {
         let resp = Response::ok(RequestId(42), op, reply);

@@ -19,6 +19,25 @@ fn labels() -> impl Strategy<Value = Labels> {
     proptest::collection::btree_map("[a-z0-9./_-]{1,63}", "\\PC{0,64}", 0..=8)
 }
 
+fn source() -> impl Strategy<Value = VolumeSource> {
+    prop_oneof![name().prop_map(VolumeSource::Snapshot), name().prop_map(VolumeSource::Volume)]
+}
+
+fn snapshot_info() -> impl Strategy<Value = SnapshotInfo> {
+    (name(), name(), any::<[u64; 4]>(), any::<bool>(), labels()).prop_map(
+        |(name, source, [size, allocated, created_unix_ms, copied_bytes], ready, labels)| SnapshotInfo {
+            name,
+            source,
+            size,
+            allocated,
+            created_unix_ms,
+            ready,
+            copied_bytes,
+            labels,
+        },
+    )
+}
+
 fn handle() -> impl Strategy<Value = VolumeHandle> {
     any::<u32>().prop_map(VolumeHandle)
 }
@@ -37,11 +56,18 @@ fn request() -> impl Strategy<Value = Request> {
                     token: t,
                 })
             }),
-        (name(), any::<u64>(), labels()).prop_map(|(name, size, labels)| Request::VolumeCreate {
+        (name(), any::<u64>(), labels(), proptest::option::of(source()))
+            .prop_map(|(name, size, labels, source)| Request::VolumeCreate { name, size, labels, source }),
+        (name(), name(), labels()).prop_map(|(name, source, labels)| Request::SnapshotCreate {
             name,
-            size,
+            source,
             labels
         }),
+        name().prop_map(|name| Request::SnapshotDelete { name }),
+        name().prop_map(|name| Request::SnapshotStat { name }),
+        (proptest::option::of(name()), proptest::option::of(name()), 1u32..=256).prop_map(
+            |(source, start_after, max_entries)| Request::SnapshotList { source, start_after, max_entries }
+        ),
         (name(), any::<bool>()).prop_map(|(name, force)| Request::VolumeDelete { name, force }),
         name().prop_map(|name| Request::VolumeStat { name }),
         (proptest::option::of(name()), 1u32..=256)
@@ -134,6 +160,7 @@ fn reply() -> impl Strategy<Value = (Opcode, Reply)> {
             }),
         prop_oneof![
             Just(Opcode::VolumeDelete),
+            Just(Opcode::SnapshotDelete),
             Just(Opcode::Ping),
             Just(Opcode::NodeReset),
             Just(Opcode::AttachClear),
@@ -152,6 +179,10 @@ fn reply() -> impl Strategy<Value = (Opcode, Reply)> {
         (proptest::collection::vec(volume_info(), 0..5), any::<bool>())
             .prop_map(|(entries, more)| (Opcode::VolumeList, Reply::List { entries, more })),
         any::<u64>().prop_map(|generation| (Opcode::AttachSet, Reply::Attached { generation })),
+        (prop_oneof![Just(Opcode::SnapshotCreate), Just(Opcode::SnapshotStat)], snapshot_info())
+            .prop_map(|(op, v)| (op, Reply::Snapshot(v))),
+        (proptest::collection::vec(snapshot_info(), 0..4), any::<bool>())
+            .prop_map(|(entries, more)| (Opcode::SnapshotList, Reply::SnapshotList { entries, more })),
         any::<[u64; 4]>().prop_map(|[t, f, p, v]| {
             (
                 Opcode::StoreStat,

@@ -6,6 +6,14 @@ use ferrovol_proto::{ErrorReply, NameError, Status};
 pub enum StoreError {
     #[error("volume {0:?} not found")]
     NotFound(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    /// A snapshot of that name exists; the message names its source.
+    #[error("{0}")]
+    SnapshotExists(String),
+    /// A new volume smaller than its source.
+    #[error("{0}")]
+    TooSmall(String),
     #[error("node {0:?} is not registered (its CSI node plugin never reported to this server)")]
     NodeNotFound(String),
     #[error("volume {0:?} already exists")]
@@ -43,8 +51,11 @@ impl StoreError {
     /// The single mapping from server errors to wire status codes.
     pub fn status(&self) -> Status {
         match self {
-            StoreError::NotFound(_) | StoreError::NodeNotFound(_) => Status::NotFound,
-            StoreError::AlreadyExists(_) => Status::AlreadyExists,
+            StoreError::NotFound(_) | StoreError::NodeNotFound(_) | StoreError::SnapshotNotFound(_) => {
+                Status::NotFound
+            }
+            StoreError::AlreadyExists(_) | StoreError::SnapshotExists(_) => Status::AlreadyExists,
+            StoreError::TooSmall(_) => Status::OutOfRange,
             StoreError::InvalidName(_) => Status::InvalidName,
             StoreError::InvalidArgument(_) => Status::InvalidArgument,
             StoreError::OutOfRange { .. } => Status::OutOfRange,

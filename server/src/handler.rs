@@ -221,9 +221,25 @@ impl Session {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
             Request::Ping => Outcome::Reply(Response::ok(id, op, Reply::Done)),
-            Request::VolumeCreate { name, size, labels } => {
-                store_op(ctx, id, op, move |s| s.create(&name, size, &labels), Reply::Volume)
+            Request::VolumeCreate { name, size, labels, source } => {
+                store_op(ctx, id, op, move |s| s.create(&name, size, &labels, source.as_ref()), Reply::Volume)
             }
+            Request::SnapshotCreate { name, source, labels } => {
+                store_op(ctx, id, op, move |s| s.snapshot_create(&name, &source, &labels), Reply::Snapshot)
+            }
+            Request::SnapshotDelete { name } => {
+                store_op(ctx, id, op, move |s| s.snapshot_delete(&name), |()| Reply::Done)
+            }
+            Request::SnapshotStat { name } => {
+                store_op(ctx, id, op, move |s| s.snapshot_stat(&name), Reply::Snapshot)
+            }
+            Request::SnapshotList { source, start_after, max_entries } => store_op(
+                ctx,
+                id,
+                op,
+                move |s| Ok(s.snapshot_list(source.as_ref(), start_after.as_ref(), max_entries)),
+                |(entries, more)| Reply::SnapshotList { entries, more },
+            ),
             Request::VolumeDelete { name, force } => {
                 if let Err(e) = self.admin_for(force, || format!("forcing the delete of volume {name}")) {
                     return Outcome::Reply(err(id, op, &e));

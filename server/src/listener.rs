@@ -99,6 +99,9 @@ pub struct ServerConfig {
     pub poll: Duration,
     /// Connection threads (default: the number of CPUs).
     pub workers: usize,
+    /// Pace of the background copies of snapshots and clones (bytes/s; 0 = as fast as the disk
+    /// goes), so that they do not starve the volumes' own I/O.
+    pub copy_bytes_per_s: u64,
 }
 
 impl ServerConfig {
@@ -113,6 +116,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(120),
             poll: Duration::from_micros(300),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            copy_bytes_per_s: 0,
         }
     }
 }
@@ -342,6 +346,7 @@ impl Server {
             .await
             .context("opening the data dir")?
             .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?;
+        store.set_copy_rate(config.copy_bytes_per_s);
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -53,6 +53,10 @@ struct Args {
     /// Connection threads (default: the number of CPUs).
     #[arg(long)]
     threads: Option<usize>,
+    /// Pace of the background copies of snapshots and clones, in MiB/s (0 = unlimited), where the
+    /// data dir cannot reflink: bounds what a copy takes from the volumes' own I/O.
+    #[arg(long, default_value_t = 0)]
+    copy_mib_per_s: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         }
         config.handshake_timeout = std::time::Duration::from_secs(args.handshake_timeout_s.max(1));
         config.poll = std::time::Duration::from_micros(args.poll_us.min(10_000));
+        config.copy_bytes_per_s = args.copy_mib_per_s.saturating_mul(1 << 20);
         if let Some(n) = args.threads {
             config.workers = n.clamp(1, 256);
         }

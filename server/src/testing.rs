@@ -42,6 +42,11 @@ impl TestServer {
         let mut config = ServerConfig::new(dir, addr.parse().unwrap());
         config.auth = auth;
         config.tls = tls;
+        Self::start_config(config)
+    }
+
+    /// A server with any configuration.
+    pub fn start_config(config: ServerConfig) -> Self {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {

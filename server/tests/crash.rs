@@ -4,45 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use common::*;
 use ferrovol_proto::*;
-
-fn spawn_server(dir: &Path, listen: &str) -> (Child, SocketAddr) {
-    spawn_server_with(dir, listen, &[])
-}
-
-fn spawn_server_with(dir: &Path, listen: &str, extra: &[&std::ffi::OsStr]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
-        .args(["--data", dir.to_str().unwrap(), "--listen", listen])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ferrovol-server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
-    (child, addr.parse().unwrap())
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 #[test]
 fn flushed_data_survives_sigkill() {
@@ -50,7 +16,12 @@ fn flushed_data_survives_sigkill() {
     let (mut server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
     let mut c = RawClient::hello(addr, "n1", "");
     assert_eq!(
-        status(&c.call(Request::VolumeCreate { name: name("keep"), size: 8 << 20, labels: Labels::new() })),
+        status(&c.call(Request::VolumeCreate {
+            name: name("keep"),
+            size: 8 << 20,
+            labels: Labels::new(),
+            source: None
+        })),
         Status::Ok
     );
     let h = open(&mut c, "keep");
@@ -107,7 +78,12 @@ fn sigterm_answers_in_flight_and_exits_zero() {
     let (server, addr) = spawn_server(dir.path(), "127.0.0.1:0");
     let mut c = RawClient::hello(addr, "n1", "");
     assert_eq!(
-        status(&c.call(Request::VolumeCreate { name: name("t"), size: 64 << 20, labels: Labels::new() })),
+        status(&c.call(Request::VolumeCreate {
+            name: name("t"),
+            size: 64 << 20,
+            labels: Labels::new(),
+            source: None
+        })),
         Status::Ok
     );
     let h = open(&mut c, "t");

@@ -69,7 +69,12 @@ fn legitimate_clients_survive_a_flood_with_bounded_memory_and_log() {
         .init();
     let (addr, _dir) = start(|c| c.handshake_timeout = Duration::from_secs(3));
     let mut setup = RawClient::hello(addr, "admin", ADMIN);
-    let r = setup.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new() });
+    let r = setup.call(Request::VolumeCreate {
+        name: name("v"),
+        size: 1 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::Ok);
     let rss_before = rss_bytes();
     let lines_before = lines.0.load(Ordering::Relaxed);

@@ -43,7 +43,12 @@ struct Bystander {
 impl Bystander {
     fn new(addr: SocketAddr) -> Self {
         let mut c = RawClient::hello(addr, "bystander", "sesame");
-        let r = c.call(Request::VolumeCreate { name: name("calm"), size: 1 << 20, labels: Labels::new() });
+        let r = c.call(Request::VolumeCreate {
+            name: name("calm"),
+            size: 1 << 20,
+            labels: Labels::new(),
+            source: None,
+        });
         assert_eq!(status(&r), Status::Ok);
         let h = open(&mut c, "calm");
         Self { c, h, n: 0 }
@@ -105,7 +110,12 @@ fn hostile_input_never_hurts_others() {
 
     // A bad payload CRC: Checksum for that request, and the connection stays usable.
     let mut c = RawClient::hello(addr, "crc", "sesame");
-    let r = c.call(Request::VolumeCreate { name: name("scratch"), size: 1 << 20, labels: Labels::new() });
+    let r = c.call(Request::VolumeCreate {
+        name: name("scratch"),
+        size: 1 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::Ok);
     let hd = open(&mut c, "scratch");
     let mut frame = Request::Write { handle: hd, offset: 0, data: Bytes::from_static(b"abcd"), fua: false }
@@ -158,7 +168,8 @@ fn hostile_input_never_hurts_others() {
     c.send_bytes(&unknown.encode()).unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
-    let r = c.call(Request::VolumeCreate { name: name("odd"), size: 1000, labels: Labels::new() });
+    let r =
+        c.call(Request::VolumeCreate { name: name("odd"), size: 1000, labels: Labels::new(), source: None });
     assert_eq!(status(&r), Status::InvalidArgument);
     by.round();
 
@@ -196,7 +207,12 @@ fn pipelined_out_of_order_and_fencing() {
     let (addr, _dir, _t) = start(None);
     let mut a = RawClient::hello(addr, "node-a", "");
     assert_eq!(
-        status(&a.call(Request::VolumeCreate { name: name("v"), size: 4 << 20, labels: Labels::new() })),
+        status(&a.call(Request::VolumeCreate {
+            name: name("v"),
+            size: 4 << 20,
+            labels: Labels::new(),
+            source: None
+        })),
         Status::Ok
     );
     let ha = open(&mut a, "v");
@@ -303,7 +319,8 @@ fn takeover_fences_writes_already_in_flight() {
     use std::sync::Arc;
     let (addr, _dir, _t) = start(None);
     let mut a = RawClient::hello(addr, "node-a", "");
-    let r = a.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new() });
+    let r =
+        a.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new(), source: None });
     assert_eq!(status(&r), Status::Ok);
     let ha = open(&mut a, "v");
     const BLOCKS: u64 = 16;
@@ -376,7 +393,12 @@ fn reads_racing_writes_always_carry_a_matching_crc() {
     use std::sync::Arc;
     let (addr, _dir, _t) = start(None);
     let mut w = RawClient::hello(addr, "writer", "");
-    let r = w.call(Request::VolumeCreate { name: name("race"), size: 4 << 20, labels: Labels::new() });
+    let r = w.call(Request::VolumeCreate {
+        name: name("race"),
+        size: 4 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::Ok);
     let hw = open(&mut w, "race");
     let stop = Arc::new(AtomicBool::new(false));
@@ -428,7 +450,12 @@ fn a_reconnect_retires_the_old_connection_of_its_slot() {
         c
     };
     let mut old = connect(0);
-    let r = old.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new() });
+    let r = old.call(Request::VolumeCreate {
+        name: name("v"),
+        size: 1 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::Ok);
     let h_old = open(&mut old, "v");
     let mut other_slot = connect(1);

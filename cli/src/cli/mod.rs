@@ -65,6 +65,9 @@ pub enum Command {
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Point-in-time snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Nodes and their credentials.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -112,12 +115,19 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
-    /// Create a block volume (thin-provisioned).
+    /// Create a block volume (thin-provisioned), empty or from a snapshot or a volume.
     Create {
         name: VolumeName,
-        /// Size, e.g. 64MiB, 1G (a multiple of 4 KiB).
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size, e.g. 64MiB, 1G (a multiple of 4 KiB). With --from-snapshot or --from-volume it
+        /// defaults to the source's size, and may not be smaller.
+        #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_volume"])]
+        size: Option<u64>,
+        /// Start with the content of this snapshot (it must be ready).
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<VolumeName>,
+        /// Start as a clone of this volume: its content at this moment (it may stay in use).
+        #[arg(long)]
+        from_volume: Option<VolumeName>,
     },
     /// List volumes.
     List {
@@ -144,6 +154,39 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Cut a point-in-time snapshot of a volume (it may stay in use meanwhile).
+    Create {
+        name: VolumeName,
+        /// The volume to snapshot.
+        #[arg(long)]
+        volume: VolumeName,
+        /// Return only once the snapshot is ready (where the server copies rather than reflinks,
+        /// that is when its background copy is done), showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    List {
+        /// Only this volume's.
+        #[arg(long)]
+        volume: Option<VolumeName>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot.
+    Stat {
+        name: VolumeName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (volumes made from it are not affected).
+    Delete { name: VolumeName },
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +284,7 @@ impl Global {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume_cmd::run(&cli.global, cmd).await,
+        Command::Snapshot(cmd) => volume_cmd::snapshot(&cli.global, cmd).await,
         Command::Tls(TlsCmd::Generate { dir, names, client }) => {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let g = ferrovol_proto::tls::generate(&dir, &names, &client)?;

@@ -1,8 +1,103 @@
-//! `ferrovol volume ...`
+//! `ferrovol volume ...` and `ferrovol snapshot ...`
 
-use ferrovol_proto::{format_size, VolumeInfo};
+use ferrovol_proto::{format_size, Labels, SnapshotInfo, VolumeInfo, VolumeSource};
 
-use super::{Global, VolumeCmd};
+use super::{Global, SnapshotCmd, VolumeCmd};
+
+fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": s.name.as_str(),
+        "source": s.source.as_str(),
+        "size": s.size,
+        "allocated": s.allocated,
+        "created_unix_ms": s.created_unix_ms,
+        "ready": s.ready,
+        "copied_bytes": s.copied_bytes,
+        "labels": s.labels,
+    })
+}
+
+fn progress(s: &SnapshotInfo) -> String {
+    if s.ready {
+        "ready".into()
+    } else {
+        format!("copying {}%", s.copied_bytes * 100 / s.size.max(1))
+    }
+}
+
+pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    let session = global.connect(1).await?;
+    match cmd {
+        SnapshotCmd::Create { name, volume, wait, json } => {
+            let mut s = session.create_snapshot(&name, &volume, Labels::new()).await?;
+            let started = std::time::Instant::now();
+            while wait && !s.ready {
+                if !json {
+                    eprint!("\rsnapshot {name}: {}", progress(&s));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                s = match session.stat_snapshot(&name).await {
+                    Ok(s) => s,
+                    Err(e) if e.status() == Some(ferrovol_proto::Status::NotFound) => anyhow::bail!(
+                        "snapshot {name} is gone: its copy failed (the server's log says why) or it was deleted"
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot_json(&s))?);
+            } else {
+                if wait && started.elapsed().as_millis() > 200 {
+                    eprintln!();
+                }
+                println!(
+                    "created snapshot {} of volume {} ({}, {})",
+                    s.name,
+                    s.source,
+                    format_size(s.size),
+                    progress(&s)
+                );
+            }
+        }
+        SnapshotCmd::List { volume, json } => {
+            let snaps = session.list_snapshots(volume.as_ref()).await?;
+            if json {
+                let all: Vec<_> = snaps.iter().map(snapshot_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<32} {:<32} {:>12} {:>12}  STATE", "NAME", "VOLUME", "SIZE", "ALLOCATED");
+                for s in snaps {
+                    println!(
+                        "{:<32} {:<32} {:>12} {:>12}  {}",
+                        s.name.as_str(),
+                        s.source.as_str(),
+                        format_size(s.size),
+                        format_size(s.allocated),
+                        progress(&s)
+                    );
+                }
+            }
+        }
+        SnapshotCmd::Stat { name, json } => {
+            let s = session.stat_snapshot(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot_json(&s))?);
+            } else {
+                println!("name:       {}", s.name);
+                println!("volume:     {}", s.source);
+                println!("size:       {} ({} bytes)", format_size(s.size), s.size);
+                println!("allocated:  {} ({} bytes)", format_size(s.allocated), s.allocated);
+                println!("state:      {}", progress(&s));
+                println!("created:    {} ms since the epoch", s.created_unix_ms);
+            }
+        }
+        SnapshotCmd::Delete { name } => {
+            session.delete_snapshot(&name).await?;
+            println!("deleted snapshot {name}");
+        }
+    }
+    Ok(())
+}
 
 fn json(v: &VolumeInfo) -> serde_json::Value {
     serde_json::json!({
@@ -20,9 +115,19 @@ fn json(v: &VolumeInfo) -> serde_json::Value {
 pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
     let session = global.connect(1).await?;
     match cmd {
-        VolumeCmd::Create { name, size } => {
-            let v = session.create_volume(&name, size).await?;
-            println!("created volume {} ({})", v.name, format_size(v.size));
+        VolumeCmd::Create { name, size, from_snapshot, from_volume } => {
+            let source = match (from_snapshot, from_volume) {
+                (Some(s), _) => Some(VolumeSource::Snapshot(s)),
+                (None, Some(v)) => Some(VolumeSource::Volume(v)),
+                (None, None) => None,
+            };
+            let from = match &source {
+                Some(VolumeSource::Snapshot(s)) => format!(" from snapshot {s}"),
+                Some(VolumeSource::Volume(v)) => format!(" as a clone of volume {v}"),
+                None => String::new(),
+            };
+            let v = session.create_volume_from(&name, size.unwrap_or(0), Labels::new(), source).await?;
+            println!("created volume {} ({}){from}", v.name, format_size(v.size));
         }
         VolumeCmd::List { json: as_json } => {
             let vols = session.list_volumes().await?;

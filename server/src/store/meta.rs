@@ -39,6 +39,44 @@ pub struct VolumeMeta {
     pub labels: ferrovol_proto::Labels,
 }
 
+/// `DIR/snapshots/NAME/meta.json`: a snapshot's facts; its image is `DIR/snapshots/NAME/data`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMeta {
+    pub version: u32,
+    pub name: String,
+    /// The volume it is an image of.
+    pub source: String,
+    pub size: u64,
+    pub created_unix_ms: u64,
+    /// The image is complete and durable. A snapshot found not ready at startup is an interrupted
+    /// copy, and is removed.
+    pub ready: bool,
+    /// "reflink" or "copy".
+    pub method: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: ferrovol_proto::Labels,
+}
+
+pub fn write_snapshot_meta(dir: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
+    replace_file(&dir.join(META_FILE), &json)
+}
+
+pub fn read_snapshot_meta(dir: &Path) -> Result<SnapshotMeta, String> {
+    let path = dir.join(META_FILE);
+    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() > 64 << 10 {
+        return Err(format!("{}: {} bytes is too large for a metadata file", path.display(), bytes.len()));
+    }
+    let meta: SnapshotMeta = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not valid snapshot metadata: {e}", path.display()))?;
+    if meta.version != 1 {
+        return Err(format!("{}: metadata version {} is not supported", path.display(), meta.version));
+    }
+    Ok(meta)
+}
+
 /// Nodes known to this server (NODE_REGISTER, or enrolled by HELLO with the join token).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodesFile {

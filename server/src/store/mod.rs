@@ -6,10 +6,13 @@
 //! DIR/volumes/NAME/meta.json   VolumeMeta, replaced atomically
 //! DIR/volumes/.creating-NAME   a create in progress (removed at startup)
 //! DIR/volumes/.deleting-NAME-N a delete in progress (removed at startup)
+//! DIR/snapshots/...            snapshots (see `snapshot`)
 //! ```
 //! Names are validated `VolumeName`s, so they are always a single safe path component.
 
+mod copy;
 pub mod meta;
+mod snapshot;
 pub mod volume;
 
 use std::collections::BTreeMap;
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrovol_proto::limits::{LIST_ENTRIES_MAX, VOLUME_SIZE_ALIGN, VOLUME_SIZE_MAX};
-use ferrovol_proto::{Labels, NodeId, VolumeInfo, VolumeName};
+use ferrovol_proto::{Labels, NodeId, VolumeInfo, VolumeName, VolumeSource};
 use tracing::{error, info, warn};
 
 use self::meta::*;
@@ -38,6 +41,11 @@ pub struct Store {
     /// operations, never across I/O: creates and deletes reserve the name, do their I/O unlocked and
     /// come back to publish the result.
     volumes: Mutex<Volumes>,
+    snapshots_dir: PathBuf,
+    /// Shared with the background copies, which publish or remove their snapshot when done.
+    snapshots: Arc<Mutex<snapshot::Snapshots>>,
+    /// Pace of background copies, bytes/s (0 = unlimited).
+    copy_rate: Arc<std::sync::atomic::AtomicU64>,
     /// `DIR/ferrovol.lock`, flock'ed for the store's life: one server per data dir.
     _lock: File,
 }
@@ -209,6 +217,8 @@ impl Store {
                 }
             }
         }
+        let snapshots_dir = root.join("snapshots");
+        let snapshots = snapshot::load(&snapshots_dir)?;
         let nodes_path = root.join(NODES_FILE);
         let nodes = match fs::read(&nodes_path) {
             Ok(bytes) => {
@@ -219,15 +229,24 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(dir_err(&nodes_path, e)),
         };
-        info!(dir = %root.display(), volumes = volumes.len(), nodes = nodes.len(), server_id = %marker.server_id, "data dir open");
+        info!(dir = %root.display(), volumes = volumes.len(), snapshots = snapshots.len(), nodes = nodes.len(),
+            server_id = %marker.server_id, "data dir open");
         Ok(Self {
             root: root.to_owned(),
             volumes_dir,
             server_id: marker.server_id,
             volumes: Mutex::new(Volumes { map: volumes, busy: Default::default(), broken }),
+            snapshots_dir,
+            snapshots: Arc::new(Mutex::new(snapshots)),
+            copy_rate: Arc::default(),
             _lock: lock,
             nodes: Mutex::new(nodes),
         })
+    }
+
+    /// Paces the copies of snapshots and clones to `bytes_per_s` (0 = unlimited).
+    pub fn set_copy_rate(&self, bytes_per_s: u64) {
+        self.copy_rate.store(bytes_per_s, Ordering::Relaxed);
     }
 
     pub fn root(&self) -> &Path {
@@ -267,9 +286,18 @@ impl Store {
     }
 
     /// Creates a volume: built under a temporary name, then renamed into place, so a crash never leaves
-    /// a half-made volume under its real name.
-    pub fn create(&self, name: &VolumeName, size: u64, labels: &Labels) -> StoreResult<VolumeInfo> {
-        validate_size(size)?;
+    /// a half-made volume under its real name. With a `source` it starts as a copy of a snapshot or
+    /// (a clone) of a volume at this moment; `size` 0 then means the source's size.
+    pub fn create(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        labels: &Labels,
+        source: Option<&VolumeSource>,
+    ) -> StoreResult<VolumeInfo> {
+        if size != 0 || source.is_none() {
+            validate_size(size)?;
+        }
         ferrovol_proto::validate_labels(labels)?;
         let reserved = {
             let mut vols = self.lock();
@@ -282,7 +310,11 @@ impl Store {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp)?;
         let result = (|| -> StoreResult<VolumeMeta> {
-            let data = File::create(tmp.join(DATA_FILE))?;
+            let data = File::options().read(true).write(true).create_new(true).open(tmp.join(DATA_FILE))?;
+            let size = match source {
+                None => size,
+                Some(src) => self.fill_from(&data, name, size, src)?,
+            };
             data.set_len(size)?;
             data.sync_all()?;
             let meta = VolumeMeta {
@@ -313,8 +345,66 @@ impl Store {
         let info = vol.info();
         self.lock().map.insert(name.clone(), vol);
         drop(reserved);
-        info!(volume = %name, size, "volume created");
+        match source {
+            None => info!(volume = %name, size = info.size, "volume created"),
+            Some(src) => {
+                info!(volume = %name, size = info.size, source = ?src, "volume created from a source")
+            }
+        }
         Ok(info)
+    }
+
+    /// Fills a new volume's data file from `source` (a reflink where the filesystem can, else a
+    /// sparse copy); returns the volume's size: `size`, or the source's when `size` is 0.
+    fn fill_from(
+        &self,
+        data: &File,
+        name: &VolumeName,
+        size: u64,
+        source: &VolumeSource,
+    ) -> StoreResult<u64> {
+        let check = |source_size: u64| -> StoreResult<u64> {
+            match size {
+                0 => Ok(source_size),
+                s if s < source_size => Err(StoreError::TooSmall(format!(
+                    "volume {name}: size {s} is smaller than its source ({source_size} bytes); a volume made \
+                     from a snapshot or a volume is at least as large as it"
+                ))),
+                s => Ok(s),
+            }
+        };
+        match source {
+            VolumeSource::Snapshot(snap) => {
+                let (image, image_size) = self.snapshot_image(snap)?;
+                let size = check(image_size)?;
+                if !copy::reflink(data, &image)? {
+                    data.set_len(image_size)?;
+                    copy::CopyJob::new(data.try_clone()?, image_size).run(&image, &self.copy_rate).map_err(
+                        |e| StoreError::Io(std::io::Error::other(format!("copying snapshot {snap}: {e}"))),
+                    )?;
+                }
+                Ok(size)
+            }
+            VolumeSource::Volume(src) => {
+                let vol = self.get(src)?;
+                check(vol.size())?;
+                let source_size = match vol.snapshot_to(data)? {
+                    volume::PointInTime::Reflinked(s) => s,
+                    volume::PointInTime::Copying(job) => {
+                        let copied = data
+                            .set_len(job.size())
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| job.run(vol.data_file(), &self.copy_rate));
+                        vol.end_copy(&job);
+                        copied.map_err(|e| {
+                            StoreError::Io(std::io::Error::other(format!("cloning volume {src}: {e}")))
+                        })?;
+                        job.size()
+                    }
+                };
+                check(source_size)
+            }
+        }
     }
 
     /// Deletes a volume. Refused while any connection has it open, and while a node holds its writer
@@ -577,17 +667,20 @@ mod tests {
     fn create_list_resize_delete_persist() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("a"), 1 << 20, &Labels::new()).unwrap();
-        store.create(&name("b"), 8192, &Labels::new()).unwrap();
+        store.create(&name("a"), 1 << 20, &Labels::new(), None).unwrap();
+        store.create(&name("b"), 8192, &Labels::new(), None).unwrap();
         assert!(matches!(
-            store.create(&name("a"), 1 << 20, &Labels::new()),
+            store.create(&name("a"), 1 << 20, &Labels::new(), None),
             Err(StoreError::AlreadyExists(_))
         ));
         assert!(matches!(
-            store.create(&name("c"), 1000, &Labels::new()),
+            store.create(&name("c"), 1000, &Labels::new(), None),
             Err(StoreError::InvalidArgument(_))
         ));
-        assert!(matches!(store.create(&name("c"), 0, &Labels::new()), Err(StoreError::InvalidArgument(_))));
+        assert!(matches!(
+            store.create(&name("c"), 0, &Labels::new(), None),
+            Err(StoreError::InvalidArgument(_))
+        ));
         let (l, more) = store.list(None, 1);
         assert_eq!((l.len(), more, l[0].name.as_str()), (1, true, "a"));
         let (l, more) = store.list(Some(&name("a")), 10);
@@ -629,7 +722,7 @@ mod tests {
         assert!(matches!(store.node_stat(&a), Err(StoreError::NodeNotFound(_))));
         let t = store.node_register(&a).unwrap();
         assert_eq!(store.node_register(&a).unwrap(), t, "registering again keeps the first time");
-        store.create(&name("v"), 1 << 30, &Labels::new()).unwrap();
+        store.create(&name("v"), 1 << 30, &Labels::new(), None).unwrap();
         let st = store.stat().unwrap();
         assert_eq!((st.provisioned_bytes, st.volumes), (1 << 30, 1));
         assert!(st.total_bytes >= st.free_bytes && st.total_bytes > 0);
@@ -642,7 +735,7 @@ mod tests {
     fn fencing_and_ranges() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 8192, &Labels::new()).unwrap();
+        store.create(&name("v"), 8192, &Labels::new(), None).unwrap();
         let v = store.get(&name("v")).unwrap();
         let a = NodeId::try_from("a").unwrap();
         let b = NodeId::try_from("b").unwrap();
@@ -731,7 +824,7 @@ mod tests {
             })
             .unwrap();
         for i in 0..10 {
-            store.create(&name(&format!("thin{i}")), size, &Labels::new()).unwrap();
+            store.create(&name(&format!("thin{i}")), size, &Labels::new(), None).unwrap();
         }
         drop(store);
         fs::write(dir.path().join("volumes/thin3/meta.json"), b"{ not json").unwrap();
@@ -744,7 +837,7 @@ mod tests {
         let e = store.get(&name("thin3")).unwrap_err().to_string();
         assert!(e.contains("thin3") && e.contains("could not be loaded"), "{e}");
         assert!(matches!(
-            store.create(&name("thin3"), 4096, &Labels::new()),
+            store.create(&name("thin3"), 4096, &Labels::new(), None),
             Err(StoreError::AlreadyExists(_))
         ));
     }
@@ -753,7 +846,7 @@ mod tests {
     fn a_data_file_cut_short_fails_the_read_not_the_server() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 1 << 20, &Labels::new()).unwrap();
+        store.create(&name("v"), 1 << 20, &Labels::new(), None).unwrap();
         let v = store.get(&name("v")).unwrap();
         v.write(0, &[7u8; 8192]).unwrap();
         // Truncated behind the server's back (a mapping would SIGBUS here).

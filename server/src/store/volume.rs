@@ -5,12 +5,13 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::{NodeId, VolumeInfo, VolumeName};
 
+use super::copy::{reflink, CopyJob};
 use super::meta::{write_meta, VolumeMeta};
 use crate::error::{StoreError, StoreResult};
 
@@ -39,6 +40,20 @@ pub struct Volume {
     deleting: std::sync::atomic::AtomicBool,
     /// Recent fdatasync time (ns, moving average): decides whether a FLUSH runs inline.
     flush_ns: AtomicU64,
+    /// Point-in-time copies in progress (snapshots and clones that could not be reflinked): every
+    /// change first preserves the old content for them (see `copy`). `copying` is their count, the
+    /// write path's one atomic load while there are none.
+    copies: RwLock<Vec<Arc<CopyJob>>>,
+    copying: AtomicUsize,
+}
+
+/// How [`Volume::snapshot_to`] made its point-in-time copy.
+#[derive(Debug)]
+pub(crate) enum PointInTime {
+    /// Reflinked: complete, of this size.
+    Reflinked(u64),
+    /// Registered copy-before-write job: run it, then `end_copy` it.
+    Copying(Arc<CopyJob>),
 }
 
 /// A volume's writer attachment, as published to the data path (see `Volume::fence`).
@@ -146,7 +161,50 @@ impl Volume {
             deleting: std::sync::atomic::AtomicBool::new(false),
             // Starts just above the limit: the first flushes go to the pool and are measured.
             flush_ns: AtomicU64::new(2 * INLINE_FLUSH_NS),
+            copies: RwLock::new(Vec::new()),
+            copying: AtomicUsize::new(0),
         })
+    }
+
+    /// Makes `dst` a point-in-time copy of the volume, at one moment while no write is under way
+    /// (the fence held exclusively): a reflink, complete at once, where the filesystem can;
+    /// otherwise a copy-before-write job registered at that moment, for the caller to run.
+    pub(crate) fn snapshot_to(&self, dst: &File) -> StoreResult<PointInTime> {
+        let _no_writes = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        let size = self.size();
+        if reflink(dst, &self.file).map_err(io_err)? {
+            return Ok(PointInTime::Reflinked(size));
+        }
+        let job = Arc::new(CopyJob::new(dst.try_clone().map_err(io_err)?, size));
+        self.copies.write().unwrap_or_else(|p| p.into_inner()).push(job.clone());
+        self.copying.fetch_add(1, Ordering::AcqRel);
+        Ok(PointInTime::Copying(job))
+    }
+
+    /// A copy job of [`Volume::snapshot_to`] is over (done, failed or stopped): writes no longer
+    /// preserve for it.
+    pub(crate) fn end_copy(&self, job: &Arc<CopyJob>) {
+        let mut copies = self.copies.write().unwrap_or_else(|p| p.into_inner());
+        let before = copies.len();
+        copies.retain(|j| !Arc::ptr_eq(j, job));
+        if copies.len() < before {
+            self.copying.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The data file, for a copy job's reads.
+    pub(crate) fn data_file(&self) -> &File {
+        &self.file
+    }
+
+    /// Before `[offset, offset + len)` changes: lets every copy in progress save the old content.
+    fn preserve(&self, offset: u64, len: u64) {
+        if self.copying.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for job in self.copies.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            job.preserve(&self.file, offset, len);
+        }
     }
 
     pub fn name(&self) -> &VolumeName {
@@ -298,6 +356,7 @@ impl Volume {
     /// Writes into the page cache (pwrite: the one copy of a write on the server).
     pub fn write(&self, offset: u64, data: &[u8]) -> StoreResult<()> {
         self.check_range(offset, data.len() as u64)?;
+        self.preserve(offset, data.len() as u64);
         self.file.write_all_at(data, offset).map_err(io_err)
     }
 
@@ -322,6 +381,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.preserve(offset, u64::from(len));
         fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, u64::from(len))
             .map_err(io_err)
     }
@@ -333,6 +393,7 @@ impl Volume {
             return Ok(());
         }
         let len64 = u64::from(len);
+        self.preserve(offset, len64);
         match fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len64) {
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(io_err(e)),

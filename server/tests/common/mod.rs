@@ -3,8 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -134,4 +136,38 @@ pub fn open(c: &mut RawClient, vol: &str) -> VolumeHandle {
         Ok(Reply::Opened { handle, .. }) => handle,
         other => panic!("open failed: {other:?}"),
     }
+}
+
+/// The real `ferrovol-server` binary on `dir`, listening on `listen`; returns once it listens.
+pub fn spawn_server(dir: &Path, listen: &str) -> (Child, SocketAddr) {
+    spawn_server_with(dir, listen, &[])
+}
+
+/// With extra command-line arguments.
+pub fn spawn_server_with(dir: &Path, listen: &str, extra: &[&std::ffi::OsStr]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+        .args(["--data", dir.to_str().unwrap(), "--listen", listen])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferrovol-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+    (child, addr.parse().unwrap())
+}
+
+/// Deterministic pseudo-random bytes (xorshift) for data checks.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
