@@ -74,7 +74,8 @@ fn snapshot_commands() {
     // Restore and clone: the size defaults to the source's, and may not be smaller.
     let out = ok(&ferrovol(&server, &["volume", "create", "restored", "--from-snapshot", "web-1"]));
     assert!(out.contains("16 MiB") && out.contains("from snapshot web-1"), "{out}");
-    let out = ok(&ferrovol(&server, &["volume", "create", "copy", "--from-volume", "web", "--size", "32MiB"]));
+    let out =
+        ok(&ferrovol(&server, &["volume", "create", "copy", "--from-volume", "web", "--size", "32MiB"]));
     assert!(out.contains("32 MiB") && out.contains("clone of volume web"), "{out}");
     fails(
         &ferrovol(&server, &["volume", "create", "tiny", "--from-snapshot", "web-1", "--size", "4MiB"]),

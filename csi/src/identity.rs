@@ -26,9 +26,8 @@ impl IdentityService {
     }
 }
 
-#[tonic::async_trait]
-impl Identity for IdentityService {
-    async fn get_plugin_info(
+impl IdentityService {
+    async fn get_plugin_info_inner(
         &self,
         _: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
@@ -39,7 +38,7 @@ impl Identity for IdentityService {
         }))
     }
 
-    async fn get_plugin_capabilities(
+    async fn get_plugin_capabilities_inner(
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
@@ -58,9 +57,7 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Ready when what this mode needs is there: the server for a controller, /dev/fuse and the
-    /// system tools for a node.
-    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+    async fn probe_inner(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         if matches!(self.config.mode, Mode::Node | Mode::All) {
             if !Path::new("/dev/fuse").exists() {
                 return Err(Status::failed_precondition("/dev/fuse is missing on this node"));
@@ -75,5 +72,26 @@ impl Identity for IdentityService {
             self.link.session().await?;
         }
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        request: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        crate::rpc::logged("GetPluginInfo", "", self.get_plugin_info_inner(request)).await
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        request: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        crate::rpc::logged("GetPluginCapabilities", "", self.get_plugin_capabilities_inner(request)).await
+    }
+
+    async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        crate::rpc::logged("Probe", "", self.probe_inner(request)).await
     }
 }

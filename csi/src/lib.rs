@@ -4,11 +4,14 @@
 //! filesystem. See `csi/README.md` for the flows and where each mount lives.
 
 pub mod controller;
+pub mod error;
 pub mod identity;
 mod locks;
 pub mod names;
 pub mod node;
+pub mod rpc;
 mod state;
+pub mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;

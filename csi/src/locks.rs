@@ -17,10 +17,10 @@ pub struct VolumeGuard {
 }
 
 impl VolumeLocks {
-    pub fn try_lock(&self, key: &str) -> Result<VolumeGuard, tonic::Status> {
+    pub fn try_lock(&self, key: &str) -> Result<VolumeGuard, crate::error::CsiError> {
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         if !busy.insert(key.to_owned()) {
-            return Err(tonic::Status::aborted(format!(
+            return Err(crate::error::CsiError::Aborted(format!(
                 "an operation on volume {key} is already in progress"
             )));
         }
@@ -42,7 +42,7 @@ mod tests {
     fn second_lock_is_aborted_until_the_first_is_dropped() {
         let locks = VolumeLocks::default();
         let g = locks.try_lock("a").unwrap();
-        assert_eq!(locks.try_lock("a").unwrap_err().code(), tonic::Code::Aborted);
+        assert!(matches!(locks.try_lock("a"), Err(crate::error::CsiError::Aborted(_))));
         assert!(locks.try_lock("b").is_ok());
         drop(g);
         assert!(locks.try_lock("a").is_ok());

@@ -27,6 +27,10 @@ pub struct Staged {
     pub loop_dev: Option<String>,
     /// NodePublish targets (bind mounts).
     pub targets: Vec<PathBuf>,
+    /// The target of a SINGLE_NODE_SINGLE_WRITER publish: while it is published, no other target
+    /// may be.
+    #[serde(default)]
+    pub exclusive_target: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +57,15 @@ impl StateDir {
 
     pub fn log(&self, id: &str) -> PathBuf {
         self.root.join("logs").join(format!("attach-{id}.log"))
+    }
+
+    /// How many volumes have a staging record (staged, or being staged or unstaged).
+    pub fn count(&self) -> usize {
+        fs::read_dir(self.root.join("volumes"))
+            .map(|d| {
+                d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()
+            })
+            .unwrap_or(0)
     }
 
     pub fn load(&self, id: &str) -> std::io::Result<Option<Staged>> {
@@ -104,6 +117,7 @@ mod tests {
             attach_pid: Some(7),
             loop_dev: None,
             targets: vec!["/t".into()],
+            exclusive_target: None,
         };
         s.save(&st).unwrap();
         assert_eq!(s.load("v").unwrap(), Some(st));

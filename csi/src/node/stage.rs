@@ -1,0 +1,289 @@
+//! NodeStageVolume and NodeUnstageVolume: the FUSE attach (a long-lived process of its own), the
+//! loop device, mkfs on first use, the mount at the staging path; and their reverse. Each step
+//! checks the kernel's state (mount table, loop devices) and the on-disk record before acting, so
+//! re-running after a crash of this plugin finishes or undoes exactly what was set up.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferrovol_client::host::{self, mount_at};
+use tracing::{info, warn};
+
+use super::sys::{is_mounted, pid_alive, unmount_now};
+use super::{Inner, ATTACH_SUBCOMMAND};
+use crate::error::{CsiError, CsiResult};
+use crate::state::Staged;
+use crate::validate::{Access, FsType};
+
+/// How long stage waits for the attach process to have the FUSE file ready.
+const ATTACH_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Inner {
+    /// Starts the attach process for `st` (unless its FUSE file is already served) and waits until
+    /// the file is ready. The process is in its own session, so it outlives this plugin.
+    fn ensure_attached(&self, st: &mut Staged) -> CsiResult<()> {
+        if let Some(m) = mount_at(&st.image) {
+            if m.fstype.starts_with("fuse") {
+                if std::fs::metadata(&st.image).is_err_and(|e| host::is_broken_mount_error(&e)) {
+                    return Err(CsiError::internal(format!(
+                        "the attach process of {} died (its FUSE file answers ENOTCONN); unstage and stage again",
+                        st.volume_id
+                    )));
+                }
+                return Ok(());
+            }
+            return Err(CsiError::internal(format!(
+                "{} is a {} mount, not ours",
+                st.image.display(),
+                m.fstype
+            )));
+        }
+        std::fs::write(&st.image, b"")
+            .map_err(|e| CsiError::step(&format!("cannot create {}", st.image.display()), e))?;
+        let log_path = self.state.log(&st.volume_id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| CsiError::step(&format!("cannot open {}", log_path.display()), e))?;
+        let c = &self.config;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(ATTACH_SUBCOMMAND)
+            .args(["--server", &c.server, "--node-id", c.node_id.as_str()])
+            .args(["--io-timeout-s", &c.io_timeout.as_secs().to_string()])
+            .args(["--volume", &st.volume_id])
+            .arg("--path")
+            .arg(&st.image)
+            .env("FERROVOL_TOKEN", &c.token)
+            .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
+            .env_remove("FERROVOL_TLS_CA")
+            .env_remove("FERROVOL_TLS_CERT")
+            .env_remove("FERROVOL_TLS_KEY")
+            .stderr(log);
+        if let Some(t) = &c.tls_files {
+            cmd.env("FERROVOL_TLS_CA", &t.ca);
+            if let Some((cert, key)) = &t.cert {
+                cmd.env("FERROVOL_TLS_CERT", cert).env("FERROVOL_TLS_KEY", key);
+            }
+        }
+        if st.read_only {
+            cmd.arg("--read-only");
+        } else if let Some(g) = st.generation {
+            cmd.args(["--generation", &g.to_string()]);
+        }
+        // Its own session: a restart (or kill -9) of this plugin does not take the FUSE file down.
+        match host::spawn_until_ready(&mut cmd, ATTACH_READY_TIMEOUT) {
+            Ok(mut child) => {
+                st.attach_pid = Some(child.id());
+                info!(volume = %st.volume_id, pid = child.id(), image = %st.image.display(), "attached");
+                // Reap it when it exits, so no zombie stays behind while this plugin runs.
+                std::thread::spawn(move || child.wait());
+                Ok(())
+            }
+            Err(e) => {
+                if mount_at(&st.image).is_some() {
+                    let _ = host::unmount(&st.image);
+                }
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                Err(CsiError::internal(format!("attach of {} failed: {e}: {tail}", st.volume_id)))
+            }
+        }
+    }
+
+    fn ensure_loop(&self, st: &mut Staged) -> CsiResult<String> {
+        if let Some(dev) = st.loop_dev.clone() {
+            if host::loops_of(&st.image).contains(&dev) {
+                return Ok(dev);
+            }
+        }
+        let dev = match host::loops_of(&st.image).into_iter().next() {
+            Some(dev) => dev,
+            None => host::loop_attach(&st.image, st.read_only).map_err(|e| CsiError::step("losetup", e))?,
+        };
+        st.loop_dev = Some(dev.clone());
+        Ok(dev)
+    }
+
+    /// mkfs only when the device holds nothing; then mount at the staging path.
+    fn ensure_mounted(&self, st: &Staged, dev: &str) -> CsiResult<()> {
+        if let Some(m) = mount_at(&st.staging_path) {
+            if m.source == dev {
+                return Ok(());
+            }
+            return Err(CsiError::AlreadyExists(format!(
+                "{} already has another mount ({} {})",
+                st.staging_path.display(),
+                m.fstype,
+                m.source
+            )));
+        }
+        let fs = FsType::parse(&st.fs_type).ok_or_else(|| {
+            CsiError::internal(format!("staging record of {} names fs {:?}", st.volume_id, st.fs_type))
+        })?;
+        let probe = Command::new("blkid")
+            .args(["-p", "-s", "TYPE", "-o", "value", dev])
+            .output()
+            .map_err(|e| CsiError::step("blkid", e))?;
+        match probe.status.code() {
+            Some(0) => {
+                let found = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
+                if found != fs.as_str() {
+                    return Err(CsiError::precondition(format!(
+                        "volume {} holds a {found} filesystem, not the requested {fs}; refusing to reformat it",
+                        st.volume_id
+                    )));
+                }
+            }
+            Some(2) => {
+                if st.read_only {
+                    return Err(CsiError::precondition(format!(
+                        "volume {} is blank and staged read-only: nothing to mount and no right to format",
+                        st.volume_id
+                    )));
+                }
+                let (mkfs, flags) = fs.mkfs();
+                host::run(Command::new(&mkfs).args(flags).arg(dev)).map_err(|e| CsiError::step(&mkfs, e))?;
+                info!(volume = %st.volume_id, fs = %fs, dev, "formatted (first use)");
+            }
+            _ => {
+                return Err(CsiError::step(
+                    &format!("blkid -p {dev}"),
+                    String::from_utf8_lossy(&probe.stderr).trim().to_owned(),
+                ))
+            }
+        }
+        std::fs::create_dir_all(&st.staging_path)
+            .map_err(|e| CsiError::step(&format!("cannot create {}", st.staging_path.display()), e))?;
+        let mut opts: Vec<String> = st.mount_flags.clone();
+        if st.read_only {
+            opts.push("ro".into());
+        }
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fs.as_str()]);
+        if !opts.is_empty() {
+            cmd.args(["-o", &opts.join(",")]);
+        }
+        host::run(cmd.arg(dev).arg(&st.staging_path)).map_err(|e| CsiError::step("mount", e))?;
+        Ok(())
+    }
+
+    /// Spec: "If the volume corresponding to the `volume_id` has already been staged to the
+    /// `staging_target_path`, and is identical to the specified `volume_capability` the Plugin MUST
+    /// reply 0 OK"; staged there incompatibly: ALREADY_EXISTS. Beyond the node's volume limit
+    /// (NodeGetInfo's `max_volumes_per_node`): RESOURCE_EXHAUSTED.
+    pub(super) fn stage(
+        &self,
+        id: &str,
+        staging: PathBuf,
+        access: Access,
+        read_only: bool,
+        generation: Option<u64>,
+    ) -> CsiResult<()> {
+        let mut st = match self.load(id)? {
+            Some(st) => {
+                let same = st.staging_path == staging
+                    && st.block == access.block
+                    && (st.block || st.fs_type == access.fs_type.as_str())
+                    && st.read_only == read_only;
+                if !same {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "volume {id} is already staged at {} ({}, read_only {}), incompatible with this request",
+                        st.staging_path.display(),
+                        if st.block { "block" } else { st.fs_type.as_str() },
+                        st.read_only
+                    )));
+                }
+                st
+            }
+            None => {
+                let limit = self.volume_limit;
+                let staged = self.state.count();
+                if limit > 0 && staged >= usize::try_from(limit).unwrap_or(usize::MAX) {
+                    return Err(CsiError::ResourceExhausted(format!(
+                        "node {} already has {staged} volumes staged, its limit (--max-volumes-per-node {limit}); \
+                         unstage one first",
+                        self.config.node_id
+                    )));
+                }
+                Staged {
+                    volume_id: id.to_owned(),
+                    staging_path: staging,
+                    block: access.block,
+                    fs_type: access.fs_type.as_str().to_owned(),
+                    mount_flags: access.mount_flags.clone(),
+                    read_only,
+                    generation,
+                    image: self.state.image(id),
+                    attach_pid: None,
+                    loop_dev: None,
+                    targets: vec![],
+                    exclusive_target: None,
+                }
+            }
+        };
+        // Record the intent first: a crash from here on leaves a record unstage can follow.
+        self.save(&st)?;
+        self.ensure_attached(&mut st)?;
+        self.save(&st)?;
+        let dev = self.ensure_loop(&mut st)?;
+        self.save(&st)?;
+        if !st.block {
+            self.ensure_mounted(&st, &dev)?;
+        }
+        info!(volume = id, staging = %st.staging_path.display(), dev, "staged");
+        Ok(())
+    }
+
+    /// Spec: "If the volume corresponding to the `volume_id` is not staged to the
+    /// `staging_target_path`, the Plugin MUST reply 0 OK." Never deletes through a live mount.
+    pub(super) fn unstage(&self, id: &str, staging: &Path) -> CsiResult<()> {
+        let st = self.load(id)?;
+        if let Some(st) = &st {
+            if let Some(t) = st.targets.iter().find(|t| is_mounted(t)) {
+                return Err(CsiError::precondition(format!(
+                    "volume {id} is still published at {}; unpublish it first",
+                    t.display()
+                )));
+            }
+        }
+        // 1. The staging mount (also when broken: ENOTCONN/EIO means mounted).
+        if is_mounted(staging) {
+            unmount_now(staging)?;
+        }
+        let Some(st) = st else {
+            return Ok(()); // nothing else of ours (already unstaged, or never staged here)
+        };
+        // 2. The loop device, once nothing has it mounted.
+        // Found by backing file, not by the record: a recorded device may since back something else.
+        for dev in &host::loops_of(&st.image) {
+            if let Some(mp) = host::mounts_of(dev).first() {
+                return Err(CsiError::precondition(format!("{dev} is still mounted at {}", mp.display())));
+            }
+            host::loop_release(dev).map_err(|e| CsiError::step("losetup -d", e))?;
+        }
+        // 3. The FUSE file; its attach process exits when it is unmounted.
+        if is_mounted(&st.image) {
+            unmount_now(&st.image)?;
+        }
+        if let Some(pid) = st.attach_pid {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_alive(pid) {
+                warn!(volume = id, pid, "attach process still running after its unmount");
+            }
+        }
+        // 4. Our own files, now that nothing is mounted on them.
+        if !is_mounted(&st.image) {
+            let _ = std::fs::remove_file(&st.image);
+            let _ = std::fs::remove_file(self.state.log(id));
+        }
+        self.state.remove(id).map_err(|e| CsiError::step("cannot remove the staging record", e))?;
+        info!(volume = id, staging = %staging.display(), "unstaged");
+        Ok(())
+    }
+}
