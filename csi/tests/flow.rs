@@ -3,244 +3,20 @@
 //! (privileged: root, /dev/fuse, losetup; without them FERROVOL-SKIPPED, a failure under CI).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use ferrovol_client::{ConnectOptions, Session};
-use ferrovol_proto::csi::controller_client::ControllerClient;
-use ferrovol_proto::csi::identity_client::IdentityClient;
-use ferrovol_proto::csi::node_client::NodeClient;
 use ferrovol_proto::csi::volume_capability::access_mode::Mode;
-use ferrovol_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use ferrovol_proto::csi::*;
 use ferrovol_server::testing::{privileged, TestServer};
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
-
-/// One ferrovol-csi process and gRPC clients on its socket.
-struct Plugin {
-    child: Option<Child>,
-    socket: PathBuf,
-    token: String,
-    args: Vec<String>,
-    identity: IdentityClient<Channel>,
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-}
-
-async fn connect(socket: &Path) -> Channel {
-    let path = socket.to_owned();
-    Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
-}
-
-impl Plugin {
-    async fn start(dir: &Path, server: &str, node_id: &str, mode: &str) -> Plugin {
-        Self::start_with_token(dir, server, node_id, mode, "tok", &format!("state-{node_id}")).await
-    }
-
-    /// With `token` as FERROVOL_TOKEN and `state` (under `dir`) as its state dir.
-    async fn start_with_token(
-        dir: &Path,
-        server: &str,
-        node_id: &str,
-        mode: &str,
-        token: &str,
-        state: &str,
-    ) -> Plugin {
-        let socket = dir.join(format!("csi-{node_id}-{mode}-{state}.sock"));
-        let args = vec![
-            "--endpoint".into(),
-            format!("unix://{}", socket.display()),
-            "--node-id".into(),
-            node_id.into(),
-            "--mode".into(),
-            mode.into(),
-            "--server".into(),
-            server.into(),
-            "--state-dir".into(),
-            dir.join(state).display().to_string(),
-            "--io-timeout-s".into(),
-            "10".into(),
-        ];
-        Self::spawn(socket, args, token.to_owned()).await
-    }
-
-    async fn spawn(socket: PathBuf, args: Vec<String>, token: String) -> Plugin {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-csi"))
-            .args(&args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("FERROVOL_TOKEN", &token)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::UnixStream::connect(&socket).await.is_err() {
-            assert!(Instant::now() < deadline, "ferrovol-csi did not listen on {}", socket.display());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let ch = connect(&socket).await;
-        Plugin {
-            child: Some(child),
-            socket,
-            token,
-            args,
-            identity: IdentityClient::new(ch.clone()),
-            controller: ControllerClient::new(ch.clone()),
-            node: NodeClient::new(ch),
-        }
-    }
-
-    /// NodeUnpublish of `target`, then NodeUnstage of `staging`; both must succeed.
-    async fn unpublish_unstage(&mut self, id: &str, target: &Path, staging: &Path) {
-        self.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await
-            .unwrap();
-        self.node
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// kill -9 and start again with the same arguments.
-    async fn restart_hard(mut self) -> Plugin {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        Self::spawn(self.socket.clone(), std::mem::take(&mut self.args), std::mem::take(&mut self.token))
-            .await
-    }
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Dropped before the temp dir: takes down whatever a failed test left mounted under it (deepest
-/// first), its loop devices and attach processes, so the temp dir's removal never walks into a live
-/// mount.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let root = self.0.to_string_lossy().into_owned();
-        let mounts = || -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-                .filter(|m| m.starts_with(&root))
-                .collect();
-            v.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            v
-        };
-        for _ in 0..3 {
-            for m in mounts() {
-                let _ = Command::new("umount").arg(&m).output();
-            }
-            if let Ok(out) = Command::new("losetup").arg("-a").output() {
-                for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&root)) {
-                    if let Some(dev) = line.split(':').next() {
-                        let _ = ferrovol_client::host::loop_release(dev);
-                    }
-                }
-            }
-        }
-        let _ = Command::new("pkill").args(["-f", &format!("__attach .*{root}")]).output();
-        if !mounts().is_empty() {
-            // Leave the directory behind rather than delete through a mount.
-            eprintln!("mounts left under {root}: {:?}", mounts());
-            std::process::abort();
-        }
-    }
-}
-
-fn cap(block: bool, mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(if block {
-            AccessType::Block(BlockVolume {})
-        } else {
-            AccessType::Mount(MountVolume {
-                fs_type: "ext4".into(),
-                mount_flags: vec!["noatime".into()],
-                ..Default::default()
-            })
-        }),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
-}
-
-fn create_req(name: &str, bytes: i64, block: bool) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
-        volume_capabilities: vec![cap(block, Mode::SingleNodeWriter)],
-        parameters: HashMap::from([("fsType".into(), "ext4".into())]),
-        ..Default::default()
-    }
-}
-
-fn inv<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
-    match r {
-        Err(e) if e.code() == Code::InvalidArgument => {}
-        other => panic!("{what}: expected InvalidArgument, got {other:?}"),
-    }
-}
-
-fn is_mounted(path: &Path) -> bool {
-    ferrovol_client::host::mount_at(path).is_some()
-}
-
-/// kubelet's NodeStage (at `staging`) and NodePublish (at `target`) requests for `id`.
-fn node_reqs(
-    id: &str,
-    ctx: &HashMap<String, String>,
-    c: &VolumeCapability,
-    staging: &Path,
-    target: &Path,
-) -> (NodeStageVolumeRequest, NodePublishVolumeRequest) {
-    let stage = NodeStageVolumeRequest {
-        volume_id: id.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
-    let publish = NodePublishVolumeRequest {
-        volume_id: id.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(c.clone()),
-        ..Default::default()
-    };
-    (stage, publish)
-}
 
 /// Every RPC of the flow is sent twice: the second must succeed too and change nothing.
 async fn full_flow(p: &mut Plugin, dir: &Path, block: bool) {
@@ -420,236 +196,6 @@ async fn kubelet_order_mount_and_block() {
 
     full_flow(&mut p, dir.path(), false).await;
     full_flow(&mut p, dir.path(), true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_fields_and_bad_input_are_invalid_argument() {
-    if !privileged("missing_fields_and_bad_input_are_invalid_argument", &["losetup", "mkfs.ext4"]) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let _cleanup = Cleanup(dir.path().to_owned());
-    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
-    let mut p = Plugin::start(dir.path(), &server.addr.to_string(), "node-a", "all").await;
-    let c = Some(cap(false, Mode::SingleNodeWriter));
-    let ctl = &mut p.controller;
-    inv(
-        ctl.create_volume(CreateVolumeRequest { name: String::new(), ..create_req("x", 1 << 20, false) })
-            .await,
-        "create without name",
-    );
-    inv(
-        ctl.create_volume(CreateVolumeRequest {
-            volume_capabilities: vec![],
-            ..create_req("x", 1 << 20, false)
-        })
-        .await,
-        "create without capabilities",
-    );
-    inv(
-        ctl.create_volume(CreateVolumeRequest {
-            parameters: HashMap::from([("bogus".into(), "1".into())]),
-            ..create_req("x", 1 << 20, false)
-        })
-        .await,
-        "create with an unknown parameter",
-    );
-    inv(ctl.delete_volume(DeleteVolumeRequest::default()).await, "delete without id");
-    inv(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
-            node_id: "n".into(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "publish without volume",
-    );
-    inv(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: "v".into(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "publish without node",
-    );
-    inv(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: "v".into(),
-            node_id: "n".into(),
-            ..Default::default()
-        })
-        .await,
-        "publish without capability",
-    );
-    inv(
-        ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default()).await,
-        "unpublish without volume",
-    );
-    inv(
-        ctl.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
-            volume_id: "v".into(),
-            ..Default::default()
-        })
-        .await,
-        "validate without capabilities",
-    );
-    inv(
-        ctl.controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "v".into(),
-            ..Default::default()
-        })
-        .await,
-        "expand without range",
-    );
-    inv(
-        ctl.list_volumes(ListVolumesRequest { max_entries: -1, ..Default::default() }).await,
-        "negative max_entries",
-    );
-    assert_eq!(
-        ctl.list_volumes(ListVolumesRequest { starting_token: "Not A Token".into(), ..Default::default() })
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Aborted
-    );
-    let node = &mut p.node;
-    let staging = dir.path().join("s").display().to_string();
-    let target = dir.path().join("t").display().to_string();
-    inv(
-        node.node_stage_volume(NodeStageVolumeRequest {
-            staging_target_path: staging.clone(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "stage without volume",
-    );
-    inv(
-        node.node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "v".into(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "stage without path",
-    );
-    inv(
-        node.node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "v".into(),
-            staging_target_path: staging.clone(),
-            ..Default::default()
-        })
-        .await,
-        "stage without capability",
-    );
-    inv(
-        node.node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "v".into(),
-            staging_target_path: "relative/path".into(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "stage at a relative path",
-    );
-    inv(
-        node.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: "v".into(), ..Default::default() })
-            .await,
-        "unstage without path",
-    );
-    inv(
-        node.node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "v".into(),
-            staging_target_path: staging.clone(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await,
-        "publish without target",
-    );
-    inv(
-        node.node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "v".into(),
-            staging_target_path: staging.clone(),
-            target_path: target.clone(),
-            ..Default::default()
-        })
-        .await,
-        "publish without capability",
-    );
-    inv(
-        node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-            target_path: target.clone(),
-            ..Default::default()
-        })
-        .await,
-        "unpublish without volume",
-    );
-    inv(
-        node.node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: "v".into(), ..Default::default() })
-            .await,
-        "stats without path",
-    );
-    // Unknown volumes: NOT_FOUND; unknown things to undo: OK (idempotent).
-    let nf = node
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "no-such-volume".into(),
-            staging_target_path: staging.clone(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(nf.code(), Code::NotFound, "{nf:?}");
-    node.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: "no-such-volume".into(),
-        staging_target_path: staging.clone(),
-    })
-    .await
-    .unwrap();
-    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: "no-such-volume".into(),
-        target_path: target.clone(),
-    })
-    .await
-    .unwrap();
-    let ctl = &mut p.controller;
-    ctl.delete_volume(DeleteVolumeRequest { volume_id: "../../etc".into(), ..Default::default() })
-        .await
-        .unwrap();
-    assert_eq!(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: "no-such-volume".into(),
-            node_id: "n".into(),
-            volume_capability: c.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        Code::NotFound
-    );
-
-    // Pagination: 5 volumes in pages of 2.
-    for i in 0..5 {
-        ctl.create_volume(create_req(&format!("page-{i}"), 1 << 20, false)).await.unwrap();
-    }
-    let (mut seen, mut token) = (vec![], String::new());
-    loop {
-        let page = ctl
-            .list_volumes(ListVolumesRequest { max_entries: 2, starting_token: token })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.entries.len() <= 2);
-        seen.extend(page.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
-        if page.next_token.is_empty() {
-            break;
-        }
-        token = page.next_token;
-    }
-    assert_eq!(seen.len(), 5, "{seen:?}");
 }
 
 /// After ControllerPublish to node A for writing, node B can neither be published for writing nor
@@ -973,4 +519,311 @@ async fn controller_and_node_prove_who_they_are() {
         .await
         .unwrap();
     ctl.controller.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+}
+
+/// ControllerPublish, NodeStage and NodePublish of `id` on node-a, as kubelet does them.
+async fn attach_volume(
+    p: &mut Plugin,
+    dir: &Path,
+    id: &str,
+    block: bool,
+    mode: Mode,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let c = cap(block, mode);
+    let publish = ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: "node-a".into(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    let ctx = p.controller.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+    let staging = dir.join(format!("staging-{id}-{block}"));
+    let target = dir.join(format!("pods/{id}-{block}/target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let (stage, publish) = node_reqs(id, &ctx, &c, &staging, &target);
+    p.node.node_stage_volume(stage).await.unwrap();
+    p.node.node_publish_volume(publish).await.unwrap();
+    (staging, target)
+}
+
+/// The reverse of [`attach_volume`].
+async fn detach_volume(p: &mut Plugin, id: &str, staging: &Path, target: &Path) {
+    p.unpublish_unstage(id, target, staging).await;
+    let unpublish = ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    };
+    p.controller.controller_unpublish_volume(unpublish).await.unwrap();
+}
+
+async fn create_from(p: &mut Plugin, name: &str, block: bool, source: volume_content_source::Type) -> String {
+    let req = CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource { r#type: Some(source) }),
+        capacity_range: None,
+        ..create_req(name, 0, block)
+    };
+    let v = p.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    assert!(v.content_source.is_some());
+    v.volume_id
+}
+
+/// What a test wrote into a volume: a file in a mounted one, bytes at 8 MiB in a raw one.
+fn write_payload(target: &Path, block: bool, data: &[u8]) {
+    if block {
+        let mut f = std::fs::OpenOptions::new().write(true).open(target).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    } else {
+        std::fs::write(target.join("payload.bin"), data).unwrap();
+        std::fs::File::open(target.join("payload.bin")).unwrap().sync_all().unwrap();
+    }
+}
+
+fn read_payload(target: &Path, block: bool, len: usize) -> Vec<u8> {
+    if block {
+        let mut f = std::fs::File::open(target).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        let mut v = vec![0; len];
+        f.read_exact(&mut v).unwrap();
+        v
+    } else {
+        std::fs::read(target.join("payload.bin")).unwrap()
+    }
+}
+
+/// The snapshot the CO makes: CreateSnapshot, then again until it is ready to use.
+async fn snapshot_ready(p: &mut Plugin, name: &str, source: &str) -> String {
+    let req =
+        CreateSnapshotRequest { name: name.into(), source_volume_id: source.into(), ..Default::default() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = p.controller.create_snapshot(req.clone()).await.unwrap().into_inner().snapshot.unwrap();
+        if s.ready_to_use {
+            return s.snapshot_id;
+        }
+        assert!(Instant::now() < deadline, "snapshot {name} not ready after a minute");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Snapshot -> restore -> the data of the moment; clone -> the data of its moment; the source
+/// deleted -> the snapshot still restores; for mount and block. The mount volume is snapshotted
+/// while a writer keeps creating and fsyncing files in it, and the restored filesystem is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_and_clone_mount_and_block() {
+    if !privileged("snapshot_restore_and_clone_mount_and_block", &["losetup", "mkfs.ext4", "e2fsck"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let mut p = Plugin::start(dir.path(), &server.addr.to_string(), "node-a", "all").await;
+    p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    let w = Mode::SingleNodeWriter;
+    for block in [false, true] {
+        let kind = if block { "block" } else { "mount" };
+        let src = p
+            .controller
+            .create_volume(create_req(&format!("src-{kind}"), 64 << 20, block))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let (staging, target) = attach_volume(&mut p, dir.path(), &src, block, w).await;
+        let a: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+        let b: Vec<u8> = a.iter().map(|x| !x).collect();
+        write_payload(&target, block, &a);
+        // A writer keeps going while the snapshot is cut (mount: files, each written and fsynced).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = (!block).then(|| {
+            let (stop, target) = (stop.clone(), target.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) && n < 2000 {
+                    let f = target.join(format!("busy-{n}"));
+                    std::fs::write(&f, vec![n as u8; 64 << 10]).unwrap();
+                    std::fs::File::open(&f).unwrap().sync_all().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let snap = snapshot_ready(&mut p, &format!("snap-{kind}"), &src).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = writer {
+            assert!(w.join().unwrap() > 0);
+        }
+        write_payload(&target, block, &b);
+        detach_volume(&mut p, &src, &staging, &target).await;
+
+        // Restored: the content of the snapshot's moment.
+        let restored = create_from(
+            &mut p,
+            &format!("restored-{kind}"),
+            block,
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: snap.clone(),
+            }),
+        )
+        .await;
+        let (rs, rt) = attach_volume(&mut p, dir.path(), &restored, block, w).await;
+        assert!(
+            read_payload(&rt, block, a.len()) == a,
+            "{kind}: restored data differs from the snapshot's moment"
+        );
+        detach_volume(&mut p, &restored, &rs, &rt).await;
+        if !block {
+            // Crash-consistent: once mounted (the journal replayed) and unmounted, fsck finds nothing.
+            let (bs, bt) = attach_volume(&mut p, dir.path(), &restored, true, w).await;
+            let fsck = Command::new("e2fsck").args(["-fn"]).arg(&bt).output().unwrap();
+            assert!(
+                fsck.status.success(),
+                "fsck of the restored filesystem: {}",
+                String::from_utf8_lossy(&fsck.stdout)
+            );
+            detach_volume(&mut p, &restored, &bs, &bt).await;
+        }
+
+        // Cloned: the source's content now.
+        let clone = create_from(
+            &mut p,
+            &format!("clone-{kind}"),
+            block,
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: src.clone(),
+            }),
+        )
+        .await;
+        let (cs, ct) = attach_volume(&mut p, dir.path(), &clone, block, w).await;
+        assert!(read_payload(&ct, block, b.len()) == b, "{kind}: clone differs from its source");
+        detach_volume(&mut p, &clone, &cs, &ct).await;
+
+        // The source goes; the snapshot still restores.
+        p.controller
+            .delete_volume(DeleteVolumeRequest { volume_id: src.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        let again = create_from(
+            &mut p,
+            &format!("again-{kind}"),
+            block,
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: snap.clone(),
+            }),
+        )
+        .await;
+        let (gs, gt) = attach_volume(&mut p, dir.path(), &again, block, w).await;
+        assert!(
+            read_payload(&gt, block, a.len()) == a,
+            "{kind}: restore after the source was deleted differs"
+        );
+        detach_volume(&mut p, &again, &gs, &gt).await;
+        p.controller
+            .delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap, ..Default::default() })
+            .await
+            .unwrap();
+    }
+}
+
+/// SINGLE_NODE_SINGLE_WRITER: one target at a time (FAILED_PRECONDITION for a second);
+/// SINGLE_NODE_MULTI_WRITER: several. A volume grown before it was staged is expanded on the node
+/// without complaint. Beyond --max-volumes-per-node, staging is RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_modes_expand_before_stage_and_the_attach_limit() {
+    if !privileged("access_modes_expand_before_stage_and_the_attach_limit", &["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let mut p = Plugin::start_with_args(
+        dir.path(),
+        &server.addr.to_string(),
+        "node-a",
+        "all",
+        &["--max-volumes-per-node", "1"],
+    )
+    .await;
+    p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    for (mode, second_ok) in [(Mode::SingleNodeSingleWriter, false), (Mode::SingleNodeMultiWriter, true)] {
+        let id = p
+            .controller
+            .create_volume(create_req(&format!("mode-{}", mode as i32), 32 << 20, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        if mode == Mode::SingleNodeMultiWriter {
+            // Grown before it is staged: mkfs uses the new size, and NodeExpand later finds nothing to grow.
+            let range = CapacityRange { required_bytes: 48 << 20, limit_bytes: 0 };
+            p.controller
+                .controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    capacity_range: Some(range),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let (staging, target) = attach_volume(&mut p, dir.path(), &id, false, mode).await;
+        let c = cap(false, mode);
+        let second = dir.path().join(format!("pods/{id}-second/target"));
+        std::fs::create_dir_all(second.parent().unwrap()).unwrap();
+        let (_, publish2) = node_reqs(&id, &HashMap::new(), &c, &staging, &second);
+        let r = p.node.node_publish_volume(publish2).await;
+        if second_ok {
+            r.unwrap();
+            assert!(is_mounted(&second));
+            let expanded = p
+                .node
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    capacity_range: Some(CapacityRange { required_bytes: 48 << 20, limit_bytes: 0 }),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(c.clone()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(expanded.capacity_bytes, 48 << 20);
+            p.node
+                .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: second.display().to_string(),
+                })
+                .await
+                .unwrap();
+        } else {
+            assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+            assert!(!is_mounted(&second));
+            // The attach limit is 1: another volume cannot be staged while this one is.
+            let other = p
+                .controller
+                .create_volume(create_req("over-the-limit", 8 << 20, false))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id;
+            let oc = cap(false, Mode::SingleNodeWriter);
+            let os = dir.path().join("staging-over");
+            std::fs::create_dir_all(&os).unwrap();
+            let (stage, _) = node_reqs(&other, &HashMap::new(), &oc, &os, &dir.path().join("t-over"));
+            let e = p.node.node_stage_volume(stage).await.unwrap_err();
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("max-volumes-per-node"), "{e:?}");
+        }
+        detach_volume(&mut p, &id, &staging, &target).await;
+    }
 }
