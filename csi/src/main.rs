@@ -56,8 +56,9 @@ struct Cli {
     /// Seconds an attached volume's I/O waits for a lost server before failing with EIO.
     #[arg(long, default_value_t = 120)]
     io_timeout_s: u64,
-    /// Reported to Kubernetes as the most volumes this node takes (0: no limit of ours; each volume
-    /// uses one loop device, which the kernel creates on demand).
+    /// The most volumes this node stages at once, reported to Kubernetes in NodeGetInfo and
+    /// enforced (RESOURCE_EXHAUSTED beyond it). 0: the loop driver's fixed device count when it has
+    /// one, else 256 (each volume costs a loop device, an attach process and a FUSE connection).
     #[arg(long, default_value_t = 0)]
     max_volumes_per_node: i64,
     /// Log format (logs go to stderr; filter with RUST_LOG).
