@@ -46,6 +46,8 @@ pub struct Store {
     snapshots: Arc<Mutex<snapshot::Snapshots>>,
     /// Pace of background copies, bytes/s (0 = unlimited).
     copy_rate: Arc<std::sync::atomic::AtomicU64>,
+    /// Copies running (see `snapshot::COPY_JOBS_MAX`).
+    copy_jobs: Arc<std::sync::atomic::AtomicUsize>,
     /// `DIR/ferrovol.lock`, flock'ed for the store's life: one server per data dir.
     _lock: File,
 }
@@ -239,6 +241,7 @@ impl Store {
             snapshots_dir,
             snapshots: Arc::new(Mutex::new(snapshots)),
             copy_rate: Arc::default(),
+            copy_jobs: Arc::default(),
             _lock: lock,
             nodes: Mutex::new(nodes),
         })
@@ -373,15 +376,20 @@ impl Store {
                 s => Ok(s),
             }
         };
+        // Restores and clones copy within the request, so they are not paced (the caller waits),
+        // but they count against the copies running at once.
+        let _slot = snapshot::CopySlot::take(&self.copy_jobs)?;
         match source {
             VolumeSource::Snapshot(snap) => {
                 let (image, image_size) = self.snapshot_image(snap)?;
                 let size = check(image_size)?;
                 if !copy::reflink(data, &image)? {
                     data.set_len(image_size)?;
-                    copy::CopyJob::new(data.try_clone()?, image_size).run(&image, &self.copy_rate).map_err(
-                        |e| StoreError::Io(std::io::Error::other(format!("copying snapshot {snap}: {e}"))),
-                    )?;
+                    copy::CopyJob::new(data.try_clone()?, image_size)
+                        .run(&image, &std::sync::atomic::AtomicU64::new(0))
+                        .map_err(|e| {
+                            StoreError::Io(std::io::Error::other(format!("copying snapshot {snap}: {e}")))
+                        })?;
                 }
                 Ok(size)
             }
@@ -394,7 +402,7 @@ impl Store {
                         let copied = data
                             .set_len(job.size())
                             .map_err(|e| e.to_string())
-                            .and_then(|()| job.run(vol.data_file(), &self.copy_rate));
+                            .and_then(|()| job.run(vol.data_file(), &std::sync::atomic::AtomicU64::new(0)));
                         vol.end_copy(&job);
                         copied.map_err(|e| {
                             StoreError::Io(std::io::Error::other(format!("cloning volume {src}: {e}")))

@@ -101,7 +101,12 @@ impl Snapshots {
 /// Loads `dir` (created if missing) at startup: leftovers of interrupted creates and deletes, and
 /// snapshots whose copy never finished, are removed; unreadable ones are reported and skipped.
 pub(crate) fn load(dir: &Path) -> StoreResult<Snapshots> {
-    fs::create_dir_all(dir).map_err(|e| dir_err(dir, e))?;
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(|e| dir_err(dir, e))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent).map_err(|e| dir_err(parent, e))?;
+        }
+    }
     let mut out = Snapshots::default();
     for entry in fs::read_dir(dir).map_err(|e| dir_err(dir, e))? {
         let entry = entry.map_err(|e| dir_err(dir, e))?;
@@ -141,6 +146,35 @@ pub(crate) fn load(dir: &Path) -> StoreResult<Snapshots> {
         }
     }
     Ok(out)
+}
+
+/// Copies of snapshots and clones running at once, store-wide (each holds a thread, a bitmap of
+/// its volume's size and disk bandwidth); beyond it SNAPSHOT_CREATE and VOLUME_CREATE from a source
+/// get BUSY.
+pub const COPY_JOBS_MAX: usize = 16;
+
+/// One of the `COPY_JOBS_MAX` copy slots; freed on drop.
+#[derive(Debug)]
+pub(crate) struct CopySlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl CopySlot {
+    pub(crate) fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> StoreResult<Self> {
+        use std::sync::atomic::Ordering;
+        let n = count.fetch_add(1, Ordering::AcqRel);
+        if n >= COPY_JOBS_MAX {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return Err(StoreError::Busy(format!(
+                "{COPY_JOBS_MAX} snapshot or clone copies are already running; retry when one is done"
+            )));
+        }
+        Ok(Self(count.clone()))
+    }
+}
+
+impl Drop for CopySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A snapshot name reserved by a create or delete; released on drop.
@@ -200,6 +234,7 @@ impl Store {
             self.reserve_snapshot(&mut snaps, name)?
         };
         let vol = self.get(source)?;
+        let slot = CopySlot::take(&self.copy_jobs)?;
         let tmp = self.snapshots_dir.join(format!(".creating-{name}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(io_err)?;
@@ -231,6 +266,7 @@ impl Store {
             labels: labels.clone(),
         };
         let final_dir = self.snapshots_dir.join(name.as_str());
+        let mut renamed = false;
         let published = (|| -> StoreResult<()> {
             data.set_len(size)?;
             if job.is_none() {
@@ -238,6 +274,7 @@ impl Store {
             }
             write_snapshot_meta(&tmp, &meta)?;
             fs::rename(&tmp, &final_dir)?;
+            renamed = true;
             sync_dir(&self.snapshots_dir)?;
             Ok(())
         })();
@@ -246,7 +283,7 @@ impl Store {
                 job.stop("the snapshot could not be created");
                 vol.end_copy(job);
             }
-            let _ = fs::remove_dir_all(&tmp);
+            let _ = fs::remove_dir_all(if renamed { &final_dir } else { &tmp });
             return Err(e);
         }
         let snap = Arc::new(Snapshot {
@@ -266,10 +303,19 @@ impl Store {
                 info!(snapshot = %name, volume = %source, size, "snapshot cut; copying in the background");
                 let snaps = self.snapshots.clone();
                 let rate = self.copy_rate.clone();
-                let thread = std::thread::Builder::new()
-                    .name(format!("ferrovol-snap-{name}"))
-                    .spawn(move || finish_copy(&snaps, &snap, &vol, &job, &rate, started));
+                let (snap2, vol2, job2) = (snap.clone(), vol.clone(), job.clone());
+                let thread =
+                    std::thread::Builder::new().name(format!("ferrovol-snap-{name}")).spawn(move || {
+                        let _slot = slot;
+                        finish_copy(&snaps, &snap2, &vol2, &job2, &rate, started)
+                    });
                 if let Err(e) = thread {
+                    // Undo all of it: a job left registered would tax every write from now on.
+                    job.stop("its copy thread could not be started");
+                    vol.end_copy(&job);
+                    snap.lock().gone = true;
+                    self.snaps().map.remove(name);
+                    let _ = fs::remove_dir_all(&snap.dir);
                     return Err(StoreError::Io(e));
                 }
             }
@@ -278,7 +324,8 @@ impl Store {
     }
 
     pub fn snapshot_stat(&self, name: &VolumeName) -> StoreResult<SnapshotInfo> {
-        Ok(self.snaps().get(name)?.info())
+        let snap = self.snaps().get(name)?;
+        Ok(snap.info())
     }
 
     /// Snapshots in name order strictly after `start_after`, only `source`'s when given.
@@ -322,7 +369,7 @@ impl Store {
             let r = self.reserve_snapshot(&mut snaps, name)?;
             (snap, r)
         };
-        {
+        let copying = {
             let mut st = snap.lock();
             if st.gone {
                 return Err(StoreError::SnapshotNotFound(name.to_string()));
@@ -331,14 +378,23 @@ impl Store {
             if let Some(job) = &st.job {
                 job.stop("the snapshot was deleted");
             }
-        }
+            st.job.is_some()
+        };
         let doomed = self.snapshots_dir.join(format!(".deleting-{name}-{}", now_unix_ms()));
         if let Err(e) = fs::rename(&snap.dir, &doomed) {
-            snap.lock().gone = false;
+            if copying {
+                // Its copy is stopped for good: it is gone from the API, and startup removes its
+                // not-ready files.
+                self.snaps().map.remove(name);
+            } else {
+                snap.lock().gone = false;
+            }
             return Err(io_err(e));
         }
-        sync_dir(&self.snapshots_dir).map_err(io_err)?;
         self.snaps().map.remove(name);
+        if let Err(e) = sync_dir(&self.snapshots_dir) {
+            warn!(snapshot = %name, error = %e, "syncing the snapshots dir after a delete failed");
+        }
         drop(reserved);
         if let Err(e) = fs::remove_dir_all(&doomed) {
             warn!(path = %doomed.display(), error = %e, "could not remove deleted snapshot; startup will retry");
@@ -379,24 +435,31 @@ fn finish_copy(
 ) {
     let copied = job.run(vol.data_file(), rate);
     vol.end_copy(job);
+    let next = {
+        let st = snap.lock();
+        if st.gone {
+            return;
+        }
+        let mut next = st.meta.clone();
+        next.ready = true;
+        next
+    };
+    // The metadata is written (two fsyncs) without the snapshot's lock, so stats and lists never
+    // wait on them; a delete meanwhile is seen below.
+    let recorded = copied.and_then(|()| {
+        write_snapshot_meta(&snap.dir, &next).map_err(|e| format!("recording it as ready failed: {e}"))
+    });
     let mut st = snap.lock();
     if st.gone {
         return;
     }
-    let failure = match copied {
+    let failure = match recorded {
         Ok(()) => {
-            let mut next = st.meta.clone();
-            next.ready = true;
-            match write_snapshot_meta(&snap.dir, &next) {
-                Ok(()) => {
-                    st.meta = next;
-                    st.job = None;
-                    info!(snapshot = %snap.name, size = st.meta.size,
-                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "snapshot copy done; ready");
-                    return;
-                }
-                Err(e) => format!("recording it as ready failed: {e}"),
-            }
+            st.meta = next;
+            st.job = None;
+            info!(snapshot = %snap.name, size = st.meta.size,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "snapshot copy done; ready");
+            return;
         }
         Err(why) => why,
     };
@@ -417,5 +480,20 @@ fn finish_copy(
     }
     if let Err(e) = moved.and_then(|()| fs::remove_dir_all(&doomed)) {
         warn!(path = %snap.dir.display(), error = %e, "could not remove the failed snapshot; startup will");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_at_once_are_capped() {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let slots: Vec<CopySlot> = (0..COPY_JOBS_MAX).map(|_| CopySlot::take(&count).unwrap()).collect();
+        assert!(matches!(CopySlot::take(&count), Err(StoreError::Busy(_))));
+        drop(slots);
+        assert_eq!(count.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert!(CopySlot::take(&count).is_ok());
     }
 }

@@ -170,12 +170,21 @@ impl Volume {
     /// (the fence held exclusively): a reflink, complete at once, where the filesystem can;
     /// otherwise a copy-before-write job registered at that moment, for the caller to run.
     pub(crate) fn snapshot_to(&self, dst: &File) -> StoreResult<PointInTime> {
+        // Write back what is dirty first, outside the fence: FICLONE writes back the source's
+        // dirty pages before sharing extents, and under the fence that would hold every write off
+        // for as long as the whole writeback takes. What arrives meanwhile is little.
+        self.file.sync_data().map_err(io_err)?;
+        // The copy job (its bitmap is proportional to the size) is made outside the fence too.
+        let mut job = Arc::new(CopyJob::new(dst.try_clone().map_err(io_err)?, self.size()));
         let _no_writes = self.fence.write().unwrap_or_else(|p| p.into_inner());
         let size = self.size();
         if reflink(dst, &self.file).map_err(io_err)? {
             return Ok(PointInTime::Reflinked(size));
         }
-        let job = Arc::new(CopyJob::new(dst.try_clone().map_err(io_err)?, size));
+        if job.size() != size {
+            // Grown in between (sizes only grow): rare, so it is made again, under the fence.
+            job = Arc::new(CopyJob::new(dst.try_clone().map_err(io_err)?, size));
+        }
         self.copies.write().unwrap_or_else(|p| p.into_inner()).push(job.clone());
         self.copying.fetch_add(1, Ordering::AcqRel);
         Ok(PointInTime::Copying(job))
