@@ -11,7 +11,8 @@ Jobs: ENGINE:QD:RW:BS fio jobs with direct I/O (e.g. psync:1:randread:4k, libaio
 `fsync` (create + 4 KiB write + fsync per file, 400 files, on ext4).
 
 Usage: sudo benches/scripts/ab_fuse.py --a OLD/ferrovol --b NEW/ferrovol [--server-a S] [--server-b S]
-                                      [--rounds 5] [--runtime 3] [JOB ...]
+                                      [--env-a K=V] [--env-b K=V] [--rounds 5] [--runtime 3] [JOB ...]
+E.g. fuser vs our own FUSE session, one build: --a B --b B --env-b FERROVOL_FUSE=own.
 """
 import argparse
 import os
@@ -45,6 +46,8 @@ def main():
     ap.add_argument("--b", required=True, help="ferrovol binary of side B")
     ap.add_argument("--server-a", default=os.path.join(rel, "ferrovol-server"))
     ap.add_argument("--server-b", default=os.path.join(rel, "ferrovol-server"))
+    ap.add_argument("--env-a", action="append", default=[], help="KEY=VALUE for side A's attach (repeatable)")
+    ap.add_argument("--env-b", action="append", default=[], help="KEY=VALUE for side B's attach, e.g. FERROVOL_FUSE=own")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runtime", type=float, default=3.0)
     ap.add_argument("jobs", nargs="*", default=DEFAULT_JOBS)
@@ -56,6 +59,7 @@ def main():
             sys.exit(f"{tool} is missing (benches/scripts/compare_fuse.py installs it)")
     shm = tempfile.mkdtemp(prefix="ferrovol-ab-", dir="/dev/shm")
     sides = {"A": (args.a, args.server_a), "B": (args.b, args.server_b)}
+    envs = {tag: dict(kv.split("=", 1) for kv in kvs) for tag, kvs in (("A", args.env_a), ("B", args.env_b))}
     procs, mounts, loops, files, ext4 = [], [], [], {}, {}
     try:
         for tag, (client, server) in sides.items():
@@ -68,7 +72,8 @@ def main():
                 sh(client, "volume", "create", vol, "--size", size, "--server", addr)
                 path = f"{shm}/{tag}-{vol}.img"
                 open(path, "w").close()
-                sh(client, "attach", vol, path, "--background", "--server", addr)
+                subprocess.run([client, "attach", vol, path, "--background", "--server", addr],
+                               check=True, capture_output=True, env=dict(os.environ, **envs[tag]))
                 mounts.append(path)
             files[tag] = f"{shm}/{tag}-fio.img"
             sh("fio", "--name=fill", f"--filename={files[tag]}", "--rw=write", "--bs=1m", "--direct=1",

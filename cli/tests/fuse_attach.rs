@@ -65,9 +65,23 @@ impl Drop for Mounted {
 }
 
 fn attach(server: &str, vol: &str, path: &Path, extra: &[&str]) -> Mounted {
+    attach_with(server, vol, path, extra, None)
+}
+
+/// With `FERROVOL_FUSE` set to `fuse` ("own": our own FUSE session instead of fuser).
+fn attach_with(server: &str, vol: &str, path: &Path, extra: &[&str], fuse: Option<&str>) -> Mounted {
     let mut args = vec!["attach", vol, path.to_str().unwrap(), "--background"];
     args.extend_from_slice(extra);
-    ok(&ferrovol(server, &args));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrovol"));
+    cmd.args(&args)
+        .env("FERROVOL_SERVER", server)
+        .env("FERROVOL_TOKEN", "tok")
+        .env("FERROVOL_NODE_ID", "test-node")
+        .env("RUST_LOG", "warn");
+    if let Some(f) = fuse {
+        cmd.env("FERROVOL_FUSE", f);
+    }
+    ok(&cmd.output().unwrap());
     assert!(is_mounted(path));
     Mounted(path.to_owned())
 }
@@ -109,6 +123,19 @@ fn write_read_detach_reattach_crash() {
     if !privileged("write_read_detach_reattach_crash", &[]) {
         return;
     }
+    write_read_detach_reattach_crash_on(None);
+}
+
+/// The same through our own FUSE session (client/src/fuse/kernel.rs).
+#[test]
+fn write_read_detach_reattach_crash_own_session() {
+    if !privileged("write_read_detach_reattach_crash_own_session", &[]) {
+        return;
+    }
+    write_read_detach_reattach_crash_on(Some("own"));
+}
+
+fn write_read_detach_reattach_crash_on(fuse: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let server = TestServer::start(&data_dir, "127.0.0.1:0");
@@ -116,7 +143,7 @@ fn write_read_detach_reattach_crash() {
     ok(&ferrovol(&addr, &["volume", "create", "e2e", "--size", "256MiB"]));
     let img = dir.path().join("e2e.img");
     std::fs::write(&img, b"").unwrap();
-    let m = attach(&addr, "e2e", &img, &[]);
+    let m = attach_with(&addr, "e2e", &img, &[], fuse);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 256 << 20);
 
     // 256 MiB of random data through the file, fsync'ed, read back by checksum.
@@ -135,7 +162,7 @@ fn write_read_detach_reattach_crash() {
 
     // Detach and re-attach: the data is on the server, not in a page cache.
     detach(&addr, &m);
-    let m = attach(&addr, "e2e", &img, &[]);
+    let m = attach_with(&addr, "e2e", &img, &[], fuse);
     assert_eq!(crc32fast::hash(&read_all(&img, 256 << 20)), want);
 
     // The server crashes and comes back while attached: fsync'ed data survives, I/O resumes.

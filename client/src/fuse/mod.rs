@@ -18,7 +18,11 @@ use tracing::{debug, warn};
 
 use crate::{ClientError, Volume};
 
+pub mod abi;
+pub mod kernel;
+mod own;
 mod serve;
+pub use own::OwnBlockFile;
 pub use serve::{config, serve, Access, ServeError};
 
 /// Largest request the kernel may send (its limit here: 256 pages).
@@ -30,14 +34,19 @@ const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 /// The one mapping from client errors to errno values.
-pub fn errno(e: &ClientError) -> Errno {
+pub fn errno_code(e: &ClientError) -> i32 {
     match e.status() {
-        Some(Status::ReadOnly) => Errno::EROFS,
-        Some(Status::Fenced) => Errno::EROFS,
-        Some(Status::NoSpace) => Errno::ENOSPC,
-        Some(Status::OutOfRange) | Some(Status::InvalidArgument) => Errno::EINVAL,
-        _ => Errno::EIO,
+        Some(Status::ReadOnly) => libc::EROFS,
+        Some(Status::Fenced) => libc::EROFS,
+        Some(Status::NoSpace) => libc::ENOSPC,
+        Some(Status::OutOfRange) | Some(Status::InvalidArgument) => libc::EINVAL,
+        _ => libc::EIO,
     }
+}
+
+/// [`errno_code`] for fuser.
+pub fn errno(e: &ClientError) -> Errno {
+    Errno::from_i32(errno_code(e))
 }
 
 #[derive(Debug)]

@@ -7,7 +7,9 @@ use ferrovol_proto::VolumeName;
 use fuser::{Config, MountOption, SessionACL};
 use tracing::info;
 
-use super::BlockFile;
+use std::sync::Arc;
+
+use super::{abi, kernel, BlockFile, OwnBlockFile};
 use crate::{ClientError, ConnectOptions, Session};
 
 /// FUSE request threads: one per CPU, at least 2, at most 4. They only read requests and hand them to
@@ -114,12 +116,45 @@ pub fn serve(
     })?;
     let generation = vol.generation();
     let size = vol.size();
-    let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
     let shown = path.display().to_string();
-    let mut session = fuser::Session::new(fs, path, &config(name, read_only))
-        .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
-    let mut unmounter = session.unmount_callable();
-    let signalled = shown.clone();
+    let _record = if own_session() {
+        serve_own(&rt, vol, name, path, read_only, ready)?
+    } else {
+        let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
+        let mut session = fuser::Session::new(fs, path, &config(name, read_only))
+            .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
+        let mut unmounter = session.unmount_callable();
+        unmount_on_signal(&rt, &shown, move || unmounter.unmount());
+        info!(volume = %name, path = %shown, size, read_only, "attached");
+        // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
+        let record = crate::host::record_serving(path)
+            .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+        ready(size);
+        session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+        record
+    };
+    info!(path = %shown, "detached");
+    if let Access::Writer { .. } = access {
+        // Unmounted cleanly, so nothing can write any more: release the attachment (only if it
+        // is still ours: after a takeover this is a no-op).
+        rt.block_on(release_attachment(&client, name, generation))?;
+    }
+    Ok(())
+}
+
+/// Whether to serve with our own FUSE session (`FERROVOL_FUSE=own`) instead of fuser. It needs
+/// root (it mounts with mount(2)); it is the base of resumable mounts (issue: continuity) and is
+/// compared with the fuser one in benches/README.md before it becomes the default.
+fn own_session() -> bool {
+    std::env::var("FERROVOL_FUSE").is_ok_and(|v| v == "own")
+}
+
+/// On SIGTERM/SIGINT, unmounts with `unmount` (a busy mount stays, and keeps being served).
+fn unmount_on_signal<F>(rt: &tokio::runtime::Runtime, shown: &str, mut unmount: F)
+where
+    F: FnMut() -> std::io::Result<()> + Send + 'static,
+{
+    let shown = shown.to_owned();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -131,24 +166,62 @@ pub fn serve(
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            info!(path = %signalled, "signal received; unmounting");
-            match unmounter.unmount() {
+            info!(path = %shown, "signal received; unmounting");
+            match unmount() {
                 Ok(()) => return,
-                Err(e) => eprintln!("ferrovol: unmount of {signalled} failed: {e} (is it still in use?)"),
+                Err(e) => eprintln!("ferrovol: unmount of {shown} failed: {e} (is it still in use?)"),
             }
         }
     });
-    info!(volume = %name, path = %shown, size, read_only, "attached");
-    // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
-    let _record = crate::host::record_serving(path)
-        .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
-    ready(size);
-    session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
-    info!(path = %shown, "detached");
-    if let Access::Writer { .. } = access {
-        // Unmounted cleanly, so nothing can write any more: release the attachment (only if it
-        // is still ours: after a takeover this is a no-op).
-        rt.block_on(release_attachment(&client, name, generation))?;
+}
+
+/// The flags we ask the kernel for in INIT on our own session.
+const OWN_INIT_FLAGS: u64 = abi::FUSE_ASYNC_READ
+    | abi::FUSE_BIG_WRITES
+    | abi::FUSE_ASYNC_DIO
+    | abi::FUSE_MAX_PAGES
+    | abi::FUSE_INIT_EXT
+    | abi::FUSE_HAS_RESEND;
+
+/// Serves `vol` at `path` on our own session until it is unmounted.
+fn serve_own(
+    rt: &tokio::runtime::Runtime,
+    vol: crate::Volume,
+    name: &VolumeName,
+    path: &Path,
+    read_only: bool,
+    ready: impl FnOnce(u64),
+) -> Result<crate::host::ServingRecord, ServeError> {
+    let shown = path.display().to_string();
+    let size = vol.size();
+    let mount_err = |source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source };
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fd = kernel::mount(path, &format!("ferrovol:{name}"), read_only, root).map_err(mount_err)?;
+    let session_err = |source| ServeError::Session { path: shown.clone(), source };
+    let negotiated = match kernel::handshake(&fd, OWN_INIT_FLAGS, super::MAX_WRITE, 128) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = kernel::unmount(path);
+            return Err(session_err(e));
+        }
+    };
+    let mut fds = vec![fd];
+    for _ in 1..fuse_threads() {
+        match kernel::clone_fd(&fds[0]) {
+            Ok(c) => fds.push(c),
+            Err(e) => {
+                let _ = kernel::unmount(path);
+                return Err(session_err(e));
+            }
+        }
     }
-    Ok(())
+    let target = path.to_owned();
+    unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
+    info!(volume = %name, path = %shown, size, read_only, minor = negotiated.minor, "attached (own FUSE session)");
+    let record = crate::host::record_serving(path).map_err(session_err)?;
+    ready(size);
+    let handler = Arc::new(OwnBlockFile::new(vol, rt.handle().clone(), read_only));
+    kernel::run(fds, &negotiated, handler, false, &Arc::default()).map_err(session_err)?;
+    Ok(record)
 }
