@@ -954,6 +954,32 @@ pub struct Response {
     pub result: Result<Reply, ErrorReply>,
 }
 
+/// A list reply: count u32, more u8, then the entries.
+fn put_list<T>(mut p: BytesMut, entries: &[T], more: bool, put: fn(&mut BytesMut, &T)) -> Bytes {
+    p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+    p.put_u8(u8::from(more));
+    for v in entries {
+        put(&mut p, v);
+    }
+    p.freeze()
+}
+
+fn get_list<T>(
+    r: &mut Reader<'_>,
+    get: fn(&mut Reader<'_>) -> Result<T, PayloadError>,
+) -> Result<(Vec<T>, bool), PayloadError> {
+    let n = r.u32()?;
+    if n > LIST_ENTRIES_MAX {
+        return Err(PayloadError::Invalid("too many list entries"));
+    }
+    let more = r.u8()? != 0;
+    let mut entries = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        entries.push(get(r)?);
+    }
+    Ok((entries, more))
+}
+
 fn put_snapshot_info(p: &mut BytesMut, v: &SnapshotInfo) {
     put_str8(p, v.name.as_str());
     put_str8(p, v.source.as_str());
@@ -1051,14 +1077,7 @@ impl Response {
                         put_volume_info(&mut p, v);
                         p.freeze()
                     }
-                    Reply::List { entries, more } => {
-                        p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
-                        p.put_u8(u8::from(*more));
-                        for v in entries {
-                            put_volume_info(&mut p, v);
-                        }
-                        p.freeze()
-                    }
+                    Reply::List { entries, more } => put_list(p, entries, *more, put_volume_info),
                     Reply::Attached { generation } => {
                         p.put_u64_le(*generation);
                         p.freeze()
@@ -1085,14 +1104,7 @@ impl Response {
                         put_snapshot_info(&mut p, v);
                         p.freeze()
                     }
-                    Reply::SnapshotList { entries, more } => {
-                        p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
-                        p.put_u8(u8::from(*more));
-                        for v in entries {
-                            put_snapshot_info(&mut p, v);
-                        }
-                        p.freeze()
-                    }
+                    Reply::SnapshotList { entries, more } => put_list(p, entries, *more, put_snapshot_info),
                 };
                 (Status::Ok as u16, payload)
             }
@@ -1152,28 +1164,12 @@ impl Response {
                     Reply::Volume(get_volume_info(&mut r)?)
                 }
                 Opcode::VolumeList => {
-                    let n = r.u32()?;
-                    if n > LIST_ENTRIES_MAX {
-                        return Err(PayloadError::Invalid("too many list entries"));
-                    }
-                    let more = r.u8()? != 0;
-                    let mut entries = Vec::with_capacity(n as usize);
-                    for _ in 0..n {
-                        entries.push(get_volume_info(&mut r)?);
-                    }
+                    let (entries, more) = get_list(&mut r, get_volume_info)?;
                     Reply::List { entries, more }
                 }
                 Opcode::SnapshotCreate | Opcode::SnapshotStat => Reply::Snapshot(get_snapshot_info(&mut r)?),
                 Opcode::SnapshotList => {
-                    let n = r.u32()?;
-                    if n > LIST_ENTRIES_MAX {
-                        return Err(PayloadError::Invalid("too many list entries"));
-                    }
-                    let more = r.u8()? != 0;
-                    let mut entries = Vec::with_capacity(n as usize);
-                    for _ in 0..n {
-                        entries.push(get_snapshot_info(&mut r)?);
-                    }
+                    let (entries, more) = get_list(&mut r, get_snapshot_info)?;
                     Reply::SnapshotList { entries, more }
                 }
                 Opcode::AttachSet => Reply::Attached { generation: r.u64()? },

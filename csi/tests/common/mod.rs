@@ -59,20 +59,7 @@ impl Plugin {
         state: &str,
     ) -> Plugin {
         let socket = dir.join(format!("csi-{node_id}-{mode}-{state}.sock"));
-        let args = vec![
-            "--endpoint".into(),
-            format!("unix://{}", socket.display()),
-            "--node-id".into(),
-            node_id.into(),
-            "--mode".into(),
-            mode.into(),
-            "--server".into(),
-            server.into(),
-            "--state-dir".into(),
-            dir.join(state).display().to_string(),
-            "--io-timeout-s".into(),
-            "10".into(),
-        ];
+        let args = plugin_args(&socket, dir, server, node_id, mode, state, &["--io-timeout-s", "10"]);
         Self::spawn(socket, args, token.to_owned()).await
     }
 
@@ -85,19 +72,7 @@ impl Plugin {
         extra: &[&str],
     ) -> Plugin {
         let socket = dir.join(format!("csi-{node_id}-{mode}-extra.sock"));
-        let mut args: Vec<String> = vec![
-            "--endpoint".into(),
-            format!("unix://{}", socket.display()),
-            "--node-id".into(),
-            node_id.into(),
-            "--mode".into(),
-            mode.into(),
-            "--server".into(),
-            server.into(),
-            "--state-dir".into(),
-            dir.join(format!("state-{node_id}")).display().to_string(),
-        ];
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args = plugin_args(&socket, dir, server, node_id, mode, &format!("state-{node_id}"), extra);
         Self::spawn(socket, args, "tok".into()).await
     }
 
@@ -161,6 +136,32 @@ impl Drop for Plugin {
             let _ = c.wait();
         }
     }
+}
+
+/// The command line of a plugin on `socket`, with its state dir `state` under `dir`.
+fn plugin_args(
+    socket: &Path,
+    dir: &Path,
+    server: &str,
+    node_id: &str,
+    mode: &str,
+    state: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--endpoint".into(),
+        format!("unix://{}", socket.display()),
+        "--node-id".into(),
+        node_id.into(),
+        "--mode".into(),
+        mode.into(),
+        "--server".into(),
+        server.into(),
+        "--state-dir".into(),
+        dir.join(state).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 /// Dropped before the temp dir: takes down whatever a failed test left mounted under it (deepest
