@@ -39,7 +39,7 @@ pub async fn logged<T>(
     match &result {
         Ok(_) if QUIET.contains(&method) => debug!(method, id, ms, "ok"),
         Ok(_) => info!(method, id, ms, "ok"),
-        Err(s) => warn!(method, id, code = ?s.code(), message = s.message(), ms, "failed"),
+        Err(s) => warn!(method, id, code = ?s.code(), error = s.message(), ms, "failed"),
     }
     result
 }

@@ -621,3 +621,47 @@ async fn node_lookups_of_what_is_not_here_are_not_found_and_the_attach_limit_is_
         3
     );
 }
+
+/// Every RPC leaves one log line with its method, id, gRPC code and message and its duration, a
+/// failed one included; secrets in the request never appear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_is_logged_with_its_outcome_and_no_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let log = dir.path().join("csi.log");
+    let mut p = Plugin::start_logging(dir.path(), &server.addr.to_string(), &log).await;
+    let secret = "s3cr3t-value-never-logged";
+    let mut req = create_req("pvc-logged", 1 << 20, false);
+    req.secrets.insert("password".into(), secret.into());
+    let id = p.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let publish = ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "no-such-node".into(),
+        volume_capability: Some(cap(false, Mode::SingleNodeWriter)),
+        secrets: HashMap::from([("password".into(), secret.into())]),
+        ..Default::default()
+    };
+    assert_eq!(code(p.controller.controller_publish_volume(publish).await), Code::NotFound);
+    drop(p);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(secret), "a secret reached the log:\n{text}");
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let find = |method: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["method"] == method)
+            .unwrap_or_else(|| panic!("no log line for {method}:\n{text}"))
+            .clone()
+    };
+    let created = find("CreateVolume");
+    assert_eq!(created["fields"]["message"], "ok");
+    assert_eq!(created["fields"]["id"], "pvc-logged");
+    assert!(created["fields"]["ms"].is_u64());
+    let failed = find("ControllerPublishVolume");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["fields"]["id"], id.as_str());
+    assert_eq!(failed["fields"]["code"], "NotFound");
+    assert_eq!(failed["fields"]["message"], "failed");
+    assert!(failed["fields"]["error"].as_str().unwrap().contains("no-such-node"), "{failed}");
+    assert!(failed["span"]["method"] == "ControllerPublishVolume" || failed["spans"].is_array(), "{failed}");
+}

@@ -63,6 +63,13 @@ impl Plugin {
         Self::spawn(socket, args, token.to_owned()).await
     }
 
+    /// A controller whose log goes to `log`.
+    pub async fn start_logging(dir: &Path, server: &str, log: &Path) -> Plugin {
+        let socket = dir.join("csi-logged.sock");
+        let args = plugin_args(&socket, dir, server, "ctl", "controller", "state-logged", &[]);
+        Self::spawn_logging(socket, args, "tok".into(), Some(log)).await
+    }
+
     /// With extra command-line arguments.
     pub async fn start_with_args(
         dir: &Path,
@@ -77,13 +84,27 @@ impl Plugin {
     }
 
     pub async fn spawn(socket: PathBuf, args: Vec<String>, token: String) -> Plugin {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-csi"))
-            .args(&args)
+        Self::spawn_logging(socket, args, token, None).await
+    }
+
+    /// With its log (stderr, RUST_LOG=info, JSON lines) written to `log` when given.
+    pub async fn spawn_logging(
+        socket: PathBuf,
+        args: Vec<String>,
+        token: String,
+        log: Option<&Path>,
+    ) -> Plugin {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrovol-csi"));
+        cmd.args(&args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .env("FERROVOL_TOKEN", &token)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.args(["--log-format", "json"])
+                .env("RUST_LOG", "info")
+                .stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::UnixStream::connect(&socket).await.is_err() {
             assert!(Instant::now() < deadline, "ferrovol-csi did not listen on {}", socket.display());
