@@ -17,8 +17,8 @@ use ferrovol_client::{ConnectOptions, Session};
 use ferrovol_proto::{NodeId, VolumeName};
 use ferrovol_server::testing::{privileged, TestServer};
 
-/// A worker that dies: it takes READ and WRITE requests and never answers them, then stops
-/// reading (its thread exits; the fd stays open in the test, as a holder would keep it).
+/// A worker that dies: it takes the first `lose` READ or WRITE requests and never answers them,
+/// then stops reading (its thread exits; the fd stays open in the test, as a holder would keep it).
 struct Dying {
     inner: OwnBlockFile,
     lost: Arc<AtomicU32>,
@@ -54,6 +54,21 @@ fn abort_connection(n: u32) {
     let _ = std::fs::write(dir.join(n.to_string()).join("abort"), b"1");
 }
 
+/// The new worker: serves everything, and counts the requests the kernel marked as resent.
+struct Counting {
+    inner: OwnBlockFile,
+    resent: Arc<AtomicU32>,
+}
+
+impl Handler for Counting {
+    fn handle(&self, req: Request, ch: &Channel) {
+        if req.header.unique & abi::FUSE_UNIQUE_RESEND != 0 {
+            self.resent.fetch_add(1, Ordering::AcqRel);
+        }
+        self.inner.handle(req, ch);
+    }
+}
+
 #[test]
 fn a_new_worker_resumes_the_connection_and_gets_the_lost_requests_again() {
     if !privileged("a_new_worker_resumes_the_connection_and_gets_the_lost_requests_again", &[]) {
@@ -81,7 +96,7 @@ fn a_new_worker_resumes_the_connection_and_gets_the_lost_requests_again() {
     // The holder's duplicate: the same open file, so requests read through `fd` stay queued on it.
     let held = fd.try_clone().unwrap();
 
-    // The first worker serves the open, then takes a write and a read and dies without answering.
+    // The first worker serves the open, then takes the write and dies without answering it.
     let stop = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(AtomicU32::new(0));
     let dying = Arc::new(Dying {
@@ -115,14 +130,26 @@ fn a_new_worker_resumes_the_connection_and_gets_the_lost_requests_again() {
             block.to_vec()
         })
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first.is_finished() {
+        if std::time::Instant::now() > deadline {
+            abort_connection(conn);
+            panic!("the application's write never reached the first worker");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     first.join().unwrap().unwrap();
     assert_eq!(lost.load(Ordering::Acquire), 1, "the first worker took the write and stopped");
     std::thread::sleep(Duration::from_millis(200));
     assert!(!app.is_finished(), "the application waits for its write: the request is only lost, not failed");
 
     // A new worker on the held fd: no INIT, a resend, and the application's I/O completes.
+    let resent = Arc::new(AtomicU32::new(0));
     let second = {
-        let h = Arc::new(OwnBlockFile::new(vol, rt.handle().clone(), false));
+        let h = Arc::new(Counting {
+            inner: OwnBlockFile::new(vol, rt.handle().clone(), false),
+            resent: resent.clone(),
+        });
         std::thread::spawn(move || kernel::run(vec![held], &negotiated, h, true, &Arc::default()))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -137,6 +164,7 @@ fn a_new_worker_resumes_the_connection_and_gets_the_lost_requests_again() {
     }
     let got = app.join().unwrap();
     assert!(got.iter().all(|b| *b == 0x5a), "the resent write landed and the read sees it");
+    assert_eq!(resent.load(Ordering::Acquire), 1, "the kernel marked the lost write as resent");
     kernel::unmount(&file).unwrap();
     second.join().unwrap().unwrap();
 }

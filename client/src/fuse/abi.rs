@@ -12,7 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const KERNEL_VERSION: u32 = 7;
 /// The minor version we implement (FUSE_HAS_RESEND is 7.40).
 pub const KERNEL_MINOR_VERSION: u32 = 40;
-/// The oldest kernel minor we accept: 7.36 has FUSE_INIT_EXT (flags2), used for resend.
+/// The oldest kernel minor we accept (7.31: the 64-byte INIT reply). FUSE_INIT_EXT (flags2, for
+/// resend) needs 7.36; older kernels simply get no resend.
 pub const KERNEL_MINOR_MIN: u32 = 31;
 
 pub const IN_HEADER_LEN: usize = 40;
@@ -139,7 +140,7 @@ pub enum BadRequest {
     #[error("request of {0} bytes is shorter than its header")]
     Short(usize),
     #[error("request header says {header} bytes, {read} were read")]
-    Length { header: u32, read: usize },
+    Length { unique: u64, header: u32, read: usize },
     #[error("{opcode}: argument truncated")]
     Truncated { unique: u64, opcode: u32 },
 }
@@ -148,8 +149,8 @@ impl BadRequest {
     /// The request to answer with an error, when there is one.
     pub fn unique(&self) -> Option<u64> {
         match self {
-            BadRequest::Truncated { unique, .. } => Some(*unique),
-            _ => None,
+            BadRequest::Truncated { unique, .. } | BadRequest::Length { unique, .. } => Some(*unique),
+            BadRequest::Short(_) => None,
         }
     }
 }
@@ -181,7 +182,7 @@ pub fn parse(buf: Bytes) -> Result<Request, BadRequest> {
         pid: u32_at(&buf, 32).unwrap_or(0),
     };
     if h.len as usize != buf.len() {
-        return Err(BadRequest::Length { header: h.len, read: buf.len() });
+        return Err(BadRequest::Length { unique: h.unique, header: h.len, read: buf.len() });
     }
     let arg = &buf[IN_HEADER_LEN..];
     let bad = BadRequest::Truncated { unique: h.unique, opcode: h.opcode };

@@ -162,10 +162,18 @@ pub fn clone_fd(master: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The largest request: a 1 MiB WRITE and its headers.
+/// The read buffer: the largest request (a WRITE of `max_write`, which the kernel raises to at
+/// least 4096, plus its 80 bytes of headers, rounded up to a page), and never below the kernel's
+/// minimum of 8192.
 pub fn buffer_len(max_write: u32) -> usize {
-    max_write as usize + 4096
+    (max_write.max(4096) as usize + 4096).max(8192)
 }
+
+/// Requests up to this size are copied out of the read buffer instead of split off it: a small
+/// copy is cheaper than the fresh 1 MiB buffer the next read would need while a small WRITE's
+/// data still pins the old one (and it would pin a whole buffer per write in flight). Larger
+/// WRITEs are split off, so their data reaches the server without a copy.
+const COPY_BELOW: usize = 64 * 1024;
 
 /// Reads one request into `buf` (whose spare capacity is at least `buffer_len`). `Ok(None)`: the
 /// filesystem was unmounted (or the connection aborted).
@@ -179,13 +187,19 @@ fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<
         if n >= 0 {
             // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(buf.len() + n as usize) };
+            if buf.len() < COPY_BELOW {
+                let frame = Bytes::copy_from_slice(buf);
+                buf.clear();
+                return Ok(Some(frame));
+            }
             return Ok(Some(buf.split().freeze()));
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             // Interrupted, or a request that was interrupted before we read it.
             Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT) => continue,
-            Some(libc::ENODEV) => return Ok(None),
+            // Unmounted, or the connection aborted.
+            Some(libc::ENODEV) | Some(libc::ECONNABORTED) => return Ok(None),
             _ => return Err(e),
         }
     }
@@ -234,6 +248,11 @@ pub fn handshake(fd: &OwnedFd, want: u64, max_write: u32, max_background: u16) -
 /// on one thread per fd until it is unmounted, or until `stop` is set (checked after each request;
 /// the fds stay open, so the connection lives on for whoever holds them). With `resend`, asks the
 /// kernel first to hand back what a previous worker had taken and not answered.
+///
+/// Resend only once the previous worker can no longer reach the server: the kernel requeues every
+/// request read and not answered on the connection, including ones whose old tasks may still be
+/// in flight, and an old WRITE landing after the application overwrote its range would lose data.
+/// Idempotence covers a request served twice in order, not out of order.
 pub fn run(
     fds: Vec<OwnedFd>,
     negotiated: &InitOut,
@@ -256,7 +275,13 @@ pub fn run(
         let t = std::thread::Builder::new().name(format!("ferrovol-fuse-{i}")).spawn(
             move || -> io::Result<()> {
                 let mut buf = BytesMut::with_capacity(len);
-                while let Some(frame) = read_request(ch.raw(), &mut buf, len)? {
+                let next = |buf: &mut BytesMut| {
+                    read_request(ch.raw(), buf, len).inspect_err(|e| {
+                        // Said at once: the other workers go on, but this fd is no longer read.
+                        warn!(worker = i, error = %e, "FUSE worker stopped: reading /dev/fuse failed")
+                    })
+                };
+                while let Some(frame) = next(&mut buf)? {
                     match abi::parse(frame) {
                         Ok(req) => handler.handle(req, &ch),
                         Err(e) => {

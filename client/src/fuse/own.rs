@@ -108,9 +108,13 @@ impl Handler for OwnBlockFile {
                 let n = usize::try_from(end - offset).unwrap_or(0);
                 let (vol, ch) = (self.vol.clone(), ch.clone());
                 self.rt.spawn(async move {
-                    match vol.read_at(offset, n).await {
-                        // Written to /dev/fuse straight from the received buffer.
-                        Ok(data) => ch.reply(u, &[&data]),
+                    match vol.read_at_parts(offset, n).await {
+                        // Written to /dev/fuse straight from the received buffers (pieces of a
+                        // large read too: one writev, no join).
+                        Ok(parts) => {
+                            let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+                            ch.reply(u, &slices);
+                        }
                         Err(e) => {
                             warn!(offset, len = n, error = %e, "read failed");
                             ch.error(u, errno_code(&e));
@@ -169,8 +173,9 @@ impl Handler for OwnBlockFile {
                 }
             }
             Op::Statfs => ch.reply(u, &[&abi::statfs_out(size / 4096)]),
-            // No extended attributes (asked for by SELinux-aware tools on every open).
-            Op::Getxattr { .. } => ch.error(u, libc::ENODATA),
+            // No extended attributes. ENOSYS (not ENODATA) makes the kernel stop asking: it would
+            // otherwise look up `security.capability` before writes, a round trip each.
+            Op::Getxattr { .. } => ch.error(u, libc::ENOSYS),
             Op::Listxattr { size: 0 } => ch.reply(u, &[&abi::xattr_size_out(0)]),
             Op::Listxattr { .. } => ch.reply(u, &[]),
             Op::Lookup => ch.error(u, libc::ENOENT),

@@ -219,9 +219,19 @@ fn serve_own(
     let target = path.to_owned();
     unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
     info!(volume = %name, path = %shown, size, read_only, minor = negotiated.minor, "attached (own FUSE session)");
-    let record = crate::host::record_serving(path).map_err(session_err)?;
+    let record = match crate::host::record_serving(path) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = kernel::unmount(path);
+            return Err(session_err(e));
+        }
+    };
     ready(size);
     let handler = Arc::new(OwnBlockFile::new(vol, rt.handle().clone(), read_only));
-    kernel::run(fds, &negotiated, handler, false, &Arc::default()).map_err(session_err)?;
+    if let Err(e) = kernel::run(fds, &negotiated, handler, false, &Arc::default()) {
+        // Never leave a dead mount (ENOTCONN) behind.
+        let _ = kernel::unmount(path);
+        return Err(session_err(e));
+    }
     Ok(record)
 }
