@@ -229,58 +229,131 @@ mod tests {
     }
 }
 
-/// Where the process serving a FUSE mount records itself, so `ferrovol detach` can wait for it to
-/// finish (it releases the writer attachment after the unmount): `/run/ferrovol/serving/` as root,
-/// else the temp dir. One file per mount path, named by a stable hash of the canonical path.
-pub fn serving_record(mount: &Path) -> PathBuf {
+/// The directory of the serving records (see [`serving_record`]).
+pub fn serving_dir() -> PathBuf {
     // SAFETY: geteuid cannot fail and touches no memory.
-    let base = if unsafe { libc::geteuid() } == 0 && Path::new("/run").is_dir() {
+    if unsafe { libc::geteuid() } == 0 && Path::new("/run").is_dir() {
         PathBuf::from("/run/ferrovol/serving")
     } else {
         std::env::temp_dir().join("ferrovol-serving")
-    };
+    }
+}
+
+/// Where the processes serving a FUSE mount record themselves (see [`Serving`]), so that `ferrovol
+/// detach` can wait for them to finish (the writer attachment is released after the unmount) and
+/// `ferrovol status` can list them: under [`serving_dir`], one file per mount path, named by a
+/// stable hash of the canonical path.
+pub fn serving_record(mount: &Path) -> PathBuf {
     let canon = std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_owned());
     // FNV-1a: stable across builds (the recording and the waiting binaries may differ).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in canon.as_os_str().as_encoded_bytes() {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
-    base.join(format!("{h:016x}.pid"))
+    serving_dir().join(format!("{h:016x}.json"))
 }
 
-/// Records this process as the one serving `mount` (see [`serving_record`]); the record is removed
-/// when the returned guard is dropped.
-pub fn record_serving(mount: &Path) -> io::Result<ServingRecord> {
-    let path = serving_record(mount);
-    if let Some(dir) = path.parent() {
+/// What a serving record says: one mount and the processes that serve it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Serving {
+    /// The mounted file.
+    pub path: PathBuf,
+    pub volume: String,
+    pub server: String,
+    pub read_only: bool,
+    /// The process that holds the mount and exits once it is gone (`detach` waits for it).
+    pub holder: u32,
+    /// The process that serves the requests, when it is not the holder (our own FUSE session).
+    pub worker: Option<u32>,
+    /// Workers started after the first (each after one died).
+    pub restarts: u32,
+    /// When the volume was mounted.
+    pub since_unix_ms: u64,
+}
+
+/// Records `state` for its mount (see [`serving_record`]); the record is removed when the returned
+/// guard is dropped. Replaced atomically, so a reader never sees half of it.
+pub fn record_serving(mut state: Serving) -> io::Result<ServingRecord> {
+    if let Ok(canon) = std::fs::canonicalize(&state.path) {
+        state.path = canon;
+    }
+    let record = ServingRecord { path: serving_record(&state.path), state };
+    if let Some(dir) = record.path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&path, format!("{}\n", std::process::id()))?;
-    Ok(ServingRecord(path))
+    record.write()?;
+    Ok(record)
 }
 
-/// Removes the serving record on drop.
+/// The serving record of one mount; removed on drop.
 #[derive(Debug)]
-pub struct ServingRecord(PathBuf);
+pub struct ServingRecord {
+    path: PathBuf,
+    state: Serving,
+}
+
+impl ServingRecord {
+    fn write(&self) -> io::Result<()> {
+        let tmp = self.path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(&self.state).map_err(io::Error::other)?)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Changes the record (a new worker, say).
+    pub fn update(&mut self, change: impl FnOnce(&mut Serving)) -> io::Result<()> {
+        change(&mut self.state);
+        self.write()
+    }
+}
 
 impl Drop for ServingRecord {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // Only if it is still ours: a holder that took over from us may have rewritten it.
+        if read_serving(&self.path).is_some_and(|s| s.holder == self.state.holder) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
-/// Waits (up to `limit`) for the process recorded as serving `mount` to exit. True when it did (or
-/// none was recorded), false when it is still running at the limit.
+/// The serving record of `mount`, if there is one.
+pub fn serving_of(mount: &Path) -> Option<Serving> {
+    read_serving(&serving_record(mount))
+}
+
+fn read_serving(path: &Path) -> Option<Serving> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Every mount recorded as served on this host, by path; records of processes that are all dead
+/// (killed with SIGKILL, say) are left out.
+pub fn servings() -> Vec<Serving> {
+    let Ok(dir) = std::fs::read_dir(serving_dir()) else { return Vec::new() };
+    let mut all: Vec<Serving> = dir
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| read_serving(&e.path()))
+        .filter(|s| pid_alive(s.holder) || s.worker.is_some_and(pid_alive))
+        .collect();
+    all.sort_by(|a, b| a.path.cmp(&b.path));
+    all
+}
+
+/// Whether process `pid` exists.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Waits (up to `limit`) for the processes recorded as serving `mount` to exit. True when they did
+/// (or none was recorded), false when one is still running at the limit.
 pub fn wait_serving_exit(mount: &Path, limit: Duration) -> bool {
     let path = serving_record(mount);
-    let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
-        return true;
-    };
     let deadline = std::time::Instant::now() + limit;
     loop {
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0;
-        if !alive || !path.exists() {
+        // Read again each time: a holder that replaced a dead one rewrites the record.
+        let Some(s) = read_serving(&path) else { return true };
+        if !pid_alive(s.holder) && !s.worker.is_some_and(pid_alive) {
             return true;
         }
         if std::time::Instant::now() >= deadline {

@@ -40,6 +40,11 @@ pub struct ConnectOptions {
     /// TLS: the CA to verify the server with (and an optional client certificate), see
     /// [`ClientTls`]. `None`: plaintext.
     pub tls: Option<ClientTls>,
+    /// The client session id to speak as (HELLO `session`); `None`: a fresh random one. A process
+    /// that takes over from a dead one of the same mount passes the dead one's id: the server then
+    /// takes its connections as reconnects of the old ones, retiring each old connection of the same
+    /// slot and waiting for its writes in flight, so none of them can land later.
+    pub session_id: Option<u64>,
 }
 
 /// A client's TLS settings.
@@ -100,6 +105,7 @@ impl Default for ConnectOptions {
             io_timeout: Duration::from_secs(30),
             poll: Duration::from_micros(100),
             tls: None,
+            session_id: None,
         }
     }
 }
@@ -136,7 +142,7 @@ impl Session {
         let n = opts.connections.clamp(1, 64);
         // One id for all of this session's connections and reconnects: the server lets one client
         // session at a time write a volume, and a reconnect is still the same writer.
-        let client_session = rand::random::<u64>() | 1;
+        let client_session = opts.session_id.unwrap_or_else(|| rand::random::<u64>() | 1);
         let creds = Arc::new(Credentials::new(opts.credential_file.clone()));
         let mut conns = Vec::with_capacity(n);
         let mut hello = None;

@@ -367,10 +367,11 @@ async fn fencing_between_two_nodes_and_a_plugin_restart() {
     assert_eq!(&b_vol.read_at(0, 8).await.unwrap()[..], b"now mine");
 }
 
-/// The attach process of a staged volume dies (its FUSE file then answers ENOTCONN): the volume
-/// condition says so, a new stage says what to do, and unpublish + unstage still take everything down
-/// (a broken mount is still a mount, never "gone") without losing what was fsynced; staging again
-/// brings the data back.
+/// kill -9 of the attach process of a staged volume, then of its worker: the mount and the
+/// filesystem on it live on. Only when both die at once does its FUSE file answer ENOTCONN: the
+/// volume condition says so, a new stage says what to do, and unpublish + unstage still take
+/// everything down (a broken mount is still a mount, never "gone") without losing what was fsynced;
+/// staging again brings the data back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_attach_process_is_reported_and_cleaned_up() {
     if !privileged("dead_attach_process_is_reported_and_cleaned_up", &["losetup", "mkfs.ext4"]) {
@@ -413,18 +414,52 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     std::fs::write(target.join("kept"), b"fsynced before the crash").unwrap();
     std::fs::File::open(target.join("kept")).unwrap().sync_all().unwrap();
 
-    // kill -9 the attach process.
+    // kill -9 of the attach process (the mount's holder), then of its worker: the mount lives on
+    // (client/src/fuse/supervise.rs), and the filesystem on it keeps working.
     let record: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join(format!("state-node-a/volumes/{id}.json"))).unwrap(),
     )
     .unwrap();
-    let pid = record["attach_pid"].as_u64().unwrap();
-    // SAFETY: kill(2) with a pid we started and a valid signal.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = record["attach_pid"].as_u64().unwrap() as u32;
     let image = dir.path().join(format!("state-node-a/images/{id}.img"));
+    let serving = || ferrovol_client::host::serving_of(&image).unwrap();
+    assert_eq!(serving().holder, pid, "the attach process holds the mount");
+    let signal = |pid: u32, sig: i32| {
+        // SAFETY: kill(2) with a pid we started and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let write_synced = |name: &str| {
+        let mut f = std::fs::File::create(target.join(name)).unwrap();
+        f.write_all(name.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    };
+    signal(pid, libc::SIGKILL);
+    wait_for("a new holder", &|| {
+        serving().holder != pid && ferrovol_client::host::pid_alive(serving().holder)
+    });
+    write_synced("after-holder-kill");
+    let worker = serving().worker.unwrap();
+    signal(worker, libc::SIGKILL);
+    wait_for("a new worker", &|| serving().worker.is_some_and(|w| w != worker));
+    write_synced("after-worker-kill");
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
+
+    // Both at once (stopped first, so neither can replace the other): now the FUSE file dies, and
+    // the plugin reports and cleans up the dead mount.
+    let s = serving();
+    let both = [s.holder, s.worker.unwrap()];
+    both.iter().for_each(|&p| signal(p, libc::SIGSTOP));
+    both.iter().for_each(|&p| signal(p, libc::SIGKILL));
+    let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::metadata(&image).is_ok() {
-        assert!(Instant::now() < deadline, "the FUSE file still answers after its process died");
+        assert!(Instant::now() < deadline, "the FUSE file still answers after its processes died");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -450,6 +485,7 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     p.node.node_stage_volume(stage).await.unwrap();
     p.node.node_publish_volume(publish).await.unwrap();
     assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
+    assert_eq!(std::fs::read(target.join("after-worker-kill")).unwrap(), b"after-worker-kill");
     p.unpublish_unstage(&id, &target, &staging).await;
 }
 

@@ -32,7 +32,9 @@ pub use codec::{
 };
 pub use header::{RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 pub use opcode::{Opcode, Status};
-pub use types::{validate_labels, Labels, NameError, NodeId, RequestId, VolumeHandle, VolumeName};
+pub use types::{
+    format_unix_ms, validate_labels, Labels, NameError, NodeId, RequestId, VolumeHandle, VolumeName,
+};
 
 /// Parses a size such as `64MiB`, `1G`, `4096`, `1.5GiB`. `K/M/G/T/P` and `KiB/MiB/...` are both powers
 /// of 1024 (block-device convention, like `truncate -s`); a trailing `B` is optional.

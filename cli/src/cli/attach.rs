@@ -47,9 +47,13 @@ pub fn attach(
     background: bool,
     force_takeover: bool,
 ) -> anyhow::Result<()> {
-    check_mount_point(path)?;
-    if background {
-        return spawn_background(name, path);
+    // A holder or worker of an existing mount (see `fuse::supervise`) runs this same command line
+    // again: the mount is there already, and it is in the background already.
+    if !fuse::supervise::continuing() {
+        check_mount_point(path)?;
+        if background {
+            return spawn_background(name, path);
+        }
     }
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     let access =
@@ -135,5 +139,36 @@ pub fn detach(path: &Path) -> anyhow::Result<()> {
         eprintln!("ferrovol: the attach process of {} has not exited after 30 s", path.display());
     }
     println!("detached {}", path.display());
+    Ok(())
+}
+
+/// `ferrovol status`: the mounts this host serves (from their serving records).
+pub fn status(json: bool) -> anyhow::Result<()> {
+    let all = host::servings();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no volumes attached on this host");
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8}  SINCE",
+        "PATH", "VOLUME", "SERVER", "HOLDER", "WORKER", "RESTARTS"
+    );
+    for s in all {
+        let mode = if s.read_only { " (ro)" } else { "" };
+        println!(
+            "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8}  {}",
+            s.path.display(),
+            format!("{}{mode}", s.volume),
+            s.server,
+            s.holder,
+            s.worker.map_or("-".to_owned(), |w| w.to_string()),
+            s.restarts,
+            ferrovol_proto::format_unix_ms(s.since_unix_ms),
+        );
+    }
     Ok(())
 }

@@ -95,6 +95,13 @@ pub enum Command {
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
+    /// This host's attached volumes: path, volume, server, and the processes serving each (the
+    /// holder, which `detach` waits for, and the worker that answers the kernel).
+    Status {
+        /// As JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
     /// The whole stack in one process: embedded server, volume, FUSE attach, loop device, ext4 (made on
     /// first use only), mounted at --mount. Ctrl-C tears it all down. Needs root.
     Up {
@@ -301,6 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Status { json } => attach::status(json),
         Command::Attach { .. } | Command::Detach { .. } | Command::Up { .. } => {
             anyhow::bail!("attach and detach run outside the runtime (see main)")
         }

@@ -22,6 +22,7 @@ pub mod abi;
 pub mod kernel;
 mod own;
 mod serve;
+pub mod supervise;
 pub use own::OwnBlockFile;
 pub use serve::{config, serve, Access, ServeError};
 

@@ -7,9 +7,7 @@ use ferrovol_proto::VolumeName;
 use fuser::{Config, MountOption, SessionACL};
 use tracing::info;
 
-use std::sync::Arc;
-
-use super::{abi, kernel, BlockFile, OwnBlockFile};
+use super::{abi, BlockFile};
 use crate::{ClientError, ConnectOptions, Session};
 
 /// FUSE request threads: one per CPU, at least 2, at most 4. They only read requests and hand them to
@@ -95,6 +93,12 @@ pub fn serve(
     access: Access,
     ready: impl FnOnce(u64),
 ) -> Result<(), ServeError> {
+    if let Some(continued) = super::supervise::continue_role(server, opts.clone(), name, path, access) {
+        return continued;
+    }
+    if own_session() {
+        return super::supervise::start(server, opts, name, path, access, fuse_threads(), ready);
+    }
     let read_only = access.read_only();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -117,22 +121,28 @@ pub fn serve(
     let generation = vol.generation();
     let size = vol.size();
     let shown = path.display().to_string();
-    let _record = if own_session() {
-        serve_own(&rt, vol, name, path, read_only, ready)?
-    } else {
-        let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
-        let mut session = fuser::Session::new(fs, path, &config(name, read_only))
-            .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
-        let mut unmounter = session.unmount_callable();
-        unmount_on_signal(&rt, &shown, move || unmounter.unmount());
-        info!(volume = %name, path = %shown, size, read_only, "attached");
-        // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
-        let record = crate::host::record_serving(path)
-            .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
-        ready(size);
-        session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
-        record
-    };
+    let fs = BlockFile::new(vol, rt.handle().clone(), read_only);
+    let mut session = fuser::Session::new(fs, path, &config(name, read_only))
+        .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
+    let mut unmounter = session.unmount_callable();
+    unmount_on_signal(&rt, &shown, move || unmounter.unmount());
+    info!(volume = %name, path = %shown, size, read_only, "attached");
+    // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
+    let _record = crate::host::record_serving(crate::host::Serving {
+        path: path.to_owned(),
+        volume: name.to_string(),
+        server: server.to_owned(),
+        read_only,
+        holder: std::process::id(),
+        worker: None,
+        restarts: 0,
+        since_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    })
+    .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    ready(size);
+    session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     info!(path = %shown, "detached");
     if let Access::Writer { .. } = access {
         // Unmounted cleanly, so nothing can write any more: release the attachment (only if it
@@ -142,15 +152,21 @@ pub fn serve(
     Ok(())
 }
 
-/// Whether to serve with our own FUSE session (`FERROVOL_FUSE=own`) instead of fuser. It needs
-/// root (it mounts with mount(2)); it is the base of resumable mounts (issue: continuity) and is
-/// compared with the fuser one in benches/README.md before it becomes the default.
+/// Whether to serve with our own FUSE session (see `supervise`: the mount survives the death of
+/// any one of its processes) instead of fuser: by default as root, which it needs (it mounts with
+/// mount(2)). `FERROVOL_FUSE=fuser` forces fuser, which also serves non-root users (through
+/// fusermount3), without that continuity.
 fn own_session() -> bool {
-    std::env::var("FERROVOL_FUSE").is_ok_and(|v| v == "own")
+    match std::env::var("FERROVOL_FUSE").as_deref() {
+        Ok("fuser") => false,
+        Ok("own") => true,
+        // SAFETY: geteuid cannot fail and touches no memory.
+        _ => (unsafe { libc::geteuid() }) == 0,
+    }
 }
 
 /// On SIGTERM/SIGINT, unmounts with `unmount` (a busy mount stays, and keeps being served).
-fn unmount_on_signal<F>(rt: &tokio::runtime::Runtime, shown: &str, mut unmount: F)
+pub(super) fn unmount_on_signal<F>(rt: &tokio::runtime::Runtime, shown: &str, mut unmount: F)
 where
     F: FnMut() -> std::io::Result<()> + Send + 'static,
 {
@@ -176,62 +192,9 @@ where
 }
 
 /// The flags we ask the kernel for in INIT on our own session.
-const OWN_INIT_FLAGS: u64 = abi::FUSE_ASYNC_READ
+pub(super) const OWN_INIT_FLAGS: u64 = abi::FUSE_ASYNC_READ
     | abi::FUSE_BIG_WRITES
     | abi::FUSE_ASYNC_DIO
     | abi::FUSE_MAX_PAGES
     | abi::FUSE_INIT_EXT
     | abi::FUSE_HAS_RESEND;
-
-/// Serves `vol` at `path` on our own session until it is unmounted.
-fn serve_own(
-    rt: &tokio::runtime::Runtime,
-    vol: crate::Volume,
-    name: &VolumeName,
-    path: &Path,
-    read_only: bool,
-    ready: impl FnOnce(u64),
-) -> Result<crate::host::ServingRecord, ServeError> {
-    let shown = path.display().to_string();
-    let size = vol.size();
-    let mount_err = |source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source };
-    // SAFETY: geteuid cannot fail and touches no memory.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fd = kernel::mount(path, &format!("ferrovol:{name}"), read_only, root).map_err(mount_err)?;
-    let session_err = |source| ServeError::Session { path: shown.clone(), source };
-    let negotiated = match kernel::handshake(&fd, OWN_INIT_FLAGS, super::MAX_WRITE, 128) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = kernel::unmount(path);
-            return Err(session_err(e));
-        }
-    };
-    let mut fds = vec![fd];
-    for _ in 1..fuse_threads() {
-        match kernel::clone_fd(&fds[0]) {
-            Ok(c) => fds.push(c),
-            Err(e) => {
-                let _ = kernel::unmount(path);
-                return Err(session_err(e));
-            }
-        }
-    }
-    let target = path.to_owned();
-    unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
-    info!(volume = %name, path = %shown, size, read_only, minor = negotiated.minor, "attached (own FUSE session)");
-    let record = match crate::host::record_serving(path) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = kernel::unmount(path);
-            return Err(session_err(e));
-        }
-    };
-    ready(size);
-    let handler = Arc::new(OwnBlockFile::new(vol, rt.handle().clone(), read_only));
-    if let Err(e) = kernel::run(fds, &negotiated, handler, false, &Arc::default()) {
-        // Never leave a dead mount (ENOTCONN) behind.
-        let _ = kernel::unmount(path);
-        return Err(session_err(e));
-    }
-    Ok(record)
-}

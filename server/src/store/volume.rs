@@ -107,25 +107,7 @@ fn next_average(old: u64, sample_ns: u64) -> u64 {
     old - old / 4 + sample_ns.min(10 * INLINE_FLUSH_NS) / 4
 }
 
-/// A UTC timestamp for messages, "2026-12-01 10:04:05 UTC" (civil-from-days, no time crate needed).
-pub(crate) fn format_unix_ms(ms: u64) -> String {
-    if ms == 0 {
-        return "an unknown time".into();
-    }
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
-}
+pub(crate) use ferrovol_proto::format_unix_ms;
 
 fn io_err(e: std::io::Error) -> StoreError {
     if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -1,0 +1,286 @@
+//! Continuity of a mounted block volume through the real kernel path (root, /dev/fuse, fio; without
+//! them FERROVOL-SKIPPED, a failure under CI): `ferrovol attach` serves the mount with two processes,
+//! a holder and a worker (client/src/fuse/supervise.rs), and either can be killed with SIGKILL at
+//! any moment while fio writes and verifies: the application sees no error and no lost write.
+//!
+//! Rounds are bounded for CI (`FERROVOL_KILL_ROUNDS`, default 20); benches/scripts/continuity.py
+//! runs longer and reports the stalls.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use ferrovol_client::host::Serving;
+use ferrovol_server::testing::privileged;
+
+fn ferrovol(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(args)
+        .env("FERROVOL_SERVER", server)
+        .env("FERROVOL_NODE_ID", "cont-node")
+        .env("FERROVOL_TOKEN", "tok")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) with a pid and a signal.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill {pid}");
+}
+
+fn rounds() -> u32 {
+    std::env::var("FERROVOL_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20)
+}
+
+/// A small xorshift: random moments without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        Self(u64::from(t.subsec_nanos()) | 1)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The mount's serving record, as `ferrovol status --json` shows it.
+fn serving(server: &str, img: &Path) -> Option<Serving> {
+    let all: Vec<Serving> = serde_json::from_str(&ok(&ferrovol(server, &["status", "--json"]))).unwrap();
+    let img = std::fs::canonicalize(img).unwrap_or_else(|_| img.to_owned());
+    all.into_iter().find(|s| s.path == img)
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (dead, not yet reaped) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+/// Waits until the mount has a live worker other than `old`, and returns it.
+fn next_worker(server: &str, img: &Path, old: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(w) = serving(server, img).and_then(|s| s.worker) {
+            if Some(w) != old && alive(w) {
+                return w;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new worker for {} within 20 s", img.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the mount has a live holder other than `old`, and returns it.
+fn next_holder(server: &str, img: &Path, old: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = serving(server, img) {
+            if s.holder != old && alive(s.holder) {
+                return s.holder;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new holder for {} within 20 s", img.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// fio with `--verify=crc32c` over the first `size` of `file`: 4 KiB random writes at queue depth
+/// 16, direct, then every block read back and checked. A distinct seed per run, so a write lost in
+/// one run cannot be hidden by the same bytes from an earlier one.
+fn fio(file: &Path, size: &str, seed: u64, extra: &[&str]) -> Child {
+    Command::new("fio")
+        .args(["--name=cont", "--direct=1", "--ioengine=libaio", "--iodepth=16", "--rw=randwrite", "--bs=4k"])
+        .args(["--verify=crc32c", "--verify_state_save=0", "--output-format=json"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--size={size}"))
+        .arg(format!("--randseed={seed}"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for fio and asserts it saw no error: exit 0, and error 0 in its report. Returns the
+/// longest write completion it saw (the stall a kill caused).
+fn fio_done(mut child: Child, what: &str) -> Duration {
+    // A request lost for good would hang fio: a bounded wait turns that into a failure.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while running(&mut child) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what}: fio still running after 300 s (a request never answered?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: fio failed ({}): {stderr}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "{what}: fio reported an error: {stderr}");
+    assert!(!stderr.contains("verify"), "{what}: {stderr}");
+    Duration::from_nanos(job["write"]["clat_ns"]["max"].as_u64().unwrap_or(0))
+}
+
+fn running(child: &mut Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
+struct Attached {
+    server: String,
+    img: PathBuf,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if ferrovol_client::host::mount_at(&self.img).is_some() {
+            let _ = ferrovol(&self.server, &["detach", self.img.to_str().unwrap()]);
+        }
+    }
+}
+
+fn attach(server: &str, dir: &Path, vol: &str, size: &str) -> Attached {
+    ok(&ferrovol(server, &["volume", "create", vol, "--size", size]));
+    let img = dir.join(format!("{vol}.img"));
+    std::fs::write(&img, b"").unwrap();
+    ok(&ferrovol(server, &["attach", vol, img.to_str().unwrap(), "--background"]));
+    Attached { server: server.to_owned(), img }
+}
+
+/// Kills the mount's worker `rounds` times at random moments while fio writes and verifies
+/// (starting a new fio run, with a new seed, whenever one finishes), then checks every run.
+/// `target` is what fio writes to (the FUSE file, or a file on the filesystem above it).
+fn kill_workers_under(server: &str, img: &Path, target: &Path, size: &str, extra: &[&str], kills: u32) {
+    let mut rng = Rng::new();
+    let mut worker = next_worker(server, img, None);
+    let (mut done, mut seed, mut stalls) = (0, 1, Vec::new());
+    while done < kills {
+        let mut job = fio(target, size, seed, extra);
+        while done < kills && running(&mut job) {
+            std::thread::sleep(Duration::from_millis(20 + rng.below(280)));
+            if !running(&mut job) {
+                break;
+            }
+            kill9(worker);
+            done += 1;
+            worker = next_worker(server, img, Some(worker));
+        }
+        stalls.push(fio_done(job, &format!("fio run {seed} (after {done} kills)")));
+        seed += 1;
+    }
+    // One more full run on the last worker: the volume is still right.
+    stalls.push(fio_done(fio(target, size, seed, extra), "the last fio run"));
+    let s = serving(server, img).unwrap();
+    assert!(s.restarts >= kills, "{} restarts recorded, {kills} kills", s.restarts);
+    stalls.sort();
+    eprintln!(
+        "{kills} worker kills over {} fio runs: longest write {:?}, median run's longest {:?}",
+        stalls.len(),
+        stalls[stalls.len() - 1],
+        stalls[stalls.len() / 2]
+    );
+}
+
+#[test]
+fn the_worker_and_the_holder_die_under_fio_and_nothing_is_lost() {
+    if !privileged("the_worker_and_the_holder_die_under_fio_and_nothing_is_lost", &["fio"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    let a = attach(&addr, dir.path(), "cont", "128MiB");
+
+    // 1. The worker, killed at random moments.
+    kill_workers_under(&addr, &a.img, &a.img, "48M", &[], rounds());
+
+    // 2. The holder, then the worker it left (now watched by the new holder it started), and
+    //    again: each time fio goes on without an error.
+    let mut job = fio(&a.img, "48M", 100, &["--loops=4"]);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(100));
+        let s = serving(&addr, &a.img).unwrap();
+        kill9(s.holder);
+        let holder = next_holder(&addr, &a.img, s.holder);
+        assert!(running(&mut job), "fio ended early (round {round})");
+        std::thread::sleep(Duration::from_millis(100));
+        let worker = s.worker.unwrap();
+        kill9(worker);
+        next_worker(&addr, &a.img, Some(worker));
+        assert_eq!(serving(&addr, &a.img).unwrap().holder, holder, "the new holder stays");
+    }
+    fio_done(job, "fio across holder kills");
+
+    // 3. Detach still works, waits for the processes, and releases the writer attachment.
+    let s = serving(&addr, &a.img).unwrap();
+    ok(&ferrovol(&addr, &["detach", a.img.to_str().unwrap()]));
+    assert!(ferrovol_client::host::mount_at(&a.img).is_none());
+    assert!(!alive(s.holder) && !s.worker.is_some_and(alive), "processes left after detach: {s:?}");
+    let list = ok(&ferrovol(&addr, &["volume", "stat", "cont"]));
+    assert!(!list.contains("cont-node"), "the writer attachment is still held: {list}");
+    assert!(serving(&addr, &a.img).is_none());
+}
+
+/// ext4 on a direct-I/O loop device over the FUSE file, and fio writing files with an fsync after
+/// every write: worker kills give no EIO, ext4 stays read-write, and fsck finds it clean.
+#[test]
+fn ext4_over_the_mount_survives_worker_kills() {
+    if !privileged("ext4_over_the_mount_survives_worker_kills", &["fio", "mkfs.ext4", "e2fsck", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    let a = attach(&addr, dir.path(), "cext4", "256MiB");
+    let dev = ferrovol_client::host::loop_attach(&a.img, false).unwrap();
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = ferrovol_client::host::loop_release(&self.0);
+        }
+    }
+    let lo = Loop(dev.clone());
+    ok(&Command::new("mkfs.ext4").args(["-q", "-F", &dev]).output().unwrap());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(&Command::new("mount").arg(&dev).arg(&mnt).output().unwrap());
+    struct Mnt(PathBuf);
+    impl Drop for Mnt {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let m = Mnt(mnt.clone());
+
+    let kills = (rounds() / 2).max(1);
+    kill_workers_under(&addr, &a.img, &mnt.join("f"), "24M", &["--fsync=1", "--direct=0"], kills);
+    let opts = ferrovol_client::host::mount_at(&mnt).unwrap().options;
+    assert!(opts.iter().any(|o| o == "rw"), "ext4 is no longer read-write: {opts:?}");
+
+    drop(m);
+    let fsck = Command::new("e2fsck").args(["-f", "-n", &dev]).output().unwrap();
+    assert!(fsck.status.success(), "fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    drop(lo);
+}
