@@ -6,7 +6,8 @@ Targets (all 1 GiB, data in RAM):
   nbdfuse: nbdkit memory + nbdfuse (FUSE file over NBD on TCP 127.0.0.1)
   bindfs:  bindfs over tmpfs (a FUSE passthrough: the FUSE ceiling on this machine)
 fio jobs (direct I/O): psync qd1 and libaio qd16 x {1 MiB seq read, 1 MiB seq write, 4 KiB rand read,
-4 KiB rand write}. File-system jobs, on ext4 over a loop device (direct-io) over ours and over nbdfuse:
+4 KiB rand write}, each with the CPU it cost: the serving processes' (from /proc, per GiB or per 100k
+requests) and fio's own (its system time holds the kernel's FUSE work). File-system jobs, on ext4 over a loop device (direct-io) over ours and over nbdfuse:
 metadata (create, stat, delete 10,000 files) and fsync-heavy (create + 4 KiB write + fsync per file), plus
 the same on a loop device over a plain tmpfs file (no FUSE, no network): the ceiling of those jobs.
 Targets alternate within each round, the order rotating every round; medians and ratios are printed,
@@ -63,13 +64,36 @@ def wait_for(pred, what, timeout=20):
 
 
 def fio(path, eng, qd, rw, bs, runtime):
+    """Returns (MiB/s or IOPS, GiB moved, requests, fio's own CPU seconds: user + system)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         sh("fio", "--name=j", f"--filename={path}", f"--ioengine={eng}", f"--iodepth={qd}", f"--rw={rw}",
            f"--bs={bs}", "--direct=1", f"--size={SIZE}", "--time_based=1", f"--runtime={runtime}",
            "--output-format=json", f"--output={f.name}")
         j = json.load(open(f.name))["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
-    return side["bw"] / 1024.0 if bs == "1m" else side["iops"]
+    value = side["bw"] / 1024.0 if bs == "1m" else side["iops"]
+    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100.0 * j["job_runtime"] / 1000.0
+    return value, side["io_bytes"] / 2**30, side["total_ios"], fio_cpu
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of these processes so far (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICK
+
+
+def pids_of(name, pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
 
 
 def fs_jobs(mnt, files):
@@ -156,6 +180,14 @@ def main():
         bind = f"{shm}/bindmnt/file"
 
         targets = {"ours": ours, "nbdfuse": nbd, "bindfs": bind}
+        # The processes that serve each target: the CPU a node pays for it (the kernel's share of
+        # FUSE is counted with fio's system time).
+        served = json.loads(subprocess.run([ferrovol, "status", "--json"], check=True, capture_output=True,
+                                           text=True, env=env).stdout)
+        ours_pids = [srv.pid] + [p for s in served if s["path"] == ours for p in (s["holder"], s["worker"]) if p]
+        servers = {"ours": ours_pids, "nbdfuse": [procs[1].pid, procs[2].pid],
+                   "bindfs": pids_of("bindfs", f"bindfs {shm}/raw")}
+        print("serving processes:", servers, flush=True)
         print("prefilling...", flush=True)
         for p in targets.values():
             sh("fio", "--name=fill", f"--filename={p}", "--rw=write", "--bs=1m", "--direct=1", f"--size={SIZE}",
@@ -163,12 +195,21 @@ def main():
 
         names = list(targets)
         samples = {f"{e} qd{q} {rw} {bs}": {n: [] for n in names} for e, q, rw, bs in FIO_JOBS}
+        # CPU seconds per GiB (1 MiB jobs) or per 100k requests (4 KiB jobs): serving processes,
+        # and fio's own (its system time includes the kernel's FUSE work).
+        cpu = {k: {n: {"serve": [], "fio": []} for n in names} for k in samples}
         for rnd in range(args.rounds):
             order = names[rnd % 3:] + names[:rnd % 3]
             for e, q, rw, bs in FIO_JOBS:
                 key = f"{e} qd{q} {rw} {bs}"
                 for n in order:
-                    samples[key][n].append(fio(targets[n], e, q, rw, bs, args.runtime))
+                    before = cpu_seconds(servers[n])
+                    value, gib, ios, fio_cpu = fio(targets[n], e, q, rw, bs, args.runtime)
+                    serve = cpu_seconds(servers[n]) - before
+                    per = gib if bs == "1m" else ios / 1e5
+                    samples[key][n].append(value)
+                    cpu[key][n]["serve"].append(serve / per)
+                    cpu[key][n]["fio"].append(fio_cpu / per)
                 print(f"round {rnd + 1} {key:<26} " + "  ".join(f"{n} {samples[key][n][-1]:>9.0f}" for n in names),
                       flush=True)
 
@@ -216,6 +257,13 @@ def main():
         rows.append({"job": key, "unit": unit, "samples": s, "ours": o, "nbdfuse": nb, "bindfs": bi,
                      "ours_per_nbdfuse": o / nb, "ours_per_bindfs": o / bi})
         print(f"{key:<28} {unit:>6} {o:>9.0f} {nb:>9.0f} {bi:>9.0f} {o / nb:>12.2f}x {o / bi:>11.2f}x")
+        rows[-1]["cpu"] = {n: {k: med(v) for k, v in c.items()} for n, c in cpu[key].items()}
+    print("\nCPU seconds per GiB (1 MiB jobs) or per 100k requests (4 KiB jobs), medians: serving processes"
+          " + fio (user + system; the kernel's FUSE work is in fio's system time)")
+    print(f"{'job':<28} {'ours':>14} {'nbdfuse':>14} {'bindfs':>14}")
+    for r in rows:
+        c = r["cpu"]
+        print(f"{r['job']:<28} " + " ".join(f"{c[n]['serve']:>6.2f} + {c[n]['fio']:>5.2f}" for n in names))
     for job, unit in (("metadata", "ops/s"), ("fsync", "files/s")):
         o, nb, lo = med(fs["ours"][job]), med(fs["nbdfuse"][job]), med(fs["local"][job])
         rows.append({"job": f"ext4 {job}", "unit": unit, "samples": {n: fs[n][job] for n in fs},

@@ -341,9 +341,9 @@ impl ConnHandle {
         }
         let id = st.next_id.max(1);
         st.next_id = id + 1;
-        let frame = if st.connected {
+        let request = if st.connected {
             match to_request(&st, &op) {
-                Ok(req) => Some((st.generation, req.encode(RequestId(id)))),
+                Ok(req) => Some((st.generation, req)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                     return None;
@@ -353,8 +353,12 @@ impl ConnHandle {
             None
         };
         let call = Call { op, reply, deadline: Instant::now() + self.io_timeout };
-        st.pending.insert(id, Pending { call, sent: frame.is_some() });
-        frame
+        st.pending.insert(id, Pending { call, sent: request.is_some() });
+        drop(st);
+        // Encoded (the payload's CRC: up to 4 MiB) outside the lock, which the reader takes for
+        // every reply. A reconnect meanwhile moves the generation on, and `submit` drops a frame of
+        // an older one; the reconnect re-sends the call from `pending`.
+        request.map(|(generation, req)| (generation, req.encode(RequestId(id))))
     }
 
     pub(crate) async fn call(&self, op: Op) -> Result<Reply> {

@@ -338,22 +338,26 @@ pub fn servings() -> Vec<Serving> {
     all
 }
 
-/// Whether process `pid` exists.
+/// Whether process `pid` is running (a zombie, dead and not yet reaped, is not).
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')' (comm may hold anything).
+    stat.rsplit(')').next().is_some_and(|rest| !matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
 }
 
 /// Waits (up to `limit`) for the processes recorded as serving `mount` to exit. True when they did
-/// (or none was recorded), false when one is still running at the limit.
+/// (or none was recorded), false when one is still running at the limit. The record is read again
+/// each time (a holder that replaced a dead one rewrites it), and the processes last seen in it are
+/// waited for even once it is gone (the holder removes it just before it exits).
 pub fn wait_serving_exit(mount: &Path, limit: Duration) -> bool {
     let path = serving_record(mount);
     let deadline = std::time::Instant::now() + limit;
+    let mut last: Vec<u32> = Vec::new();
     loop {
-        // Read again each time: a holder that replaced a dead one rewrites the record.
-        let Some(s) = read_serving(&path) else { return true };
-        if !pid_alive(s.holder) && !s.worker.is_some_and(pid_alive) {
+        if let Some(s) = read_serving(&path) {
+            last = [Some(s.holder), s.worker].into_iter().flatten().collect();
+        }
+        if !last.iter().any(|&p| pid_alive(p)) {
             return true;
         }
         if std::time::Instant::now() >= deadline {

@@ -46,10 +46,13 @@ use crate::{ClientError, ConnectOptions, Session, Volume};
 /// The environment variable that carries a [`Handoff`] to a process started as a holder or worker.
 pub const HANDOFF_ENV: &str = "FERROVOL_FUSE_HANDOFF";
 
-/// A worker that dies before it is up is restarted after a pause, doubling from the first to the
-/// last while that goes on.
+/// A worker that dies before it is up, or more than [`QUICK_DEATHS_FREE`] times in a row within
+/// [`QUICK_DEATH`] of its start, is restarted after a pause, doubling from the first to the last
+/// while that goes on.
 const RESTART_PAUSE_MIN: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(2);
+const QUICK_DEATH: Duration = Duration::from_secs(1);
+const QUICK_DEATHS_FREE: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -58,9 +61,12 @@ enum Role {
     Holder,
 }
 
-/// What a holder or worker is handed when it starts.
+/// What a holder or worker is handed when it starts. Fields added later get `#[serde(default)]`,
+/// so a newer binary (a restart after an upgrade) reads what an older one handed over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Handoff {
+    /// [`HANDOFF_VERSION`] of the binary that wrote it; a newer one refuses to guess.
+    version: u32,
     role: Role,
     /// The connection's /dev/fuse fds, as numbered in the new process (inherited).
     fds: Vec<RawFd>,
@@ -80,7 +86,13 @@ struct Handoff {
     size: u64,
     /// When it was mounted (for `ferrovol status`).
     since_unix_ms: u64,
+    /// How many connections every worker opens: at least as many as the first, so each slot of a
+    /// dead worker is retired by a new HELLO (see the module docs), whatever the defaults of a
+    /// newer binary are.
+    connections: usize,
 }
+
+const HANDOFF_VERSION: u32 = 1;
 
 /// Whether this process was started as the holder or worker of a mount that already exists: the
 /// command line's own checks ("already a mount point") and `--background` do not apply to it.
@@ -98,6 +110,12 @@ fn take_handoff() -> io::Result<Option<(Handoff, Vec<OwnedFd>, UnixStream)>> {
     }
     let h: Handoff = serde_json::from_str(&raw.to_string_lossy())
         .map_err(|e| io::Error::other(format!("malformed {HANDOFF_ENV}: {e}")))?;
+    if h.version > HANDOFF_VERSION {
+        return Err(io::Error::other(format!(
+            "{HANDOFF_ENV} is version {}; this binary reads up to {HANDOFF_VERSION}",
+            h.version
+        )));
+    }
     let own = |fd: RawFd| -> io::Result<OwnedFd> {
         // SAFETY: F_GETFD only reads the flags of `fd`; it fails for an fd that is not open.
         if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -118,14 +136,16 @@ fn take_handoff() -> io::Result<Option<(Handoff, Vec<OwnedFd>, UnixStream)>> {
     Ok(Some((h, fds, link)))
 }
 
-/// This binary, by path (after an upgrade replaced it on disk, the new one).
+/// This binary, by path: after an upgrade replaced it on disk, the new one. If nothing is at the
+/// path any more, the running binary itself (`/proc/self/exe` still executes a deleted file).
 fn exe() -> io::Result<PathBuf> {
     let p = std::env::current_exe()?;
     let s = p.as_os_str().to_string_lossy();
-    Ok(match s.strip_suffix(" (deleted)") {
+    let at = match s.strip_suffix(" (deleted)") {
         Some(orig) => PathBuf::from(orig),
         None => p,
-    })
+    };
+    Ok(if at.is_file() { at } else { PathBuf::from("/proc/self/exe") })
 }
 
 /// Starts this command line again as `h.role`, handing it `fds` and `link` (its end of the link).
@@ -157,27 +177,41 @@ fn spawn(h: &Handoff, fds: &[OwnedFd], link: &OwnedFd) -> io::Result<std::proces
 
 /// Whether the FUSE connection of `fd` is still alive (not unmounted, not aborted): the kernel
 /// reports POLLERR on its fds once it is over.
+/// A poll that fails (other than EINTR, which is retried) says nothing: taken as alive.
 pub fn connection_alive(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd on our stack, zero timeout.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc >= 0 && p.revents & (libc::POLLERR | libc::POLLNVAL) == 0
+    loop {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd on our stack, zero timeout.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return rc < 0 || p.revents & (libc::POLLERR | libc::POLLNVAL) == 0;
+    }
 }
 
-/// Waits for process `pid` (not our child) to exit, through a pidfd.
-fn wait_exit(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let Ok(raw) = RawFd::try_from(raw) else { return };
-    if raw < 0 {
-        return; // ESRCH: already gone.
+/// Why the connection is over, for the log: unmounted, or aborted with the mount left in place
+/// (fusectl's `abort`: it answers ENOTCONN until someone unmounts it).
+fn log_over(path: &Path, shown: &str) {
+    if crate::host::mount_at(path).is_some() {
+        warn!(path = %shown, "the FUSE connection was aborted; the mount answers ENOTCONN until it is unmounted");
+    } else {
+        info!(path = %shown, "unmounted");
     }
-    // SAFETY: a fresh fd returned to us.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd on our stack; a pidfd becomes readable when the process exits.
-    while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+}
+
+/// Reads `link` until its peer has closed it, which happens when the peer process is gone (only
+/// that process holds the other end: it is close-on-exec, never inherited).
+fn wait_eof(mut link: &UnixStream) {
+    let mut b = [0u8; 16];
+    loop {
+        match link.read(&mut b) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ServeError> {
@@ -224,10 +258,11 @@ pub(super) fn start(
     let rt = runtime()?;
     let session_id = rand::random::<u64>() | 1;
     opts.session_id = Some(session_id);
+    let opts_connections = opts.connections;
     // Open it here first, so every refusal (unknown volume, attached elsewhere) comes before the
     // mount, in this process's own words. The worker opens it again under the same session.
     let (generation, size) = rt.block_on(async {
-        let (session, vol) = open(server, opts, name, access).await?;
+        let (session, vol) = open(server, opts.clone(), name, access).await?;
         let out = (vol.generation(), vol.size());
         drop(vol);
         drop(session);
@@ -245,6 +280,12 @@ pub(super) fn start(
         session_err(e)
     };
     let init = kernel::handshake(&fd, super::serve::OWN_INIT_FLAGS, super::MAX_WRITE, 128).map_err(undo)?;
+    if init.flags & super::abi::FUSE_HAS_RESEND == 0 {
+        // Without NOTIFY_RESEND (kernels before 6.9), requests a dead worker had taken would wait
+        // forever: serve in this process, so the mount ends with it (ENOTCONN), as with fuser.
+        warn!(path = %shown, "this kernel cannot resend FUSE requests: serving without a separate worker");
+        return serve_here(&rt, server, opts, name, path, (access, generation), fd, threads, &init, ready);
+    }
     let mut fds = vec![fd];
     for _ in 1..threads {
         fds.push(kernel::clone_fd(&fds[0]).map_err(undo)?);
@@ -257,9 +298,11 @@ pub(super) fn start(
         generation,
         init,
         resend: false,
+        version: HANDOFF_VERSION,
         peer: std::process::id(),
         size,
         since_unix_ms: now_unix_ms(),
+        connections: opts_connections,
     };
     info!(volume = %name, path = %shown, size, read_only, minor = init.minor, "mounted (own FUSE session)");
     let serving = Serving {
@@ -281,9 +324,65 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Serves the mount in this process (no worker, no continuity): where the kernel cannot resend.
+#[allow(clippy::too_many_arguments)]
+fn serve_here(
+    rt: &tokio::runtime::Runtime,
+    server: &str,
+    opts: ConnectOptions,
+    name: &VolumeName,
+    path: &Path,
+    (access, generation): (Access, u64),
+    fd: OwnedFd,
+    threads: usize,
+    init: &InitOut,
+    ready: impl FnOnce(u64),
+) -> Result<(), ServeError> {
+    let shown = path.display().to_string();
+    // Under the attachment taken (or checked) a moment ago: no second takeover.
+    let at = if access.read_only() { Access::ReadOnly } else { Access::WriterAt { generation } };
+    let undo = |e: io::Error| {
+        let _ = kernel::unmount(path);
+        ServeError::Session { path: shown.clone(), source: e }
+    };
+    let opened = rt.block_on(open(server, opts, name, at));
+    let (session, vol) = opened.map_err(|e| {
+        let _ = kernel::unmount(path);
+        ServeError::Client(e)
+    })?;
+    let mut fds = vec![fd];
+    for _ in 1..threads {
+        fds.push(kernel::clone_fd(&fds[0]).map_err(undo)?);
+    }
+    let record = crate::host::record_serving(Serving {
+        path: path.to_owned(),
+        volume: name.to_string(),
+        server: server.to_owned(),
+        read_only: access.read_only(),
+        holder: std::process::id(),
+        worker: None,
+        restarts: 0,
+        since_unix_ms: now_unix_ms(),
+    })
+    .map_err(undo)?;
+    let target = path.to_owned();
+    super::serve::unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
+    ready(vol.size());
+    let handler = Arc::new(OwnBlockFile::new(vol, rt.handle().clone(), access.read_only()));
+    kernel::run(fds, init, handler, false, &Arc::default()).map_err(undo)?;
+    log_over(path, &shown);
+    if let Access::Writer { .. } = access {
+        rt.block_on(session.release_writer(name, generation))?;
+    }
+    drop(record);
+    Ok(())
+}
+
 /// The holder's loop: keeps a worker serving `fds` while the mount lives. `adopted`: the worker
 /// that is already running (our parent, for a holder started by a worker whose holder died), with
-/// our end of its link. `ready` runs once the first worker reports the mount usable.
+/// our end of its link. `ready` runs once the first worker reports the mount usable; until then,
+/// every failure unmounts (nothing half-made stays). After that, nothing makes the holder give up
+/// while the connection lives: it is what keeps the mount alive.
 fn hold(
     rt: &tokio::runtime::Runtime,
     serving: Serving,
@@ -294,40 +393,67 @@ fn hold(
 ) -> Result<(), ServeError> {
     let path = &serving.path.clone();
     let shown = path.display().to_string();
-    let session_err = |source| ServeError::Session { path: shown.clone(), source };
+    let failed = |e: io::Error| {
+        let _ = kernel::unmount(path);
+        ServeError::Session { path: shown.clone(), source: e }
+    };
     // Removed when this returns; `ferrovol detach` waits for that.
-    let mut record = crate::host::record_serving(serving).map_err(session_err)?;
+    let mut record = match crate::host::record_serving(serving) {
+        Ok(r) => Some(r),
+        Err(e) if ready.is_some() => return Err(failed(e)),
+        Err(e) => {
+            warn!(path = %shown, error = %e, "cannot write the serving record; holding the mount without it");
+            None
+        }
+    };
+    let mut note = |change: &dyn Fn(&mut Serving)| {
+        if let Some(r) = record.as_mut() {
+            if let Err(e) = r.update(change) {
+                warn!(path = %shown, error = %e, "cannot update the serving record");
+            }
+        }
+    };
     let target = path.to_owned();
     super::serve::unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
     if let Some((pid, link)) = adopted {
         info!(path = %shown, worker = pid, "holding the mount again (the previous holder died)");
-        wait_exit(pid);
+        wait_eof(&link);
         drop(link);
         if !connection_alive(&fds[0]) {
-            info!(path = %shown, "unmounted");
+            log_over(path, &shown);
             return Ok(());
         }
         warn!(path = %shown, worker = pid, "the FUSE worker died; starting a new one (its requests are resent)");
         handoff.resend = true;
-        let _ = record.update(|s| s.restarts += 1);
+        note(&|s| s.restarts += 1);
     }
     let mut pause = RESTART_PAUSE_MIN;
+    let mut quick_deaths = 0u32;
     loop {
-        let (ours, theirs) = UnixStream::pair().map_err(session_err)?;
-        let theirs = OwnedFd::from(theirs);
         handoff.role = Role::Worker;
         handoff.peer = std::process::id();
-        let mut child = spawn(&handoff, &fds, &theirs).map_err(|e| {
-            if ready.is_some() {
-                let _ = kernel::unmount(path);
+        let spawned = UnixStream::pair().and_then(|(ours, theirs)| {
+            let theirs = OwnedFd::from(theirs);
+            spawn(&handoff, &fds, &theirs).map(|child| (ours, child))
+        });
+        let (ours, mut child) = match spawned {
+            Ok(c) => c,
+            Err(e) if ready.is_some() => return Err(failed(e)),
+            // Later on, the mount must keep a worker: keep trying (its requests wait meanwhile).
+            Err(e) => {
+                warn!(path = %shown, error = %e, ?pause, "cannot start a FUSE worker; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RESTART_PAUSE_MAX);
+                if !connection_alive(&fds[0]) {
+                    log_over(path, &shown);
+                    return Ok(());
+                }
+                continue;
             }
-            session_err(e)
-        })?;
-        drop(theirs);
+        };
+        let started = Instant::now();
         let pid = child.id();
-        if let Err(e) = record.update(|s| s.worker = Some(pid)) {
-            warn!(path = %shown, error = %e, "cannot update the serving record");
-        }
+        note(&|s| s.worker = Some(pid));
         // A worker is up once it has connected and opened the volume (a resumed one: and asked
         // for the resend); it says so, or closes the link by dying.
         let mut line = String::new();
@@ -336,11 +462,13 @@ fn hold(
         if let Some(ready) = ready.take() {
             // The first worker: the mount is usable once it is up.
             if !up {
-                let status = child.wait().map_err(session_err)?;
-                let _ = kernel::unmount(path);
-                return Err(session_err(io::Error::other(match line.trim().strip_prefix("error ") {
+                let status = child.wait();
+                return Err(failed(io::Error::other(match line.trim().strip_prefix("error ") {
                     Some(reason) => reason.to_owned(),
-                    None => format!("the FUSE worker exited before it was ready ({status})"),
+                    None => format!(
+                        "the FUSE worker exited before it was ready ({})",
+                        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                    ),
                 })));
             }
             info!(path = %shown, worker = pid, "attached");
@@ -348,27 +476,33 @@ fn hold(
         } else if up {
             info!(path = %shown, worker = pid, resend = handoff.resend, "FUSE worker serving");
         }
-        let status = child.wait().map_err(session_err)?;
+        // Its link closes when its process is gone; then it is reaped.
+        wait_eof(&ours);
+        let exit = child.wait();
+        let killed = exit.as_ref().is_ok_and(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.signal() == Some(libc::SIGKILL)
+        });
+        let status = exit.map_or_else(|e| e.to_string(), |s| s.to_string());
         drop(ours);
         if !connection_alive(&fds[0]) {
-            if !status.success() {
-                warn!(path = %shown, %status, "the FUSE worker died after the unmount");
-            }
-            info!(path = %shown, "unmounted");
+            log_over(path, &shown);
             return Ok(());
         }
         warn!(path = %shown, worker = pid, %status, "the FUSE worker died; starting a new one (its requests are resent)");
         handoff.resend = true;
-        let _ = record.update(|s| s.restarts += 1);
-        // A worker that was up is replaced at once. One that died before it was up (the server
-        // unreachable past its retries, say) is retried after a pause that grows while that
-        // goes on, so a worker that cannot start does not spin.
-        if up {
-            pause = RESTART_PAUSE_MIN;
-        } else {
-            warn!(path = %shown, ?pause, "the FUSE worker died before it was up; pausing before the next");
+        note(&|s| s.restarts += 1);
+        // A worker that was up is replaced at once, unless workers keep crashing within a second
+        // of their start (a request that crashes every one of them, say; SIGKILL comes from
+        // outside and does not count): then, and for one that died before it was up, the next
+        // waits a pause that doubles while that goes on, so a worker that cannot live does not spin.
+        quick_deaths = if killed || (up && started.elapsed() >= QUICK_DEATH) { 0 } else { quick_deaths + 1 };
+        if !up || quick_deaths > QUICK_DEATHS_FREE {
+            warn!(path = %shown, ?pause, "FUSE workers keep dying; pausing before the next");
             std::thread::sleep(pause);
             pause = (pause * 2).min(RESTART_PAUSE_MAX);
+        } else {
+            pause = RESTART_PAUSE_MIN;
         }
     }
 }
@@ -435,8 +569,20 @@ fn permanent(e: &ClientError) -> bool {
                 | Status::AttachedElsewhere
                 | Status::Forbidden
                 | Status::ReadOnly
+                | Status::AuthFailed
         )
     )
+}
+
+/// A handler that can be replaced while the workers run: a resumed worker that could not reach
+/// the server within `io_timeout` answers EIO (as a running one would) until it can.
+struct Switch(std::sync::RwLock<Arc<dyn Handler>>);
+
+impl Handler for Switch {
+    fn handle(&self, req: Request, ch: &Channel) {
+        let current = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        current.handle(req, ch);
+    }
 }
 
 /// The worker: connects under the mount's session, opens the volume, tells the holder it is
@@ -457,10 +603,11 @@ fn work(
     let rt = runtime()?;
     let read_only = access.read_only();
     opts.session_id = Some(h.session);
-    let retry_for = opts.io_timeout;
+    opts.connections = opts.connections.max(h.connections);
     let at = if read_only { Access::ReadOnly } else { Access::WriterAt { generation: h.generation } };
-    // Every connection is up (and every old one of the session retired) before the resend.
-    let deadline = Instant::now() + retry_for;
+    // Every connection is up (and with it every old connection of the session retired: the dead
+    // worker is fenced) before the resend.
+    let deadline = Instant::now() + opts.io_timeout;
     let opened = rt.block_on(async {
         loop {
             match open(server, opts.clone(), name, at).await {
@@ -473,16 +620,53 @@ fn work(
             }
         }
     });
-    let handler: Arc<dyn Handler> = match &opened {
-        Ok((_, vol)) => Arc::new(OwnBlockFile::new(vol.clone(), rt.handle().clone(), read_only)),
-        Err(e) if h.resend && permanent(e) => {
-            warn!(volume = %name, error = %e, "the volume cannot be opened any more; answering EIO");
-            Arc::new(Unavailable)
+    // Where this worker serves from once it can (a retry that succeeds later fills it in).
+    let served: Arc<std::sync::Mutex<Option<(Session, Volume)>>> = Arc::default();
+    let (handler, resend): (Arc<dyn Handler>, bool) = match opened {
+        Ok((session, vol)) => {
+            let file = Arc::new(OwnBlockFile::new(vol.clone(), rt.handle().clone(), read_only));
+            *served.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((session, vol));
+            (file, h.resend)
         }
-        Err(e) => {
-            // Said to the holder, which reports it (a first start) or starts another worker.
+        Err(e) if !h.resend => {
+            // A first start: said to the holder, which reports it and unmounts.
             let _ = writeln!(link, "error {e}");
             return Err(ServeError::Session { path: shown, source: io::Error::other(e.to_string()) });
+        }
+        Err(e) => {
+            // Resumed, and the volume cannot be opened: answer EIO (the requests the dead worker
+            // had taken too: they are resent, and nothing of theirs reaches the server), so the
+            // application gets errors instead of waiting. If the server was only unreachable,
+            // keep trying, and serve again once it answers.
+            warn!(volume = %name, error = %e, "the volume cannot be opened; answering EIO");
+            let switch = Arc::new(Switch(std::sync::RwLock::new(Arc::new(Unavailable))));
+            if !permanent(&e) {
+                let (switch, served, server, name) =
+                    (switch.clone(), served.clone(), server.to_owned(), name.clone());
+                let handle = rt.handle().clone();
+                rt.spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match open(&server, opts.clone(), &name, at).await {
+                            Ok((session, vol)) => {
+                                let file: Arc<dyn Handler> =
+                                    Arc::new(OwnBlockFile::new(vol.clone(), handle, read_only));
+                                *switch.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = file;
+                                *served.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                    Some((session, vol));
+                                info!(volume = %name, "the server answers again; serving");
+                                return;
+                            }
+                            Err(e) if permanent(&e) => {
+                                warn!(volume = %name, error = %e, "the volume cannot be opened; EIO stays");
+                                return;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                });
+            }
+            (switch, true)
         }
     };
     let serving = fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>().map_err(session_err)?;
@@ -495,10 +679,11 @@ fn work(
             .spawn(move || watch_holder(link, held, h, &shown))
             .map_err(session_err)?;
     }
-    info!(volume = %name, path = %shown, resend = h.resend, "serving");
-    kernel::run(serving, &h.init, handler, h.resend, &Arc::default()).map_err(session_err)?;
-    info!(path = %shown, "unmounted");
-    if let (Ok((session, vol)), Access::Writer { .. }) = (&opened, access) {
+    info!(volume = %name, path = %shown, resend, "serving");
+    kernel::run(serving, &h.init, handler, resend, &Arc::default()).map_err(session_err)?;
+    log_over(path, &shown);
+    let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let (Some((session, vol)), Access::Writer { .. }) = (served, access) {
         // Unmounted, so nothing can write any more: release the attachment (a no-op if it was
         // taken over meanwhile).
         let generation = vol.generation();
@@ -509,21 +694,21 @@ fn work(
 }
 
 /// The worker's watch on its holder: when the link reports the holder dead and the mount still
-/// lives, starts a new holder, hands it the fds, and watches that one.
+/// lives, starts a new holder, hands it the fds, and watches that one. A holder that dies within
+/// [`QUICK_DEATH`] of its start is replaced after a pause that doubles while that goes on.
 fn watch_holder(mut link: UnixStream, held: Arc<Vec<OwnedFd>>, mut h: Handoff, shown: &str) {
-    let mut child: Option<std::process::Child> = None;
+    let mut child: Option<(std::process::Child, Instant)> = None;
+    let mut pause = RESTART_PAUSE_MIN;
     loop {
-        let mut b = [0u8; 16];
-        loop {
-            match link.read(&mut b) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        if let Some(mut c) = child.take() {
+        wait_eof(&link);
+        if let Some((mut c, started)) = child.take() {
             let _ = c.wait();
+            if started.elapsed() < QUICK_DEATH {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RESTART_PAUSE_MAX);
+            } else {
+                pause = RESTART_PAUSE_MIN;
+            }
         }
         if !connection_alive(&held[0]) {
             return;
@@ -539,7 +724,7 @@ fn watch_holder(mut link: UnixStream, held: Arc<Vec<OwnedFd>>, mut h: Handoff, s
                 Ok((ours, c)) => {
                     info!(path = %shown, holder = c.id(), "new holder started");
                     link = ours;
-                    child = Some(c);
+                    child = Some((c, Instant::now()));
                     break;
                 }
                 Err(e) => {

@@ -268,6 +268,13 @@ impl Inner {
         if is_mounted(&st.image) {
             unmount_now(&st.image)?;
         }
+        // Its processes (holder and worker: see ferrovol_client::fuse::supervise) exit once it is
+        // unmounted, the worker after releasing the writer attachment. They are found by their
+        // serving record (a holder that replaced a dead one rewrites it), the first attach
+        // process by its pid.
+        if !host::wait_serving_exit(&st.image, Duration::from_secs(10)) {
+            warn!(volume = id, "the processes serving the FUSE file still run after its unmount");
+        }
         if let Some(pid) = st.attach_pid {
             let deadline = Instant::now() + Duration::from_secs(10);
             while pid_alive(pid) && Instant::now() < deadline {

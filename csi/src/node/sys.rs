@@ -25,9 +25,7 @@ pub fn unmount_now(path: &Path) -> CsiResult<()> {
 }
 
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    ferrovol_client::host::pid_alive(pid)
 }
 
 /// linux/capability.h: needed by ext4's online resize.
