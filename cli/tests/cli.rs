@@ -32,21 +32,33 @@ fn volume_commands() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0");
     assert!(ok(&ferrovol(&server, &["volume", "create", "web", "--size", "64MiB"])).contains("64 MiB"));
-    ok(&ferrovol(&server, &["volume", "create", "db", "--size", "1G"]));
+    ok(&ferrovol(&server, &["volume", "create", "db", "--size", "1Gi"]));
     fails(&ferrovol(&server, &["volume", "create", "web", "--size", "64MiB"]), "already exists");
-    fails(&ferrovol(&server, &["volume", "create", "../x", "--size", "1G"]), "name contains");
+    fails(&ferrovol(&server, &["volume", "create", "../x", "--size", "1Gi"]), "name contains");
     fails(&ferrovol(&server, &["volume", "create", "x", "--size", "12XB"]), "unknown unit");
-    fails(&ferrovol(&server, &["volume", "create", "x", "--size", "1000"]), "multiple of 4096");
+    // Kubernetes quantities: what could mean either is refused in the user's words; a size that
+    // is not whole blocks is rounded up, and that is said.
+    fails(
+        &ferrovol(&server, &["volume", "create", "x", "--size", "10GB"]),
+        "\"10GB\" is ambiguous: write 10G",
+    );
+    let rounded = ferrovol(&server, &["volume", "create", "small", "--size", "1000"]);
+    ok(&rounded);
+    assert!(String::from_utf8_lossy(&rounded.stderr).contains("rounded up to 4096 bytes"), "{rounded:?}");
+    let decimal = ferrovol(&server, &["volume", "create", "dec", "--size", "1M"]);
+    assert!(String::from_utf8_lossy(&decimal.stderr).contains("is 1000000 bytes"), "{decimal:?}");
+    ok(&ferrovol(&server, &["volume", "delete", "small"]));
+    ok(&ferrovol(&server, &["volume", "delete", "dec"]));
     let list = ok(&ferrovol(&server, &["volume", "list"]));
     assert!(list.contains("web") && list.contains("db") && list.contains("1 GiB"), "{list}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&ferrovol(&server, &["volume", "list", "--json"]))).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
-    ok(&ferrovol(&server, &["volume", "resize", "web", "--size", "128M"]));
+    ok(&ferrovol(&server, &["volume", "resize", "web", "--size", "128Mi"]));
     let stat: serde_json::Value =
         serde_json::from_str(&ok(&ferrovol(&server, &["volume", "stat", "web", "--json"]))).unwrap();
     assert_eq!(stat["size"], 128u64 << 20);
-    fails(&ferrovol(&server, &["volume", "resize", "web", "--size", "4K"]), "shrinking");
+    fails(&ferrovol(&server, &["volume", "resize", "web", "--size", "4Ki"]), "shrinking");
     ok(&ferrovol(&server, &["volume", "delete", "web"]));
     fails(&ferrovol(&server, &["volume", "delete", "web"]), "not found");
     fails(&ferrovol(&server, &["volume", "stat", "web"]), "not found");

@@ -36,42 +36,86 @@ pub use types::{
     format_unix_ms, validate_labels, Labels, NameError, NodeId, RequestId, VolumeHandle, VolumeName,
 };
 
-/// Parses a size such as `64MiB`, `1G`, `4096`, `1.5GiB`. `K/M/G/T/P` and `KiB/MiB/...` are both powers
-/// of 1024 (block-device convention, like `truncate -s`); a trailing `B` is optional.
+/// Parses a size the way Kubernetes writes quantities, which is what the CSI users of this project
+/// live by: `k M G T P E` are powers of 1000, `Ki Mi Gi Ti Pi Ei` (also written `KiB`, `MiB`...)
+/// powers of 1024, a plain number is bytes; `1.5Gi` is allowed where it is a whole number of bytes.
+/// Units are case-sensitive. What could mean either (`10GB`, `10gb`, `10K`), or means something
+/// else in Kubernetes (`m`: milli), or is malformed, is refused with a message that repeats what was
+/// typed and says what to write instead.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    if num.is_empty() {
+    if num.is_empty() || num == "." {
         return Err(format!("size {s:?} does not start with a number"));
     }
-    let unit_l = unit.trim().to_ascii_lowercase();
-    let shift = match unit_l.as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        "p" | "pb" | "pib" => 50,
-        _ => return Err(format!("size {s:?} has an unknown unit {unit:?} (use K, M, G, T, KiB, MiB, ...)")),
+    if unit.starts_with(char::is_whitespace) {
+        return Err(format!(
+            "size {s:?}: write the unit right after the number, without a space ({num}{})",
+            unit.trim()
+        ));
+    }
+    let (base, power): (u128, u32) = match unit {
+        "" | "B" => (1, 0),
+        "k" => (1000, 1),
+        "M" => (1000, 2),
+        "G" => (1000, 3),
+        "T" => (1000, 4),
+        "P" => (1000, 5),
+        "E" => (1000, 6),
+        "Ki" | "KiB" => (1024, 1),
+        "Mi" | "MiB" => (1024, 2),
+        "Gi" | "GiB" => (1024, 3),
+        "Ti" | "TiB" => (1024, 4),
+        "Pi" | "PiB" => (1024, 5),
+        "Ei" | "EiB" => (1024, 6),
+        _ => return Err(unit_error(s, num, unit)),
     };
-    let mult = 1u128 << shift;
-    let bytes: u128 = if let Some((int, frac)) = num.split_once('.') {
-        let int: u128 =
-            if int.is_empty() { 0 } else { int.parse().map_err(|_| format!("bad size {s:?}"))? };
-        if frac.is_empty() || frac.len() > 9 || frac.contains('.') {
-            return Err(format!("bad size {s:?}"));
+    let mult = base.pow(power);
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if frac.contains('.') || (num.contains('.') && frac.is_empty()) || frac.len() > 18 {
+        return Err(format!("size {s:?} is not a number"));
+    }
+    let too_large = || format!("size {s:?} is too large");
+    let int_v: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| too_large())? };
+    let scale = 10u128.pow(u32::try_from(frac.len()).unwrap_or(18));
+    let frac_v: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| too_large())? };
+    let frac_bytes = frac_v.checked_mul(mult).ok_or_else(too_large)?;
+    if frac_bytes % scale != 0 {
+        return Err(format!("size {s:?} is not a whole number of bytes"));
+    }
+    let bytes =
+        int_v.checked_mul(mult).and_then(|v| v.checked_add(frac_bytes / scale)).ok_or_else(too_large)?;
+    u64::try_from(bytes).map_err(|_| too_large())
+}
+
+/// Why `unit` (after `num`) is not a unit, with what to write instead.
+fn unit_error(s: &str, num: &str, unit: &str) -> String {
+    let lower = unit.to_ascii_lowercase();
+    let letter = lower.chars().next().filter(|c| "kmgtpe".contains(*c));
+    match (letter, lower.get(1..).unwrap_or("")) {
+        (Some('m'), "") if unit == "m" => format!(
+            "size {s:?}: \"m\" is milli in Kubernetes quantities; write {num}M (10^6 bytes) or {num}Mi (2^20 bytes)"
+        ),
+        (Some(c), "" | "b") => {
+            let dec = if c == 'k' { "k".to_owned() } else { c.to_ascii_uppercase().to_string() };
+            let bin = format!("{}i", c.to_ascii_uppercase());
+            let power = "kmgtpe".find(c).map_or(1, |i| i + 1);
+            format!(
+                "size {s:?} is ambiguous: write {num}{dec} for 10^{} bytes or {num}{bin} for 2^{} bytes",
+                3 * power,
+                10 * power
+            )
         }
-        let frac_v: u128 = frac.parse().map_err(|_| format!("bad size {s:?}"))?;
-        let scale = 10u128.pow(u32::try_from(frac.len()).unwrap_or(9));
-        int.checked_mul(mult)
-            .and_then(|v| v.checked_add(frac_v * mult / scale))
-            .ok_or_else(|| format!("size {s:?} is too large"))?
-    } else {
-        let n: u128 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-        n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))?
-    };
-    u64::try_from(bytes).map_err(|_| format!("size {s:?} is too large"))
+        (Some(c), "i" | "ib") => format!(
+            "size {s:?}: units are case-sensitive; write {num}{}i",
+            c.to_ascii_uppercase()
+        ),
+        _ => format!(
+            "size {s:?} has an unknown unit {unit:?} (k, M, G, T, P are powers of 1000; Ki, Mi, Gi, Ti, Pi \
+             powers of 1024; a plain number is bytes)"
+        ),
+    }
 }
 
 /// Formats bytes with a binary unit, e.g. `1.5 GiB`.
@@ -96,20 +140,52 @@ pub fn format_size(bytes: u64) -> String {
 mod size_tests {
     use super::*;
 
+    /// The size grammar: each input, and the value or the exact error it gets.
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("1gib"), Ok(1 << 30));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("12XB").is_err());
-        assert!(parse_size("99999999999999999999999P").is_err());
-        assert!(parse_size("1.2.3G").is_err());
+        let table: &[(&str, Result<u64, &str>)] = &[
+            ("4096", Ok(4096)),
+            ("4096B", Ok(4096)),
+            (" 64Mi ", Ok(64 << 20)),
+            ("64MiB", Ok(64 << 20)),
+            ("64M", Ok(64_000_000)),
+            ("1G", Ok(1_000_000_000)),
+            ("1Gi", Ok(1 << 30)),
+            ("10k", Ok(10_000)),
+            ("10Ki", Ok(10 << 10)),
+            ("1.5Gi", Ok(3 << 29)),
+            ("0.5k", Ok(500)),
+            ("2Ti", Ok(2 << 40)),
+            ("2T", Ok(2_000_000_000_000)),
+            ("1Pi", Ok(1 << 50)),
+            ("1E", Ok(1_000_000_000_000_000_000)),
+            ("", Err("size \"\" does not start with a number")),
+            ("Mi", Err("size \"Mi\" does not start with a number")),
+            ("10 GB", Err("size \"10 GB\": write the unit right after the number, without a space (10GB)")),
+            ("10GB", Err("size \"10GB\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
+            ("10gb", Err("size \"10gb\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
+            ("10g", Err("size \"10g\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
+            ("10K", Err("size \"10K\" is ambiguous: write 10k for 10^3 bytes or 10Ki for 2^10 bytes")),
+            ("10KB", Err("size \"10KB\" is ambiguous: write 10k for 10^3 bytes or 10Ki for 2^10 bytes")),
+            ("10gi", Err("size \"10gi\": units are case-sensitive; write 10Gi")),
+            ("10gib", Err("size \"10gib\": units are case-sensitive; write 10Gi")),
+            (
+                "10m",
+                Err("size \"10m\": \"m\" is milli in Kubernetes quantities; write 10M (10^6 bytes) or 10Mi (2^20 bytes)"),
+            ),
+            (
+                "12XB",
+                Err("size \"12XB\" has an unknown unit \"XB\" (k, M, G, T, P are powers of 1000; Ki, Mi, Gi, Ti, Pi powers of 1024; a plain number is bytes)"),
+            ),
+            ("1.5", Err("size \"1.5\" is not a whole number of bytes")),
+            ("1.2.3G", Err("size \"1.2.3G\" is not a number")),
+            ("1.G", Err("size \"1.G\" is not a number")),
+            ("99999999999999999999999Pi", Err("size \"99999999999999999999999Pi\" is too large")),
+            ("16Ei", Err("size \"16Ei\" is too large")),
+        ];
+        for (input, want) in table {
+            assert_eq!(parse_size(input), want.map_err(str::to_owned), "input {input:?}");
+        }
         assert_eq!(format_size(1 << 30), "1 GiB");
         assert_eq!(format_size(1536), "1.50 KiB");
         assert_eq!(format_size(12), "12 B");

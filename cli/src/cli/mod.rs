@@ -247,8 +247,23 @@ pub enum BenchCmd {
     },
 }
 
+/// A volume size in the Kubernetes quantity grammar (see `ferrovol_proto::parse_size`: `64Mi` is
+/// 2^26 bytes, `64M` 64,000,000), rounded up to a whole number of 4096-byte blocks; when it had to
+/// be rounded, that is said on stderr, with the user's own words.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    ferrovol_proto::parse_size(s)
+    let bytes = ferrovol_proto::parse_size(s)?;
+    if bytes == 0 {
+        return Err(format!("size {s:?} is zero; a volume needs at least 4096 bytes (4Ki)"));
+    }
+    let rounded = bytes.div_ceil(4096).checked_mul(4096).ok_or_else(|| format!("size {s:?} is too large"))?;
+    if rounded != bytes {
+        eprintln!(
+            "ferrovol: size {s:?} is {bytes} bytes, not a whole number of 4096-byte blocks; rounded up to \
+             {rounded} bytes ({})",
+            ferrovol_proto::format_size(rounded)
+        );
+    }
+    Ok(rounded)
 }
 
 pub fn init_tracing(format: LogFormat) {

@@ -88,7 +88,7 @@ pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
                 println!("size:       {} ({} bytes)", format_size(s.size), s.size);
                 println!("allocated:  {} ({} bytes)", format_size(s.allocated), s.allocated);
                 println!("state:      {}", progress(&s));
-                println!("created:    {} ms since the epoch", s.created_unix_ms);
+                println!("created:    {}", ferrovol_proto::format_unix_ms(s.created_unix_ms));
             }
         }
         SnapshotCmd::Delete { name } => {
@@ -156,12 +156,18 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("kind:       block");
                 println!("size:       {} ({} bytes)", format_size(v.size), v.size);
                 println!("allocated:  {} ({} bytes)", format_size(v.allocated), v.allocated);
-                println!("writer:     {}", v.owner.as_ref().map(|o| o.as_str()).unwrap_or("-"));
+                match &v.owner {
+                    Some(o) => println!(
+                        "writer:     {o} (since {})",
+                        ferrovol_proto::format_unix_ms(v.attached_unix_ms)
+                    ),
+                    None => println!("writer:     -"),
+                }
                 for (k, val) in &v.labels {
                     println!("label:      {k}={val:?}");
                 }
                 println!("generation: {}", v.generation);
-                println!("created:    {} ms since the epoch", v.created_unix_ms);
+                println!("created:    {}", ferrovol_proto::format_unix_ms(v.created_unix_ms));
             }
         }
         VolumeCmd::Resize { name, size } => {
