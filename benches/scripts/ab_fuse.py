@@ -36,7 +36,7 @@ def run_job(target, ext4_mnt, job, runtime):
         os.makedirs(d, exist_ok=True)
         return fsync_job(d, 400)
     eng, qd, rw, bs = job.split(":")
-    return fio(target, eng, qd, rw, bs, runtime)
+    return fio(target, eng, qd, rw, bs, runtime)[0]
 
 
 def main():

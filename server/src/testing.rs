@@ -112,6 +112,9 @@ pub fn privileged(test: &str, tools: &[&str]) -> bool {
     if std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some() {
         panic!("{why}");
     }
-    println!("FERROVOL-SKIPPED: {why}");
+    // Through the stderr handle, not println!/eprintln! (which the test harness captures): an
+    // ordinary non-root `cargo test` shows what it did not run.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "FERROVOL-SKIPPED: {why}");
     false
 }

@@ -11,8 +11,20 @@ use clap::{Args, Parser, Subcommand};
 use ferrovol_client::{ConnectOptions, Session};
 use ferrovol_proto::{NodeId, VolumeName};
 
+/// `--version` (on `ferrovol` itself only): the crate version, the git revision it was built from,
+/// and the protocol versions it speaks.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (git {}, protocol {}..={})",
+        env!("CARGO_PKG_VERSION"),
+        env!("FERROVOL_GIT_REV"),
+        ferrovol_proto::limits::PROTOCOL_VERSION_MIN,
+        ferrovol_proto::limits::PROTOCOL_VERSION
+    )
+});
+
 #[derive(Debug, Parser)]
-#[command(name = "ferrovol", version, about = "ferrovol: network block volumes", propagate_version = true)]
+#[command(name = "ferrovol", version = VERSION.as_str(), about = "ferrovol: network block volumes")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -269,7 +281,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
