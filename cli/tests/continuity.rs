@@ -137,9 +137,19 @@ fn fio_done(mut child: Child, what: &str) -> Duration {
     }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what}: fio failed ({}): {stderr}", out.status);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The JSON report, after any lines fio printed before it (verify errors go there).
+    let report: serde_json::Value =
+        stdout.find('{').and_then(|i| serde_json::from_str(&stdout[i..]).ok()).unwrap_or_default();
     let job = &report["jobs"][0];
+    assert!(
+        out.status.success(),
+        "{what}: fio failed ({}): error {} {}; stderr: {stderr}; stdout before the report: {}",
+        out.status,
+        job["error"],
+        job["desc"],
+        &stdout[..stdout.find('{').unwrap_or(stdout.len())]
+    );
     assert_eq!(job["error"], 0, "{what}: fio reported an error: {stderr}");
     assert!(!stderr.contains("verify"), "{what}: {stderr}");
     Duration::from_nanos(job["write"]["clat_ns"]["max"].as_u64().unwrap_or(0))
@@ -152,10 +162,20 @@ fn running(child: &mut Child) -> bool {
 struct Attached {
     server: String,
     img: PathBuf,
+    /// The log of its processes (`attach --background` names it).
+    log: Option<PathBuf>,
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the holder and the workers said, for the failure's diagnosis.
+            if let Some(log) = self.log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()) {
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- attach log (last 40 lines) ---");
+                tail.iter().rev().for_each(|l| eprintln!("{l}"));
+            }
+        }
         if ferrovol_client::host::mount_at(&self.img).is_some() {
             let out = ferrovol(&self.server, &["detach", self.img.to_str().unwrap()]);
             if !out.status.success() {
@@ -178,8 +198,9 @@ fn attach_with(server: &str, dir: &Path, vol: &str, size: &str, global: &[&str])
     std::fs::write(&img, b"").unwrap();
     let mut args = global.to_vec();
     args.extend(["attach", vol, img.to_str().unwrap(), "--background"]);
-    ok(&ferrovol(server, &args));
-    Attached { server: server.to_owned(), img }
+    let out = ok(&ferrovol(server, &args));
+    let log = out.split(", log ").nth(1).and_then(|s| s.split(')').next()).map(PathBuf::from);
+    Attached { server: server.to_owned(), img, log }
 }
 
 /// 4 KiB at offset 0 with O_DIRECT (past the page cache, to the worker).

@@ -356,7 +356,7 @@ impl ConnHandle {
         st.pending.insert(id, Pending { call, sent: request.is_some() });
         drop(st);
         // Encoded (the payload's CRC: up to 4 MiB) outside the lock, which the reader takes for
-        // every reply. A reconnect meanwhile moves the generation on, and `submit` drops a frame of
+        // every reply. A reconnect meanwhile moves the generation on, and `drain` drops a frame of
         // an older one; the reconnect re-sends the call from `pending`.
         request.map(|(generation, req)| (generation, req.encode(RequestId(id))))
     }
@@ -901,6 +901,14 @@ async fn read_loop(mut rd: ReadHalf, shared: Arc<Shared>, poll: Duration) -> Str
                 return format!("reply to unknown request {id} (opcode {opcode:#04x})");
             };
             let op = p.call.op.opcode();
+            if matches!(&parsed, Ok(resp) if matches!(&resp.result, Err(e) if e.status == Status::Replaced)) {
+                // The server took a newer HELLO of our session and slot (a stale reconnect of an
+                // earlier process of this session) as the live connection: reconnect, which
+                // retires that one, and send this call again with the rest.
+                let Pending { call, .. } = p;
+                st.pending.insert(id.0, Pending { call, sent: false });
+                return format!("request {id} ({op}) was refused: this connection was replaced by another of the same session");
+            }
             let result = match parsed {
                 Ok(resp) => match resp.result {
                     Ok(reply) => {

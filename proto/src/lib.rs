@@ -39,7 +39,7 @@ pub use types::{
 /// Parses a size the way Kubernetes writes quantities, which is what the CSI users of this project
 /// live by: `k M G T P E` are powers of 1000, `Ki Mi Gi Ti Pi Ei` (also written `KiB`, `MiB`...)
 /// powers of 1024, a plain number is bytes; `1.5Gi` is allowed where it is a whole number of bytes.
-/// Units are case-sensitive. What could mean either (`10GB`, `10gb`, `10K`), or means something
+/// Units are case-sensitive. Not taken from Kubernetes: exponents (`1e9`) and signs. What could mean either (`10GB`, `10gb`, `10K`), or means something
 /// else in Kubernetes (`m`: milli), or is malformed, is refused with a message that repeats what was
 /// typed and says what to write instead.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -50,10 +50,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("size {s:?} does not start with a number"));
     }
     if unit.starts_with(char::is_whitespace) {
-        return Err(format!(
-            "size {s:?}: write the unit right after the number, without a space ({num}{})",
-            unit.trim()
-        ));
+        let joined = format!("{num}{}", unit.trim());
+        return Err(match parse_size(&joined) {
+            Ok(_) => format!("size {s:?}: write the unit right after the number, without a space ({joined})"),
+            Err(e) => format!("size {s:?}: write the unit right after the number, without a space; and {e}"),
+        });
     }
     let (base, power): (u128, u32) = match unit {
         "" | "B" => (1, 0),
@@ -73,8 +74,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let mult = base.pow(power);
     let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    if frac.contains('.') || (num.contains('.') && frac.is_empty()) || frac.len() > 18 {
+    if frac.contains('.') || (num.contains('.') && frac.is_empty()) {
         return Err(format!("size {s:?} is not a number"));
+    }
+    if frac.len() > 18 {
+        return Err(format!("size {s:?} has too many decimals"));
     }
     let too_large = || format!("size {s:?} is too large");
     let int_v: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| too_large())? };
@@ -112,8 +116,8 @@ fn unit_error(s: &str, num: &str, unit: &str) -> String {
             c.to_ascii_uppercase()
         ),
         _ => format!(
-            "size {s:?} has an unknown unit {unit:?} (k, M, G, T, P are powers of 1000; Ki, Mi, Gi, Ti, Pi \
-             powers of 1024; a plain number is bytes)"
+            "size {s:?} has an unknown unit {unit:?} (k, M, G, T, P, E are powers of 1000; Ki, Mi, Gi, Ti, \
+             Pi, Ei powers of 1024; a plain number is bytes)"
         ),
     }
 }
@@ -161,7 +165,12 @@ mod size_tests {
             ("1E", Ok(1_000_000_000_000_000_000)),
             ("", Err("size \"\" does not start with a number")),
             ("Mi", Err("size \"Mi\" does not start with a number")),
-            ("10 GB", Err("size \"10 GB\": write the unit right after the number, without a space (10GB)")),
+            ("10 Gi", Err("size \"10 Gi\": write the unit right after the number, without a space (10Gi)")),
+            (
+                "10 GB",
+                Err("size \"10 GB\": write the unit right after the number, without a space; and size \"10GB\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes"),
+            ),
+            ("1.0000000000000000000Gi", Err("size \"1.0000000000000000000Gi\" has too many decimals")),
             ("10GB", Err("size \"10GB\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
             ("10gb", Err("size \"10gb\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
             ("10g", Err("size \"10g\" is ambiguous: write 10G for 10^9 bytes or 10Gi for 2^30 bytes")),
@@ -175,7 +184,7 @@ mod size_tests {
             ),
             (
                 "12XB",
-                Err("size \"12XB\" has an unknown unit \"XB\" (k, M, G, T, P are powers of 1000; Ki, Mi, Gi, Ti, Pi powers of 1024; a plain number is bytes)"),
+                Err("size \"12XB\" has an unknown unit \"XB\" (k, M, G, T, P, E are powers of 1000; Ki, Mi, Gi, Ti, Pi, Ei powers of 1024; a plain number is bytes)"),
             ),
             ("1.5", Err("size \"1.5\" is not a whole number of bytes")),
             ("1.2.3G", Err("size \"1.2.3G\" is not a number")),

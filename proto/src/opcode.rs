@@ -187,10 +187,13 @@ pub enum Status {
     /// Authenticated, but this session may not do that (another node's attachment, a forced delete
     /// without the admin credential).
     Forbidden = 22,
+    /// A write on a connection that a newer HELLO of the same client session and slot retired (see
+    /// HELLO). The client reconnects and sends it again: it never reaches the application.
+    Replaced = 23,
 }
 
 impl Status {
-    pub const ALL: [Status; 23] = [
+    pub const ALL: [Status; 24] = [
         Status::Ok,
         Status::BadRequest,
         Status::UnsupportedVersion,
@@ -214,6 +217,7 @@ impl Status {
         Status::Busy,
         Status::Internal,
         Status::Forbidden,
+        Status::Replaced,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -241,6 +245,7 @@ impl Status {
             Status::Busy => "volume is in use",
             Status::Internal => "internal server error",
             Status::Forbidden => "not allowed for this session",
+            Status::Replaced => "this connection was replaced by a newer one of the same client session",
         }
     }
 }

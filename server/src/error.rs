@@ -33,6 +33,12 @@ pub enum StoreError {
     /// The writer attachment belongs to someone else; the message names the holder and since when.
     #[error("{0}")]
     AttachedElsewhere(String),
+    /// A write on a connection a newer HELLO of the same client session and slot retired.
+    #[error(
+        "this connection was replaced by a newer one of the same client session; its writes are refused so \
+         they cannot land after the ones sent again on the new one"
+    )]
+    Replaced,
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -61,6 +67,7 @@ impl StoreError {
             StoreError::OutOfRange { .. } => Status::OutOfRange,
             StoreError::ReadOnly => Status::ReadOnly,
             StoreError::Fenced(_) => Status::Fenced,
+            StoreError::Replaced => Status::Replaced,
             StoreError::AttachedElsewhere(_) => Status::AttachedElsewhere,
             StoreError::Forbidden(_) => Status::Forbidden,
             StoreError::Busy(_) => Status::Busy,

@@ -458,13 +458,7 @@ impl Session {
         }
         let write = || h.vol.fenced(h.generation, || write(&h.vol));
         match &self.slot {
-            Some((fence, epoch)) => fence.current(*epoch, write).unwrap_or_else(|| {
-                Err(StoreError::Fenced(
-                    "this connection was replaced by a newer one of the same client (a reconnect); its \
-                     writes are refused so they cannot land after the re-sent ones"
-                        .into(),
-                ))
-            })?,
+            Some((fence, epoch)) => fence.current(*epoch, write).unwrap_or(Err(StoreError::Replaced))?,
             None => write()?,
         };
         Ok(h.vol.clone())

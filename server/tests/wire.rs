@@ -466,7 +466,7 @@ fn a_reconnect_retires_the_old_connection_of_its_slot() {
     let mut new = connect(0); // slot 0 reconnects
     let h_new = open(&mut new, "v");
     let r = old.call(w(h_old));
-    assert_eq!(status(&r), Status::Fenced, "{r:?}");
+    assert_eq!(status(&r), Status::Replaced, "{r:?}");
     assert_eq!(status(&new.call(w(h_new))), Status::Ok);
     assert_eq!(status(&other_slot.call(w(h_other))), Status::Ok, "slot 1 is another connection");
     // Reads on the old connection still work (they are harmless).

@@ -137,7 +137,8 @@ pub enum VolumeCmd {
     /// Create a block volume (thin-provisioned), empty or from a snapshot or a volume.
     Create {
         name: VolumeName,
-        /// Size, e.g. 64MiB, 1G (a multiple of 4 KiB). With --from-snapshot or --from-volume it
+        /// Size as a Kubernetes quantity: 64Mi, 1Gi (powers of 1024), 1G (10^9 bytes), 4096; rounded
+        /// up to whole 4 KiB blocks. With --from-snapshot or --from-volume it
         /// defaults to the source's size, and may not be smaller.
         #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_volume"])]
         size: Option<u64>,
@@ -268,6 +269,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("size {s:?} is zero; a volume needs at least 4096 bytes (4Ki)"));
     }
     let rounded = bytes.div_ceil(4096).checked_mul(4096).ok_or_else(|| format!("size {s:?} is too large"))?;
+    // `64M` meant 2^26 bytes to this CLI once (and to truncate -s): say what it means now.
+    let decimal = s.trim().trim_end_matches(|c: char| "kMGTPE".contains(c)).len() < s.trim().len();
+    if decimal && rounded == bytes {
+        eprintln!(
+            "ferrovol: size {s:?} is {bytes} bytes ({}): k, M, G, T are powers of 1000; Ki, Mi, Gi, Ti \
+             powers of 1024",
+            ferrovol_proto::format_size(bytes)
+        );
+    }
     if rounded != bytes {
         eprintln!(
             "ferrovol: size {s:?} is {bytes} bytes, not a whole number of 4096-byte blocks; rounded up to \

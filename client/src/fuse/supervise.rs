@@ -53,6 +53,9 @@ const RESTART_PAUSE_MIN: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(2);
 const QUICK_DEATH: Duration = Duration::from_secs(1);
 const QUICK_DEATHS_FREE: u32 = 3;
+/// And whatever kills them: more than this many deaths within the window pause too.
+const DEATHS_WINDOW: Duration = Duration::from_secs(2);
+const DEATHS_PER_WINDOW: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,7 +68,9 @@ enum Role {
 /// so a newer binary (a restart after an upgrade) reads what an older one handed over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Handoff {
-    /// [`HANDOFF_VERSION`] of the binary that wrote it; a newer one refuses to guess.
+    /// [`HANDOFF_VERSION`] of the binary that wrote it (0: written before handoffs had one); a
+    /// binary refuses a handoff newer than it knows.
+    #[serde(default)]
     version: u32,
     role: Role,
     /// The connection's /dev/fuse fds, as numbered in the new process (inherited).
@@ -86,9 +91,10 @@ struct Handoff {
     size: u64,
     /// When it was mounted (for `ferrovol status`).
     since_unix_ms: u64,
-    /// How many connections every worker opens: at least as many as the first, so each slot of a
-    /// dead worker is retired by a new HELLO (see the module docs), whatever the defaults of a
-    /// newer binary are.
+    /// How many connections every worker opens: at least as many as any worker before it opened
+    /// (each reports its count with `ready`), so each slot of a dead worker is retired by a new
+    /// HELLO (see the module docs), whatever the defaults of the binary that runs next.
+    #[serde(default)]
     connections: usize,
 }
 
@@ -429,6 +435,7 @@ fn hold(
     }
     let mut pause = RESTART_PAUSE_MIN;
     let mut quick_deaths = 0u32;
+    let mut deaths = std::collections::VecDeque::new();
     loop {
         handoff.role = Role::Worker;
         handoff.peer = std::process::id();
@@ -458,7 +465,11 @@ fn hold(
         // for the resend); it says so, or closes the link by dying.
         let mut line = String::new();
         let _ = BufReader::new(&ours).read_line(&mut line);
-        let up = line.trim() == "ready";
+        let mut words = line.split_whitespace();
+        let up = words.next() == Some("ready");
+        if let Some(n) = words.next().and_then(|n| n.parse::<usize>().ok()) {
+            handoff.connections = handoff.connections.max(n);
+        }
         if let Some(ready) = ready.take() {
             // The first worker: the mount is usable once it is up.
             if !up {
@@ -470,6 +481,15 @@ fn hold(
                         status.map_or_else(|e| e.to_string(), |s| s.to_string())
                     ),
                 })));
+            }
+            if !connection_alive(&fds[0]) {
+                // Unmounted (a signal) while the worker was starting: nothing to report as attached.
+                let _ = child.wait();
+                log_over(path, &shown);
+                return Err(ServeError::Session {
+                    path: shown.clone(),
+                    source: io::Error::other("unmounted before it was attached"),
+                });
             }
             info!(path = %shown, worker = pid, "attached");
             ready(handoff.size);
@@ -497,7 +517,12 @@ fn hold(
         // outside and does not count): then, and for one that died before it was up, the next
         // waits a pause that doubles while that goes on, so a worker that cannot live does not spin.
         quick_deaths = if killed || (up && started.elapsed() >= QUICK_DEATH) { 0 } else { quick_deaths + 1 };
-        if !up || quick_deaths > QUICK_DEATHS_FREE {
+        // Whatever the cause (the OOM killer sends SIGKILL too), no more than a bounded rate.
+        deaths.push_back(Instant::now());
+        while deaths.front().is_some_and(|t| t.elapsed() > DEATHS_WINDOW) {
+            deaths.pop_front();
+        }
+        if !up || quick_deaths > QUICK_DEATHS_FREE || deaths.len() > DEATHS_PER_WINDOW {
             warn!(path = %shown, ?pause, "FUSE workers keep dying; pausing before the next");
             std::thread::sleep(pause);
             pause = (pause * 2).min(RESTART_PAUSE_MAX);
@@ -604,20 +629,34 @@ fn work(
     let read_only = access.read_only();
     opts.session_id = Some(h.session);
     opts.connections = opts.connections.max(h.connections);
+    let opts_connections = opts.connections;
     let at = if read_only { Access::ReadOnly } else { Access::WriterAt { generation: h.generation } };
     // Every connection is up (and with it every old connection of the session retired: the dead
     // worker is fenced) before the resend.
     let deadline = Instant::now() + opts.io_timeout;
     let opened = rt.block_on(async {
-        loop {
-            match open(server, opts.clone(), name, at).await {
-                Ok(ok) => return Ok(ok),
-                Err(e) if permanent(&e) || Instant::now() >= deadline => return Err(e),
-                Err(e) => {
-                    warn!(error = %e, "cannot reach the server yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut last = None;
+        let attempts = async {
+            loop {
+                match open(server, opts.clone(), name, at).await {
+                    Ok(ok) => return Ok(ok),
+                    Err(e) if permanent(&e) => return Err(e),
+                    Err(e) => {
+                        warn!(error = %e, "cannot reach the server yet; retrying");
+                        last = Some(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             }
+        };
+        // The whole wait is bounded, not just the gaps between attempts (one attempt alone may
+        // take a connect timeout and an I/O timeout).
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect {
+                addr: server.to_owned(),
+                reason: last.unwrap_or_else(|| "no answer within the I/O timeout".into()),
+            }),
         }
     });
     // Where this worker serves from once it can (a retry that succeeds later fills it in).
@@ -670,7 +709,7 @@ fn work(
         }
     };
     let serving = fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>().map_err(session_err)?;
-    let _ = link.write_all(b"ready\n");
+    let _ = writeln!(link, "ready {}", opts_connections);
     let held = Arc::new(fds);
     {
         let (held, h, shown) = (held.clone(), h.clone(), shown.clone());
@@ -736,5 +775,24 @@ fn watch_holder(mut link: UnixStream, held: Arc<Vec<OwnedFd>>, mut h: Handoff, s
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handoff written by the first build of this code (no `version`, no `connections`) is read
+    /// by this one: a restart after an upgrade must not strand the mount.
+    #[test]
+    fn an_older_handoff_is_read() {
+        let old = r#"{"role":"worker","fds":[5,6],"link":7,"session":99,"generation":3,
+            "init":{"major":7,"minor":45,"max_readahead":131072,"flags":0,"max_background":128,
+            "congestion_threshold":96,"max_write":1048576,"max_pages":256},
+            "resend":true,"peer":42,"size":1048576,"since_unix_ms":1}"#;
+        let h: Handoff = serde_json::from_str(old).unwrap();
+        assert_eq!((h.version, h.connections, h.session, h.fds.len()), (0, 0, 99, 2));
+        let newer = serde_json::to_string(&Handoff { version: HANDOFF_VERSION + 1, ..h }).unwrap();
+        assert!(serde_json::from_str::<Handoff>(&newer).unwrap().version > HANDOFF_VERSION);
     }
 }
