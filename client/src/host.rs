@@ -271,6 +271,24 @@ pub struct Serving {
     pub since_unix_ms: u64,
 }
 
+impl Serving {
+    /// A mount just made by this process, which holds it; no worker yet.
+    pub fn started(path: &Path, volume: &str, server: &str, read_only: bool) -> Self {
+        Self {
+            path: path.to_owned(),
+            volume: volume.to_owned(),
+            server: server.to_owned(),
+            read_only,
+            holder: std::process::id(),
+            worker: None,
+            restarts: 0,
+            since_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 /// Records `state` for its mount (see [`serving_record`]); the record is removed when the returned
 /// guard is dropped. Replaced atomically, so a reader never sees half of it.
 pub fn record_serving(mut state: Serving) -> io::Result<ServingRecord> {

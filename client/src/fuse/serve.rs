@@ -100,24 +100,8 @@ pub fn serve(
         return super::supervise::start(server, opts, name, path, access, fuse_threads(), ready);
     }
     let read_only = access.read_only();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("ferrovol-io")
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)?;
-    let (client, vol) = rt.block_on(async {
-        let session = Session::connect(server, opts).await?;
-        let vol = match access {
-            Access::ReadOnly => session.open(name, true).await?,
-            Access::Writer { takeover } => {
-                let generation = session.attach_writer(name, takeover).await?;
-                session.open_writer(name, generation).await?
-            }
-            Access::WriterAt { generation } => session.open_writer(name, generation).await?,
-        };
-        Ok::<_, ClientError>((session, vol))
-    })?;
+    let rt = super::supervise::runtime()?;
+    let (client, vol) = rt.block_on(super::supervise::open(server, opts, name, access))?;
     let generation = vol.generation();
     let size = vol.size();
     let shown = path.display().to_string();
@@ -128,19 +112,9 @@ pub fn serve(
     unmount_on_signal(&rt, &shown, move || unmounter.unmount());
     info!(volume = %name, path = %shown, size, read_only, "attached");
     // Removed only after the attachment is released below, so `ferrovol detach` can wait for it.
-    let _record = crate::host::record_serving(crate::host::Serving {
-        path: path.to_owned(),
-        volume: name.to_string(),
-        server: server.to_owned(),
-        read_only,
-        holder: std::process::id(),
-        worker: None,
-        restarts: 0,
-        since_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-    })
-    .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    let _record =
+        crate::host::record_serving(crate::host::Serving::started(path, name.as_str(), server, read_only))
+            .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     ready(size);
     session.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     info!(path = %shown, "detached");

@@ -220,7 +220,9 @@ fn wait_eof(mut link: &UnixStream) {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ServeError> {
+/// The runtime of a process serving a mount: one I/O thread (the FUSE threads only hand requests
+/// to it).
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, ServeError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("ferrovol-io")
@@ -231,7 +233,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ServeError> {
 
 /// Connects and opens `name` as the mount's workers do, and returns the volume and the writer
 /// generation it is open under.
-async fn open(
+pub(super) async fn open(
     server: &str,
     opts: ConnectOptions,
     name: &VolumeName,
@@ -307,27 +309,13 @@ pub(super) fn start(
         version: HANDOFF_VERSION,
         peer: std::process::id(),
         size,
-        since_unix_ms: now_unix_ms(),
+        since_unix_ms: 0,
         connections: opts_connections,
     };
     info!(volume = %name, path = %shown, size, read_only, minor = init.minor, "mounted (own FUSE session)");
-    let serving = Serving {
-        path: path.to_owned(),
-        volume: name.to_string(),
-        server: server.to_owned(),
-        read_only,
-        holder: std::process::id(),
-        worker: None,
-        restarts: 0,
-        since_unix_ms: handoff.since_unix_ms,
-    };
+    let serving = Serving::started(path, name.as_str(), server, read_only);
+    let handoff = Handoff { since_unix_ms: serving.since_unix_ms, ..handoff };
     hold(&rt, serving, fds, handoff, None, Some(Box::new(ready)))
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Serves the mount in this process (no worker, no continuity): where the kernel cannot resend.
@@ -360,17 +348,9 @@ fn serve_here(
     for _ in 1..threads {
         fds.push(kernel::clone_fd(&fds[0]).map_err(undo)?);
     }
-    let record = crate::host::record_serving(Serving {
-        path: path.to_owned(),
-        volume: name.to_string(),
-        server: server.to_owned(),
-        read_only: access.read_only(),
-        holder: std::process::id(),
-        worker: None,
-        restarts: 0,
-        since_unix_ms: now_unix_ms(),
-    })
-    .map_err(undo)?;
+    let record =
+        crate::host::record_serving(Serving::started(path, name.as_str(), server, access.read_only()))
+            .map_err(undo)?;
     let target = path.to_owned();
     super::serve::unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
     ready(vol.size());
@@ -554,14 +534,10 @@ pub(super) fn continue_role(
             // What the previous holder recorded (restarts, since), now with us as the holder.
             let before = crate::host::serving_of(path);
             let serving = Serving {
-                path: path.to_owned(),
-                volume: name.to_string(),
-                server: server.to_owned(),
-                read_only: access.read_only(),
-                holder: std::process::id(),
                 worker: Some(peer),
                 restarts: before.as_ref().map_or(0, |b| b.restarts),
                 since_unix_ms: before.map_or(h.since_unix_ms, |b| b.since_unix_ms),
+                ..Serving::started(path, name.as_str(), server, access.read_only())
             };
             hold(&rt, serving, fds, h, Some((peer, link)), None)
         }),
