@@ -301,7 +301,13 @@ async fn nodes_prove_who_they_are() {
     va.write_at(0, Bytes::from_static(b"resumed")).await.unwrap();
     assert_eq!(&va.read_at(0, 7).await.unwrap()[..], b"resumed");
 
-    // A reset: node-a's old credential is refused, and it enrolls again with the join token.
+    // A reset: node-a's old credential is refused, and it enrolls again with the join token. The
+    // sessions of node-a go first: one of their connections still reconnecting after the restart
+    // would otherwise enroll again with the join token after the reset, and its new credential in
+    // the file would let the next connect in (a race that failed CI once).
+    drop(va);
+    drop(a2);
+    drop(a);
     admin.reset_node(&"node-a".parse().unwrap()).await.unwrap();
     let e = Session::connect(&addr, as_node("node-a", "", Some(cred_a.clone()))).await.unwrap_err();
     assert_eq!(e.status(), Some(Status::AuthFailed), "without the join token it cannot come back: {e}");
