@@ -18,9 +18,21 @@ fn main() -> ExitCode {
     cli::init_tracing(cli.global.log_format);
     // Attach drives its own threads (FUSE) and runtime; detach needs none.
     let blocking = match &cli.command {
-        cli::Command::Attach { name, path, read_only, background, force_takeover } => {
-            Some(cli::attach::attach(&cli.global, name, path, *read_only, *background, *force_takeover))
+        cli::Command::Attach { name, path, read_only, background, force_takeover, generation } => {
+            Some(cli::attach::attach(
+                &cli.global,
+                name,
+                path,
+                *read_only,
+                *background,
+                *force_takeover,
+                *generation,
+            ))
         }
+        cli::Command::Attachd { socket, keeper } => {
+            Some(cli::attachd::attachd(cli.global.clone(), socket, keeper.clone()))
+        }
+        cli::Command::Keeper { socket } => Some(cli::attachd::keeper(socket)),
         cli::Command::Detach { path } => Some(cli::attach::detach(path)),
         cli::Command::Up { data, mount, size, volume } => Some(cli::up::up(data, mount, *size, volume)),
         _ => None,

@@ -385,3 +385,222 @@ fn a_worker_restarted_while_the_server_is_down_fails_io_then_serves_again() {
     }
     assert!(serving(&addr, &a.img).unwrap().worker != Some(worker));
 }
+
+/// A child process killed (and reaped) when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `ferrovol keeper` (or `attachd`) from `exe`, with the node's flags, its log at `log`; waits for
+/// its socket to answer.
+fn daemon(exe: &Path, server: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(exe)
+        .args(args)
+        .env("FERROVOL_SERVER", server)
+        .env("FERROVOL_NODE_ID", "cont-node")
+        .env("FERROVOL_TOKEN", "tok")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "{args:?}: no socket within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+fn call(
+    socket: &Path,
+    req: &ferrovol_client::attachd::Request,
+) -> std::io::Result<ferrovol_client::attachd::Reply> {
+    ferrovol_client::attachd::call(socket, req, Duration::from_secs(90))
+}
+
+/// Waits until the keeper holds `img` deposited by `n` live processes (the holder and the worker).
+fn kept_by(keeper: &Path, img: &Path, n: usize) {
+    let img = std::fs::canonicalize(img).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = ferrovol_client::fuse::keep::list(keeper).unwrap_or_default();
+        if list.iter().any(|k| k.path == img && k.depositors == n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keeper does not hold {} from {n} processes: {list:?}",
+            img.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the mount's holder and worker together (both stopped first, so neither starts the other
+/// again), as the death of their container does; returns the new holder once one serves.
+fn kill_both(server: &str, img: &Path) -> u32 {
+    let s = serving(server, img).unwrap();
+    let pids = [Some(s.holder), s.worker].into_iter().flatten().collect::<Vec<_>>();
+    for &p in &pids {
+        // SAFETY: kill(2) with a pid and a signal.
+        unsafe { libc::kill(p as i32, libc::SIGSTOP) };
+    }
+    for &p in &pids {
+        kill9(p);
+    }
+    let holder = next_holder(server, img, s.holder);
+    next_worker(server, img, s.worker);
+    holder
+}
+
+/// The node attach daemon and the keeper (client/src/fuse/keep.rs): a mount attached through
+/// `ferrovol attachd --keeper` outlives the death of its holder and worker together (the keeper
+/// holds its connection, the daemon starts a holder for the orphan), of the daemon itself, and of
+/// the keeper (everything deposits again with the next one), under fio with verify: no error.
+/// An adopted holder runs the binary now at the deposited path (an upgrade takes effect).
+#[test]
+fn attachd_and_the_keeper_keep_a_mount_through_the_death_of_every_process() {
+    if !privileged("attachd_and_the_keeper_keep_a_mount_through_the_death_of_every_process", &["fio"]) {
+        return;
+    }
+    use ferrovol_client::attachd::{AttachRequest, Reply, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    // The daemons run from a copy, so that the test can replace the binary at that path.
+    let exe = dir.path().join("bin/ferrovol");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_ferrovol"), &exe).unwrap();
+    let (keeper_sock, attachd_sock) = (dir.path().join("keeper.sock"), dir.path().join("attachd.sock"));
+    let log = dir.path().join("daemons.log");
+    let keeper_args = ["keeper", "--socket", keeper_sock.to_str().unwrap()];
+    let attachd_args =
+        ["attachd", "--socket", attachd_sock.to_str().unwrap(), "--keeper", keeper_sock.to_str().unwrap()];
+    let mut keeper = daemon(&exe, &addr, &keeper_args, &keeper_sock, &log);
+    let mut attachd = daemon(&exe, &addr, &attachd_args, &attachd_sock, &log);
+    struct ShowLog(PathBuf);
+    impl Drop for ShowLog {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- daemons' log (last 40 lines) ---");
+                tail.iter().rev().for_each(|l| eprintln!("{l}"));
+            }
+        }
+    }
+    let _show = ShowLog(log.clone());
+
+    ok(&ferrovol(&addr, &["volume", "create", "kept", "--size", "128MiB"]));
+    let img = dir.path().join("kept.img");
+    std::fs::write(&img, b"").unwrap();
+    let req = Request::Attach(AttachRequest {
+        volume: "kept".into(),
+        path: img.clone(),
+        read_only: false,
+        generation: None,
+        io_timeout_s: None,
+        log: Some(dir.path().join("kept.log")),
+    });
+    let Reply::Attached { already: false, .. } = call(&attachd_sock, &req).unwrap() else {
+        panic!("not attached")
+    };
+    let a = Attached { server: addr.clone(), img: img.clone(), log: Some(dir.path().join("kept.log")) };
+    // Attach is idempotent; another volume at the same path, an unknown volume and a malformed
+    // request get errors that say what is wrong.
+    let Reply::Attached { already: true, .. } = call(&attachd_sock, &req).unwrap() else {
+        panic!("not idempotent")
+    };
+    let mut other = match &req {
+        Request::Attach(r) => r.clone(),
+        _ => unreachable!(),
+    };
+    other.volume = "nosuch".into();
+    let err = call(&attachd_sock, &Request::Attach(other.clone())).unwrap_err().to_string();
+    assert!(err.contains("already a mount point"), "{err}");
+    other.path = dir.path().join("nosuch.img");
+    std::fs::write(&other.path, b"").unwrap();
+    let err = call(&attachd_sock, &Request::Attach(other)).unwrap_err().to_string();
+    assert!(err.contains("nosuch") && err.contains("not found"), "{err}");
+    {
+        use std::io::Write;
+        let mut c = std::os::unix::net::UnixStream::connect(&attachd_sock).unwrap();
+        c.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+        let reply = ferrovol_client::attachd::read_line(&c).unwrap().unwrap();
+        assert!(reply.contains("malformed request"), "{reply}");
+    }
+    kept_by(&keeper_sock, &img, 2);
+
+    // 1. Holder and worker killed together, under load: the daemon adopts the orphan.
+    let first = serving(&addr, &img).unwrap();
+    let mut under_load = 0;
+    for round in 0..3 {
+        if round == 2 {
+            // An upgrade: a new binary (a new file) at the path the mount's processes run from.
+            std::fs::remove_file(&exe).unwrap();
+            std::fs::copy(env!("CARGO_BIN_EXE_ferrovol"), &exe).unwrap();
+        }
+        let mut job = fio(&img, "48M", 300 + round, &[]);
+        std::thread::sleep(Duration::from_millis(200));
+        let holder = kill_both(&addr, &img);
+        under_load += u32::from(running(&mut job));
+        fio_done(job, &format!("fio across the death of holder and worker {round}"));
+        kept_by(&keeper_sock, &img, 2);
+        if round == 2 {
+            let exe_now = std::fs::read_link(format!("/proc/{holder}/exe")).unwrap();
+            assert_eq!(exe_now, exe, "the adopted holder runs the binary now at the path");
+        }
+    }
+    assert!(under_load > 0, "every fio run ended before its kills: nothing was tested under load");
+
+    // 2. The daemon killed under load: the mount does not notice; a new one reports it.
+    let mut job = fio(&img, "48M", 400, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    kill9(attachd.0.id());
+    let _ = attachd.0.wait();
+    let mut under_load = u32::from(running(&mut job));
+    attachd = daemon(&exe, &addr, &attachd_args, &attachd_sock, &log);
+    let Reply::Status { mounts, keeper: Some(_), .. } = call(&attachd_sock, &Request::Status).unwrap() else {
+        panic!("no status")
+    };
+    assert!(mounts.iter().any(|m| m.volume == "kept"), "{mounts:?}");
+    fio_done(job, "fio across the attach daemon's death");
+
+    // 3. The keeper killed under load: holder and worker deposit again with the next one, which
+    //    can then save the mount from the death of both.
+    let mut job = fio(&img, "48M", 500, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    kill9(keeper.0.id());
+    let _ = keeper.0.wait();
+    keeper = daemon(&exe, &addr, &keeper_args, &keeper_sock, &log);
+    kept_by(&keeper_sock, &img, 2);
+    kill_both(&addr, &img);
+    under_load += u32::from(running(&mut job));
+    fio_done(job, "fio across the keeper's death and then the mount's processes'");
+    assert!(under_load > 0, "fio ended before the daemon's and the keeper's deaths: not tested under load");
+    assert!(serving(&addr, &img).unwrap().restarts >= 4, "restarts not counted");
+    assert_eq!(serving(&addr, &img).unwrap().since_unix_ms, first.since_unix_ms, "the same mount");
+
+    // 4. Detach through the daemon: unmounted, the processes gone, the keeper lets go.
+    let s = serving(&addr, &img).unwrap();
+    assert_eq!(call(&attachd_sock, &Request::Detach { path: img.clone() }).unwrap(), Reply::Detached);
+    assert!(ferrovol_client::host::mount_at(&img).is_none());
+    assert!(!alive(s.holder) && !s.worker.is_some_and(alive), "processes left after detach: {s:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ferrovol_client::fuse::keep::list(&keeper_sock).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the keeper still holds the unmounted mount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stat = ok(&ferrovol(&addr, &["volume", "stat", "kept"]));
+    assert!(!stat.contains("cont-node"), "the writer attachment is still held: {stat}");
+    drop(a);
+    drop((keeper, attachd));
+}

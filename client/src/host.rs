@@ -131,6 +131,70 @@ pub fn spawn_until_ready(cmd: &mut Command, timeout: Duration) -> io::Result<Chi
     })
 }
 
+/// Starts `cmd` (a foreground attach of the FUSE file `path` that prints `ready`) with
+/// [`spawn_until_ready`], its stderr appended to `log`. On failure nothing stays mounted at `path`,
+/// and the error ends with the last lines of the log.
+pub fn start_attach(mut cmd: Command, path: &Path, log: &Path, timeout: Duration) -> io::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", log.display())))?;
+    cmd.env_remove(crate::fuse::supervise::HANDOFF_ENV).stderr(file);
+    spawn_until_ready(&mut cmd, timeout).map_err(|e| {
+        if mount_at(path).is_some() {
+            let _ = unmount(path);
+        }
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+        let msg = if tail.is_empty() {
+            format!("attach failed: {e}")
+        } else {
+            format!("attach failed: {e}: {tail}")
+        };
+        io::Error::new(e.kind(), msg)
+    })
+}
+
+/// Unmounts the ferrovol FUSE file at `path` and waits (up to 30 s) for its processes to exit:
+/// they release the writer attachment after the unmount, so what follows (a delete, an attach
+/// elsewhere) finds the volume free.
+pub fn detach(path: &Path) -> io::Result<()> {
+    match mount_at(path).map(|m| (m.fstype, m.source)) {
+        Some((t, source)) if t.starts_with("fuse") && source.starts_with("ferrovol:") => {}
+        Some((t, source)) => {
+            return Err(io::Error::other(format!(
+                "{} is a {t} mount of {source}, not a ferrovol attachment",
+                path.display()
+            )))
+        }
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not attached", path.display()),
+            ))
+        }
+    }
+    unmount(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            io::Error::new(
+                e.kind(),
+                format!("{} is busy (open files or a loop device on it): {e}", path.display()),
+            )
+        } else {
+            io::Error::new(e.kind(), format!("cannot unmount {}: {e}", path.display()))
+        }
+    })?;
+    if !wait_serving_exit(path, Duration::from_secs(30)) {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{} is unmounted, but its attach process has not exited after 30 s", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// Finds a system tool in PATH or the usual sbin directories.
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -227,6 +291,28 @@ mod tests {
         assert_eq!(mount_at(&dir), None);
         std::fs::remove_dir(&dir).unwrap();
     }
+
+    /// A second taker of a mount's lock waits until the first lets go (another open file
+    /// description of the same file: the same as another process).
+    #[test]
+    fn a_mount_lock_has_one_owner_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("m.img");
+        std::fs::write(&mount, b"").unwrap();
+        let first = lock_mount(&mount, "test").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let m = mount.clone();
+        let t = std::thread::spawn(move || {
+            let second = lock_mount(&m, "test").unwrap();
+            tx.send(()).unwrap();
+            drop(second);
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "taken twice at once");
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(5)).expect("the second taker gets it once the first lets go");
+        t.join().unwrap();
+        let _ = std::fs::remove_file(serving_record(&mount).with_extension("test.lock"));
+    }
 }
 
 /// The directory of the serving records (see [`serving_record`]).
@@ -251,6 +337,38 @@ pub fn serving_record(mount: &Path) -> PathBuf {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
     serving_dir().join(format!("{h:016x}.json"))
+}
+
+/// Takes the `role` lock of the mount at `path` ("holder" or "worker"): an exclusive `flock` on a
+/// file beside its serving record, held until the returned file is closed (at the latest when the
+/// process exits; close-on-exec, so no child inherits it). At most one holder and one worker of a
+/// mount run at once, whoever started them: a worker that finds its holder dead starts a holder,
+/// and so does an attach daemon that finds the mount orphaned (see `fuse::keep`); the second one
+/// waits here as a standby until the first is gone.
+pub fn lock_mount(path: &Path, role: &str) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let lock = serving_record(path).with_extension(format!("{role}.lock"));
+    if let Some(dir) = lock.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock)?;
+    let mut waited = false;
+    loop {
+        let flags = if waited { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), flags) } == 0 {
+            return Ok(f);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EWOULDBLOCK) if !waited => {
+                tracing::info!(path = %path.display(), role, "another {role} of this mount runs; waiting for it to end");
+                waited = true;
+            }
+            _ => return Err(e),
+        }
+    }
 }
 
 /// What a serving record says: one mount and the processes that serve it.

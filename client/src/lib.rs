@@ -15,6 +15,7 @@
 //! Many requests may be in flight at once from many tasks; a [`Session`] may use several connections.
 //! Reconnects are transparent for data operations (see [`conn`](crate::conn) for the rules).
 
+pub mod attachd;
 mod conn;
 mod credential;
 pub mod error;

@@ -39,6 +39,9 @@ pub enum Mode {
     Controller,
     Node,
     All,
+    /// The node attach daemon (`ferrovol_client::attachd`), in a DaemonSet of its own: it runs
+    /// every mount's processes, so that the node plugin can restart without touching a mount.
+    Attachd,
 }
 
 /// Everything the services need to know.
@@ -62,6 +65,13 @@ pub struct Config {
     pub io_timeout: Duration,
     /// Reported in NodeGetInfo.
     pub max_volumes_per_node: i64,
+    /// The attach daemon's socket: the node plugin attaches through it (else it starts attach
+    /// processes itself, which then die with its container); attachd mode listens on it.
+    pub attachd: Option<PathBuf>,
+    /// The keeper's socket: the node plugin serves it (the second holder of every mount's FUSE
+    /// fds, see `ferrovol_client::fuse::keep`); attachd mode deposits mounts with it and claims
+    /// orphans from it.
+    pub keeper: Option<PathBuf>,
 }
 
 /// The PEM files of a client's TLS settings.
@@ -166,6 +176,17 @@ pub async fn serve(config: Config, endpoint: &str) -> anyhow::Result<()> {
         .then(|| ControllerServer::new(controller::ControllerService::new(link.clone(), locks.clone())));
     router = router.add_optional_service(controller);
     let node = if matches!(config.mode, Mode::Node | Mode::All) {
+        if let Some(k) = &config.keeper {
+            // Its own threads: it must answer even while the runtime is busy.
+            let listener = ferrovol_client::fuse::keep::bind_socket(k, "keeper")
+                .with_context(|| format!("cannot serve the keeper on {}", k.display()))?;
+            info!(socket = %k.display(), "keeper listening");
+            std::thread::Builder::new().name("ferrovol-keeper".into()).spawn(move || {
+                if let Err(e) = ferrovol_client::fuse::keep::serve(listener) {
+                    tracing::error!(error = %e, "the keeper stopped");
+                }
+            })?;
+        }
         let n = node::NodeService::new(config.clone(), link.clone(), locks.clone())?;
         Some(NodeServer::new(n))
     } else {

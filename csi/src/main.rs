@@ -64,6 +64,16 @@ struct Cli {
     /// Log format (logs go to stderr; filter with RUST_LOG).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// The node attach daemon's socket. Node mode: attach through it (so that mounts outlive this
+    /// plugin's container); without it, this plugin starts the attach processes itself. Attachd
+    /// mode: listen on it (default /run/ferrovol/attachd.sock).
+    #[arg(long, env = "FERROVOL_ATTACHD")]
+    attachd: Option<PathBuf>,
+    /// The keeper's socket. Node mode: serve it (hold a second copy of every mount's FUSE fds, so
+    /// a mount outlives the death of the attach daemon's container). Attachd mode: deposit every
+    /// mount with it, and restart the mounts whose processes all died.
+    #[arg(long, env = "FERROVOL_KEEPER_SOCKET")]
+    keeper: Option<PathBuf>,
 }
 
 /// `ferrovol-csi __attach`: serves one volume over a FUSE file until it is unmounted.
@@ -144,6 +154,34 @@ fn attach(args: AttachArgs) -> ExitCode {
     }
 }
 
+/// `--mode attachd`: the node attach daemon, starting `__attach` processes of this binary.
+fn attachd(config: Config) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ferrovol-csi: cannot find our own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = config.attachd.clone().unwrap_or_else(|| ferrovol_client::attachd::DEFAULT_SOCKET.into());
+    let daemon = ferrovol_client::attachd::DaemonConfig {
+        log_dir: config.state_dir.join("attachd"),
+        socket,
+        keeper: config.keeper.clone(),
+        node_id: config.node_id.to_string(),
+        server: config.server.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        holder: Box::new(move |req| Ok(ferrovol_csi::node::attach_command(&exe, &config, req))),
+    };
+    match ferrovol_client::attachd::serve(daemon) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrovol-csi attachd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(ATTACH_SUBCOMMAND) {
         let args = AttachArgs::parse_from(std::env::args().skip(1));
@@ -181,7 +219,12 @@ fn main() -> ExitCode {
         state_dir: cli.state_dir,
         io_timeout: Duration::from_secs(cli.io_timeout_s.max(1)),
         max_volumes_per_node: cli.max_volumes_per_node,
+        attachd: cli.attachd,
+        keeper: cli.keeper,
     };
+    if config.mode == Mode::Attachd {
+        return attachd(config);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

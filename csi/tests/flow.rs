@@ -863,3 +863,184 @@ async fn access_modes_expand_before_stage_and_the_attach_limit() {
         detach_volume(&mut p, &id, &staging, &target).await;
     }
 }
+
+/// `ferrovol-csi --mode attachd` with the node's flags, listening on `socket`, depositing mounts
+/// with `keeper`; killed when dropped.
+struct Attachd(std::process::Child);
+
+impl Attachd {
+    async fn start(dir: &Path, server: &str, socket: &Path, keeper: &Path) -> Attachd {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("attachd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-csi"))
+            .args(["--mode", "attachd", "--node-id", "node-a", "--server", server, "--io-timeout-s", "10"])
+            .arg("--state-dir")
+            .arg(dir.join("state-node-a"))
+            .arg("--attachd")
+            .arg(socket)
+            .arg("--keeper")
+            .arg(keeper)
+            .env("FERROVOL_TOKEN", "tok")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "the attach daemon did not listen on {}", socket.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Attachd(child)
+    }
+}
+
+impl Drop for Attachd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Kubernetes layout of issue 10: the node plugin attaches through the attach daemon (its own
+/// DaemonSet) and serves the keeper. kill -9 of the node plugin touches no mount; the death of the
+/// attach daemon's whole container (the daemon, the holder and the worker at once) does not either:
+/// the keeper holds the FUSE connection, and the next daemon adopts the mount. The filesystem on
+/// it keeps every fsynced file and takes new ones; unstage works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_outlive_the_node_plugin_and_the_attach_daemon() {
+    if !privileged("mounts_outlive_the_node_plugin_and_the_attach_daemon", &["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    let (sock, keeper) = (dir.path().join("attachd.sock"), dir.path().join("keeper.sock"));
+    let (sock_s, keeper_s) = (sock.display().to_string(), keeper.display().to_string());
+    let mut p = Plugin::start_with_args(
+        dir.path(),
+        &addr,
+        "node-a",
+        "all",
+        &["--attachd", &sock_s, "--keeper", &keeper_s],
+    )
+    .await;
+    let mut daemon = Attachd::start(dir.path(), &addr, &sock, &keeper).await;
+    p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    let id = p
+        .controller
+        .create_volume(create_req("kept", 32 << 20, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let c = cap(false, Mode::SingleNodeWriter);
+    let ctx = p
+        .controller
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            volume_capability: Some(c.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
+    let (stage, publish) = node_reqs(&id, &ctx, &c, &staging, &target);
+    p.node.node_stage_volume(stage.clone()).await.unwrap();
+    p.node.node_publish_volume(publish.clone()).await.unwrap();
+    let write_synced = |name: &str| {
+        let mut f = std::fs::File::create(target.join(name)).unwrap();
+        f.write_all(name.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    };
+    write_synced("before");
+
+    // The attach process is the daemon's child, not the plugin's.
+    let image = dir.path().join(format!("state-node-a/images/{id}.img"));
+    let serving = || ferrovol_client::host::serving_of(&image).unwrap();
+    let parent = |pid: u32| -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(parent(serving().holder), daemon.0.id(), "the attach daemon started the mount's holder");
+    let kept_twice = || {
+        let canon = std::fs::canonicalize(&image).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list = ferrovol_client::fuse::keep::list(&keeper).unwrap_or_default();
+            if list.iter().any(|k| k.path == canon && k.depositors == 2) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the keeper does not hold the mount twice: {list:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    kept_twice();
+
+    // 1. kill -9 of the node plugin (the keeper with it): the mount does not notice; the next
+    //    plugin's keeper gets the mount deposited again.
+    p = p.restart_hard().await;
+    write_synced("after-plugin-kill");
+    kept_twice();
+
+    // 2. The attach daemon's container dies: the daemon, the holder and the worker at once.
+    let s = serving();
+    let all = [daemon.0.id(), s.holder, s.worker.unwrap()];
+    let signal = |pid: u32, sig: i32| {
+        // SAFETY: kill(2) with a pid we know and a valid signal.
+        unsafe { libc::kill(pid as i32, sig) };
+    };
+    all.iter().for_each(|&p| signal(p, libc::SIGSTOP));
+    all.iter().for_each(|&p| signal(p, libc::SIGKILL));
+    let _ = daemon.0.wait();
+    // The FUSE file is still mounted and not dead (its requests wait for a worker).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(ferrovol_client::host::mount_at(&image).is_some());
+    daemon = Attachd::start(dir.path(), &addr, &sock, &keeper).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !serving().worker.is_some_and(|w| w != s.worker.unwrap() && ferrovol_client::host::pid_alive(w)) {
+        assert!(Instant::now() < deadline, "no new worker within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write_synced("after-attachd-death");
+    for name in ["before", "after-plugin-kill"] {
+        assert_eq!(std::fs::read(target.join(name)).unwrap(), name.as_bytes());
+    }
+    let stats = p
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal, "the adopted mount is healthy");
+
+    // 3. Unstage: unmounted, its processes gone, the keeper lets go.
+    let s = serving();
+    p.unpublish_unstage(&id, &target, &staging).await;
+    assert!(!is_mounted(&image));
+    assert!(
+        !ferrovol_client::host::pid_alive(s.holder)
+            && !s.worker.is_some_and(ferrovol_client::host::pid_alive)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ferrovol_client::fuse::keep::list(&keeper).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the keeper still holds the unstaged mount");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stage again through the new daemon: the files are there.
+    p.node.node_stage_volume(stage).await.unwrap();
+    p.node.node_publish_volume(publish).await.unwrap();
+    assert_eq!(std::fs::read(target.join("after-attachd-death")).unwrap(), b"after-attachd-death");
+    p.unpublish_unstage(&id, &target, &staging).await;
+    drop(daemon);
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use ferrovol_client::fuse;
-use ferrovol_client::host::{self, unmount};
+use ferrovol_client::host;
 use ferrovol_proto::VolumeName;
 
 use super::Global;
@@ -46,6 +46,7 @@ pub fn attach(
     read_only: bool,
     background: bool,
     force_takeover: bool,
+    generation: Option<u64>,
 ) -> anyhow::Result<()> {
     // A holder or worker of an existing mount (see `fuse::supervise`) runs this same command line
     // again: the mount is there already, and it is in the background already.
@@ -56,8 +57,11 @@ pub fn attach(
         }
     }
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    let access =
-        if read_only { fuse::Access::ReadOnly } else { fuse::Access::Writer { takeover: force_takeover } };
+    let access = match (read_only, generation) {
+        (true, _) => fuse::Access::ReadOnly,
+        (false, Some(generation)) => fuse::Access::WriterAt { generation },
+        (false, None) => fuse::Access::Writer { takeover: force_takeover },
+    };
     fuse::serve(&global.server, global.options()?, name, path, access, |size| {
         if notify {
             println!("ready");
@@ -87,30 +91,30 @@ fn spawn_background(name: &VolumeName, path: &Path) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
     let log_path = log_dir.join(format!("attach-{name}-{}.log", std::process::id()));
-    let log =
-        std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.args(&args).env(NOTIFY_ENV, "1").env(LOG_ENV, &log_path).stderr(log);
-    match host::spawn_until_ready(&mut cmd, READY_TIMEOUT) {
-        Ok(child) => {
-            println!(
-                "attached volume {name} at {} (pid {}, log {}); detach with `ferrovol detach {0}`",
-                path.display(),
-                child.id(),
-                log_path.display()
-            );
-            Ok(())
-        }
-        Err(e) => {
-            if host::mount_at(path).is_some() {
-                let _ = unmount(path);
-            }
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let _ = std::fs::remove_file(&log_path);
-            eprint!("{log}");
-            bail!("attach failed: {e}")
-        }
+    cmd.args(&args);
+    let cmd = notifying(cmd, Some(&log_path));
+    // The error ends with the log's last lines (the reason); the log goes.
+    let child = host::start_attach(cmd, path, &log_path, READY_TIMEOUT).inspect_err(|_| {
+        let _ = std::fs::remove_file(&log_path);
+    })?;
+    println!(
+        "attached volume {name} at {} (pid {}, log {}); detach with `ferrovol detach {0}`",
+        path.display(),
+        child.id(),
+        log_path.display()
+    );
+    Ok(())
+}
+
+/// `cmd` (a `ferrovol attach` in the foreground) set up to print `ready` once the mount is usable,
+/// and to remove `log` when it exits cleanly.
+pub fn notifying(mut cmd: Command, log: Option<&Path>) -> Command {
+    cmd.env(NOTIFY_ENV, "1");
+    if let Some(l) = log {
+        cmd.env(LOG_ENV, l);
     }
+    cmd
 }
 
 fn is_root() -> bool {
@@ -119,25 +123,7 @@ fn is_root() -> bool {
 }
 
 pub fn detach(path: &Path) -> anyhow::Result<()> {
-    match host::mount_at(path).map(|m| (m.fstype, m.source)) {
-        Some((t, source)) if t.starts_with("fuse") && source.starts_with("ferrovol:") => {}
-        Some((t, source)) => {
-            bail!("{} is a {t} mount of {source}, not a ferrovol attachment", path.display())
-        }
-        None => bail!("{} is not attached", path.display()),
-    }
-    unmount(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            anyhow::anyhow!("{} is busy (open files or a loop device on it): {e}", path.display())
-        } else {
-            anyhow::anyhow!("cannot unmount {}: {e}", path.display())
-        }
-    })?;
-    // The attach process releases the writer attachment after the unmount: wait for it, so that
-    // what follows a detach (a delete, an attach elsewhere) finds the volume free.
-    if !host::wait_serving_exit(path, Duration::from_secs(30)) {
-        eprintln!("ferrovol: the attach process of {} has not exited after 30 s", path.display());
-    }
+    host::detach(path)?;
     println!("detached {}", path.display());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `ferrovol` command line.
 
 pub mod attach;
+pub mod attachd;
 pub mod up;
 pub mod volume_cmd;
 
@@ -13,7 +14,7 @@ use ferrovol_proto::{NodeId, VolumeName};
 
 /// `--version` (on `ferrovol` itself only): the crate version, the git revision it was built from,
 /// and the protocol versions it speaks.
-static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "{} (git {}, protocol {}..={})",
         env!("CARGO_PKG_VERSION"),
@@ -32,7 +33,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Server address.
     #[arg(long, global = true, env = "FERROVOL_SERVER", default_value = ferrovol_client::DEFAULT_SERVER)]
@@ -104,6 +105,31 @@ pub enum Command {
         /// corrupt a filesystem.
         #[arg(long, conflicts_with = "read_only")]
         force_takeover: bool,
+        /// Open read-write under this writer attachment generation, taken beforehand by the caller
+        /// (the CSI controller); without it, attach takes the attachment itself.
+        #[arg(long, hide = true, conflicts_with_all = ["read_only", "force_takeover"])]
+        generation: Option<u64>,
+    },
+    /// The node attach daemon: attaches and detaches on request over a unix socket (the CSI node
+    /// plugin's way to attach), each mount in processes of its own that outlive the daemon. With
+    /// --keeper, it also restarts the mounts whose processes all died (the keeper kept their FUSE
+    /// connection). Needs root.
+    Attachd {
+        /// The socket of its API (owner-only).
+        #[arg(long, default_value = ferrovol_client::attachd::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// The keeper every mount is deposited with (see `ferrovol keeper`); run it in another
+        /// container or unit than this daemon.
+        #[arg(long)]
+        keeper: Option<std::path::PathBuf>,
+    },
+    /// Holds a second copy of the FUSE fds of every mount attached through `ferrovol attachd
+    /// --keeper`, so a mount outlives all of its own processes (in Kubernetes, the CSI node plugin
+    /// does this). Needs root.
+    Keeper {
+        /// Its socket (owner-only).
+        #[arg(long, default_value = ferrovol_client::attachd::DEFAULT_KEEPER)]
+        socket: std::path::PathBuf,
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
@@ -349,7 +375,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json } => attach::status(json),
-        Command::Attach { .. } | Command::Detach { .. } | Command::Up { .. } => {
+        Command::Attach { .. }
+        | Command::Detach { .. }
+        | Command::Up { .. }
+        | Command::Attachd { .. }
+        | Command::Keeper { .. } => {
             anyhow::bail!("attach and detach run outside the runtime (see main)")
         }
         Command::Bench(BenchCmd::Raw {

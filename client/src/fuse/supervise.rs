@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::abi::{InitOut, Op, Request};
+use super::keep;
 use super::kernel::{self, Channel, Handler};
 use super::serve::{Access, ServeError};
 use super::OwnBlockFile;
@@ -109,7 +110,10 @@ pub fn continuing() -> bool {
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The handoff this process was started with, and the fds it names, taken over (once).
-fn take_handoff() -> io::Result<Option<(Handoff, Vec<OwnedFd>, UnixStream)>> {
+/// A handoff, the fds it names, and the link to the peer (none for a holder of an orphan).
+type Taken = (Handoff, Vec<OwnedFd>, Option<UnixStream>);
+
+fn take_handoff() -> io::Result<Option<Taken>> {
     let Some(raw) = std::env::var_os(HANDOFF_ENV) else { return Ok(None) };
     if TAKEN.swap(true, Ordering::AcqRel) {
         return Err(io::Error::other("the FUSE handoff was already taken"));
@@ -135,7 +139,11 @@ fn take_handoff() -> io::Result<Option<(Handoff, Vec<OwnedFd>, UnixStream)>> {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
     let fds = h.fds.iter().map(|&fd| own(fd)).collect::<io::Result<Vec<_>>>()?;
-    let link = UnixStream::from(own(h.link)?);
+    // No link: a holder started for an orphan (see `keep`), whose worker and holder are gone.
+    let link = match (h.link, h.role) {
+        (-1, Role::Holder) => None,
+        (fd, _) => Some(UnixStream::from(own(fd)?)),
+    };
     if fds.is_empty() {
         return Err(io::Error::other(format!("{HANDOFF_ENV} names no /dev/fuse fd")));
     }
@@ -156,11 +164,23 @@ fn exe() -> io::Result<PathBuf> {
 
 /// Starts this command line again as `h.role`, handing it `fds` and `link` (its end of the link).
 fn spawn(h: &Handoff, fds: &[OwnedFd], link: &OwnedFd) -> io::Result<std::process::Child> {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).chain([link.as_raw_fd()]).collect();
-    let handoff = Handoff { fds: raw[..raw.len() - 1].to_vec(), link: link.as_raw_fd(), ..h.clone() };
     let mut cmd = Command::new(exe()?);
-    cmd.args(std::env::args_os().skip(1))
-        .env(HANDOFF_ENV, serde_json::to_string(&handoff).map_err(io::Error::other)?)
+    cmd.args(std::env::args_os().skip(1));
+    spawn_with(cmd, h, fds, Some(link))
+}
+
+/// Starts `cmd` as `h.role` with `fds` (and `link`, if any) inherited and named in its handoff, in
+/// a session of its own, its stdin and stdout on /dev/null.
+fn spawn_with(
+    mut cmd: Command,
+    h: &Handoff,
+    fds: &[OwnedFd],
+    link: Option<&OwnedFd>,
+) -> io::Result<std::process::Child> {
+    let raw: Vec<RawFd> = fds.iter().chain(link).map(AsRawFd::as_raw_fd).collect();
+    let handoff =
+        Handoff { fds: raw[..fds.len()].to_vec(), link: link.map_or(-1, AsRawFd::as_raw_fd), ..h.clone() };
+    cmd.env(HANDOFF_ENV, serde_json::to_string(&handoff).map_err(io::Error::other)?)
         // Not the caller's pipes: `--background` waits for the holder's stdout to say ready.
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -179,6 +199,76 @@ fn spawn(h: &Handoff, fds: &[OwnedFd], link: &OwnedFd) -> io::Result<std::proces
         });
     }
     cmd.spawn()
+}
+
+/// What this process deposits with the keeper (see [`super::keep`]) for the mount at `path`: how
+/// to start a holder for it again. `None` when the command line or environment is not UTF-8.
+fn spec(role: Role, path: &Path, volume: &str, h: &Handoff) -> Option<keep::Spec> {
+    let args = std::env::args_os().skip(1).map(|a| a.into_string().ok()).collect::<Option<Vec<_>>>()?;
+    let env = std::env::vars_os()
+        .filter(|(k, _)| k != HANDOFF_ENV)
+        .map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect::<Option<Vec<_>>>()?;
+    let log = std::fs::read_link("/proc/self/fd/2").ok().filter(|p| p.is_file());
+    Some(keep::Spec {
+        path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+        volume: volume.to_owned(),
+        role: match role {
+            Role::Holder => "holder",
+            Role::Worker => "worker",
+        }
+        .to_owned(),
+        pid: std::process::id(),
+        exe: exe().ok()?,
+        args,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        env,
+        log,
+        handoff: serde_json::to_value(h).ok()?,
+    })
+}
+
+/// Deposits the mount with the keeper, if this process has one (see [`super::keep`]).
+fn deposit(role: Role, path: &Path, volume: &str, h: &Handoff, fds: &[OwnedFd]) {
+    let Some(keeper) = keep::configured() else { return };
+    let Some(spec) = spec(role, path, volume, h) else {
+        warn!(path = %path.display(), "the command line or environment is not UTF-8: not deposited with the keeper");
+        return;
+    };
+    match fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>() {
+        Ok(dup) => keep::deposit_forever(keeper, spec, dup),
+        Err(e) => warn!(path = %path.display(), error = %e, "cannot deposit with the keeper"),
+    }
+}
+
+/// Starts a holder for an orphan claimed from the keeper (see [`super::keep`]): the deposited
+/// command line and environment, as a holder without a worker, which starts one that resumes the
+/// connection and asks for the resend. The binary is the one now at the deposited path (an
+/// upgrade takes effect). Returns the holder.
+pub fn adopt(spec: &keep::Spec, fds: &[OwnedFd]) -> io::Result<std::process::Child> {
+    let h: Handoff = serde_json::from_value(spec.handoff.clone())
+        .map_err(|e| io::Error::other(format!("the deposited handoff is malformed: {e}")))?;
+    if h.version > HANDOFF_VERSION {
+        return Err(io::Error::other(format!(
+            "the deposited handoff is version {}; this binary reads up to {HANDOFF_VERSION}",
+            h.version
+        )));
+    }
+    let h = Handoff { role: Role::Holder, resend: true, peer: 0, ..h };
+    let mut cmd = Command::new(&spec.exe);
+    cmd.args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(if spec.cwd.is_dir() { spec.cwd.as_path() } else { Path::new("/") });
+    match spec.log.as_ref().map(|l| std::fs::OpenOptions::new().append(true).open(l)) {
+        Some(Ok(f)) => {
+            cmd.stderr(f);
+        }
+        _ => {
+            cmd.stderr(Stdio::null());
+        }
+    }
+    spawn_with(cmd, &h, fds, None)
 }
 
 /// Whether the FUSE connection of `fd` is still alive (not unmounted, not aborted): the kernel
@@ -378,11 +468,25 @@ fn hold(
     mut ready: Option<Box<dyn FnOnce(u64) + '_>>,
 ) -> Result<(), ServeError> {
     let path = &serving.path.clone();
+    let volume = serving.volume.clone();
     let shown = path.display().to_string();
     let failed = |e: io::Error| {
         let _ = kernel::unmount(path);
         ServeError::Session { path: shown.clone(), source: e }
     };
+    // One holder at a time (a standby waits here): see `host::lock_mount`.
+    let _lock = match crate::host::lock_mount(path, "holder") {
+        Ok(l) => Some(l),
+        Err(e) if ready.is_some() => return Err(failed(e)),
+        Err(e) => {
+            warn!(path = %shown, error = %e, "cannot take the holder lock; holding the mount without it");
+            None
+        }
+    };
+    if !connection_alive(&fds[0]) {
+        log_over(path, &shown);
+        return Ok(());
+    }
     // Removed when this returns; `ferrovol detach` waits for that.
     let mut record = match crate::host::record_serving(serving) {
         Ok(r) => Some(r),
@@ -401,6 +505,7 @@ fn hold(
     };
     let target = path.to_owned();
     super::serve::unmount_on_signal(rt, &shown, move || kernel::unmount(&target));
+    deposit(Role::Holder, path, &volume, &handoff, &fds);
     if let Some((pid, link)) = adopted {
         info!(path = %shown, worker = pid, "holding the mount again (the previous holder died)");
         wait_eof(&link);
@@ -527,19 +632,28 @@ pub(super) fn continue_role(
         Ok(Some(t)) => t,
         Err(source) => return Some(Err(ServeError::Session { path: shown, source })),
     };
-    Some(match h.role {
-        Role::Worker => work(server, opts, name, path, access, h, fds, link),
-        Role::Holder => runtime().and_then(|rt| {
+    Some(match (h.role, link) {
+        (Role::Worker, Some(link)) => work(server, opts, name, path, access, h, fds, link),
+        (Role::Worker, None) => unreachable!("take_handoff gives every worker a link"),
+        (Role::Holder, link) => runtime().and_then(|rt| {
             let peer = h.peer;
             // What the previous holder recorded (restarts, since), now with us as the holder.
             let before = crate::host::serving_of(path);
             let serving = Serving {
-                worker: Some(peer),
-                restarts: before.as_ref().map_or(0, |b| b.restarts),
+                worker: link.is_some().then_some(peer),
+                // An orphan's worker is a restart too (its last one died with its holder).
+                restarts: before.as_ref().map_or(0, |b| b.restarts) + u32::from(link.is_none()),
                 since_unix_ms: before.map_or(h.since_unix_ms, |b| b.since_unix_ms),
                 ..Serving::started(path, name.as_str(), server, access.read_only())
             };
-            hold(&rt, serving, fds, h, Some((peer, link)), None)
+            match link {
+                Some(link) => hold(&rt, serving, fds, h, Some((peer, link)), None),
+                None => {
+                    // An orphan (see `keep`): no worker runs; the first one started resumes.
+                    warn!(path = %shown, "holding an orphaned mount again (its holder and worker were gone)");
+                    hold(&rt, serving, fds, Handoff { resend: true, ..h }, None, None)
+                }
+            }
         }),
     })
 }
@@ -607,6 +721,9 @@ fn work(
     opts.connections = opts.connections.max(h.connections);
     let opts_connections = opts.connections;
     let at = if read_only { Access::ReadOnly } else { Access::WriterAt { generation: h.generation } };
+    // One worker at a time, before its HELLOs retire anyone's connections: a second one (started by
+    // a second holder) waits here until the first is gone. See `host::lock_mount`.
+    let _lock = crate::host::lock_mount(path, "worker").map_err(session_err)?;
     // Every connection is up (and with it every old connection of the session retired: the dead
     // worker is fenced) before the resend.
     let deadline = Instant::now() + opts.io_timeout;
@@ -686,6 +803,7 @@ fn work(
     };
     let serving = fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>().map_err(session_err)?;
     let _ = writeln!(link, "ready {}", opts_connections);
+    deposit(Role::Worker, path, name.as_str(), &h, &fds);
     let held = Arc::new(fds);
     {
         let (held, h, shown) = (held.clone(), h.clone(), shown.clone());

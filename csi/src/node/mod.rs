@@ -17,7 +17,8 @@ mod stage;
 pub mod sys;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 
 use ferrovol_proto::csi::node_server::Node;
@@ -38,6 +39,35 @@ use crate::{Config, ServerLink, TOPOLOGY_KEY};
 
 /// The hidden subcommand of `ferrovol-csi` that serves one attached volume.
 pub const ATTACH_SUBCOMMAND: &str = "__attach";
+
+/// The command of a volume's attach process (`ferrovol-csi __attach`, in the foreground; it prints
+/// `ready`): what this plugin starts itself, or what the attach daemon starts for it.
+pub fn attach_command(exe: &Path, c: &Config, req: &ferrovol_client::attachd::AttachRequest) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg(ATTACH_SUBCOMMAND)
+        .args(["--server", &c.server, "--node-id", c.node_id.as_str()])
+        .args(["--io-timeout-s", &req.io_timeout_s.unwrap_or(c.io_timeout.as_secs()).to_string()])
+        .args(["--volume", &req.volume])
+        .arg("--path")
+        .arg(&req.path)
+        .env("FERROVOL_TOKEN", &c.token)
+        .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
+        .env_remove("FERROVOL_TLS_CA")
+        .env_remove("FERROVOL_TLS_CERT")
+        .env_remove("FERROVOL_TLS_KEY");
+    if let Some(t) = &c.tls_files {
+        cmd.env("FERROVOL_TLS_CA", &t.ca);
+        if let Some((cert, key)) = &t.cert {
+            cmd.env("FERROVOL_TLS_CERT", cert).env("FERROVOL_TLS_KEY", key);
+        }
+    }
+    if req.read_only {
+        cmd.arg("--read-only");
+    } else if let Some(g) = req.generation {
+        cmd.args(["--generation", &g.to_string()]);
+    }
+    cmd
+}
 
 #[derive(Debug)]
 struct Inner {

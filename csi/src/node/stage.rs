@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferrovol_client::attachd::{self, AttachRequest};
 use ferrovol_client::host::{self, mount_at};
 use tracing::{info, warn};
 
 use super::sys::{is_mounted, pid_alive, unmount_now};
-use super::{Inner, ATTACH_SUBCOMMAND};
+use super::{attach_command, Inner};
 use crate::error::{CsiError, CsiResult};
 use crate::state::Staged;
 use crate::validate::{Access, FsType};
@@ -42,38 +43,20 @@ impl Inner {
         std::fs::write(&st.image, b"")
             .map_err(|e| CsiError::step(&format!("cannot create {}", st.image.display()), e))?;
         let log_path = self.state.log(&st.volume_id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| CsiError::step(&format!("cannot open {}", log_path.display()), e))?;
-        let c = &self.config;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg(ATTACH_SUBCOMMAND)
-            .args(["--server", &c.server, "--node-id", c.node_id.as_str()])
-            .args(["--io-timeout-s", &c.io_timeout.as_secs().to_string()])
-            .args(["--volume", &st.volume_id])
-            .arg("--path")
-            .arg(&st.image)
-            .env("FERROVOL_TOKEN", &c.token)
-            .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
-            .env_remove("FERROVOL_TLS_CA")
-            .env_remove("FERROVOL_TLS_CERT")
-            .env_remove("FERROVOL_TLS_KEY")
-            .stderr(log);
-        if let Some(t) = &c.tls_files {
-            cmd.env("FERROVOL_TLS_CA", &t.ca);
-            if let Some((cert, key)) = &t.cert {
-                cmd.env("FERROVOL_TLS_CERT", cert).env("FERROVOL_TLS_KEY", key);
-            }
+        let req = AttachRequest {
+            volume: st.volume_id.clone(),
+            path: st.image.clone(),
+            read_only: st.read_only,
+            generation: if st.read_only { None } else { st.generation },
+            io_timeout_s: Some(self.config.io_timeout.as_secs()),
+            log: Some(log_path.clone()),
+        };
+        if let Some(socket) = &self.config.attachd {
+            return self.attach_through(socket, st, &req);
         }
-        if st.read_only {
-            cmd.arg("--read-only");
-        } else if let Some(g) = st.generation {
-            cmd.args(["--generation", &g.to_string()]);
-        }
+        let cmd = attach_command(&self.exe, &self.config, &req);
         // Its own session: a restart (or kill -9) of this plugin does not take the FUSE file down.
-        match host::spawn_until_ready(&mut cmd, ATTACH_READY_TIMEOUT) {
+        match host::start_attach(cmd, &st.image, &log_path, ATTACH_READY_TIMEOUT) {
             Ok(mut child) => {
                 st.attach_pid = Some(child.id());
                 info!(volume = %st.volume_id, pid = child.id(), image = %st.image.display(), "attached");
@@ -81,15 +64,40 @@ impl Inner {
                 std::thread::spawn(move || child.wait());
                 Ok(())
             }
-            Err(e) => {
-                if mount_at(&st.image).is_some() {
-                    let _ = host::unmount(&st.image);
-                }
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-                Err(CsiError::internal(format!("attach of {} failed: {e}: {tail}", st.volume_id)))
+            Err(e) => Err(CsiError::internal(format!("attach of {}: {e}", st.volume_id))),
+        }
+    }
+
+    /// Attaches through the node's attach daemon, which runs the mount's processes (in a container
+    /// that restarts of this plugin do not touch). It must speak for this node.
+    fn attach_through(&self, socket: &Path, st: &mut Staged, req: &AttachRequest) -> CsiResult<()> {
+        let unavailable = |e: std::io::Error| CsiError::Unavailable(format!("attach daemon: {e}"));
+        let status =
+            attachd::call(socket, &attachd::Request::Status, Duration::from_secs(10)).map_err(unavailable)?;
+        if let attachd::Reply::Status { node_id, .. } = &status {
+            if node_id != self.config.node_id.as_str() {
+                return Err(CsiError::precondition(format!(
+                    "the attach daemon at {} speaks for node {node_id}, this plugin for node {}; give both the same NODE_ID",
+                    socket.display(),
+                    self.config.node_id
+                )));
             }
+        }
+        let wait = ATTACH_READY_TIMEOUT + Duration::from_secs(10);
+        match attachd::call(socket, &attachd::Request::Attach(req.clone()), wait) {
+            Ok(attachd::Reply::Attached { holder, .. }) => {
+                st.attach_pid = Some(holder);
+                info!(volume = %st.volume_id, holder, image = %st.image.display(), "attached through the attach daemon");
+                Ok(())
+            }
+            Ok(other) => Err(CsiError::internal(format!("attach daemon: unexpected reply {other:?}"))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                Err(unavailable(e))
+            }
+            Err(e) => Err(CsiError::internal(format!("attach of {}: {e}", st.volume_id))),
         }
     }
 
