@@ -32,7 +32,9 @@ fn main() -> ExitCode {
         cli::Command::Attachd { socket, keeper } => {
             Some(cli::attachd::attachd(cli.global.clone(), socket, keeper.clone()))
         }
-        cli::Command::Keeper { socket } => Some(cli::attachd::keeper(socket)),
+        cli::Command::Keeper { socket, orphan_timeout_s } => {
+            Some(cli::attachd::keeper(socket, std::time::Duration::from_secs(*orphan_timeout_s)))
+        }
         cli::Command::Detach { path } => Some(cli::attach::detach(path)),
         cli::Command::Up { data, mount, size, volume } => Some(cli::up::up(data, mount, *size, volume)),
         _ => None,

@@ -168,7 +168,7 @@ struct Daemon {
 
 /// Serves the attach daemon until the process ends.
 pub fn serve(config: DaemonConfig) -> io::Result<()> {
-    let listener = keep::bind_socket(&config.socket, "attach daemon")?;
+    let bound = keep::bind_socket(&config.socket, "attach daemon")?;
     std::fs::create_dir_all(&config.log_dir)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", config.log_dir.display())))?;
     let mounts = host::servings();
@@ -177,7 +177,7 @@ pub fn serve(config: DaemonConfig) -> io::Result<()> {
         std::thread::Builder::new().name("ferrovol-claim".into()).spawn(move || claim_loop(&k))?;
     }
     let daemon = Arc::new(Daemon { config, busy: Mutex::default() });
-    for conn in listener.incoming() {
+    for conn in bound.listener.incoming() {
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
@@ -187,11 +187,16 @@ pub fn serve(config: DaemonConfig) -> io::Result<()> {
             }
         };
         let daemon = daemon.clone();
-        std::thread::Builder::new().name("ferrovol-attachd".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name("ferrovol-attachd".into()).spawn(move || {
             if let Err(e) = daemon.connection(&conn) {
                 warn!(error = %e, "request failed");
             }
-        })?;
+        });
+        if let Err(e) = spawned {
+            // Out of threads: this request is dropped (the caller sees EOF), the daemon goes on.
+            warn!(error = %e, "cannot start a thread for a request");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     Ok(())
 }
@@ -205,12 +210,23 @@ fn claim_loop(keeper: &Path) {
                 said = false;
                 match supervise::adopt(&spec, &fds) {
                     Ok(mut child) => {
-                        warn!(path = %spec.path.display(), volume = %spec.volume, holder = child.id(),
+                        let (pid, path) = (child.id(), spec.path.clone());
+                        warn!(path = %path.display(), volume = %spec.volume, holder = pid,
                             "adopted an orphaned mount (its processes were gone); a new worker resumes it");
-                        std::thread::spawn(move || child.wait());
+                        let reaper = std::thread::Builder::new().name("ferrovol-reap".into()).spawn(move || {
+                            match child.wait() {
+                                Ok(s) if s.success() => info!(path = %path.display(), holder = pid, "adopted holder exited"),
+                                Ok(s) => warn!(path = %path.display(), holder = pid, status = %s, "adopted holder exited"),
+                                Err(e) => warn!(path = %path.display(), holder = pid, error = %e, "cannot wait for the adopted holder"),
+                            }
+                        });
+                        if let Err(e) = reaper {
+                            warn!(error = %e, "cannot start a thread to reap the adopted holder (it stays a zombie when it exits)");
+                        }
                     }
                     Err(e) => {
-                        warn!(path = %spec.path.display(), error = %e, "cannot start a holder for an orphan")
+                        warn!(path = %spec.path.display(), exe = %spec.exe.display(), error = %e,
+                            "cannot start a holder for an orphaned mount")
                     }
                 }
                 continue; // more may wait
@@ -284,6 +300,9 @@ impl Daemon {
             let live = host::serving_of(&a.path).filter(|s| s.volume == name.as_str());
             let shown = a.path.display();
             return match (ours, live) {
+                (true, Some(s)) if !host::pid_alive(s.holder) => Err(io::Error::other(format!(
+                    "{shown} is a mount of {name} whose processes are being restarted; try again in a moment"
+                ))),
                 (true, Some(s)) if s.read_only == a.read_only => {
                     Ok(Reply::Attached { holder: s.holder, log: None, already: true })
                 }

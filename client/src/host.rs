@@ -13,6 +13,9 @@ pub struct MountEntry {
     pub source: String,
     /// The per-mount options (`ro`/`rw`, `noatime`...).
     pub options: Vec<String>,
+    /// The mounted filesystem's device, `major:minor` (for FUSE, minor is the connection's number
+    /// under /sys/fs/fuse/connections): which mount this is, when another takes the same path.
+    pub dev: String,
 }
 
 /// Undoes the octal escapes mountinfo uses for blanks and backslashes.
@@ -36,6 +39,7 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
             fstype: (*fields.get(dash + 1)?).to_owned(),
             source: unescape(fields.get(dash + 2)?),
             options: fields.get(5)?.split(',').map(str::to_owned).collect(),
+            dev: (*fields.get(2)?).to_owned(),
         })
     })
 }
@@ -299,11 +303,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mount = dir.path().join("m.img");
         std::fs::write(&mount, b"").unwrap();
-        let first = lock_mount(&mount, "test").unwrap();
+        let first = lock_mount(&mount, "test", Some("0:99"), true).unwrap();
+        let busy = lock_mount(&mount, "test", Some("0:99"), false).unwrap_err();
+        assert!(busy.to_string().contains("already"), "{busy}");
+        // Another connection at the same path: another lock.
+        lock_mount(&mount, "test", Some("0:98"), false).unwrap().remove();
         let (tx, rx) = std::sync::mpsc::channel();
         let m = mount.clone();
         let t = std::thread::spawn(move || {
-            let second = lock_mount(&m, "test").unwrap();
+            let second = lock_mount(&m, "test", Some("0:99"), true).unwrap();
             tx.send(()).unwrap();
             drop(second);
         });
@@ -311,7 +319,7 @@ mod tests {
         drop(first);
         rx.recv_timeout(Duration::from_secs(5)).expect("the second taker gets it once the first lets go");
         t.join().unwrap();
-        let _ = std::fs::remove_file(serving_record(&mount).with_extension("test.lock"));
+        let _ = std::fs::remove_file(serving_record(&mount).with_extension("test.0-99.lock"));
     }
 }
 
@@ -339,35 +347,63 @@ pub fn serving_record(mount: &Path) -> PathBuf {
     serving_dir().join(format!("{h:016x}.json"))
 }
 
-/// Takes the `role` lock of the mount at `path` ("holder" or "worker"): an exclusive `flock` on a
-/// file beside its serving record, held until the returned file is closed (at the latest when the
-/// process exits; close-on-exec, so no child inherits it). At most one holder and one worker of a
-/// mount run at once, whoever started them: a worker that finds its holder dead starts a holder,
-/// and so does an attach daemon that finds the mount orphaned (see `fuse::keep`); the second one
-/// waits here as a standby until the first is gone.
-pub fn lock_mount(path: &Path, role: &str) -> io::Result<std::fs::File> {
+/// The `role` lock of the FUSE connection `conn` mounted at `path` ("holder" or "worker"): an
+/// exclusive `flock` on a file beside its serving record, held until the returned file is closed
+/// (at the latest when the process exits; close-on-exec, so no child inherits it). At most one
+/// holder and one worker of a mount run at once, whoever started them: a worker that finds its
+/// holder dead starts a holder, and so does an attach daemon that finds the mount orphaned (see
+/// `fuse::keep`); the second waits here as a standby (`wait`) until the first is gone, or fails
+/// at once (not `wait`). `conn` (the mount's device, see [`MountEntry::dev`]) tells a new mount at
+/// the same path from an old one still alive (a lazy unmount).
+pub fn lock_mount(path: &Path, role: &str, conn: Option<&str>, wait: bool) -> io::Result<MountLock> {
     use std::os::fd::AsRawFd;
-    let lock = serving_record(path).with_extension(format!("{role}.lock"));
+    let name = match conn {
+        Some(c) => format!("{role}.{}.lock", c.replace(':', "-")),
+        None => format!("{role}.lock"),
+    };
+    let lock = serving_record(path).with_extension(name);
     if let Some(dir) = lock.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock)?;
-    let mut waited = false;
+    let mut waiting = false;
     loop {
-        let flags = if waited { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+        let flags = if waiting { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(f.as_raw_fd(), flags) } == 0 {
-            return Ok(f);
+            return Ok(MountLock { file: f, path: lock });
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => {}
-            Some(libc::EWOULDBLOCK) if !waited => {
+            Some(libc::EWOULDBLOCK) if wait => {
                 tracing::info!(path = %path.display(), role, "another {role} of this mount runs; waiting for it to end");
-                waited = true;
+                waiting = true;
+            }
+            Some(libc::EWOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("another {role} process serves the mount at {} already", path.display()),
+                ))
             }
             _ => return Err(e),
         }
+    }
+}
+
+/// A held [`lock_mount`] lock.
+#[derive(Debug)]
+pub struct MountLock {
+    #[allow(dead_code)] // held for its flock
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MountLock {
+    /// Releases it and removes its file: only once the mount's connection is over (a new process
+    /// of a live connection could otherwise lock a new file while another holds the old one).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Config {
     /// fds, see `ferrovol_client::fuse::keep`); attachd mode deposits mounts with it and claims
     /// orphans from it.
     pub keeper: Option<PathBuf>,
+    /// How long the keeper holds a mount that no attach daemon adopts (then it fails, ENOTCONN).
+    pub keeper_orphan_timeout: Duration,
 }
 
 /// The PEM files of a client's TLS settings.
@@ -178,11 +180,12 @@ pub async fn serve(config: Config, endpoint: &str) -> anyhow::Result<()> {
     let node = if matches!(config.mode, Mode::Node | Mode::All) {
         if let Some(k) = &config.keeper {
             // Its own threads: it must answer even while the runtime is busy.
-            let listener = ferrovol_client::fuse::keep::bind_socket(k, "keeper")
+            let bound = ferrovol_client::fuse::keep::bind_socket(k, "keeper")
                 .with_context(|| format!("cannot serve the keeper on {}", k.display()))?;
             info!(socket = %k.display(), "keeper listening");
+            let timeout = config.keeper_orphan_timeout;
             std::thread::Builder::new().name("ferrovol-keeper".into()).spawn(move || {
-                if let Err(e) = ferrovol_client::fuse::keep::serve(listener) {
+                if let Err(e) = ferrovol_client::fuse::keep::serve(bound, timeout) {
                     tracing::error!(error = %e, "the keeper stopped");
                 }
             })?;

@@ -74,6 +74,10 @@ struct Cli {
     /// mount with it, and restart the mounts whose processes all died.
     #[arg(long, env = "FERROVOL_KEEPER_SOCKET")]
     keeper: Option<PathBuf>,
+    /// Node mode: seconds the keeper holds a mount whose processes all died and that no attach
+    /// daemon adopts; then it lets go, and the mount fails (ENOTCONN) instead of waiting for ever.
+    #[arg(long, default_value_t = 900)]
+    keeper_orphan_timeout_s: u64,
 }
 
 /// `ferrovol-csi __attach`: serves one volume over a FUSE file until it is unmounted.
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
         max_volumes_per_node: cli.max_volumes_per_node,
         attachd: cli.attachd,
         keeper: cli.keeper,
+        keeper_orphan_timeout: Duration::from_secs(cli.keeper_orphan_timeout_s),
     };
     if config.mode == Mode::Attachd {
         return attachd(config);

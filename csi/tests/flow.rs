@@ -999,8 +999,18 @@ async fn mounts_outlive_the_node_plugin_and_the_attach_daemon() {
     all.iter().for_each(|&p| signal(p, libc::SIGSTOP));
     all.iter().for_each(|&p| signal(p, libc::SIGKILL));
     let _ = daemon.0.wait();
-    // The FUSE file is still mounted and not dead (its requests wait for a worker).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The FUSE file is still mounted, and the keeper holds it as an orphan (no process of its own
+    // left; its requests wait for a worker).
+    let canon = std::fs::canonicalize(&image).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = ferrovol_client::fuse::keep::list(&keeper).unwrap();
+        if list.iter().any(|k| k.path == canon && k.depositors == 0 && k.orphan_ms.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the keeper does not hold the mount as an orphan: {list:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(ferrovol_client::host::mount_at(&image).is_some());
     daemon = Attachd::start(dir.path(), &addr, &sock, &keeper).await;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -13,11 +13,11 @@ use tracing::info;
 use super::Global;
 
 /// `ferrovol keeper --socket PATH`: holds the deposited fds until the process ends.
-pub fn keeper(socket: &Path) -> anyhow::Result<()> {
-    let listener = keep::bind_socket(socket, "keeper")?;
-    info!(socket = %socket.display(), "keeper listening");
+pub fn keeper(socket: &Path, orphan_timeout: std::time::Duration) -> anyhow::Result<()> {
+    let bound = keep::bind_socket(socket, "keeper")?;
+    info!(socket = %socket.display(), ?orphan_timeout, "keeper listening");
     eprintln!("ferrovol keeper: holding the FUSE fds of this node's mounts; socket {}", socket.display());
-    keep::serve(listener)?;
+    keep::serve(bound, orphan_timeout)?;
     Ok(())
 }
 

@@ -130,6 +130,10 @@ pub enum Command {
         /// Its socket (owner-only).
         #[arg(long, default_value = ferrovol_client::attachd::DEFAULT_KEEPER)]
         socket: std::path::PathBuf,
+        /// Seconds it holds a mount whose processes all died and that no attach daemon adopts;
+        /// then it lets go, and the mount fails (ENOTCONN) instead of its I/O waiting for ever.
+        #[arg(long, default_value_t = 900)]
+        orphan_timeout_s: u64,
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },

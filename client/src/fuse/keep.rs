@@ -42,6 +42,11 @@ pub const MAX_FDS: usize = 64;
 const CLAIM_HOLD: Duration = Duration::from_secs(15);
 /// How often depositors try again to reach a keeper that is gone.
 const REDEPOSIT_EVERY: Duration = Duration::from_secs(1);
+/// How long either side waits for the other's message (the first one of a connection, a reply).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the keeper holds an orphan that no attach daemon adopts, by default: then it closes
+/// the fds, and the mount fails (ENOTCONN) instead of making its applications wait for ever.
+pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// What a holder or worker deposits: enough to start a holder for the mount again.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,6 +57,10 @@ pub struct Spec {
     /// "holder" or "worker": who deposited it.
     pub role: String,
     pub pid: u32,
+    /// The FUSE connection's device at the mount (`host::MountEntry::dev`): with the path, which
+    /// mount this is (a new mount at the path of a lazily unmounted one is another).
+    #[serde(default)]
+    pub conn: String,
     /// The binary (absolute) and its arguments, as the depositor runs them.
     pub exe: PathBuf,
     pub args: Vec<String>,
@@ -108,8 +117,17 @@ enum Reply {
 /// Sends one message with `fds` as its ancillary data.
 fn send(stream: &UnixStream, msg: &impl Serialize, fds: &[RawFd]) -> io::Result<()> {
     let json = serde_json::to_vec(msg).map_err(io::Error::other)?;
-    if json.len() > MAX_MESSAGE || fds.len() > MAX_FDS {
-        return Err(io::Error::other("keeper message too large"));
+    if json.len() > MAX_MESSAGE {
+        return Err(io::Error::other(format!(
+            "keeper message of {} bytes (the limit is {MAX_MESSAGE})",
+            json.len()
+        )));
+    }
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "{} fds in one keeper message (the limit is {MAX_FDS})",
+            fds.len()
+        )));
     }
     let mut data = Vec::with_capacity(4 + json.len());
     data.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_le_bytes());
@@ -198,7 +216,9 @@ fn recv<T: DeserializeOwned>(stream: &UnixStream) -> io::Result<Option<(T, Vec<O
             }
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::other("keeper message carried more fds than allowed"));
+            return Err(io::Error::other(format!(
+                "fds of a keeper message were lost: more than {MAX_FDS}, or this process has no fd left"
+            )));
         }
         break n as usize;
     };
@@ -219,7 +239,7 @@ fn recv<T: DeserializeOwned>(stream: &UnixStream) -> io::Result<Option<(T, Vec<O
 }
 
 struct Entry {
-    /// Which mount at this path (a new mount there after an unmount is a new entry).
+    /// Which entry (a depositor counts down only the entry it counted up).
     id: u64,
     spec: Spec,
     fds: Vec<OwnedFd>,
@@ -229,22 +249,26 @@ struct Entry {
     warned: bool,
 }
 
-type Table = Arc<Mutex<HashMap<PathBuf, Entry>>>;
+/// A mount: its path and its connection.
+type Key = (PathBuf, String);
+type Table = Arc<Mutex<HashMap<Key, Entry>>>;
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves the keeper on `listener` until the process ends (one thread per connection: two per
-/// mount, few). Entries whose FUSE connection is over (unmounted) are dropped within a second.
-pub fn serve(listener: UnixListener) -> io::Result<()> {
+/// mount, few; each must send its first message within [`MESSAGE_TIMEOUT`]). Entries whose FUSE
+/// connection is over (unmounted) are dropped within a second, and orphans that no attach daemon
+/// adopts within `orphan_timeout` too (their mount then fails with ENOTCONN).
+pub fn serve(bound: Bound, orphan_timeout: Duration) -> io::Result<()> {
     let table: Table = Arc::default();
     {
         let table = table.clone();
         std::thread::Builder::new().name("ferrovol-keeper-sweep".into()).spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
-            sweep(&table);
+            sweep(&table, orphan_timeout);
         })?;
     }
-    for conn in listener.incoming() {
+    for conn in bound.listener.incoming() {
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
@@ -254,127 +278,141 @@ pub fn serve(listener: UnixListener) -> io::Result<()> {
             }
         };
         let table = table.clone();
-        std::thread::Builder::new().name("ferrovol-keeper".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name("ferrovol-keeper".into()).spawn(move || {
             if let Err(e) = connection(&conn, &table) {
                 warn!(error = %e, "keeper: connection failed");
             }
-        })?;
+        });
+        if let Err(e) = spawned {
+            // Out of threads: this connection is dropped (its depositor tries again), the keeper goes on.
+            warn!(error = %e, "keeper: cannot start a thread for a connection");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     Ok(())
 }
 
-fn lock(table: &Table) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Entry>> {
+fn lock(table: &Table) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
     table.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn sweep(table: &Table) {
+fn sweep(table: &Table, orphan_timeout: Duration) {
     let mut t = lock(table);
-    t.retain(|path, e| {
+    t.retain(|(path, _), e| {
         if !connection_alive(&e.fds[0]) {
             info!(path = %path.display(), "keeper: the mount is gone; its fds are closed");
             return false;
         }
         if let Some(since) = e.orphan_since {
+            if since.elapsed() > orphan_timeout {
+                warn!(path = %path.display(), volume = %e.spec.volume, ?orphan_timeout,
+                    "keeper: no attach daemon adopted this mount in time; closing its fds (its I/O fails with ENOTCONN)");
+                return false;
+            }
             if !e.warned && since.elapsed() > Duration::from_secs(30) {
                 e.warned = true;
                 warn!(path = %path.display(), volume = %e.spec.volume,
-                    "keeper: no attach daemon has claimed this mount for 30 s; its requests wait");
+                    "keeper: this mount has had no process for 30 s (no attach daemon adopted it yet); its requests wait");
             }
         }
         true
     });
 }
 
+/// Whether `fd` is /dev/fuse (character device 10:229): what the keeper accepts.
+fn is_fuse_device(fd: &OwnedFd) -> bool {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat fills the stat buffer on our stack for an fd we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && libc::major(st.st_rdev) == 10
+        && libc::minor(st.st_rdev) == 229
+}
+
+/// Counts a depositor down when its connection ends, however it ends.
+struct Depositor<'a> {
+    table: &'a Table,
+    key: Key,
+    id: u64,
+}
+
+impl Drop for Depositor<'_> {
+    fn drop(&mut self) {
+        let mut t = lock(self.table);
+        let Some(e) = t.get_mut(&self.key).filter(|e| e.id == self.id) else { return };
+        e.depositors = e.depositors.saturating_sub(1);
+        if e.depositors > 0 {
+            return;
+        }
+        if connection_alive(&e.fds[0]) {
+            warn!(path = %self.key.0.display(), volume = %e.spec.volume,
+                "keeper: every process of the mount is gone; holding it for an attach daemon to adopt");
+            e.orphan_since = Some(Instant::now());
+        } else {
+            t.remove(&self.key);
+        }
+    }
+}
+
 fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
+    conn.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
     while let Some((req, fds)) = recv::<Request>(conn)? {
         match req {
             Request::Deposit { spec } => {
                 let spec = *spec;
-                if fds.is_empty() || !connection_alive(&fds[0]) {
-                    send(conn, &Reply::Error { message: "no live FUSE fd deposited".into() }, &[])?;
+                if fds.is_empty() || !fds.iter().all(is_fuse_device) || !connection_alive(&fds[0]) {
+                    send(conn, &Reply::Error { message: "no live /dev/fuse fd deposited".into() }, &[])?;
                     continue;
                 }
-                let path = spec.path.clone();
+                let key = (spec.path.clone(), spec.conn.clone());
                 let id = {
                     let mut t = lock(table);
-                    match t.get_mut(&path) {
+                    match t.get_mut(&key) {
                         // The same mount: one more live depositor (the fds kept are as good).
                         Some(e) if connection_alive(&e.fds[0]) => {
                             e.depositors += 1;
                             e.orphan_since = None;
                             e.claimed_until = None;
                             e.warned = false;
+                            let most = connections(&e.spec).max(connections(&spec));
                             if spec.role == "holder" || e.spec.role != "holder" {
                                 e.spec = spec;
                             }
+                            // The most connections any worker opened: an adopted worker retires them all.
+                            e.spec.handoff["connections"] = most.into();
                             e.id
                         }
                         _ => {
-                            info!(path = %path.display(), volume = %spec.volume, fds = fds.len(), "keeper: holding");
+                            info!(path = %key.0.display(), volume = %spec.volume, fds = fds.len(), "keeper: holding");
                             let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            t.insert(
-                                path.clone(),
-                                Entry {
-                                    id,
-                                    spec,
-                                    fds,
-                                    depositors: 1,
-                                    orphan_since: None,
-                                    claimed_until: None,
-                                    warned: false,
-                                },
-                            );
+                            let entry = Entry {
+                                id,
+                                spec,
+                                fds,
+                                depositors: 1,
+                                orphan_since: None,
+                                claimed_until: None,
+                                warned: false,
+                            };
+                            t.insert(key.clone(), entry);
                             id
                         }
                     }
                 };
+                // Counted down when this ends, whatever happens from here on.
+                let _depositor = Depositor { table, key, id };
                 send(conn, &Reply::Kept, &[])?;
                 // The depositor keeps the connection until it dies: wait for that.
+                conn.set_read_timeout(None)?;
                 let mut b = [0u8; 64];
                 let mut r = conn;
                 while !matches!(r.read(&mut b), Ok(0) | Err(_)) {}
-                let mut t = lock(table);
-                if let Some(e) = t.get_mut(&path).filter(|e| e.id == id) {
-                    e.depositors = e.depositors.saturating_sub(1);
-                    if e.depositors == 0 {
-                        if connection_alive(&e.fds[0]) {
-                            warn!(path = %path.display(), volume = %e.spec.volume,
-                                "keeper: every process of the mount is gone; holding it for an attach daemon to claim");
-                            e.orphan_since = Some(Instant::now());
-                        } else {
-                            t.remove(&path);
-                        }
-                    }
-                }
                 return Ok(());
             }
-            Request::Claim => {
-                let found = {
-                    let mut t = lock(table);
-                    let now = Instant::now();
-                    t.values_mut()
-                        .find(|e| {
-                            e.depositors == 0
-                                && e.orphan_since.is_some()
-                                && e.claimed_until.is_none_or(|u| u <= now)
-                                && connection_alive(&e.fds[0])
-                        })
-                        .map(|e| {
-                            e.claimed_until = Some(now + CLAIM_HOLD);
-                            let dup = e.fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>();
-                            (e.spec.clone(), dup)
-                        })
-                };
-                match found {
-                    Some((spec, Ok(fds))) => {
-                        info!(path = %spec.path.display(), volume = %spec.volume, "keeper: orphan claimed");
-                        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-                        send(conn, &Reply::Orphan { spec: Box::new(spec) }, &raw)?;
-                    }
-                    Some((_, Err(e))) => send(conn, &Reply::Error { message: e.to_string() }, &[])?,
-                    None => send(conn, &Reply::NoOrphan, &[])?,
-                }
-            }
+            Request::Claim => claim_one(conn, table)?,
             Request::List => {
                 let mut mounts: Vec<Kept> = lock(table)
                     .values()
@@ -396,13 +434,74 @@ fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
     Ok(())
 }
 
-/// Binds the keeper's (or attach daemon's) socket at `path`, owner-only. A socket file nobody
-/// answers on (left by a dead process) is replaced; one that answers is refused.
-pub fn bind_socket(path: &Path, what: &str) -> io::Result<UnixListener> {
-    if UnixStream::connect(path).is_ok() {
+fn connections(spec: &Spec) -> u64 {
+    spec.handoff.get("connections").and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+/// Hands one orphan (a copy of its fds) to the claimer; it is not handed out again for
+/// [`CLAIM_HOLD`] once the claimer has it.
+fn claim_one(conn: &UnixStream, table: &Table) -> io::Result<()> {
+    let found = {
+        let mut t = lock(table);
+        let now = Instant::now();
+        t.iter_mut()
+            .find(|(_, e)| {
+                e.depositors == 0
+                    && e.orphan_since.is_some()
+                    && e.claimed_until.is_none_or(|u| u <= now)
+                    && connection_alive(&e.fds[0])
+            })
+            .map(|(k, e)| {
+                // Not handed to a second claimer meanwhile; released again if this one fails.
+                e.claimed_until = Some(now + CLAIM_HOLD);
+                (k.clone(), e.id, e.spec.clone(), e.fds.iter().map(OwnedFd::try_clone).collect())
+            })
+    };
+    let Some((key, id, spec, dup)) = found else { return send(conn, &Reply::NoOrphan, &[]) };
+    let release = || {
+        if let Some(e) = lock(table).get_mut(&key).filter(|e| e.id == id) {
+            e.claimed_until = None;
+        }
+    };
+    let fds: Vec<OwnedFd> = match dup {
+        Ok(f) => f,
+        Err(e) => {
+            release();
+            return send(conn, &Reply::Error { message: format!("cannot copy the orphan's fds: {e}") }, &[]);
+        }
+    };
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    if let Err(e) = send(conn, &Reply::Orphan { spec: Box::new(spec) }, &raw) {
+        release();
+        return Err(e);
+    }
+    info!(path = %key.0.display(), "keeper: orphan handed to an attach daemon");
+    Ok(())
+}
+
+/// A bound, owner-only socket, and the lock that makes it ours (see [`bind_socket`]).
+#[derive(Debug)]
+pub struct Bound {
+    pub listener: UnixListener,
+    /// `flock`ed for the life of the process: one server per socket path.
+    _lock: std::fs::File,
+}
+
+/// Binds the keeper's (or attach daemon's) socket at `path`, owner-only from the start (bound
+/// under a temporary name, then renamed into place). One process per path: a lock file beside it
+/// (`PATH.lock`, `flock`ed for the process's life) refuses a second one; a socket file left by a
+/// dead one is replaced.
+pub fn bind_socket(path: &Path, what: &str) -> io::Result<Bound> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("another {what} is serving {}", path.display()),
+            format!("another {what} is serving {} (it holds {})", path.display(), lock_path.display()),
         ));
     }
     match std::fs::symlink_metadata(path) {
@@ -415,12 +514,22 @@ pub fn bind_socket(path: &Path, what: &str) -> io::Result<UnixListener> {
         }
         Err(_) => {}
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(Bound { listener, _lock: lock })
+}
+
+/// An I/O error with what timed out said in words (a read timeout is EAGAIN otherwise).
+fn worded(e: io::Error, what: &str) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io::Error::new(io::ErrorKind::TimedOut, format!("{what}: no answer within {MESSAGE_TIMEOUT:?}"))
+        }
+        _ => e,
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(listener)
 }
 
 /// Deposits the mount with the keeper at `keeper` from a thread of its own, and again each time
@@ -434,8 +543,11 @@ pub fn deposit_forever(keeper: PathBuf, spec: Spec, fds: Vec<OwnedFd>) {
         let mut said = false;
         while connection_alive(&fds[0]) {
             let deposited = UnixStream::connect(&keeper).and_then(|conn| {
+                conn.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
                 send(&conn, &Request::Deposit { spec: Box::new(spec.clone()) }, &raw)?;
-                match recv::<Reply>(&conn)? {
+                let reply = recv::<Reply>(&conn).map_err(|e| worded(e, "the keeper"))?;
+                conn.set_read_timeout(None)?;
+                match reply {
                     Some((Reply::Kept, _)) => Ok(conn),
                     Some((Reply::Error { message }, _)) => Err(io::Error::other(message)),
                     other => Err(io::Error::other(format!("unexpected keeper reply {other:?}"))),
@@ -470,9 +582,9 @@ pub fn deposit_forever(keeper: PathBuf, spec: Spec, fds: Vec<OwnedFd>) {
 /// Claims one orphan from the keeper at `keeper`: its spec and its fds (ours now).
 pub fn claim(keeper: &Path) -> io::Result<Option<(Spec, Vec<OwnedFd>)>> {
     let conn = UnixStream::connect(keeper)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
     send(&conn, &Request::Claim, &[])?;
-    match recv::<Reply>(&conn)? {
+    match recv::<Reply>(&conn).map_err(|e| worded(e, "the keeper"))? {
         Some((Reply::Orphan { spec }, fds)) if !fds.is_empty() => Ok(Some((*spec, fds))),
         Some((Reply::NoOrphan, _)) => Ok(None),
         Some((Reply::Error { message }, _)) => Err(io::Error::other(message)),
@@ -483,9 +595,9 @@ pub fn claim(keeper: &Path) -> io::Result<Option<(Spec, Vec<OwnedFd>)>> {
 /// What the keeper at `keeper` holds.
 pub fn list(keeper: &Path) -> io::Result<Vec<Kept>> {
     let conn = UnixStream::connect(keeper)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
     send(&conn, &Request::List, &[])?;
-    match recv::<Reply>(&conn)? {
+    match recv::<Reply>(&conn).map_err(|e| worded(e, "the keeper"))? {
         Some((Reply::List { mounts }, _)) => Ok(mounts),
         Some((Reply::Error { message }, _)) => Err(io::Error::other(message)),
         other => Err(io::Error::other(format!("unexpected keeper reply {other:?}"))),

@@ -177,9 +177,20 @@ const COPY_BELOW: usize = 64 * 1024;
 
 /// Reads one request into `buf` (whose spare capacity is at least `buffer_len`). `Ok(None)`: the
 /// filesystem was unmounted (or the connection aborted).
+///
+/// A fresh buffer is *prefaulted* (a byte written in each page) before the read. The kernel copies
+/// a request into the reader's pages after taking it off the queue; for pages not yet present it
+/// takes the slow path of get_user_pages, which fails when a fatal signal is pending, and the
+/// kernel then ends the request with EIO. So a worker killed with SIGKILL while one of its threads
+/// was waking up could hand one request an EIO instead of leaving it to the resend. With every
+/// page present the copy takes the fast path, which does not look at signals.
 fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<Bytes>> {
     loop {
+        let fresh = buf.capacity() - buf.len() < len;
         buf.reserve(len);
+        if fresh {
+            prefault(buf);
+        }
         let spare = buf.spare_capacity_mut();
         // SAFETY: read(2) writes at most `spare.len()` bytes into the spare capacity, which nothing
         // reads before `set_len` marks the bytes written as initialised.
@@ -205,10 +216,28 @@ fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<
     }
 }
 
+/// Writes a byte in each page of `buf`'s spare capacity, so that all of it is present (see
+/// [`read_request`]).
+fn prefault(buf: &mut BytesMut) {
+    let spare = buf.spare_capacity_mut();
+    for i in (0..spare.len()).step_by(4096) {
+        // SAFETY: `i` is within the spare capacity; a volatile write of an initialised byte to it
+        // (the compiler may not drop it: the point is the page fault).
+        unsafe { std::ptr::write_volatile(spare[i].as_mut_ptr(), 0) };
+    }
+}
+
+/// A read buffer of `len` bytes, every page present (see [`read_request`]).
+fn read_buffer(len: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(len);
+    prefault(&mut buf);
+    buf
+}
+
 /// Waits for the kernel's INIT on `fd` and answers it: the versions and the flags both sides have.
 /// `want` are the flags we ask for. Returns what was agreed (kept to resume later without INIT).
 pub fn handshake(fd: &OwnedFd, want: u64, max_write: u32, max_background: u16) -> io::Result<InitOut> {
-    let mut buf = BytesMut::with_capacity(buffer_len(max_write));
+    let mut buf = read_buffer(buffer_len(max_write));
     let ch = Channel::new(Arc::new(fd.try_clone()?));
     loop {
         let Some(frame) = read_request(fd.as_raw_fd(), &mut buf, buffer_len(max_write))? else {
@@ -274,7 +303,7 @@ pub fn run(
         let (handler, stop) = (handler.clone(), stop.clone());
         let t = std::thread::Builder::new().name(format!("ferrovol-fuse-{i}")).spawn(
             move || -> io::Result<()> {
-                let mut buf = BytesMut::with_capacity(len);
+                let mut buf = read_buffer(len);
                 let next = |buf: &mut BytesMut| {
                     read_request(ch.raw(), buf, len).inspect_err(|e| {
                         // Said at once: the other workers go on, but this fd is no longer read.

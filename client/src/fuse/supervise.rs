@@ -97,6 +97,10 @@ struct Handoff {
     /// HELLO (see the module docs), whatever the defaults of the binary that runs next.
     #[serde(default)]
     connections: usize,
+    /// The FUSE connection's device at the mount (`host::MountEntry::dev`): which mount at this
+    /// path (a lazily unmounted older one may still live). None from older binaries.
+    #[serde(default)]
+    conn: Option<String>,
 }
 
 const HANDOFF_VERSION: u32 = 1;
@@ -219,6 +223,7 @@ fn spec(role: Role, path: &Path, volume: &str, h: &Handoff) -> Option<keep::Spec
         }
         .to_owned(),
         pid: std::process::id(),
+        conn: h.conn.clone().unwrap_or_default(),
         exe: exe().ok()?,
         args,
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
@@ -252,6 +257,17 @@ pub fn adopt(spec: &keep::Spec, fds: &[OwnedFd]) -> io::Result<std::process::Chi
         return Err(io::Error::other(format!(
             "the deposited handoff is version {}; this binary reads up to {HANDOFF_VERSION}",
             h.version
+        )));
+    }
+    // Only mounts of this same program: what the daemon executes as root is its own binary (the
+    // one now at the deposited path, so an upgrade takes effect).
+    let ours = std::env::current_exe()?;
+    let name = ours.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
+    if spec.exe.file_name().map(|n| n.to_string_lossy().into_owned()) != name {
+        return Err(io::Error::other(format!(
+            "the mount was deposited by {}, not by this program ({}); it is not adopted here",
+            spec.exe.display(),
+            ours.display()
         )));
     }
     let h = Handoff { role: Role::Holder, resend: true, peer: 0, ..h };
@@ -401,6 +417,7 @@ pub(super) fn start(
         size,
         since_unix_ms: 0,
         connections: opts_connections,
+        conn: crate::host::mount_at(path).map(|m| m.dev),
     };
     info!(volume = %name, path = %shown, size, read_only, minor = init.minor, "mounted (own FUSE session)");
     let serving = Serving::started(path, name.as_str(), server, read_only);
@@ -454,12 +471,52 @@ fn serve_here(
     Ok(())
 }
 
+/// Holds the mount (see [`hold_mount`]) under its holder lock (see `host::lock_mount`): a second
+/// holder of the same connection waits as a standby, except the first, which fails (and unmounts).
+fn hold(
+    rt: &tokio::runtime::Runtime,
+    serving: Serving,
+    fds: Vec<OwnedFd>,
+    handoff: Handoff,
+    adopted: Option<(u32, UnixStream)>,
+    ready: Option<Box<dyn FnOnce(u64) + '_>>,
+) -> Result<(), ServeError> {
+    let path = serving.path.clone();
+    let shown = path.display().to_string();
+    let lock = match crate::host::lock_mount(&path, "holder", handoff.conn.as_deref(), ready.is_none()) {
+        Ok(l) => Some(l),
+        Err(e) if ready.is_some() => {
+            let _ = kernel::unmount(&path);
+            return Err(ServeError::Session { path: shown, source: e });
+        }
+        Err(e) => {
+            warn!(path = %shown, error = %e, "cannot take the holder lock; holding the mount without it");
+            None
+        }
+    };
+    let probe = fds[0].try_clone().ok();
+    let over = |probe: &Option<OwnedFd>| probe.as_ref().is_some_and(|fd| !connection_alive(fd));
+    let result = if over(&probe) {
+        // Unmounted while this one waited as a standby.
+        log_over(&path, &shown);
+        Ok(())
+    } else {
+        hold_mount(rt, serving, fds, handoff, adopted, ready)
+    };
+    if let Some(lock) = lock {
+        if over(&probe) {
+            lock.remove();
+        }
+    }
+    result
+}
+
 /// The holder's loop: keeps a worker serving `fds` while the mount lives. `adopted`: the worker
 /// that is already running (our parent, for a holder started by a worker whose holder died), with
 /// our end of its link. `ready` runs once the first worker reports the mount usable; until then,
 /// every failure unmounts (nothing half-made stays). After that, nothing makes the holder give up
 /// while the connection lives: it is what keeps the mount alive.
-fn hold(
+fn hold_mount(
     rt: &tokio::runtime::Runtime,
     serving: Serving,
     fds: Vec<OwnedFd>,
@@ -474,19 +531,6 @@ fn hold(
         let _ = kernel::unmount(path);
         ServeError::Session { path: shown.clone(), source: e }
     };
-    // One holder at a time (a standby waits here): see `host::lock_mount`.
-    let _lock = match crate::host::lock_mount(path, "holder") {
-        Ok(l) => Some(l),
-        Err(e) if ready.is_some() => return Err(failed(e)),
-        Err(e) => {
-            warn!(path = %shown, error = %e, "cannot take the holder lock; holding the mount without it");
-            None
-        }
-    };
-    if !connection_alive(&fds[0]) {
-        log_over(path, &shown);
-        return Ok(());
-    }
     // Removed when this returns; `ferrovol detach` waits for that.
     let mut record = match crate::host::record_serving(serving) {
         Ok(r) => Some(r),
@@ -723,7 +767,13 @@ fn work(
     let at = if read_only { Access::ReadOnly } else { Access::WriterAt { generation: h.generation } };
     // One worker at a time, before its HELLOs retire anyone's connections: a second one (started by
     // a second holder) waits here until the first is gone. See `host::lock_mount`.
-    let _lock = crate::host::lock_mount(path, "worker").map_err(session_err)?;
+    let lock = crate::host::lock_mount(path, "worker", h.conn.as_deref(), true).map_err(session_err)?;
+    if !connection_alive(&fds[0]) {
+        // Unmounted while this one waited for the lock.
+        log_over(path, &shown);
+        lock.remove();
+        return Ok(());
+    }
     // Every connection is up (and with it every old connection of the session retired: the dead
     // worker is fenced) before the resend.
     let deadline = Instant::now() + opts.io_timeout;
@@ -803,7 +853,8 @@ fn work(
     };
     let serving = fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>().map_err(session_err)?;
     let _ = writeln!(link, "ready {}", opts_connections);
-    deposit(Role::Worker, path, name.as_str(), &h, &fds);
+    // With the connections it opened: a worker adopted from the keeper retires every one of them.
+    deposit(Role::Worker, path, name.as_str(), &Handoff { connections: opts_connections, ..h.clone() }, &fds);
     let held = Arc::new(fds);
     {
         let (held, h, shown) = (held.clone(), h.clone(), shown.clone());
@@ -815,6 +866,7 @@ fn work(
     info!(volume = %name, path = %shown, resend, "serving");
     kernel::run(serving, &h.init, handler, resend, &Arc::default()).map_err(session_err)?;
     log_over(path, &shown);
+    lock.remove();
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     if let (Some((session, vol)), Access::Writer { .. }) = (served, access) {
         // Unmounted, so nothing can write any more: release the attachment (a no-op if it was
