@@ -382,31 +382,7 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
     let mut p = Plugin::start(dir.path(), &server.addr.to_string(), "node-a", "all").await;
     p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
-    let id = p
-        .controller
-        .create_volume(create_req("crashy", 32 << 20, false))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let c = cap(false, Mode::SingleNodeWriter);
-    let ctx = p
-        .controller
-        .controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "node-a".into(),
-            volume_capability: Some(c.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
-    let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
-    let (stage, publish) = node_reqs(&id, &ctx, &c, &staging, &target);
-    p.node.node_stage_volume(stage.clone()).await.unwrap();
+    let (id, stage, publish, staging, target) = staged_writer(&mut p, dir.path(), "crashy").await;
     // The capability's mount flags reach the staging mount.
     let staged = ferrovol_client::host::mount_at(&staging).unwrap();
     assert!(staged.options.iter().any(|o| o == "noatime"), "{staged:?}");
@@ -487,6 +463,41 @@ async fn dead_attach_process_is_reported_and_cleaned_up() {
     assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"fsynced before the crash");
     assert_eq!(std::fs::read(target.join("after-worker-kill")).unwrap(), b"after-worker-kill");
     p.unpublish_unstage(&id, &target, &staging).await;
+}
+
+/// A 32 MiB mount volume `name`, created, published read-write to node-a and staged at
+/// DIR/staging (NodePublish of the returned request puts it at DIR/target).
+async fn staged_writer(
+    p: &mut Plugin,
+    dir: &Path,
+    name: &str,
+) -> (String, NodeStageVolumeRequest, NodePublishVolumeRequest, std::path::PathBuf, std::path::PathBuf) {
+    let id = p
+        .controller
+        .create_volume(create_req(name, 32 << 20, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let c = cap(false, Mode::SingleNodeWriter);
+    let ctx = p
+        .controller
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            volume_capability: Some(c.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let (staging, target) = (dir.join("staging"), dir.join("target"));
+    let (stage, publish) = node_reqs(&id, &ctx, &c, &staging, &target);
+    p.node.node_stage_volume(stage.clone()).await.unwrap();
+    (id, stage, publish, staging, target)
 }
 
 /// The deploy story of identity: the controller with the admin token, the node plugin with the join
@@ -928,31 +939,7 @@ async fn mounts_outlive_the_node_plugin_and_the_attach_daemon() {
     .await;
     let mut daemon = Attachd::start(dir.path(), &addr, &sock, &keeper).await;
     p.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
-    let id = p
-        .controller
-        .create_volume(create_req("kept", 32 << 20, false))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let c = cap(false, Mode::SingleNodeWriter);
-    let ctx = p
-        .controller
-        .controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "node-a".into(),
-            volume_capability: Some(c.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
-    let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
-    let (stage, publish) = node_reqs(&id, &ctx, &c, &staging, &target);
-    p.node.node_stage_volume(stage.clone()).await.unwrap();
+    let (id, stage, publish, staging, target) = staged_writer(&mut p, dir.path(), "kept").await;
     p.node.node_publish_volume(publish.clone()).await.unwrap();
     let write_synced = |name: &str| {
         let mut f = std::fs::File::create(target.join(name)).unwrap();
