@@ -671,3 +671,46 @@ fn an_orphan_nobody_adopts_fails_after_the_keepers_timeout() {
         started.elapsed()
     );
 }
+
+/// `ferrovol status` shows each worker's requests in flight and its reconnects: a read waiting for
+/// a server that is down is in flight; once the server is back it is answered, and the reconnect
+/// is counted.
+#[test]
+fn status_reports_requests_in_flight_and_reconnects() {
+    if !privileged("status_reports_requests_in_flight_and_reconnects", &[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    let a = attach(&addr, dir.path(), "seen", "16MiB");
+    let stats = |want: &dyn Fn(&serde_json::Value) -> bool, what: &str| -> serde_json::Value {
+        let img = std::fs::canonicalize(&a.img).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let all: serde_json::Value =
+                serde_json::from_str(&ok(&ferrovol(&addr, &["status", "--json"]))).unwrap();
+            let line = all.as_array().unwrap().iter().find(|l| l["path"] == img.to_str().unwrap()).cloned();
+            if let Some(s) = line.map(|l| l["stats"].clone()).filter(|s| want(s)) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "status never showed {what}: {all}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = stats(&|s| s["connections"].as_u64() >= Some(1) && s["in_flight"] == 0, "an idle worker");
+    assert_eq!(first["reconnects"], 0, "{first}");
+    let table = ok(&ferrovol(&addr, &["status"]));
+    assert!(table.contains("INFLIGHT") && table.contains("RECONN"), "{table}");
+
+    server.kill();
+    let img = a.img.clone();
+    let read = std::thread::spawn(move || read_direct(&img));
+    stats(&|s| s["in_flight"].as_u64() >= Some(1), "the waiting read in flight");
+    let _server = TestServer::start(&data, &addr);
+    read.join().unwrap().unwrap();
+    stats(&|s| s["reconnects"].as_u64() >= Some(1) && s["in_flight"] == 0, "the reconnect counted");
+    // Detached while the server runs (the worker releases the writer attachment on its way out).
+    drop(a);
+}

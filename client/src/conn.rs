@@ -172,6 +172,8 @@ struct Shared {
     /// When the server last sent anything (ms since `epoch`): the heartbeat's clock.
     heard_ms: AtomicU64,
     epoch: std::time::Instant,
+    /// Reconnects that succeeded (for `ferrovol status`).
+    reconnects: AtomicU64,
 }
 
 impl Shared {
@@ -322,6 +324,11 @@ impl ConnHandle {
     /// Requests registered and not yet answered.
     pub(crate) fn in_flight(&self) -> usize {
         self.shared.state().pending.len()
+    }
+
+    /// Reconnects that succeeded so far.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     /// Registers the call; returns its frame if it can be written now.
@@ -574,6 +581,7 @@ pub(crate) fn spawn(
         reader_idle: std::sync::atomic::AtomicBool::new(false),
         broken_generation: AtomicU64::new(0),
         heard_ms: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
         epoch: std::time::Instant::now(),
     });
     let (alive, closed) = oneshot::channel();
@@ -774,6 +782,7 @@ impl Supervisor {
             match establish(self.addr, &attempt, self.session, &self.creds).await {
                 Ok(mut est) => match self.reopen(&mut est).await {
                     Ok(()) => {
+                        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                         info!(server = %self.addr, down_for = ?since.elapsed(), "reconnected");
                         return Some(est);
                     }

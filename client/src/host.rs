@@ -436,9 +436,7 @@ impl Serving {
             holder: std::process::id(),
             worker: None,
             restarts: 0,
-            since_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            since_unix_ms: now_unix_ms(),
         }
     }
 }
@@ -484,6 +482,48 @@ impl Drop for ServingRecord {
         if read_serving(&self.path).is_some_and(|s| s.holder == self.state.holder) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// What a mount's worker reports about its client session, in `HASH.stats.json` beside the
+/// serving record, about once a second while it serves (`ferrovol status` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerStats {
+    pub worker: u32,
+    #[serde(flatten)]
+    pub session: crate::SessionStats,
+    pub updated_unix_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn stats_path(mount: &Path) -> PathBuf {
+    serving_record(mount).with_extension("stats.json")
+}
+
+/// Replaces the worker stats of `mount` (atomically).
+pub fn write_worker_stats(mount: &Path, stats: &WorkerStats) -> io::Result<()> {
+    let path = stats_path(mount);
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(stats).map_err(io::Error::other)?)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The worker stats of `mount`, if its worker `worker` wrote them.
+pub fn worker_stats(mount: &Path, worker: u32) -> Option<WorkerStats> {
+    let s: WorkerStats = serde_json::from_slice(&std::fs::read(stats_path(mount)).ok()?).ok()?;
+    (s.worker == worker).then_some(s)
+}
+
+/// Removes the worker stats of `mount` if `worker` wrote them.
+pub fn remove_worker_stats(mount: &Path, worker: u32) {
+    if worker_stats(mount, worker).is_some() {
+        let _ = std::fs::remove_file(stats_path(mount));
     }
 }
 

@@ -26,7 +26,7 @@ mod volume;
 
 pub use credential::default_credential_file;
 pub use error::{ClientError, Result};
-pub use session::{ClientTls, ConnectOptions, Session};
+pub use session::{ClientTls, ConnectOptions, Session, SessionStats};
 pub use volume::Volume;
 
 /// Default server address when neither `--server` nor `FERROVOL_SERVER` is given.

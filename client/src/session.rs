@@ -134,7 +134,27 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
     addrs.next().ok_or_else(|| ClientError::Connect { addr: addr.to_owned(), reason: "no address".into() })
 }
 
+/// What a session's connections have done, for `ferrovol status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionStats {
+    pub connections: usize,
+    /// Requests sent (or waiting to be) and not yet answered.
+    pub in_flight: usize,
+    /// Reconnects that succeeded since the session started.
+    pub reconnects: u64,
+}
+
 impl Session {
+    /// Counters of this session's connections (cheap: a lock and an atomic per connection).
+    pub fn stats(&self) -> SessionStats {
+        let conns = &self.inner.conns;
+        SessionStats {
+            connections: conns.len(),
+            in_flight: conns.iter().map(ConnHandle::in_flight).sum(),
+            reconnects: conns.iter().map(ConnHandle::reconnects).sum(),
+        }
+    }
+
     /// Connects (every connection, with handshake) and fails fast with a clear error when the server is
     /// unreachable or refuses us. Reconnects later on are transparent.
     pub async fn connect(addr: &str, opts: ConnectOptions) -> Result<Session> {

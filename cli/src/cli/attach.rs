@@ -128,9 +128,25 @@ pub fn detach(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ferrovol status`: the mounts this host serves (from their serving records).
+/// One line of `ferrovol status`: a serving record and what its worker last reported.
+#[derive(serde::Serialize)]
+struct Line {
+    #[serde(flatten)]
+    serving: host::Serving,
+    /// The worker's client session: requests in flight, reconnects (none before it reported).
+    stats: Option<ferrovol_client::SessionStats>,
+}
+
+/// `ferrovol status`: the mounts this host serves (from their serving records), with what each
+/// worker last reported (requests in flight, reconnects).
 pub fn status(json: bool) -> anyhow::Result<()> {
-    let all = host::servings();
+    let all: Vec<Line> = host::servings()
+        .into_iter()
+        .map(|s| {
+            let stats = s.worker.and_then(|w| host::worker_stats(&s.path, w)).map(|w| w.session);
+            Line { serving: s, stats }
+        })
+        .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
@@ -140,19 +156,22 @@ pub fn status(json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8}  SINCE",
-        "PATH", "VOLUME", "SERVER", "HOLDER", "WORKER", "RESTARTS"
+        "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}  SINCE",
+        "PATH", "VOLUME", "SERVER", "HOLDER", "WORKER", "RESTARTS", "INFLIGHT", "RECONN"
     );
-    for s in all {
+    for Line { serving: s, stats } in all {
         let mode = if s.read_only { " (ro)" } else { "" };
+        let num = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         println!(
-            "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8}  {}",
+            "{:<32} {:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}  {}",
             s.path.display(),
             format!("{}{mode}", s.volume),
             s.server,
             s.holder,
             s.worker.map_or("-".to_owned(), |w| w.to_string()),
             s.restarts,
+            num(stats.map(|t| t.in_flight as u64)),
+            num(stats.map(|t| t.reconnects)),
             ferrovol_proto::format_unix_ms(s.since_unix_ms),
         );
     }

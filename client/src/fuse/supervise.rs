@@ -864,8 +864,10 @@ fn work(
             .map_err(session_err)?;
     }
     info!(volume = %name, path = %shown, resend, "serving");
+    report_stats(path.to_owned(), served.clone());
     kernel::run(serving, &h.init, handler, resend, &Arc::default()).map_err(session_err)?;
     log_over(path, &shown);
+    crate::host::remove_worker_stats(path, std::process::id());
     lock.remove();
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     if let (Some((session, vol)), Access::Writer { .. }) = (served, access) {
@@ -876,6 +878,35 @@ fn work(
         info!(volume = %name, generation, "writer attachment released");
     }
     Ok(())
+}
+
+/// Writes the worker's session counters beside the serving record (see `host::WorkerStats`) when
+/// they change, checked every second, and at least every 10 s (so a reader can tell a stale file).
+fn report_stats(path: PathBuf, served: Arc<std::sync::Mutex<Option<(Session, Volume)>>>) {
+    let spawned = std::thread::Builder::new().name("ferrovol-stats".into()).spawn(move || {
+        let mut last: Option<(crate::SessionStats, Instant)> = None;
+        loop {
+            let now = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|(s, _)| s.stats());
+            let stats = now.unwrap_or_default();
+            let due = last.is_none_or(|(l, at)| l != stats || at.elapsed() >= Duration::from_secs(10));
+            if due {
+                let record = crate::host::WorkerStats {
+                    worker: std::process::id(),
+                    session: stats,
+                    updated_unix_ms: crate::host::now_unix_ms(),
+                };
+                if let Err(e) = crate::host::write_worker_stats(&path, &record) {
+                    warn!(path = %path.display(), error = %e, "cannot write the worker's stats; not trying again");
+                    return;
+                }
+                last = Some((stats, Instant::now()));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the stats thread");
+    }
 }
 
 /// The worker's watch on its holder: when the link reports the holder dead and the mount still
