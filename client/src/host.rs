@@ -13,9 +13,6 @@ pub struct MountEntry {
     pub source: String,
     /// The per-mount options (`ro`/`rw`, `noatime`...).
     pub options: Vec<String>,
-    /// The mounted filesystem's device, `major:minor` (for FUSE, minor is the connection's number
-    /// under /sys/fs/fuse/connections): which mount this is, when another takes the same path.
-    pub dev: String,
 }
 
 /// Undoes the octal escapes mountinfo uses for blanks and backslashes.
@@ -39,7 +36,6 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
             fstype: (*fields.get(dash + 1)?).to_owned(),
             source: unescape(fields.get(dash + 2)?),
             options: fields.get(5)?.split(',').map(str::to_owned).collect(),
-            dev: (*fields.get(2)?).to_owned(),
         })
     })
 }
@@ -303,23 +299,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mount = dir.path().join("m.img");
         std::fs::write(&mount, b"").unwrap();
-        let first = lock_mount(&mount, "test", Some("0:99"), true).unwrap();
-        let busy = lock_mount(&mount, "test", Some("0:99"), false).unwrap_err();
+        let first = lock_mount(&mount, "test", 99, true).unwrap();
+        let busy = lock_mount(&mount, "test", 99, false).unwrap_err();
         assert!(busy.to_string().contains("already"), "{busy}");
-        // Another connection at the same path: another lock.
-        lock_mount(&mount, "test", Some("0:98"), false).unwrap().remove();
+        // Another mount (session) at the same path: another lock.
+        lock_mount(&mount, "test", 98, false).unwrap().remove();
         let (tx, rx) = std::sync::mpsc::channel();
         let m = mount.clone();
         let t = std::thread::spawn(move || {
-            let second = lock_mount(&m, "test", Some("0:99"), true).unwrap();
+            let second = lock_mount(&m, "test", 99, true).unwrap();
             tx.send(()).unwrap();
-            drop(second);
+            second.remove();
         });
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "taken twice at once");
-        drop(first);
+        // Removed by its owner while the second waits: the second locks a new file, never the old one.
+        first.remove();
         rx.recv_timeout(Duration::from_secs(5)).expect("the second taker gets it once the first lets go");
         t.join().unwrap();
-        let _ = std::fs::remove_file(serving_record(&mount).with_extension("test.0-99.lock"));
+        assert!(!serving_record(&mount).with_extension(format!("test.{:016x}.lock", 99)).exists());
     }
 }
 
@@ -347,46 +344,58 @@ pub fn serving_record(mount: &Path) -> PathBuf {
     serving_dir().join(format!("{h:016x}.json"))
 }
 
-/// The `role` lock of the FUSE connection `conn` mounted at `path` ("holder" or "worker"): an
-/// exclusive `flock` on a file beside its serving record, held until the returned file is closed
+/// The `role` lock of the mount `session` at `path` ("holder" or "worker"; `session` is the
+/// mount's client session id, random per mount, which every holder and worker of it knows): an
+/// exclusive `flock` on a file beside its serving record, held until the returned lock is dropped
 /// (at the latest when the process exits; close-on-exec, so no child inherits it). At most one
 /// holder and one worker of a mount run at once, whoever started them: a worker that finds its
 /// holder dead starts a holder, and so does an attach daemon that finds the mount orphaned (see
-/// `fuse::keep`); the second waits here as a standby (`wait`) until the first is gone, or fails
-/// at once (not `wait`). `conn` (the mount's device, see [`MountEntry::dev`]) tells a new mount at
-/// the same path from an old one still alive (a lazy unmount).
-pub fn lock_mount(path: &Path, role: &str, conn: Option<&str>, wait: bool) -> io::Result<MountLock> {
+/// `fuse::keep`); the second waits here as a standby (`wait`) until the first is gone, or fails at
+/// once (not `wait`). The file locked is always the one at the path (checked after the lock), so
+/// a file removed meanwhile ([`MountLock::remove`]) is never held by two processes.
+pub fn lock_mount(path: &Path, role: &str, session: u64, wait: bool) -> io::Result<MountLock> {
     use std::os::fd::AsRawFd;
-    let name = match conn {
-        Some(c) => format!("{role}.{}.lock", c.replace(':', "-")),
-        None => format!("{role}.lock"),
-    };
-    let lock = serving_record(path).with_extension(name);
+    use std::os::unix::fs::MetadataExt;
+    let lock = serving_record(path).with_extension(format!("{role}.{session:016x}.lock"));
     if let Some(dir) = lock.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock)?;
-    let mut waiting = false;
+    let mut said = false;
     loop {
-        let flags = if waiting { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), flags) } == 0 {
-            return Ok(MountLock { file: f, path: lock });
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock)?;
+        let mut waiting = false;
+        loop {
+            let flags = if waiting { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), flags) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EWOULDBLOCK) if wait => {
+                    if !said {
+                        said = true;
+                        tracing::info!(path = %path.display(), role, "another {role} of this mount runs; waiting for it to end");
+                    }
+                    waiting = true;
+                }
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("another {role} process serves the mount at {} already", path.display()),
+                    ))
+                }
+                _ => return Err(e),
+            }
         }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EWOULDBLOCK) if wait => {
-                tracing::info!(path = %path.display(), role, "another {role} of this mount runs; waiting for it to end");
-                waiting = true;
+        // Still the file at the path? (Its owner may have removed it while we waited.)
+        let held = f.metadata()?;
+        match std::fs::metadata(&lock) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                return Ok(MountLock { file: f, path: lock })
             }
-            Some(libc::EWOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("another {role} process serves the mount at {} already", path.display()),
-                ))
-            }
-            _ => return Err(e),
+            _ => continue,
         }
     }
 }
@@ -394,16 +403,21 @@ pub fn lock_mount(path: &Path, role: &str, conn: Option<&str>, wait: bool) -> io
 /// A held [`lock_mount`] lock.
 #[derive(Debug)]
 pub struct MountLock {
-    #[allow(dead_code)] // held for its flock
     file: std::fs::File,
     path: PathBuf,
 }
 
 impl MountLock {
-    /// Releases it and removes its file: only once the mount's connection is over (a new process
-    /// of a live connection could otherwise lock a new file while another holds the old one).
+    /// Removes its file (if it is still the one locked) and releases it: once the mount is over,
+    /// so no lock files pile up. A process waiting on the removed file finds it gone and locks a
+    /// new one (see [`lock_mount`]).
     pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(held), Ok(now)) = (self.file.metadata(), std::fs::metadata(&self.path)) {
+            if held.ino() == now.ino() && held.dev() == now.dev() {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
     }
 }
 
@@ -502,29 +516,23 @@ pub fn now_unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn stats_path(mount: &Path) -> PathBuf {
+/// Where the worker of `mount` writes its stats (see [`WorkerStats`]).
+pub fn worker_stats_path(mount: &Path) -> PathBuf {
     serving_record(mount).with_extension("stats.json")
 }
 
-/// Replaces the worker stats of `mount` (atomically).
-pub fn write_worker_stats(mount: &Path, stats: &WorkerStats) -> io::Result<()> {
-    let path = stats_path(mount);
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+/// Replaces the worker stats file `file` (atomically).
+pub fn write_worker_stats(file: &Path, stats: &WorkerStats) -> io::Result<()> {
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(stats).map_err(io::Error::other)?)?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, file)
 }
 
-/// The worker stats of `mount`, if its worker `worker` wrote them.
+/// The worker stats of `mount`, if its worker `worker` wrote them within the last 15 s (it
+/// rewrites them at least every 10 s; older ones are from a worker that hangs or is stopped).
 pub fn worker_stats(mount: &Path, worker: u32) -> Option<WorkerStats> {
-    let s: WorkerStats = serde_json::from_slice(&std::fs::read(stats_path(mount)).ok()?).ok()?;
-    (s.worker == worker).then_some(s)
-}
-
-/// Removes the worker stats of `mount` if `worker` wrote them.
-pub fn remove_worker_stats(mount: &Path, worker: u32) {
-    if worker_stats(mount, worker).is_some() {
-        let _ = std::fs::remove_file(stats_path(mount));
-    }
+    let s: WorkerStats = serde_json::from_slice(&std::fs::read(worker_stats_path(mount)).ok()?).ok()?;
+    (s.worker == worker && now_unix_ms().saturating_sub(s.updated_unix_ms) <= 15_000).then_some(s)
 }
 
 /// The serving record of `mount`, if there is one.
@@ -543,6 +551,7 @@ pub fn servings() -> Vec<Serving> {
     let mut all: Vec<Serving> = dir
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter(|e| !e.file_name().to_string_lossy().ends_with(".stats.json"))
         .filter_map(|e| read_serving(&e.path()))
         .filter(|s| pid_alive(s.holder) || s.worker.is_some_and(pid_alive))
         .collect();

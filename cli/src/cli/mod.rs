@@ -137,8 +137,9 @@ pub enum Command {
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
-    /// This host's attached volumes: path, volume, server, and the processes serving each (the
-    /// holder, which `detach` waits for, and the worker that answers the kernel).
+    /// This host's attached volumes: path, volume, server, the processes serving each (the
+    /// holder, which `detach` waits for, and the worker that answers the kernel), the worker's
+    /// requests in flight and its reconnects.
     Status {
         /// As JSON (one array).
         #[arg(long)]

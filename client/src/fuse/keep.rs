@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,10 +58,6 @@ pub struct Spec {
     /// "holder" or "worker": who deposited it.
     pub role: String,
     pub pid: u32,
-    /// The FUSE connection's device at the mount (`host::MountEntry::dev`): with the path, which
-    /// mount this is (a new mount at the path of a lazily unmounted one is another).
-    #[serde(default)]
-    pub conn: String,
     /// The binary (absolute) and its arguments, as the depositor runs them.
     pub exe: PathBuf,
     pub args: Vec<String>,
@@ -92,8 +89,11 @@ enum Request {
     Deposit {
         spec: Box<Spec>,
     },
-    /// One orphan, if there is one.
-    Claim,
+    /// One orphan deposited by `program` (the file name of the claimer's binary: it adopts
+    /// only its own program's mounts), if there is one.
+    Claim {
+        program: String,
+    },
     List,
 }
 
@@ -249,8 +249,9 @@ struct Entry {
     warned: bool,
 }
 
-/// A mount: its path and its connection.
-type Key = (PathBuf, String);
+/// A mount: its path and its client session id (random per mount, in every handoff), so that a
+/// new mount at the path of a lazily unmounted one is another.
+type Key = (PathBuf, u64);
 type Table = Arc<Mutex<HashMap<Key, Entry>>>;
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -367,7 +368,7 @@ fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
                     send(conn, &Reply::Error { message: "no live /dev/fuse fd deposited".into() }, &[])?;
                     continue;
                 }
-                let key = (spec.path.clone(), spec.conn.clone());
+                let key = (spec.path.clone(), session_of(&spec));
                 let id = {
                     let mut t = lock(table);
                     match t.get_mut(&key) {
@@ -382,7 +383,9 @@ fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
                                 e.spec = spec;
                             }
                             // The most connections any worker opened: an adopted worker retires them all.
-                            e.spec.handoff["connections"] = most.into();
+                            if let Some(h) = e.spec.handoff.as_object_mut() {
+                                h.insert("connections".into(), most.into());
+                            }
                             e.id
                         }
                         _ => {
@@ -412,7 +415,7 @@ fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
                 while !matches!(r.read(&mut b), Ok(0) | Err(_)) {}
                 return Ok(());
             }
-            Request::Claim => claim_one(conn, table)?,
+            Request::Claim { program } => claim_one(conn, table, &program)?,
             Request::List => {
                 let mut mounts: Vec<Kept> = lock(table)
                     .values()
@@ -434,13 +437,23 @@ fn connection(conn: &UnixStream, table: &Table) -> io::Result<()> {
     Ok(())
 }
 
+fn session_of(spec: &Spec) -> u64 {
+    spec.handoff.get("session").and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+/// The file name of a binary (a running one's may end in " (deleted)").
+pub fn program_name(exe: &Path) -> String {
+    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.trim_end_matches(" (deleted)").to_owned()
+}
+
 fn connections(spec: &Spec) -> u64 {
     spec.handoff.get("connections").and_then(serde_json::Value::as_u64).unwrap_or(0)
 }
 
 /// Hands one orphan (a copy of its fds) to the claimer; it is not handed out again for
 /// [`CLAIM_HOLD`] once the claimer has it.
-fn claim_one(conn: &UnixStream, table: &Table) -> io::Result<()> {
+fn claim_one(conn: &UnixStream, table: &Table, program: &str) -> io::Result<()> {
     let found = {
         let mut t = lock(table);
         let now = Instant::now();
@@ -449,6 +462,7 @@ fn claim_one(conn: &UnixStream, table: &Table) -> io::Result<()> {
                 e.depositors == 0
                     && e.orphan_since.is_some()
                     && e.claimed_until.is_none_or(|u| u <= now)
+                    && program_name(&e.spec.exe) == program
                     && connection_alive(&e.fds[0])
             })
             .map(|(k, e)| {
@@ -514,12 +528,19 @@ pub fn bind_socket(path: &Path, what: &str) -> io::Result<Bound> {
         }
         Err(_) => {}
     }
-    let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(Bound { listener, _lock: lock })
+    // Bound in a directory only the owner can enter, made owner-only there, then moved into place:
+    // no one else can connect in between.
+    let dir = PathBuf::from(format!("{}.{}.d", path.display(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let bound = UnixListener::bind(&tmp).and_then(|listener| {
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Bound { listener: bound?, _lock: lock })
 }
 
 /// An I/O error with what timed out said in words (a read timeout is EAGAIN otherwise).
@@ -583,7 +604,8 @@ pub fn deposit_forever(keeper: PathBuf, spec: Spec, fds: Vec<OwnedFd>) {
 pub fn claim(keeper: &Path) -> io::Result<Option<(Spec, Vec<OwnedFd>)>> {
     let conn = UnixStream::connect(keeper)?;
     conn.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
-    send(&conn, &Request::Claim, &[])?;
+    let program = std::env::current_exe().map(|e| program_name(&e)).unwrap_or_default();
+    send(&conn, &Request::Claim { program }, &[])?;
     match recv::<Reply>(&conn).map_err(|e| worded(e, "the keeper"))? {
         Some((Reply::Orphan { spec }, fds)) if !fds.is_empty() => Ok(Some((*spec, fds))),
         Some((Reply::NoOrphan, _)) => Ok(None),

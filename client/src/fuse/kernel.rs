@@ -16,6 +16,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -178,17 +179,26 @@ const COPY_BELOW: usize = 64 * 1024;
 /// Reads one request into `buf` (whose spare capacity is at least `buffer_len`). `Ok(None)`: the
 /// filesystem was unmounted (or the connection aborted).
 ///
-/// A fresh buffer is *prefaulted* (a byte written in each page) before the read. The kernel copies
-/// a request into the reader's pages after taking it off the queue; for pages not yet present it
-/// takes the slow path of get_user_pages, which fails when a fatal signal is pending, and the
-/// kernel then ends the request with EIO. So a worker killed with SIGKILL while one of its threads
-/// was waking up could hand one request an EIO instead of leaving it to the resend. With every
-/// page present the copy takes the fast path, which does not look at signals.
-fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<Bytes>> {
+/// A fresh buffer is *prefaulted* (a byte written in each page) before the read, and so is the
+/// buffer after this process forked (fork write-protects every page for copy-on-write). The kernel
+/// copies a request into the reader's pages after taking it off the queue; for pages not present
+/// and writable it takes the slow path of get_user_pages, which fails when a fatal signal is
+/// pending, and the kernel then ends the request with EIO. So a worker killed with SIGKILL while
+/// one of its threads was waking up could hand one request an EIO instead of leaving it to the
+/// resend. Prefaulting narrows that to pages the kernel takes away on its own (NUMA balancing,
+/// swap, migration); a splice read would close it (the kernel copies into pipe pages).
+fn read_request(
+    fd: RawFd,
+    buf: &mut BytesMut,
+    len: usize,
+    forks_seen: &mut u64,
+) -> io::Result<Option<Bytes>> {
     loop {
         let fresh = buf.capacity() - buf.len() < len;
         buf.reserve(len);
-        if fresh {
+        let forks = FORKS.load(Ordering::Acquire);
+        if fresh || forks != *forks_seen {
+            *forks_seen = forks;
             prefault(buf);
         }
         let spare = buf.spare_capacity_mut();
@@ -220,11 +230,27 @@ fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<
 /// [`read_request`]).
 fn prefault(buf: &mut BytesMut) {
     let spare = buf.spare_capacity_mut();
-    for i in (0..spare.len()).step_by(4096) {
+    let Some(last) = spare.len().checked_sub(1) else { return };
+    // Every page the spare capacity touches: from the start, then each page boundary, then the end
+    // (the start need not be page-aligned).
+    let skew = (spare.as_ptr() as usize) % 4096;
+    let first_boundary = if skew == 0 { 0 } else { 4096 - skew };
+    let points =
+        std::iter::once(0).chain((first_boundary..spare.len()).step_by(4096)).chain(std::iter::once(last));
+    for i in points {
         // SAFETY: `i` is within the spare capacity; a volatile write of an initialised byte to it
         // (the compiler may not drop it: the point is the page fault).
         unsafe { std::ptr::write_volatile(spare[i].as_mut_ptr(), 0) };
     }
+}
+
+/// How many times this process has forked (see [`note_fork`]).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// To be called after this process forks (a `Command` with `pre_exec` forks): the FUSE threads
+/// prefault their buffers again before their next read (see [`read_request`]).
+pub fn note_fork() {
+    FORKS.fetch_add(1, Ordering::AcqRel);
 }
 
 /// A read buffer of `len` bytes, every page present (see [`read_request`]).
@@ -238,9 +264,11 @@ fn read_buffer(len: usize) -> BytesMut {
 /// `want` are the flags we ask for. Returns what was agreed (kept to resume later without INIT).
 pub fn handshake(fd: &OwnedFd, want: u64, max_write: u32, max_background: u16) -> io::Result<InitOut> {
     let mut buf = read_buffer(buffer_len(max_write));
+    let mut forks_seen = FORKS.load(Ordering::Acquire);
     let ch = Channel::new(Arc::new(fd.try_clone()?));
     loop {
-        let Some(frame) = read_request(fd.as_raw_fd(), &mut buf, buffer_len(max_write))? else {
+        let Some(frame) = read_request(fd.as_raw_fd(), &mut buf, buffer_len(max_write), &mut forks_seen)?
+        else {
             return Err(io::Error::other("unmounted before INIT"));
         };
         let req = abi::parse(frame).map_err(io::Error::other)?;
@@ -304,8 +332,9 @@ pub fn run(
         let t = std::thread::Builder::new().name(format!("ferrovol-fuse-{i}")).spawn(
             move || -> io::Result<()> {
                 let mut buf = read_buffer(len);
-                let next = |buf: &mut BytesMut| {
-                    read_request(ch.raw(), buf, len).inspect_err(|e| {
+                let mut forks_seen = FORKS.load(Ordering::Acquire);
+                let mut next = |buf: &mut BytesMut| {
+                    read_request(ch.raw(), buf, len, &mut forks_seen).inspect_err(|e| {
                         // Said at once: the other workers go on, but this fd is no longer read.
                         warn!(worker = i, error = %e, "FUSE worker stopped: reading /dev/fuse failed")
                     })

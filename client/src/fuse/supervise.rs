@@ -97,10 +97,6 @@ struct Handoff {
     /// HELLO (see the module docs), whatever the defaults of the binary that runs next.
     #[serde(default)]
     connections: usize,
-    /// The FUSE connection's device at the mount (`host::MountEntry::dev`): which mount at this
-    /// path (a lazily unmounted older one may still live). None from older binaries.
-    #[serde(default)]
-    conn: Option<String>,
 }
 
 const HANDOFF_VERSION: u32 = 1;
@@ -154,6 +150,15 @@ fn take_handoff() -> io::Result<Option<Taken>> {
     Ok(Some((h, fds, link)))
 }
 
+/// Where this binary is installed (its path, even if the file there was replaced or removed).
+fn installed_exe() -> io::Result<PathBuf> {
+    let p = std::env::current_exe()?;
+    Ok(match p.as_os_str().to_string_lossy().strip_suffix(" (deleted)") {
+        Some(orig) => PathBuf::from(orig),
+        None => p,
+    })
+}
+
 /// This binary, by path: after an upgrade replaced it on disk, the new one. If nothing is at the
 /// path any more, the running binary itself (`/proc/self/exe` still executes a deleted file).
 fn exe() -> io::Result<PathBuf> {
@@ -202,7 +207,10 @@ fn spawn_with(
             Ok(())
         });
     }
-    cmd.spawn()
+    let child = cmd.spawn();
+    // pre_exec means fork: every page of this process is now copy-on-write (see `note_fork`).
+    kernel::note_fork();
+    child
 }
 
 /// What this process deposits with the keeper (see [`super::keep`]) for the mount at `path`: how
@@ -223,8 +231,8 @@ fn spec(role: Role, path: &Path, volume: &str, h: &Handoff) -> Option<keep::Spec
         }
         .to_owned(),
         pid: std::process::id(),
-        conn: h.conn.clone().unwrap_or_default(),
-        exe: exe().ok()?,
+        // Where the binary is installed (not /proc/self/exe: the adopter runs what is there then).
+        exe: installed_exe().ok()?,
         args,
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         env,
@@ -262,8 +270,7 @@ pub fn adopt(spec: &keep::Spec, fds: &[OwnedFd]) -> io::Result<std::process::Chi
     // Only mounts of this same program: what the daemon executes as root is its own binary (the
     // one now at the deposited path, so an upgrade takes effect).
     let ours = std::env::current_exe()?;
-    let name = ours.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
-    if spec.exe.file_name().map(|n| n.to_string_lossy().into_owned()) != name {
+    if keep::program_name(&spec.exe) != keep::program_name(&ours) {
         return Err(io::Error::other(format!(
             "the mount was deposited by {}, not by this program ({}); it is not adopted here",
             spec.exe.display(),
@@ -417,7 +424,6 @@ pub(super) fn start(
         size,
         since_unix_ms: 0,
         connections: opts_connections,
-        conn: crate::host::mount_at(path).map(|m| m.dev),
     };
     info!(volume = %name, path = %shown, size, read_only, minor = init.minor, "mounted (own FUSE session)");
     let serving = Serving::started(path, name.as_str(), server, read_only);
@@ -483,7 +489,7 @@ fn hold(
 ) -> Result<(), ServeError> {
     let path = serving.path.clone();
     let shown = path.display().to_string();
-    let lock = match crate::host::lock_mount(&path, "holder", handoff.conn.as_deref(), ready.is_none()) {
+    let lock = match crate::host::lock_mount(&path, "holder", handoff.session, ready.is_none()) {
         Ok(l) => Some(l),
         Err(e) if ready.is_some() => {
             let _ = kernel::unmount(&path);
@@ -767,11 +773,19 @@ fn work(
     let at = if read_only { Access::ReadOnly } else { Access::WriterAt { generation: h.generation } };
     // One worker at a time, before its HELLOs retire anyone's connections: a second one (started by
     // a second holder) waits here until the first is gone. See `host::lock_mount`.
-    let lock = crate::host::lock_mount(path, "worker", h.conn.as_deref(), true).map_err(session_err)?;
+    let lock = match crate::host::lock_mount(path, "worker", h.session, true) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(path = %shown, error = %e, "cannot take the worker lock; serving without it");
+            None
+        }
+    };
     if !connection_alive(&fds[0]) {
         // Unmounted while this one waited for the lock.
         log_over(path, &shown);
-        lock.remove();
+        if let Some(l) = lock {
+            l.remove();
+        }
         return Ok(());
     }
     // Every connection is up (and with it every old connection of the session retired: the dead
@@ -864,11 +878,13 @@ fn work(
             .map_err(session_err)?;
     }
     info!(volume = %name, path = %shown, resend, "serving");
-    report_stats(path.to_owned(), served.clone());
+    let reporter = report_stats(path, served.clone());
     kernel::run(serving, &h.init, handler, resend, &Arc::default()).map_err(session_err)?;
     log_over(path, &shown);
-    crate::host::remove_worker_stats(path, std::process::id());
-    lock.remove();
+    reporter.stop();
+    if let Some(l) = lock {
+        l.remove();
+    }
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     if let (Some((session, vol)), Access::Writer { .. }) = (served, access) {
         // Unmounted, so nothing can write any more: release the attachment (a no-op if it was
@@ -881,31 +897,59 @@ fn work(
 }
 
 /// Writes the worker's session counters beside the serving record (see `host::WorkerStats`) when
-/// they change, checked every second, and at least every 10 s (so a reader can tell a stale file).
-fn report_stats(path: PathBuf, served: Arc<std::sync::Mutex<Option<(Session, Volume)>>>) {
+/// they change, checked every second, and at least every 10 s (so a reader can tell a stale file),
+/// until [`Reporter::stop`].
+fn report_stats(path: &Path, served: Arc<std::sync::Mutex<Option<(Session, Volume)>>>) -> Reporter {
+    // Computed once: each computation canonicalizes the path, a FUSE request to this very mount.
+    let file = crate::host::worker_stats_path(path);
+    let stopped = Arc::new(std::sync::Mutex::new(false));
+    let reporter = Reporter { file: file.clone(), stopped: stopped.clone() };
     let spawned = std::thread::Builder::new().name("ferrovol-stats".into()).spawn(move || {
         let mut last: Option<(crate::SessionStats, Instant)> = None;
+        let mut said = false;
         loop {
             let now = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|(s, _)| s.stats());
             let stats = now.unwrap_or_default();
-            let due = last.is_none_or(|(l, at)| l != stats || at.elapsed() >= Duration::from_secs(10));
-            if due {
+            if last.is_none_or(|(l, at)| l != stats || at.elapsed() >= Duration::from_secs(10)) {
                 let record = crate::host::WorkerStats {
                     worker: std::process::id(),
                     session: stats,
                     updated_unix_ms: crate::host::now_unix_ms(),
                 };
-                if let Err(e) = crate::host::write_worker_stats(&path, &record) {
-                    warn!(path = %path.display(), error = %e, "cannot write the worker's stats; not trying again");
+                // Under the flag's lock: no write after `stop` removed the file.
+                let stopped = stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if *stopped {
                     return;
                 }
-                last = Some((stats, Instant::now()));
+                match crate::host::write_worker_stats(&file, &record) {
+                    Ok(()) => last = Some((stats, Instant::now())),
+                    Err(e) if !said => {
+                        said = true;
+                        warn!(file = %file.display(), error = %e, "cannot write the worker's stats; retrying");
+                    }
+                    Err(_) => {}
+                }
             }
             std::thread::sleep(Duration::from_secs(1));
         }
     });
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the stats thread");
+    }
+    reporter
+}
+
+/// Stops [`report_stats`].
+struct Reporter {
+    file: PathBuf,
+    stopped: Arc<std::sync::Mutex<bool>>,
+}
+
+impl Reporter {
+    /// No more writes; the file is removed.
+    fn stop(self) {
+        *self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        let _ = std::fs::remove_file(&self.file);
     }
 }
 
