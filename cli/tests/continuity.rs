@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{read_direct, TestServer};
 use ferrovol_client::host::Serving;
 use ferrovol_server::testing::privileged;
 
@@ -201,22 +201,6 @@ fn attach_with(server: &str, dir: &Path, vol: &str, size: &str, global: &[&str])
     let out = ok(&ferrovol(server, &args));
     let log = out.split(", log ").nth(1).and_then(|s| s.split(')').next()).map(PathBuf::from);
     Attached { server: server.to_owned(), img, log }
-}
-
-/// 4 KiB at offset 0 with O_DIRECT (past the page cache, to the worker).
-fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::AsRawFd;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
-    let mut buf = vec![0u8; 8192];
-    let skew = buf.as_ptr().align_offset(4096);
-    let aligned = &mut buf[skew..skew + 4096];
-    // SAFETY: pread into a valid, 4 KiB-aligned buffer of 4 KiB.
-    let n = unsafe { libc::pread(f.as_raw_fd(), aligned.as_mut_ptr().cast(), 4096, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(aligned[..n as usize].to_vec())
 }
 
 /// Kills the mount's worker `rounds` times at random moments while fio writes and verifies
@@ -538,6 +522,8 @@ fn attachd_and_the_keeper_keep_a_mount_through_the_death_of_every_process() {
         assert!(reply.contains("malformed request"), "{reply}");
     }
     kept_by(&keeper_sock, &img, 2);
+    let table = ok(&ferrovol(&addr, &["status", "--keeper", keeper_sock.to_str().unwrap()]));
+    assert!(table.contains("kept") && table.contains("served"), "{table}");
 
     // 1. Holder and worker killed together, under load: the daemon adopts the orphan.
     let first = serving(&addr, &img).unwrap();

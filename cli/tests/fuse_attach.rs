@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::TestServer;
+use common::{read_direct, TestServer};
 use ferrovol_server::testing::privileged;
 
 fn ferrovol(server: &str, args: &[&str]) -> Output {
@@ -247,21 +247,6 @@ fn read_only_and_mount_errors() {
     let out = ferrovol(&addr, &["detach", img.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not attached"));
-}
-
-/// Reads 4 KiB at offset 0 with O_DIRECT (bypassing the page cache).
-fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
-    let mut buf = vec![0u8; 8192];
-    let skew = buf.as_ptr().align_offset(4096);
-    let aligned = &mut buf[skew..skew + 4096];
-    // SAFETY: pread into a valid, 4 KiB-aligned buffer of 4 KiB.
-    let n = unsafe { libc::pread(f.as_raw_fd(), aligned.as_mut_ptr().cast(), 4096, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(aligned[..n as usize].to_vec())
 }
 
 #[test]

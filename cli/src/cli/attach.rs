@@ -128,6 +128,31 @@ pub fn detach(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferrovol status --keeper SOCKET`: what the keeper holds.
+pub fn keeper_status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let kept =
+        fuse::keep::list(socket).with_context(|| format!("cannot ask the keeper at {}", socket.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&kept)?);
+        return Ok(());
+    }
+    if kept.is_empty() {
+        println!("the keeper at {} holds no mount", socket.display());
+        return Ok(());
+    }
+    println!("{:<40} {:<20} {:>10} {:>4}  STATE", "PATH", "VOLUME", "DEPOSITORS", "FDS");
+    for k in kept {
+        let state = match k.orphan_ms {
+            Some(ms) => {
+                format!("orphan for {}.{} s (waiting for an attach daemon)", ms / 1000, ms % 1000 / 100)
+            }
+            None => "served".to_owned(),
+        };
+        println!("{:<40} {:<20} {:>10} {:>4}  {state}", k.path.display(), k.volume, k.depositors, k.fds);
+    }
+    Ok(())
+}
+
 /// One line of `ferrovol status`: a serving record and what its worker last reported.
 #[derive(serde::Serialize)]
 struct Line {

@@ -144,6 +144,10 @@ pub enum Command {
         /// As JSON (one array).
         #[arg(long)]
         json: bool,
+        /// Instead, what the keeper at this socket holds: each mount, how many of its processes
+        /// deposited it, and for how long it has been an orphan (see `ferrovol keeper`).
+        #[arg(long)]
+        keeper: Option<std::path::PathBuf>,
     },
     /// The whole stack in one process: embedded server, volume, FUSE attach, loop device, ext4 (made on
     /// first use only), mounted at --mount. Ctrl-C tears it all down. Needs root.
@@ -379,7 +383,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { json } => attach::status(json),
+        Command::Status { json, keeper: Some(k) } => attach::keeper_status(&k, json),
+        Command::Status { json, keeper: None } => attach::status(json),
         Command::Attach { .. }
         | Command::Detach { .. }
         | Command::Up { .. }

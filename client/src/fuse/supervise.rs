@@ -178,8 +178,40 @@ fn spawn(h: &Handoff, fds: &[OwnedFd], link: &OwnedFd) -> io::Result<std::proces
     spawn_with(cmd, h, fds, Some(link))
 }
 
+/// Starts this command line again as `h.role` from the worker, without fork: the worker's FUSE
+/// threads sit in read() on buffers that fork would make copy-on-write, and a request copied into
+/// such a page while the worker is being killed gets EIO (see `kernel::read_request`). Without a
+/// `pre_exec` closure, std spawns with posix_spawn (vfork semantics: the parent's pages are not
+/// touched). The fds are handed as inheritable duplicates made for the spawn and closed after it
+/// (only this thread of the worker starts processes). No setsid: the worker has a session of its
+/// own already, which the new holder shares.
+fn spawn_unforked(h: &Handoff, fds: &[OwnedFd], link: &OwnedFd) -> io::Result<std::process::Child> {
+    let inheritable = |fd: &OwnedFd| -> io::Result<OwnedFd> {
+        // SAFETY: F_DUPFD duplicates an fd we own into the lowest free number >= 3, without
+        // close-on-exec; the new fd is ours alone.
+        let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just returned by F_DUPFD and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    };
+    let dups = fds.iter().chain([link]).map(inheritable).collect::<io::Result<Vec<_>>>()?;
+    let raw: Vec<RawFd> = dups.iter().map(AsRawFd::as_raw_fd).collect();
+    let handoff = Handoff { fds: raw[..fds.len()].to_vec(), link: raw[fds.len()], ..h.clone() };
+    let mut cmd = Command::new(exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .env(HANDOFF_ENV, serde_json::to_string(&handoff).map_err(io::Error::other)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = cmd.spawn();
+    drop(dups);
+    child
+}
+
 /// Starts `cmd` as `h.role` with `fds` (and `link`, if any) inherited and named in its handoff, in
-/// a session of its own, its stdin and stdout on /dev/null.
+/// a session of its own, its stdin and stdout on /dev/null. It forks (a `pre_exec` closure): not
+/// for the worker, which uses [`spawn_unforked`].
 fn spawn_with(
     mut cmd: Command,
     h: &Handoff,
@@ -979,7 +1011,7 @@ fn watch_holder(mut link: UnixStream, held: Arc<Vec<OwnedFd>>, mut h: Handoff, s
                 let theirs = OwnedFd::from(theirs);
                 h.role = Role::Holder;
                 h.peer = std::process::id();
-                spawn(&h, &held, &theirs).map(|c| (ours, c))
+                spawn_unforked(&h, &held, &theirs).map(|c| (ours, c))
             }) {
                 Ok((ours, c)) => {
                     info!(path = %shown, holder = c.id(), "new holder started");
