@@ -16,7 +16,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -179,26 +178,21 @@ const COPY_BELOW: usize = 64 * 1024;
 /// Reads one request into `buf` (whose spare capacity is at least `buffer_len`). `Ok(None)`: the
 /// filesystem was unmounted (or the connection aborted).
 ///
-/// A fresh buffer is *prefaulted* (a byte written in each page) before the read, and so is the
-/// buffer after this process forked (fork write-protects every page for copy-on-write). The kernel
+/// A fresh buffer is *prefaulted* (a byte written in each page) before the read. The kernel
 /// copies a request into the reader's pages after taking it off the queue; for pages not present
 /// and writable it takes the slow path of get_user_pages, which fails when a fatal signal is
 /// pending, and the kernel then ends the request with EIO. So a worker killed with SIGKILL while
 /// one of its threads was waking up could hand one request an EIO instead of leaving it to the
 /// resend. Prefaulting narrows that to pages the kernel takes away on its own (NUMA balancing,
-/// swap, migration); a splice read would close it (the kernel copies into pipe pages).
-fn read_request(
-    fd: RawFd,
-    buf: &mut BytesMut,
-    len: usize,
-    forks_seen: &mut u64,
-) -> io::Result<Option<Bytes>> {
+/// swap, migration); a splice read would close it (the kernel copies into pipe pages). A process
+/// that reads /dev/fuse must never fork: fork write-protects every page for copy-on-write, the
+/// buffers of threads already blocked in read() included (the worker starts a holder with
+/// posix_spawn, see `supervise::spawn_unforked`).
+fn read_request(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<Option<Bytes>> {
     loop {
         let fresh = buf.capacity() - buf.len() < len;
         buf.reserve(len);
-        let forks = FORKS.load(Ordering::Acquire);
-        if fresh || forks != *forks_seen {
-            *forks_seen = forks;
+        if fresh {
             prefault(buf);
         }
         let spare = buf.spare_capacity_mut();
@@ -244,15 +238,6 @@ fn prefault(buf: &mut BytesMut) {
     }
 }
 
-/// How many times this process has forked (see [`note_fork`]).
-static FORKS: AtomicU64 = AtomicU64::new(0);
-
-/// To be called after this process forks (a `Command` with `pre_exec` forks): the FUSE threads
-/// prefault their buffers again before their next read (see [`read_request`]).
-pub fn note_fork() {
-    FORKS.fetch_add(1, Ordering::AcqRel);
-}
-
 /// A read buffer of `len` bytes, every page present (see [`read_request`]).
 fn read_buffer(len: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(len);
@@ -264,11 +249,9 @@ fn read_buffer(len: usize) -> BytesMut {
 /// `want` are the flags we ask for. Returns what was agreed (kept to resume later without INIT).
 pub fn handshake(fd: &OwnedFd, want: u64, max_write: u32, max_background: u16) -> io::Result<InitOut> {
     let mut buf = read_buffer(buffer_len(max_write));
-    let mut forks_seen = FORKS.load(Ordering::Acquire);
     let ch = Channel::new(Arc::new(fd.try_clone()?));
     loop {
-        let Some(frame) = read_request(fd.as_raw_fd(), &mut buf, buffer_len(max_write), &mut forks_seen)?
-        else {
+        let Some(frame) = read_request(fd.as_raw_fd(), &mut buf, buffer_len(max_write))? else {
             return Err(io::Error::other("unmounted before INIT"));
         };
         let req = abi::parse(frame).map_err(io::Error::other)?;
@@ -332,9 +315,8 @@ pub fn run(
         let t = std::thread::Builder::new().name(format!("ferrovol-fuse-{i}")).spawn(
             move || -> io::Result<()> {
                 let mut buf = read_buffer(len);
-                let mut forks_seen = FORKS.load(Ordering::Acquire);
-                let mut next = |buf: &mut BytesMut| {
-                    read_request(ch.raw(), buf, len, &mut forks_seen).inspect_err(|e| {
+                let next = |buf: &mut BytesMut| {
+                    read_request(ch.raw(), buf, len).inspect_err(|e| {
                         // Said at once: the other workers go on, but this fd is no longer read.
                         warn!(worker = i, error = %e, "FUSE worker stopped: reading /dev/fuse failed")
                     })

@@ -239,10 +239,7 @@ fn spawn_with(
             Ok(())
         });
     }
-    let child = cmd.spawn();
-    // pre_exec means fork: every page of this process is now copy-on-write (see `note_fork`).
-    kernel::note_fork();
-    child
+    cmd.spawn()
 }
 
 /// What this process deposits with the keeper (see [`super::keep`]) for the mount at `path`: how
