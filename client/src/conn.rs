@@ -99,6 +99,14 @@ pub(crate) enum Op {
         vol: LocalVol,
         op: DataOp,
     },
+    /// A file operation on an fs volume: re-sent after a reconnect like block I/O (see
+    /// `ferrovol_proto::fs`).
+    Fs {
+        vol: LocalVol,
+        node: u64,
+        creds: ferrovol_proto::fs::Creds,
+        op: ferrovol_proto::fs::FsOp,
+    },
 }
 
 impl Op {
@@ -114,6 +122,7 @@ impl Op {
                 DataOp::Trim { .. } => Opcode::Trim,
                 DataOp::WriteZeroes { .. } => Opcode::WriteZeroes,
             },
+            Op::Fs { op, .. } => op.opcode(),
         }
     }
 }
@@ -298,6 +307,9 @@ fn to_request(st: &State, op: &Op) -> std::result::Result<Request, ClientError> 
                 DataOp::WriteZeroes { offset, len, fua } => Request::WriteZeroes { handle, offset, len, fua },
             }
         }
+        Op::Fs { vol, node, creds, op } => {
+            Request::Fs { handle: handle(vol)?, node: *node, creds: creds.clone(), op: op.clone() }
+        }
     })
 }
 
@@ -444,6 +456,9 @@ async fn round_trip(
 }
 
 fn server_error(op: Opcode, e: ErrorReply) -> ClientError {
+    if e.status == Status::Errno {
+        return ClientError::Errno { op, errno: e.errno, message: e.message };
+    }
     ClientError::Server { op, status: e.status, message: e.message }
 }
 

@@ -29,6 +29,9 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("the session is closed")]
     Closed,
+    /// A file operation failed on the server with this errno.
+    #[error("{message}")]
+    Errno { op: Opcode, errno: u32, message: String },
 }
 
 impl ClientError {
@@ -36,6 +39,7 @@ impl ClientError {
     pub fn status(&self) -> Option<Status> {
         match self {
             ClientError::Server { status, .. } => Some(*status),
+            ClientError::Errno { .. } => Some(Status::Errno),
             _ => None,
         }
     }

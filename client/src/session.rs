@@ -238,7 +238,20 @@ impl Session {
         labels: Labels,
         source: Option<VolumeSource>,
     ) -> Result<VolumeInfo> {
-        match self.control(Request::VolumeCreate { name: name.clone(), size, labels, source }).await? {
+        self.create_volume_of_kind(name, ferrovol_proto::codec::VOLUME_KIND_BLOCK, size, labels, source).await
+    }
+
+    /// Creates a volume of `kind` (`VOLUME_KIND_BLOCK`, or `VOLUME_KIND_FS`: the server makes an
+    /// ext4 on it and serves it file by file).
+    pub async fn create_volume_of_kind(
+        &self,
+        name: &VolumeName,
+        kind: u8,
+        size: u64,
+        labels: Labels,
+        source: Option<VolumeSource>,
+    ) -> Result<VolumeInfo> {
+        match self.control(Request::VolumeCreate { name: name.clone(), kind, size, labels, source }).await? {
             Reply::Volume(v) => Ok(v),
             other => Err(unexpected(Opcode::VolumeCreate, other)),
         }
@@ -430,6 +443,12 @@ impl Session {
     /// or a CSI publish context): `FENCED` when it is no longer current.
     pub async fn open_writer(&self, name: &VolumeName, generation: u64) -> Result<Volume> {
         self.open_at(name, false, generation).await
+    }
+
+    /// Opens an fs volume for file operations ([`Volume::fs`]), on every connection of the
+    /// session. Many nodes may have one open read-write at once: the server arbitrates.
+    pub async fn open_fs(&self, name: &VolumeName, read_only: bool) -> Result<Volume> {
+        self.open_at(name, read_only, 0).await
     }
 
     async fn open_at(&self, name: &VolumeName, read_only: bool, generation: u64) -> Result<Volume> {

@@ -122,6 +122,22 @@ impl Volume {
         c.call(Op::Data { vol: *vol, op }).await
     }
 
+    /// A file operation on this fs volume, on `node` as `creds`.
+    pub async fn fs(
+        &self,
+        node: u64,
+        creds: ferrovol_proto::fs::Creds,
+        op: ferrovol_proto::fs::FsOp,
+    ) -> Result<ferrovol_proto::fs::FsReply> {
+        let i = self.inner.rr.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        let (c, vol) = &self.inner.conns[i];
+        let opcode = op.opcode();
+        match c.call(Op::Fs { vol: *vol, node, creds, op }).await? {
+            Reply::Fs(r) => Ok(r),
+            other => Err(unexpected(opcode, other)),
+        }
+    }
+
     async fn read_piece(&self, offset: u64, len: u32) -> Result<Bytes> {
         let mut tries = 0;
         loop {

@@ -16,6 +16,7 @@ use std::io::IoSlice;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::fs::{self, Creds, FsOp, FsReply};
 use crate::header::{
     payload_crc, HeaderError, RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
@@ -79,6 +80,9 @@ pub type RawResponse = RawFrame<ResponseHeader>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame<const N: usize> {
     pub header: [u8; N],
+    /// Payload bytes sent before `payload` (an FS_WRITE's fields before its data, so that the data
+    /// is sent from the caller's buffer); usually empty.
+    pub head: Bytes,
     pub payload: Bytes,
 }
 
@@ -87,7 +91,7 @@ pub type ResponseFrame = Frame<RESPONSE_HEADER_LEN>;
 
 impl<const N: usize> Frame<N> {
     pub fn len(&self) -> usize {
-        N + self.payload.len()
+        N + self.head.len() + self.payload.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,6 +101,7 @@ impl<const N: usize> Frame<N> {
     /// The slices for a vectored write (the payload slice only if non-empty).
     pub fn io_slices(&self) -> impl Iterator<Item = IoSlice<'_>> {
         std::iter::once(IoSlice::new(&self.header))
+            .chain((!self.head.is_empty()).then(|| IoSlice::new(&self.head)))
             .chain((!self.payload.is_empty()).then(|| IoSlice::new(&self.payload)))
     }
 
@@ -104,6 +109,7 @@ impl<const N: usize> Frame<N> {
     pub fn write_to(&self, dst: &mut BytesMut) {
         dst.reserve(self.len());
         dst.put_slice(&self.header);
+        dst.put_slice(&self.head);
         dst.put_slice(&self.payload);
     }
 
@@ -116,7 +122,7 @@ impl<const N: usize> Frame<N> {
 
 /// The largest payload a request with this opcode byte may carry.
 pub fn request_payload_len_max(opcode: u8) -> u32 {
-    if opcode == Opcode::Write as u8 {
+    if opcode == Opcode::Write as u8 || opcode == Opcode::FsWrite as u8 {
         PAYLOAD_LEN_MAX
     } else {
         CONTROL_PAYLOAD_LEN_MAX
@@ -215,7 +221,7 @@ pub enum PayloadError {
 }
 
 impl PayloadError {
-    fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         match self {
             PayloadError::Name(_) => Status::InvalidName,
             PayloadError::TooLong { .. } => Status::TooLarge,
@@ -225,15 +231,18 @@ impl PayloadError {
 }
 
 /// A bounds-checked reader over a payload. Every getter fails instead of panicking.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Self { buf }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
         if self.buf.len() < n {
             return Err(PayloadError::Truncated);
         }
@@ -241,18 +250,18 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8, PayloadError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, PayloadError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, PayloadError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, PayloadError> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Result<u32, PayloadError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, PayloadError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, PayloadError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, PayloadError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
@@ -357,6 +366,8 @@ pub enum Request {
     Ping,
     VolumeCreate {
         name: VolumeName,
+        /// `VOLUME_KIND_BLOCK` or `VOLUME_KIND_FS`.
+        kind: u8,
         /// 0 only with a `source`: the source's size.
         size: u64,
         /// Kept with the volume and returned in its VolumeInfo (empty: none).
@@ -458,10 +469,19 @@ pub enum Request {
         len: u32,
         fua: bool,
     },
+    /// A file operation on an OPENed fs volume (see [`crate::fs`]).
+    Fs {
+        handle: VolumeHandle,
+        node: u64,
+        creds: Creds,
+        op: FsOp,
+    },
 }
 
 /// Volume kinds. Only block volumes exist in this version.
 pub const VOLUME_KIND_BLOCK: u8 = 0;
+/// A filesystem the server formats, mounts and serves file by file (RWX).
+pub const VOLUME_KIND_FS: u8 = 1;
 
 /// Where a new volume's content comes from (VOLUME_CREATE).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,6 +522,7 @@ impl Request {
             Request::Flush { .. } => Opcode::Flush,
             Request::Trim { .. } => Opcode::Trim,
             Request::WriteZeroes { .. } => Opcode::WriteZeroes,
+            Request::Fs { op, .. } => op.opcode(),
         }
     }
 
@@ -511,6 +532,7 @@ impl Request {
             Request::Read { len, .. } => *len,
             // Bounded by PAYLOAD_LEN_MAX, which fits in u32.
             Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
+            Request::Fs { op, .. } => op.data_len(),
             _ => 0,
         }
     }
@@ -535,9 +557,9 @@ impl Request {
                 put_str16(&mut p, &hello.token);
                 p.freeze()
             }
-            Request::VolumeCreate { name, size, labels, source } => {
+            Request::VolumeCreate { name, kind, size, labels, source } => {
                 p.put_u64_le(*size);
-                p.put_u8(VOLUME_KIND_BLOCK);
+                p.put_u8(*kind);
                 put_str8(&mut p, name.as_str());
                 if !labels.is_empty() || source.is_some() {
                     put_labels(&mut p, labels);
@@ -647,10 +669,33 @@ impl Request {
                 }
                 data.clone()
             }
+            Request::Fs { handle, node, creds, op } => {
+                h.handle = *handle;
+                let fields = fs::encode_request(*node, creds, op).freeze();
+                match op {
+                    FsOp::Read { offset, len, .. } => {
+                        h.offset = *offset;
+                        h.length = *len;
+                        fields
+                    }
+                    FsOp::Write { offset, data, .. } => {
+                        h.offset = *offset;
+                        h.length = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                        let len = fields.len() + data.len();
+                        h.payload_len = u32::try_from(len).unwrap_or(u32::MAX);
+                        let mut crc = crc32fast::Hasher::new();
+                        crc.update(&fields);
+                        crc.update(data);
+                        h.payload_crc = crc.finalize();
+                        return Frame { header: h.encode(), head: fields, payload: data.clone() };
+                    }
+                    _ => fields,
+                }
+            }
         };
         h.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
         h.payload_crc = payload_crc(&payload);
-        Frame { header: h.encode(), payload }
+        Frame { header: h.encode(), head: Bytes::new(), payload }
     }
 
     /// Verifies the payload checksum and converts a raw frame into a request.
@@ -684,8 +729,9 @@ impl Request {
             return Err(fail(Status::BadRequest, format!("flags {:#06x} are not valid for {op}", h.flags)));
         }
         // Header fields a request does not use must be zero: they are not silently ignored.
-        let uses_handle = op.is_data() || op == Opcode::Close;
-        let uses_range = matches!(op, Opcode::Read | Opcode::Write | Opcode::Trim | Opcode::WriteZeroes);
+        let uses_handle = op.is_data() || op.is_fs() || op == Opcode::Close;
+        let uses_range = op.is_fs() // checked by `fs::parse_request`
+            || matches!(op, Opcode::Read | Opcode::Write | Opcode::Trim | Opcode::WriteZeroes);
         if (!uses_handle && h.handle.0 != 0) || (!uses_range && (h.offset != 0 || h.length != 0)) {
             return Err(fail(Status::BadRequest, format!("{op}: unused header fields must be zero")));
         }
@@ -693,6 +739,10 @@ impl Request {
         let force = h.flags & FLAG_FORCE != 0;
         let mut r = Reader::new(&raw.payload);
         let parsed = (|| -> Result<Request, PayloadError> {
+            if op.is_fs() {
+                let (node, creds, fsop) = fs::parse_request(op, h.offset, h.length, &raw.payload, &mut r)?;
+                return Ok(Request::Fs { handle: h.handle, node, creds, op: fsop });
+            }
             let req = match op {
                 Opcode::Hello => {
                     let version_min = r.u8()?;
@@ -714,7 +764,8 @@ impl Request {
                 }
                 Opcode::VolumeCreate => {
                     let size = r.u64()?;
-                    if r.u8()? != VOLUME_KIND_BLOCK {
+                    let kind = r.u8()?;
+                    if kind != VOLUME_KIND_BLOCK && kind != VOLUME_KIND_FS {
                         return Err(PayloadError::Invalid("unknown volume kind"));
                     }
                     let name = r.volume_name()?;
@@ -730,7 +781,7 @@ impl Request {
                             _ => return Err(PayloadError::Invalid("unknown volume source kind")),
                         }
                     };
-                    Request::VolumeCreate { size, name, labels, source }
+                    Request::VolumeCreate { size, kind, name, labels, source }
                 }
                 Opcode::SnapshotCreate => Request::SnapshotCreate {
                     name: r.volume_name()?,
@@ -811,6 +862,25 @@ impl Request {
                     r = Reader::new(&[]);
                     Request::Write { handle: h.handle, offset: h.offset, data: raw.payload.clone(), fua }
                 }
+                Opcode::FsLookup
+                | Opcode::FsGetattr
+                | Opcode::FsSetattr
+                | Opcode::FsReaddir
+                | Opcode::FsMkdir
+                | Opcode::FsMknod
+                | Opcode::FsCreate
+                | Opcode::FsOpen
+                | Opcode::FsRead
+                | Opcode::FsWrite
+                | Opcode::FsRelease
+                | Opcode::FsFsync
+                | Opcode::FsUnlink
+                | Opcode::FsRmdir
+                | Opcode::FsRename
+                | Opcode::FsLink
+                | Opcode::FsSymlink
+                | Opcode::FsReadlink
+                | Opcode::FsStatfs => return Err(PayloadError::Invalid("FS opcode")),
             };
             Ok(req)
         })();
@@ -922,6 +992,8 @@ pub enum Reply {
         entries: Vec<SnapshotInfo>,
         more: bool,
     },
+    /// The answer to an FS request.
+    Fs(FsReply),
 }
 
 /// A failed request: a status and a human-readable reason.
@@ -930,6 +1002,8 @@ pub enum Reply {
 pub struct ErrorReply {
     pub status: Status,
     pub message: String,
+    /// With `Status::Errno`: the errno (sent as a u32 before the message); else 0.
+    pub errno: u32,
 }
 
 impl ErrorReply {
@@ -942,7 +1016,12 @@ impl ErrorReply {
             }
             message.truncate(cut);
         }
-        Self { status, message }
+        Self { status, message, errno: 0 }
+    }
+
+    /// A file operation's failure: `errno` and what it was.
+    pub fn errno(errno: u32, message: impl Into<String>) -> Self {
+        Self { errno, ..Self::new(Status::Errno, message) }
     }
 }
 
@@ -1057,6 +1136,11 @@ impl Response {
     pub fn encode(&self) -> ResponseFrame {
         let mut p = BytesMut::new();
         let (status, payload) = match &self.result {
+            Err(e) if e.status == Status::Errno => {
+                p.put_u32_le(e.errno);
+                p.put_slice(e.message.as_bytes());
+                (e.status as u16, p.freeze())
+            }
             Err(e) => (e.status as u16, Bytes::copy_from_slice(e.message.as_bytes())),
             Ok(reply) => {
                 let payload = match reply {
@@ -1105,6 +1189,10 @@ impl Response {
                         p.freeze()
                     }
                     Reply::SnapshotList { entries, more } => put_list(p, entries, *more, put_snapshot_info),
+                    Reply::Fs(f) => match fs::encode_reply(&mut p, f) {
+                        Some(data) => data,
+                        None => p.freeze(),
+                    },
                 };
                 (Status::Ok as u16, payload)
             }
@@ -1117,7 +1205,7 @@ impl Response {
             payload_len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
             payload_crc: payload_crc(&payload),
         };
-        Frame { header: h.encode(), payload }
+        Frame { header: h.encode(), head: Bytes::new(), payload }
     }
 
     /// Verifies the payload checksum and converts a raw frame into a response.
@@ -1133,6 +1221,17 @@ impl Response {
             });
         }
         let status = Status::try_from(h.status).map_err(|v| fail(format!("unknown status {v}")))?;
+        if status == Status::Errno {
+            let Some((errno, message)) = raw.payload.split_first_chunk::<4>() else {
+                return Err(fail("an errno reply without its errno".into()));
+            };
+            let message = String::from_utf8_lossy(message).into_owned();
+            return Ok(Response {
+                request_id: h.request_id,
+                opcode: h.opcode,
+                result: Err(ErrorReply::errno(u32::from_le_bytes(*errno), message)),
+            });
+        }
         if status != Status::Ok {
             let message = String::from_utf8_lossy(&raw.payload).into_owned();
             return Ok(Response {
@@ -1199,6 +1298,25 @@ impl Response {
                 | Opcode::Flush
                 | Opcode::Trim
                 | Opcode::WriteZeroes => Reply::Done,
+                Opcode::FsLookup
+                | Opcode::FsGetattr
+                | Opcode::FsSetattr
+                | Opcode::FsReaddir
+                | Opcode::FsMkdir
+                | Opcode::FsMknod
+                | Opcode::FsCreate
+                | Opcode::FsOpen
+                | Opcode::FsRead
+                | Opcode::FsWrite
+                | Opcode::FsRelease
+                | Opcode::FsFsync
+                | Opcode::FsUnlink
+                | Opcode::FsRmdir
+                | Opcode::FsRename
+                | Opcode::FsLink
+                | Opcode::FsSymlink
+                | Opcode::FsReadlink
+                | Opcode::FsStatfs => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
             })
         })();
         let reply = parsed.map_err(|e| fail(e.to_string()))?;

@@ -7,6 +7,7 @@
 //! client share.
 
 pub mod codec;
+pub mod fs;
 pub mod header;
 #[cfg(feature = "io")]
 pub mod io;

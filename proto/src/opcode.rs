@@ -41,10 +41,30 @@ pub enum Opcode {
     Flush = 0x24,
     Trim = 0x25,
     WriteZeroes = 0x26,
+    // File operations on fs volumes (payloads in `fs`).
+    FsLookup = 0x30,
+    FsGetattr = 0x31,
+    FsSetattr = 0x32,
+    FsReaddir = 0x33,
+    FsMkdir = 0x34,
+    FsMknod = 0x35,
+    FsCreate = 0x36,
+    FsOpen = 0x37,
+    FsRead = 0x38,
+    FsWrite = 0x39,
+    FsRelease = 0x3a,
+    FsFsync = 0x3b,
+    FsUnlink = 0x3c,
+    FsRmdir = 0x3d,
+    FsRename = 0x3e,
+    FsLink = 0x3f,
+    FsSymlink = 0x40,
+    FsReadlink = 0x41,
+    FsStatfs = 0x42,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 24] = [
+    pub const ALL: [Opcode; 43] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -69,6 +89,25 @@ impl Opcode {
         Opcode::Flush,
         Opcode::Trim,
         Opcode::WriteZeroes,
+        Opcode::FsLookup,
+        Opcode::FsGetattr,
+        Opcode::FsSetattr,
+        Opcode::FsReaddir,
+        Opcode::FsMkdir,
+        Opcode::FsMknod,
+        Opcode::FsCreate,
+        Opcode::FsOpen,
+        Opcode::FsRead,
+        Opcode::FsWrite,
+        Opcode::FsRelease,
+        Opcode::FsFsync,
+        Opcode::FsUnlink,
+        Opcode::FsRmdir,
+        Opcode::FsRename,
+        Opcode::FsLink,
+        Opcode::FsSymlink,
+        Opcode::FsReadlink,
+        Opcode::FsStatfs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +136,25 @@ impl Opcode {
             Opcode::Flush => "FLUSH",
             Opcode::Trim => "TRIM",
             Opcode::WriteZeroes => "WRITE_ZEROES",
+            Opcode::FsLookup => "FS_LOOKUP",
+            Opcode::FsGetattr => "FS_GETATTR",
+            Opcode::FsSetattr => "FS_SETATTR",
+            Opcode::FsReaddir => "FS_READDIR",
+            Opcode::FsMkdir => "FS_MKDIR",
+            Opcode::FsMknod => "FS_MKNOD",
+            Opcode::FsCreate => "FS_CREATE",
+            Opcode::FsOpen => "FS_OPEN",
+            Opcode::FsRead => "FS_READ",
+            Opcode::FsWrite => "FS_WRITE",
+            Opcode::FsRelease => "FS_RELEASE",
+            Opcode::FsFsync => "FS_FSYNC",
+            Opcode::FsUnlink => "FS_UNLINK",
+            Opcode::FsRmdir => "FS_RMDIR",
+            Opcode::FsRename => "FS_RENAME",
+            Opcode::FsLink => "FS_LINK",
+            Opcode::FsSymlink => "FS_SYMLINK",
+            Opcode::FsReadlink => "FS_READLINK",
+            Opcode::FsStatfs => "FS_STATFS",
         }
     }
 
@@ -104,6 +162,11 @@ impl Opcode {
     /// them after a reconnect.
     pub fn is_data(self) -> bool {
         matches!(self, Opcode::Read | Opcode::Write | Opcode::Flush | Opcode::Trim | Opcode::WriteZeroes)
+    }
+
+    /// File operations: they address an OPENed fs volume by handle, and one of its inodes.
+    pub fn is_fs(self) -> bool {
+        (Opcode::FsLookup as u8..=Opcode::FsStatfs as u8).contains(&(self as u8))
     }
 }
 
@@ -190,10 +253,13 @@ pub enum Status {
     /// A write on a connection that a newer HELLO of the same client session and slot retired (see
     /// HELLO). The client reconnects and sends it again: it never reaches the application.
     Replaced = 23,
+    /// A file operation failed on the server's filesystem: the error reply carries the errno
+    /// (ENOENT, EACCES, EEXIST...), which the client hands to the application as it is.
+    Errno = 24,
 }
 
 impl Status {
-    pub const ALL: [Status; 24] = [
+    pub const ALL: [Status; 25] = [
         Status::Ok,
         Status::BadRequest,
         Status::UnsupportedVersion,
@@ -218,6 +284,7 @@ impl Status {
         Status::Internal,
         Status::Forbidden,
         Status::Replaced,
+        Status::Errno,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -246,6 +313,7 @@ impl Status {
             Status::Internal => "internal server error",
             Status::Forbidden => "not allowed for this session",
             Status::Replaced => "this connection was replaced by a newer one of the same client session",
+            Status::Errno => "file operation failed",
         }
     }
 }

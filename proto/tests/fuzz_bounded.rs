@@ -23,6 +23,7 @@ fn bounded_decoder_fuzz() {
             .to_bytes()
             .to_vec(),
         Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
             name: VolumeName::try_from("abc").unwrap(),
             size: 1 << 20,
             labels: Labels::new(),

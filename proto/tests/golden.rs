@@ -182,6 +182,7 @@ fn reframe(bytes: &[u8]) -> BytesMut {
 #[test]
 fn volume_create_payload_golden() {
     let req = Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: VolumeName::try_from("vol-a").unwrap(),
         size: 1 << 30,
         labels: Labels::new(),
@@ -200,8 +201,13 @@ fn volume_create_payload_golden() {
 #[test]
 fn volume_create_with_labels_golden() {
     let labels = Labels::from([("k".to_owned(), "vé".to_owned())]);
-    let req =
-        Request::VolumeCreate { name: VolumeName::try_from("v").unwrap(), size: 4096, labels, source: None };
+    let req = Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+        name: VolumeName::try_from("v").unwrap(),
+        size: 4096,
+        labels,
+        source: None,
+    };
     let frame = req.encode(RequestId(3));
     let payload: &[u8] = &[
         0, 0x10, 0, 0, 0, 0, 0, 0, // size 4096
@@ -218,6 +224,7 @@ fn volume_create_with_labels_golden() {
     assert_eq!(back, req);
     // Bad labels are refused by the decoder: an uppercase key.
     let bad = Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: VolumeName::try_from("v").unwrap(),
         size: 4096,
         labels: Labels::from([("K".to_owned(), String::new())]),
@@ -231,6 +238,7 @@ fn volume_create_with_labels_golden() {
 #[test]
 fn volume_create_from_source_golden() {
     let req = Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: VolumeName::try_from("c").unwrap(),
         size: 0,
         labels: Labels::new(),
@@ -532,4 +540,80 @@ fn response_round_trip_all_replies() {
         assert_eq!(back, resp);
         assert!(buf.is_empty());
     }
+}
+
+#[test]
+fn fs_lookup_request_golden() {
+    use ferrovol_proto::fs::{Creds, FsName, FsOp};
+    let req = Request::Fs {
+        handle: VolumeHandle(2),
+        node: 1,
+        creds: Creds { uid: 1000, gid: 100, groups: vec![10] },
+        op: FsOp::Lookup { name: FsName::new(Bytes::from_static(b"a.txt")).unwrap() },
+    };
+    let frame = req.encode(RequestId(7));
+    let mut payload: Vec<u8> = vec![];
+    payload.extend_from_slice(&1u64.to_le_bytes()); // node 1: the root
+    payload.extend_from_slice(&1000u32.to_le_bytes()); // uid
+    payload.extend_from_slice(&100u32.to_le_bytes()); // gid
+    payload.push(1); // one supplementary group
+    payload.extend_from_slice(&10u32.to_le_bytes());
+    payload.push(5); // name length
+    payload.extend_from_slice(b"a.txt");
+    assert_eq!(&frame.payload[..], &payload[..]);
+    assert!(frame.head.is_empty());
+    assert_eq!(frame.header[5], 0x30); // FS_LOOKUP
+    assert_eq!(&frame.header[16..20], &[2, 0, 0, 0]); // the fs volume's handle
+    assert_eq!(&frame.header[32..36], &(payload.len() as u32).to_le_bytes());
+    assert_eq!(&frame.header[36..40], &crc(&payload));
+}
+
+#[test]
+fn fs_write_request_sends_the_data_as_its_own_slice() {
+    use ferrovol_proto::fs::{Creds, FsOp};
+    let data = Bytes::from_static(b"0123456789");
+    let req = Request::Fs {
+        handle: VolumeHandle(2),
+        node: 0x0000_0007_0000_000c,
+        creds: Creds { uid: 0, gid: 0, groups: vec![] },
+        op: FsOp::Write { fh: 99, flags: 1, offset: 4096, data: data.clone() },
+    };
+    let frame = req.encode(RequestId(8));
+    let mut head: Vec<u8> = vec![];
+    head.extend_from_slice(&0x0000_0007_0000_000cu64.to_le_bytes()); // node
+    head.extend_from_slice(&[0; 9]); // uid 0, gid 0, no groups
+    head.extend_from_slice(&99u64.to_le_bytes()); // fh
+    head.extend_from_slice(&1u32.to_le_bytes()); // open flags (O_WRONLY)
+    assert_eq!(&frame.head[..], &head[..]);
+    // Zero-copy: the data is the caller's buffer.
+    assert_eq!(frame.payload.as_ptr(), data.as_ptr());
+    assert_eq!(frame.header[5], 0x39); // FS_WRITE
+    assert_eq!(&frame.header[20..24], &10u32.to_le_bytes()); // length: the data only
+    assert_eq!(&frame.header[24..32], &4096u64.to_le_bytes()); // offset
+    let mut whole = head.clone();
+    whole.extend_from_slice(&data);
+    assert_eq!(&frame.header[32..36], &(whole.len() as u32).to_le_bytes()); // payload: head + data
+    assert_eq!(&frame.header[36..40], &crc(&whole)); // one CRC over both
+                                                     // The server sees one payload, and splits the data off it without a copy.
+    let mut buf = BytesMut::from(&frame.to_bytes()[..]);
+    let raw = split_request(&mut buf).unwrap().unwrap();
+    let (_, parsed) = Request::parse(raw).unwrap();
+    assert_eq!(parsed, req);
+}
+
+#[test]
+fn errno_reply_golden() {
+    let resp = Response {
+        request_id: RequestId(5),
+        opcode: 0x30,
+        result: Err(ErrorReply::errno(2, "FS_LOOKUP: No such file or directory")),
+    };
+    let frame = resp.encode();
+    let mut payload = 2u32.to_le_bytes().to_vec(); // ENOENT
+    payload.extend_from_slice(b"FS_LOOKUP: No such file or directory");
+    assert_eq!(&frame.payload[..], &payload[..]);
+    assert_eq!(&frame.header[6..8], &24u16.to_le_bytes()); // status ERRNO
+    let mut buf = BytesMut::from(&frame.to_bytes()[..]);
+    let back = Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap();
+    assert_eq!(back, resp);
 }

@@ -56,8 +56,15 @@ fn request() -> impl Strategy<Value = Request> {
                     token: t,
                 })
             }),
-        (name(), any::<u64>(), labels(), proptest::option::of(source()))
-            .prop_map(|(name, size, labels, source)| Request::VolumeCreate { name, size, labels, source }),
+        (name(), any::<u64>(), labels(), proptest::option::of(source())).prop_map(
+            |(name, size, labels, source)| Request::VolumeCreate {
+                kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+                name,
+                size,
+                labels,
+                source
+            }
+        ),
         (name(), name(), labels()).prop_map(|(name, source, labels)| Request::SnapshotCreate {
             name,
             source,

@@ -60,6 +60,8 @@ pub struct Session {
     slot: Option<(Arc<crate::listener::SlotFence>, u64)>,
     handles: HashMap<u32, OpenVolume>,
     next_handle: u32,
+    /// Unique per connection in this server's life (the open files of fs volumes belong to it).
+    conn_id: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -71,14 +73,17 @@ impl std::fmt::Debug for Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for (_, h) in self.handles.drain() {
-            release(&h, self.client_session);
+            release(&h, self.client_session, self.conn_id);
         }
     }
 }
 
 /// Undoes what OPEN counted for a handle.
-fn release(h: &OpenVolume, client_session: u64) {
-    if !h.read_only {
+fn release(h: &OpenVolume, client_session: u64, conn: u64) {
+    if let Some(m) = h.vol.mounted() {
+        m.files.close_connection(conn);
+    }
+    if !h.read_only && !h.vol.is_fs() {
         h.vol.close_writer(h.generation, client_session);
     }
     h.vol.opens.fetch_sub(1, Ordering::AcqRel);
@@ -199,6 +204,18 @@ impl Session {
         self.node.is_some()
     }
 
+    /// A handle of a block volume (block I/O on an fs volume would write under its filesystem).
+    fn block_of(&self, h: VolumeHandle) -> StoreResult<&OpenVolume> {
+        let v = self.handle_of(h)?;
+        if v.vol.is_fs() {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {} is an fs volume: it is read and written through file operations",
+                v.vol.name()
+            )));
+        }
+        Ok(v)
+    }
+
     fn handle_of(&self, h: VolumeHandle) -> StoreResult<&OpenVolume> {
         self.handles.get(&h.0).ok_or(StoreError::BadHandle(h.0))
     }
@@ -221,9 +238,13 @@ impl Session {
                 Outcome::Reply(Response::error(id, op as u8, Status::NotReady, "HELLO was already done"))
             }
             Request::Ping => Outcome::Reply(Response::ok(id, op, Reply::Done)),
-            Request::VolumeCreate { name, size, labels, source } => {
-                store_op(ctx, id, op, move |s| s.create(&name, size, &labels, source.as_ref()), Reply::Volume)
-            }
+            Request::VolumeCreate { name, kind, size, labels, source } => store_op(
+                ctx,
+                id,
+                op,
+                move |s| s.create(&name, kind, size, &labels, source.as_ref()),
+                Reply::Volume,
+            ),
             Request::SnapshotCreate { name, source, labels } => {
                 store_op(ctx, id, op, move |s| s.snapshot_create(&name, &source, &labels), Reply::Snapshot)
             }
@@ -310,7 +331,7 @@ impl Session {
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
                     Some(h) => {
-                        release(&h, self.client_session);
+                        release(&h, self.client_session, self.conn_id);
                         Ok(Reply::Done)
                     }
                     None => Err(StoreError::BadHandle(handle.0)),
@@ -318,7 +339,7 @@ impl Session {
                 Outcome::Reply(done(id, op, r))
             }
             Request::Read { handle, offset, len } => {
-                let r = self.handle_of(handle).and_then(|h| h.vol.read(offset, len)).map(Reply::Data);
+                let r = self.block_of(handle).and_then(|h| h.vol.read(offset, len)).map(Reply::Data);
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
             Request::Write { handle, offset, data, fua } => {
@@ -333,10 +354,27 @@ impl Session {
                 let r = self.writable(handle, |vol| vol.trim(offset, len)).map(|_| Reply::Done);
                 Outcome::Reply(self.logged(done(id, op, r), handle))
             }
-            Request::Flush { handle } => match self.handle_of(handle) {
+            Request::Flush { handle } => match self.block_of(handle) {
                 Ok(h) => durable(id, op, h.vol.clone(), Reply::Done),
                 Err(e) => Outcome::Reply(err(id, op, &e)),
             },
+            Request::Fs { handle, node, creds, op: fsop } => {
+                let mount = match self.handle_of(handle).and_then(|h| Ok((h.vol.fs_mount()?, h.read_only))) {
+                    Ok(m) => m,
+                    Err(e) => return Outcome::Reply(err(id, op, &e)),
+                };
+                let (mount, read_only) = mount;
+                let cx = crate::files::Context { conn: self.conn_id, read_only };
+                Outcome::Later(Box::pin(async move {
+                    let result =
+                        crate::files::run(move || crate::files::execute(&mount, cx, node, &creds, fsop))
+                            .await
+                            .unwrap_or_else(|| {
+                                Err(ErrorReply::new(Status::Internal, "the file worker stopped"))
+                            });
+                    Response { request_id: id, opcode: op as u8, result: result.map(Reply::Fs) }
+                }))
+            }
         }
     }
 
@@ -367,6 +405,8 @@ impl Session {
         debug!(node = %hello.node_id, admin, "handshake done");
         self.node = Some(hello.node_id);
         self.client_session = hello.session;
+        static CONNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.conn_id = CONNS.fetch_add(1, Ordering::Relaxed);
         self.slot = Some(ctx.slots.claim(hello.session, hello.slot));
         self.admin = admin;
         let mut session_flags = if admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 };
@@ -425,7 +465,19 @@ impl Session {
         // Handles exist only after HELLO, so the node is known here.
         let node = self.node.clone().ok_or(StoreError::InvalidArgument("handshake required".into()))?;
         let vol = store.open_volume(name)?;
-        if !read_only {
+        if vol.is_fs() {
+            // Many writers: the server arbitrates (no writer attachment). Mounted at the first open.
+            if generation != 0 {
+                vol.opens.fetch_sub(1, Ordering::AcqRel);
+                return Err(StoreError::InvalidArgument(format!(
+                    "volume {name} is an fs volume: it has no writer attachment (open it with generation 0)"
+                )));
+            }
+            if let Err(e) = vol.fs_mount() {
+                vol.opens.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        } else if !read_only {
             if let Err(e) = vol.open_writer(&node, generation, self.client_session) {
                 vol.opens.fetch_sub(1, Ordering::AcqRel);
                 return Err(e);
@@ -452,7 +504,7 @@ impl Session {
         handle: VolumeHandle,
         write: impl FnOnce(&Volume) -> StoreResult<T>,
     ) -> StoreResult<Arc<Volume>> {
-        let h = self.handle_of(handle)?;
+        let h = self.block_of(handle)?;
         if h.read_only {
             return Err(StoreError::ReadOnly);
         }

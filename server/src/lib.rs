@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod error;
+pub mod files;
 pub mod handler;
 pub mod listener;
 pub mod store;

@@ -446,7 +446,11 @@ impl Server {
         });
         let _ = joined.await;
         let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || store.flush_all()).await??;
+        tokio::task::spawn_blocking(move || {
+            store.unmount_all();
+            store.flush_all()
+        })
+        .await??;
         info!("all volumes flushed; bye");
         Ok(())
     }

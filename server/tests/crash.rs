@@ -17,6 +17,7 @@ fn flushed_data_survives_sigkill() {
     let mut c = RawClient::hello(addr, "n1", "");
     assert_eq!(
         status(&c.call(Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
             name: name("keep"),
             size: 8 << 20,
             labels: Labels::new(),
@@ -79,6 +80,7 @@ fn sigterm_answers_in_flight_and_exits_zero() {
     let mut c = RawClient::hello(addr, "n1", "");
     assert_eq!(
         status(&c.call(Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
             name: name("t"),
             size: 64 << 20,
             labels: Labels::new(),

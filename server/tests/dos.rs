@@ -70,6 +70,7 @@ fn legitimate_clients_survive_a_flood_with_bounded_memory_and_log() {
     let (addr, _dir) = start(|c| c.handshake_timeout = Duration::from_secs(3));
     let mut setup = RawClient::hello(addr, "admin", ADMIN);
     let r = setup.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: name("v"),
         size: 1 << 20,
         labels: Labels::new(),

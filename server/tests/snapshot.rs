@@ -21,7 +21,13 @@ use ferrovol_server::testing::TestServer;
 const MIB: u64 = 1 << 20;
 
 fn create(c: &mut RawClient, vol: &str, size: u64, source: Option<VolumeSource>) -> Response {
-    c.call(Request::VolumeCreate { name: name(vol), size, labels: Labels::new(), source })
+    c.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+        name: name(vol),
+        size,
+        labels: Labels::new(),
+        source,
+    })
 }
 
 fn snapshot(c: &mut RawClient, snap: &str, vol: &str) -> Result<SnapshotInfo, ErrorReply> {

@@ -44,6 +44,7 @@ impl Bystander {
     fn new(addr: SocketAddr) -> Self {
         let mut c = RawClient::hello(addr, "bystander", "sesame");
         let r = c.call(Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
             name: name("calm"),
             size: 1 << 20,
             labels: Labels::new(),
@@ -111,6 +112,7 @@ fn hostile_input_never_hurts_others() {
     // A bad payload CRC: Checksum for that request, and the connection stays usable.
     let mut c = RawClient::hello(addr, "crc", "sesame");
     let r = c.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: name("scratch"),
         size: 1 << 20,
         labels: Labels::new(),
@@ -168,8 +170,13 @@ fn hostile_input_never_hurts_others() {
     c.send_bytes(&unknown.encode()).unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.request_id, status(&r)), (RequestId(31), Status::UnknownOpcode));
-    let r =
-        c.call(Request::VolumeCreate { name: name("odd"), size: 1000, labels: Labels::new(), source: None });
+    let r = c.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+        name: name("odd"),
+        size: 1000,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::InvalidArgument);
     by.round();
 
@@ -208,6 +215,7 @@ fn pipelined_out_of_order_and_fencing() {
     let mut a = RawClient::hello(addr, "node-a", "");
     assert_eq!(
         status(&a.call(Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
             name: name("v"),
             size: 4 << 20,
             labels: Labels::new(),
@@ -319,8 +327,13 @@ fn takeover_fences_writes_already_in_flight() {
     use std::sync::Arc;
     let (addr, _dir, _t) = start(None);
     let mut a = RawClient::hello(addr, "node-a", "");
-    let r =
-        a.call(Request::VolumeCreate { name: name("v"), size: 1 << 20, labels: Labels::new(), source: None });
+    let r = a.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+        name: name("v"),
+        size: 1 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
     assert_eq!(status(&r), Status::Ok);
     let ha = open(&mut a, "v");
     const BLOCKS: u64 = 16;
@@ -394,6 +407,7 @@ fn reads_racing_writes_always_carry_a_matching_crc() {
     let (addr, _dir, _t) = start(None);
     let mut w = RawClient::hello(addr, "writer", "");
     let r = w.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: name("race"),
         size: 4 << 20,
         labels: Labels::new(),
@@ -451,6 +465,7 @@ fn a_reconnect_retires_the_old_connection_of_its_slot() {
     };
     let mut old = connect(0);
     let r = old.call(Request::VolumeCreate {
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
         name: name("v"),
         size: 1 << 20,
         labels: Labels::new(),

@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod attachd;
+pub mod mount;
 pub mod up;
 pub mod volume_cmd;
 
@@ -137,6 +138,27 @@ pub enum Command {
     },
     /// Unmount an attached volume (the attach process then exits).
     Detach { path: std::path::PathBuf },
+    /// Mount an fs volume on DIR (an existing directory): its files, shared with every other node
+    /// that mounts it. Needs root (FUSE for all users of the node).
+    Mount {
+        name: VolumeName,
+        dir: std::path::PathBuf,
+        /// Refuse changes.
+        #[arg(long)]
+        read_only: bool,
+        /// Return once mounted, leaving it served by a background process.
+        #[arg(long)]
+        background: bool,
+        /// How long the kernel may keep attributes without asking the server (ms). 0 (the
+        /// default): a change on another node is seen at the next access.
+        #[arg(long, default_value_t = 0)]
+        attr_ttl_ms: u64,
+        /// How long the kernel may keep names it looked up (ms); 0 by default, as above.
+        #[arg(long, default_value_t = 0)]
+        entry_ttl_ms: u64,
+    },
+    /// Unmount an fs volume mounted with `ferrovol mount` (its process then exits).
+    Umount { dir: std::path::PathBuf },
     /// This host's attached volumes: path, volume, server, the processes serving each (the
     /// holder, which `detach` waits for, and the worker that answers the kernel), the worker's
     /// requests in flight and its reconnects.
@@ -169,9 +191,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
-    /// Create a block volume (thin-provisioned), empty or from a snapshot or a volume.
+    /// Create a volume (thin-provisioned): a block volume, empty or from a snapshot or a volume, or
+    /// an fs volume (a shared filesystem many nodes mount at once: `ferrovol mount`).
     Create {
         name: VolumeName,
+        /// block: one node's disk (`ferrovol attach`); fs: a filesystem the server serves file by
+        /// file to many nodes (`ferrovol mount`; at least 32Mi).
+        #[arg(long = "type", value_enum, default_value = "block")]
+        kind: VolumeKind,
         /// Size as a Kubernetes quantity: 64Mi, 1Gi (powers of 1024), 1G (10^9 bytes), 4096; rounded
         /// up to whole 4 KiB blocks. With --from-snapshot or --from-volume it
         /// defaults to the source's size, and may not be smaller.
@@ -209,6 +236,12 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum VolumeKind {
+    Block,
+    Fs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +420,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json, keeper: None } => attach::status(json),
         Command::Attach { .. }
         | Command::Detach { .. }
+        | Command::Mount { .. }
+        | Command::Umount { .. }
         | Command::Up { .. }
         | Command::Attachd { .. }
         | Command::Keeper { .. } => {

@@ -99,10 +99,18 @@ pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn kind(v: &VolumeInfo) -> &'static str {
+    if v.kind == ferrovol_proto::codec::VOLUME_KIND_FS {
+        "fs"
+    } else {
+        "block"
+    }
+}
+
 fn json(v: &VolumeInfo) -> serde_json::Value {
     serde_json::json!({
         "name": v.name.as_str(),
-        "kind": "block",
+        "kind": kind(v),
         "size": v.size,
         "allocated": v.allocated,
         "created_unix_ms": v.created_unix_ms,
@@ -115,7 +123,7 @@ fn json(v: &VolumeInfo) -> serde_json::Value {
 pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
     let session = global.connect(1).await?;
     match cmd {
-        VolumeCmd::Create { name, size, from_snapshot, from_volume } => {
+        VolumeCmd::Create { name, size, kind: volume_kind, from_snapshot, from_volume } => {
             let source = match (from_snapshot, from_volume) {
                 (Some(s), _) => Some(VolumeSource::Snapshot(s)),
                 (None, Some(v)) => Some(VolumeSource::Volume(v)),
@@ -126,8 +134,12 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 Some(VolumeSource::Volume(v)) => format!(" as a clone of volume {v}"),
                 None => String::new(),
             };
-            let v = session.create_volume_from(&name, size.unwrap_or(0), Labels::new(), source).await?;
-            println!("created volume {} ({}){from}", v.name, format_size(v.size));
+            let k = match volume_kind {
+                super::VolumeKind::Block => ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+                super::VolumeKind::Fs => ferrovol_proto::codec::VOLUME_KIND_FS,
+            };
+            let v = session.create_volume_of_kind(&name, k, size.unwrap_or(0), Labels::new(), source).await?;
+            println!("created {} volume {} ({}){from}", kind(&v), v.name, format_size(v.size));
         }
         VolumeCmd::List { json: as_json } => {
             let vols = session.list_volumes().await?;
@@ -135,11 +147,12 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 let all: Vec<_> = vols.iter().map(json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<32} {:>12} {:>12}  WRITER", "NAME", "SIZE", "ALLOCATED");
+                println!("{:<32} {:<5} {:>12} {:>12}  WRITER", "NAME", "KIND", "SIZE", "ALLOCATED");
                 for v in vols {
                     println!(
-                        "{:<32} {:>12} {:>12}  {}",
+                        "{:<32} {:<5} {:>12} {:>12}  {}",
                         v.name.as_str(),
+                        kind(&v),
                         format_size(v.size),
                         format_size(v.allocated),
                         v.owner.as_ref().map(|o| o.as_str()).unwrap_or("-")
@@ -153,7 +166,7 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&json(&v))?);
             } else {
                 println!("name:       {}", v.name);
-                println!("kind:       block");
+                println!("kind:       {}", kind(&v));
                 println!("size:       {} ({} bytes)", format_size(v.size), v.size);
                 println!("allocated:  {} ({} bytes)", format_size(v.allocated), v.allocated);
                 match &v.owner {

@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use crate::{ClientError, Volume};
 
 pub mod abi;
+pub mod files;
 pub mod keep;
 pub mod kernel;
 mod own;

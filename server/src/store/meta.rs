@@ -129,6 +129,8 @@ pub const NODES_FILE: &str = "nodes.json";
 pub const META_FILE: &str = "meta.json";
 pub const DATA_FILE: &str = "data";
 pub const KIND_BLOCK: &str = "block";
+/// An fs volume: the data file holds an ext4 the server mounts (see `fsmount`).
+pub const KIND_FS: &str = "fs";
 
 /// Replaces `path` atomically and durably: write a temp file beside it, fsync it, rename it over
 /// `path`, fsync the directory. A crash leaves either the old or the new content, never a mix.

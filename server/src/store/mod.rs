@@ -11,6 +11,7 @@
 //! Names are validated `VolumeName`s, so they are always a single safe path component.
 
 mod copy;
+pub mod fsmount;
 pub mod meta;
 mod snapshot;
 pub mod volume;
@@ -119,6 +120,9 @@ pub(crate) fn now_unix_ms() -> u64 {
 fn dir_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::DataDir(format!("{}: {e}", path.display()))
 }
+
+/// The smallest fs volume.
+pub const FS_SIZE_MIN: u64 = 32 << 20;
 
 pub fn validate_size(size: u64) -> StoreResult<()> {
     if size == 0 || !size.is_multiple_of(VOLUME_SIZE_ALIGN) || size > VOLUME_SIZE_MAX {
@@ -252,6 +256,16 @@ impl Store {
         self.copy_rate.store(bytes_per_s, Ordering::Relaxed);
     }
 
+    /// Unmounts every mounted fs volume (a clean shutdown).
+    pub fn unmount_all(&self) {
+        let vols: Vec<Arc<Volume>> = self.lock().map.values().filter(|v| v.is_fs()).cloned().collect();
+        for v in vols {
+            if let Err(e) = v.unmount_fs() {
+                warn!(volume = %v.name(), error = %e, "cannot unmount fs volume; the next server reuses the mount");
+            }
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -294,6 +308,7 @@ impl Store {
     pub fn create(
         &self,
         name: &VolumeName,
+        kind: u8,
         size: u64,
         labels: &Labels,
         source: Option<&VolumeSource>,
@@ -302,6 +317,18 @@ impl Store {
             validate_size(size)?;
         }
         ferrovol_proto::validate_labels(labels)?;
+        let fs = kind == ferrovol_proto::codec::VOLUME_KIND_FS;
+        if fs && source.is_some() {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {name}: fs volumes cannot be made from a snapshot or a volume yet"
+            )));
+        }
+        if fs && size < FS_SIZE_MIN {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {name}: an fs volume is at least {} MiB (its ext4 journal and metadata)",
+                FS_SIZE_MIN >> 20
+            )));
+        }
         let reserved = {
             let mut vols = self.lock();
             if vols.map.contains_key(name) || vols.broken.contains_key(name) {
@@ -319,11 +346,14 @@ impl Store {
                 Some(src) => self.fill_from(&data, name, size, src)?,
             };
             data.set_len(size)?;
+            if fs {
+                fsmount::mkfs(&tmp.join(DATA_FILE))?;
+            }
             data.sync_all()?;
             let meta = VolumeMeta {
                 version: 1,
                 name: name.to_string(),
-                kind: KIND_BLOCK.into(),
+                kind: if fs { KIND_FS } else { KIND_BLOCK }.into(),
                 size,
                 created_unix_ms: now_unix_ms(),
                 generation: 0,
@@ -444,6 +474,10 @@ impl Store {
                 }
             }
         };
+        if let Err(e) = vol.unmount_fs() {
+            vol.unmark_deleting();
+            return Err(e);
+        }
         let doomed = self.volumes_dir.join(format!(".deleting-{name}-{}", now_unix_ms()));
         if let Err(e) = fs::rename(&vol.dir, &doomed) {
             vol.unmark_deleting();
@@ -675,18 +709,22 @@ mod tests {
     fn create_list_resize_delete_persist() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("a"), 1 << 20, &Labels::new(), None).unwrap();
-        store.create(&name("b"), 8192, &Labels::new(), None).unwrap();
+        store
+            .create(&name("a"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 1 << 20, &Labels::new(), None)
+            .unwrap();
+        store
+            .create(&name("b"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 8192, &Labels::new(), None)
+            .unwrap();
         assert!(matches!(
-            store.create(&name("a"), 1 << 20, &Labels::new(), None),
+            store.create(&name("a"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 1 << 20, &Labels::new(), None),
             Err(StoreError::AlreadyExists(_))
         ));
         assert!(matches!(
-            store.create(&name("c"), 1000, &Labels::new(), None),
+            store.create(&name("c"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 1000, &Labels::new(), None),
             Err(StoreError::InvalidArgument(_))
         ));
         assert!(matches!(
-            store.create(&name("c"), 0, &Labels::new(), None),
+            store.create(&name("c"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 0, &Labels::new(), None),
             Err(StoreError::InvalidArgument(_))
         ));
         let (l, more) = store.list(None, 1);
@@ -730,7 +768,9 @@ mod tests {
         assert!(matches!(store.node_stat(&a), Err(StoreError::NodeNotFound(_))));
         let t = store.node_register(&a).unwrap();
         assert_eq!(store.node_register(&a).unwrap(), t, "registering again keeps the first time");
-        store.create(&name("v"), 1 << 30, &Labels::new(), None).unwrap();
+        store
+            .create(&name("v"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 1 << 30, &Labels::new(), None)
+            .unwrap();
         let st = store.stat().unwrap();
         assert_eq!((st.provisioned_bytes, st.volumes), (1 << 30, 1));
         assert!(st.total_bytes >= st.free_bytes && st.total_bytes > 0);
@@ -743,7 +783,9 @@ mod tests {
     fn fencing_and_ranges() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 8192, &Labels::new(), None).unwrap();
+        store
+            .create(&name("v"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 8192, &Labels::new(), None)
+            .unwrap();
         let v = store.get(&name("v")).unwrap();
         let a = NodeId::try_from("a").unwrap();
         let b = NodeId::try_from("b").unwrap();
@@ -832,7 +874,15 @@ mod tests {
             })
             .unwrap();
         for i in 0..10 {
-            store.create(&name(&format!("thin{i}")), size, &Labels::new(), None).unwrap();
+            store
+                .create(
+                    &name(&format!("thin{i}")),
+                    ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+                    size,
+                    &Labels::new(),
+                    None,
+                )
+                .unwrap();
         }
         drop(store);
         fs::write(dir.path().join("volumes/thin3/meta.json"), b"{ not json").unwrap();
@@ -845,7 +895,13 @@ mod tests {
         let e = store.get(&name("thin3")).unwrap_err().to_string();
         assert!(e.contains("thin3") && e.contains("could not be loaded"), "{e}");
         assert!(matches!(
-            store.create(&name("thin3"), 4096, &Labels::new(), None),
+            store.create(
+                &name("thin3"),
+                ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+                4096,
+                &Labels::new(),
+                None
+            ),
             Err(StoreError::AlreadyExists(_))
         ));
     }
@@ -854,7 +910,9 @@ mod tests {
     fn a_data_file_cut_short_fails_the_read_not_the_server() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.create(&name("v"), 1 << 20, &Labels::new(), None).unwrap();
+        store
+            .create(&name("v"), ferrovol_proto::codec::VOLUME_KIND_BLOCK, 1 << 20, &Labels::new(), None)
+            .unwrap();
         let v = store.get(&name("v")).unwrap();
         v.write(0, &[7u8; 8192]).unwrap();
         // Truncated behind the server's back (a mapping would SIGBUS here).

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use ferrovol_proto::{NodeId, VolumeInfo, VolumeName};
 
 use super::copy::{reflink, CopyJob};
+use super::fsmount::FsMount;
 use super::meta::{write_meta, VolumeMeta};
 use crate::error::{StoreError, StoreResult};
 
@@ -45,6 +46,10 @@ pub struct Volume {
     /// write path's one atomic load while there are none.
     copies: RwLock<Vec<Arc<CopyJob>>>,
     copying: AtomicUsize,
+    /// An fs volume (its data file holds a filesystem the server mounts and serves file by file).
+    fs: bool,
+    /// The fs volume's mount, from its first OPEN until it is deleted or the server stops.
+    mount: Mutex<Option<Arc<FsMount>>>,
 }
 
 /// How [`Volume::snapshot_to`] made its point-in-time copy.
@@ -131,7 +136,19 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::
 
 impl Volume {
     pub(crate) fn open(name: VolumeName, dir: PathBuf, file: File, meta: VolumeMeta) -> StoreResult<Self> {
+        let fs = match meta.kind.as_str() {
+            super::meta::KIND_BLOCK => false,
+            super::meta::KIND_FS => true,
+            other => {
+                return Err(StoreError::DataDir(format!(
+                    "{}: volume kind {other:?} is not known to this server",
+                    dir.display()
+                )))
+            }
+        };
         Ok(Self {
+            fs,
+            mount: Mutex::new(None),
             name,
             dir,
             file,
@@ -414,7 +431,11 @@ impl Volume {
         let meta = self.lock_meta().clone();
         VolumeInfo {
             name: self.name.clone(),
-            kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+            kind: if self.fs {
+                ferrovol_proto::codec::VOLUME_KIND_FS
+            } else {
+                ferrovol_proto::codec::VOLUME_KIND_BLOCK
+            },
             size: meta.size,
             allocated: self.allocated(),
             created_unix_ms: meta.created_unix_ms,
@@ -423,6 +444,51 @@ impl Volume {
             attached_unix_ms: if meta.owner.is_some() { meta.attached_unix_ms } else { 0 },
             labels: meta.labels.clone(),
         }
+    }
+
+    /// An fs volume (served file by file, never as blocks).
+    pub fn is_fs(&self) -> bool {
+        self.fs
+    }
+
+    /// The fs volume's mount: mounted at the first call (or found mounted, after a restart).
+    pub fn fs_mount(&self) -> StoreResult<Arc<FsMount>> {
+        if !self.fs {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {} is a block volume, not an fs volume",
+                self.name
+            )));
+        }
+        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = &*m {
+            return Ok(m.clone());
+        }
+        let mount = Arc::new(FsMount::mount(&self.dir, &self.dir.join(super::meta::DATA_FILE))?);
+        *m = Some(mount.clone());
+        Ok(mount)
+    }
+
+    /// The fs volume's mount if mounted by this server.
+    pub fn mounted(&self) -> Option<Arc<FsMount>> {
+        self.mount.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Unmounts the fs volume (delete, shutdown). `BUSY` while a request still uses the mount.
+    pub(crate) fn unmount_fs(&self) -> StoreResult<()> {
+        if !self.fs {
+            return Ok(());
+        }
+        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        match m.take().map(Arc::try_unwrap) {
+            Some(Ok(mount)) => mount.unmount()?,
+            Some(Err(shared)) => {
+                *m = Some(shared);
+                return Err(StoreError::Busy(format!("fs volume {} is in use", self.name)));
+            }
+            // Mounted by an earlier server process and not opened since.
+            None => super::fsmount::unmount_dir(&self.dir)?,
+        }
+        Ok(())
     }
 
     pub fn owner(&self) -> Option<String> {
@@ -443,6 +509,12 @@ impl Volume {
         let mut meta = self.lock_meta();
         if new_size == meta.size {
             return Ok(());
+        }
+        if self.fs {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {}: growing an fs volume is not supported yet (its ext4 would need resize2fs)",
+                self.name
+            )));
         }
         if new_size < meta.size {
             return Err(StoreError::InvalidArgument(format!(
@@ -488,6 +560,13 @@ impl Volume {
     /// takeover is `Forbidden`. Checked here, under the metadata lock, so the holder cannot change
     /// between the check and the takeover.
     pub fn attach_set(&self, node: &NodeId, force: bool, admin: bool) -> StoreResult<u64> {
+        if self.fs {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {} is an fs volume: many nodes mount it at once (ferrovol mount), so it has no \
+                 writer attachment",
+                self.name
+            )));
+        }
         let mut meta = self.lock_meta();
         if self.deleting.load(Ordering::Acquire) {
             return Err(StoreError::NotFound(format!("{} (being deleted)", self.name)));

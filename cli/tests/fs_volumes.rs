@@ -1,0 +1,344 @@
+//! fs volumes through the real path: a server that formats and mounts the volume, two `ferrovol
+//! mount`s of it as two nodes (two FUSE mounts on this host), and real file operations on both.
+//! They need root and /dev/fuse (FERROVOL-SKIPPED otherwise, a failure under CI).
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::TestServer;
+use ferrovol_server::testing::privileged;
+
+fn ferrovol(node: &str, server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(args)
+        .env("FERROVOL_SERVER", server)
+        .env("FERROVOL_TOKEN", "tok")
+        .env("FERROVOL_NODE_ID", node)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success(), "succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let canon = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+/// Unmounts (lazily, whatever happened) when the test ends: the client mounts and the server's
+/// own mount of the volume, which a killed in-process server leaves behind.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if is_mounted(p) {
+                let _ = Command::new("umount").arg("-l").arg(p).status();
+            }
+        }
+    }
+}
+
+fn mount(node: &str, server: &str, vol: &str, dir: &Path, extra: &[&str]) {
+    fs::create_dir_all(dir).unwrap();
+    let mut args = vec!["mount", vol, dir.to_str().unwrap(), "--background"];
+    args.extend_from_slice(extra);
+    ok(&ferrovol(node, server, &args));
+    assert!(is_mounted(dir));
+}
+
+fn umount(server: &str, dir: &Path) {
+    ok(&ferrovol("a", server, &["umount", dir.to_str().unwrap()]));
+    for _ in 0..100 {
+        if !is_mounted(dir) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} still mounted after umount", dir.display());
+}
+
+/// Runs `script` with sh as uid/gid 65534 (nobody), no supplementary groups.
+fn as_nobody(script: &str) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let (f, t) = (
+        std::ffi::CString::new(from.as_os_str().as_bytes()).unwrap(),
+        std::ffi::CString::new(to.as_os_str().as_bytes()).unwrap(),
+    );
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: Option<TestServer>,
+    data: PathBuf,
+    addr: String,
+    a: PathBuf,
+    b: PathBuf,
+    cleanup: Cleanup,
+}
+
+/// A server with fs volume `shared`, mounted at `a` (node a) and `b` (node b).
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    ok(&ferrovol("a", &addr, &["volume", "create", "shared", "--size", "256Mi", "--type", "fs"]));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let cleanup = Cleanup(vec![a.clone(), b.clone(), data.join("volumes/shared/mnt")]);
+    mount("a", &addr, "shared", &a, &[]);
+    mount("b", &addr, "shared", &b, &[]);
+    Setup { _dir: dir, server: Some(server), data, addr, a, b, cleanup }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+#[test]
+fn two_nodes_share_an_fs_volume_with_posix_semantics() {
+    if !privileged("two_nodes_share_an_fs_volume_with_posix_semantics", &["mkfs.ext4", "losetup", "setpriv"])
+    {
+        return;
+    }
+    let s = setup();
+    let (a, b) = (&s.a, &s.b);
+
+    // Created on A: visible on B at once; written and closed on A: B's next open reads it.
+    fs::write(a.join("hello.txt"), b"hello from a\n").unwrap();
+    assert_eq!(fs::read(b.join("hello.txt")).unwrap(), b"hello from a\n");
+    fs::write(a.join("hello.txt"), b"changed\n").unwrap();
+    assert_eq!(fs::read(b.join("hello.txt")).unwrap(), b"changed\n");
+
+    // Directories, renames, links, symlinks, attributes.
+    fs::create_dir_all(a.join("d/e")).unwrap();
+    fs::rename(a.join("hello.txt"), a.join("d/e/moved.txt")).unwrap();
+    assert!(!b.join("hello.txt").exists());
+    assert_eq!(fs::read(b.join("d/e/moved.txt")).unwrap(), b"changed\n");
+    fs::hard_link(a.join("d/e/moved.txt"), a.join("d/hard")).unwrap();
+    assert_eq!(fs::metadata(b.join("d/hard")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(b.join("d/hard")).unwrap().ino(),
+        fs::metadata(b.join("d/e/moved.txt")).unwrap().ino()
+    );
+    std::os::unix::fs::symlink("e/moved.txt", a.join("d/link")).unwrap();
+    assert_eq!(fs::read_link(b.join("d/link")).unwrap(), Path::new("e/moved.txt"));
+    assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed\n");
+    fs::set_permissions(a.join("d/hard"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(b.join("d/e/moved.txt")).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(a.join("d/hard"), Some(65534), Some(65534)).unwrap();
+    assert_eq!(fs::metadata(b.join("d/hard")).unwrap().uid(), 65534);
+    let f = fs::OpenOptions::new().write(true).open(a.join("d/hard")).unwrap();
+    f.set_len(10_000).unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(b.join("d/hard")).unwrap().len(), 10_000);
+    ok(&Command::new("touch")
+        .args(["-m", "-d", "2001-02-03 04:05:06 UTC"])
+        .arg(a.join("d/hard"))
+        .output()
+        .unwrap());
+    assert_eq!(fs::metadata(b.join("d/hard")).unwrap().mtime(), 981_173_106);
+    // renameat2 flags go to the server: NOREPLACE refuses an existing target, EXCHANGE swaps.
+    fs::write(a.join("x"), b"x").unwrap();
+    fs::write(a.join("y"), b"y").unwrap();
+    assert_eq!(rename2(&a.join("x"), &a.join("y"), libc::RENAME_NOREPLACE), Err(libc::EEXIST));
+    assert_eq!(rename2(&a.join("x"), &a.join("y"), libc::RENAME_EXCHANGE), Ok(()));
+    assert_eq!(fs::read(b.join("x")).unwrap(), b"y");
+    assert_eq!(fs::read(b.join("y")).unwrap(), b"x");
+
+    // A file open on B keeps its data through a rename and an unlink on A.
+    let data = pattern(1, 3 << 20);
+    fs::write(a.join("big.bin"), &data).unwrap();
+    let mut on_b = fs::File::open(b.join("big.bin")).unwrap();
+    fs::rename(a.join("big.bin"), a.join("big2.bin")).unwrap();
+    fs::remove_file(a.join("big2.bin")).unwrap();
+    assert!(!b.join("big2.bin").exists());
+    let mut back = Vec::new();
+    on_b.read_to_end(&mut back).unwrap();
+    assert!(back == data, "the open file's data changed after a rename and unlink elsewhere");
+    drop(on_b);
+
+    // Many entries: a directory read continues across replies.
+    fs::create_dir(a.join("many")).unwrap();
+    for i in 0..600 {
+        fs::write(a.join(format!("many/f{i:04}")), i.to_string()).unwrap();
+    }
+    let mut names: Vec<String> = fs::read_dir(b.join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 600);
+    assert_eq!(names[599], "f0599");
+    assert_eq!(fs::read_to_string(b.join("many/f0321")).unwrap(), "321");
+
+    // Writes at offsets, fsync, and a read back through the other node.
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(a.join("rw.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&pattern(2, 100_000)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let back = fs::read(b.join("rw.bin")).unwrap();
+    assert_eq!(back.len(), (1 << 20) + 100_000);
+    assert!(back[..1 << 20].iter().all(|x| *x == 0));
+    assert!(back[1 << 20..] == pattern(2, 100_000)[..]);
+
+    // Credentials: each operation runs as its caller on the server.
+    fs::create_dir(a.join("pub")).unwrap();
+    fs::set_permissions(a.join("pub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = as_nobody(&format!("echo mine > {0}/pub/n && cat {0}/pub/n", b.display()));
+    assert_eq!(ok(&out), "mine\n");
+    assert_eq!(fs::metadata(a.join("pub/n")).unwrap().uid(), 65534);
+    let err =
+        String::from_utf8_lossy(&as_nobody(&format!("echo x > {}/nope", b.display())).stderr).into_owned();
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!a.join("nope").exists());
+    // Sticky directory: nobody cannot remove root's file in it.
+    fs::write(a.join("pub/roots"), b"r").unwrap();
+    let err =
+        String::from_utf8_lossy(&as_nobody(&format!("rm -f {}/pub/roots", b.display())).stderr).into_owned();
+    assert!(err.contains("Operation not permitted") || err.contains("Permission denied"), "{err}");
+    assert!(a.join("pub/roots").exists());
+    // A setgid directory gives new files its group.
+    fs::create_dir(a.join("sg")).unwrap();
+    std::os::unix::fs::chown(a.join("sg"), None, Some(4242)).unwrap();
+    fs::set_permissions(a.join("sg"), fs::Permissions::from_mode(0o2777)).unwrap();
+    ok(&as_nobody(&format!("touch {}/sg/f", b.display())));
+    assert_eq!(fs::metadata(a.join("sg/f")).unwrap().gid(), 4242);
+
+    // Removal, and statfs of the volume's filesystem.
+    fs::remove_dir_all(a.join("d")).unwrap();
+    assert!(!b.join("d").exists());
+    let df = ok(&Command::new("df").arg("-k").arg(b).output().unwrap());
+    assert!(df.contains("ferrovol:shared"), "{df}");
+
+    // A read-only mount refuses changes.
+    let ro = s._dir.path().join("ro");
+    mount("c", &s.addr, "shared", &ro, &["--read-only"]);
+    let mut cleanup = Cleanup(vec![ro.clone()]);
+    assert_eq!(fs::read_to_string(ro.join("many/f0001")).unwrap(), "1");
+    let e = fs::write(ro.join("nope"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    umount(&s.addr, &ro);
+    cleanup.0.clear();
+
+    // Block operations on an fs volume, and mount of a block volume, are refused clearly.
+    let out = ferrovol("a", &s.addr, &["mount", "shared", a.to_str().unwrap()]);
+    assert!(fails(&out).contains("already a mount point"));
+    ok(&ferrovol("a", &s.addr, &["volume", "create", "blk", "--size", "16Mi"]));
+    let dir = s._dir.path().join("blk");
+    fs::create_dir(&dir).unwrap();
+    let err = fails(&ferrovol("a", &s.addr, &["mount", "blk", dir.to_str().unwrap()]));
+    assert!(err.contains("is a block volume"), "{err}");
+    let img = s._dir.path().join("img");
+    fs::write(&img, b"").unwrap();
+    let err = fails(&ferrovol("a", &s.addr, &["attach", "shared", img.to_str().unwrap()]));
+    assert!(err.contains("fs volume"), "{err}");
+
+    // Delete is refused while mounted; after the unmounts it works, and takes the server's mount.
+    let err = fails(&ferrovol("a", &s.addr, &["volume", "delete", "shared"]));
+    assert!(err.contains("open"), "{err}");
+    umount(&s.addr, a);
+    umount(&s.addr, b);
+    let server_mount = s.data.join("volumes/shared/mnt");
+    for _ in 0..100 {
+        if ferrovol("a", &s.addr, &["volume", "delete", "shared"]).status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&server_mount), "the server's mount outlived the delete");
+    assert!(!ok(&ferrovol("a", &s.addr, &["volume", "list"])).contains("shared"));
+    drop(s.cleanup);
+}
+
+#[test]
+fn an_fs_volume_outlives_a_server_crash_without_a_remount() {
+    if !privileged("an_fs_volume_outlives_a_server_crash_without_a_remount", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let mut s = setup();
+    let (a, b) = (s.a.clone(), s.b.clone());
+    // Fsynced before the crash, and a file left open across it.
+    let durable = pattern(3, 1 << 20);
+    let mut f = fs::File::create(a.join("durable.bin")).unwrap();
+    f.write_all(&durable).unwrap();
+    f.sync_all().unwrap();
+    let mut open =
+        fs::OpenOptions::new().create(true).truncate(true).write(true).open(a.join("open.log")).unwrap();
+    open.write_all(b"before\n").unwrap();
+
+    // kill -9 of the server (its runtime dropped: connections cut, nothing answered); the kernel
+    // keeps its mount of the volume, which the restarted server takes over.
+    let addr = s.addr.clone();
+    s.server.take().unwrap().kill();
+    let server_mount = s.data.join("volumes/shared/mnt");
+    assert!(is_mounted(&server_mount), "the kernel dropped the server's mount");
+    let server = TestServer::start(&s.data, &addr);
+
+    // Both mounts go on without a remount: the open file keeps writing (the server opens it
+    // again by its handle), names resolve, new files appear on the other node.
+    open.write_all(b"after\n").unwrap();
+    open.sync_all().unwrap();
+    drop(open);
+    assert_eq!(fs::read_to_string(b.join("open.log")).unwrap(), "before\nafter\n");
+    assert!(fs::read(b.join("durable.bin")).unwrap() == durable);
+    fs::write(b.join("new.txt"), b"new").unwrap();
+    assert_eq!(fs::read(a.join("new.txt")).unwrap(), b"new");
+    drop(f);
+    drop(server);
+    drop(s.cleanup);
+}

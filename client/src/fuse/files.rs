@@ -1,0 +1,550 @@
+//! The fs-volume filesystem on fuser: each kernel request becomes one FS request to the server,
+//! answered from a task on the tokio runtime (fuser replies are `Send`), so many are in flight.
+//!
+//! The kernel's inode numbers *are* the server's nodes (its filesystem's file handles, stable
+//! across server restarts), so this side keeps no inode table: a restarted client, or a server
+//! restart, leaves nothing to rebuild. Permissions are checked twice: by the kernel here
+//! (`default_permissions`, on the attributes it has) and by the server, which runs every operation
+//! with the caller's uid, gid and groups.
+//!
+//! Coherence: close-to-open (every open revalidates, and with FUSE_AUTO_INVAL_DATA a changed mtime
+//! drops cached pages), with attribute and entry caches of `attr_ttl` / `entry_ttl` (0 by default:
+//! every lookup asks the server, so a change on another node is seen at once).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferrovol_proto::fs::*;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use tracing::debug;
+
+use crate::{ClientError, Volume};
+
+/// Largest READ / WRITE the kernel sends.
+pub const FS_MAX_WRITE: u32 = 1 << 20;
+
+/// Cache lifetimes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ttls {
+    pub attr: Duration,
+    pub entry: Duration,
+}
+
+/// An fs volume as a directory tree.
+#[derive(Debug)]
+pub struct FsFiles {
+    vol: Volume,
+    rt: tokio::runtime::Handle,
+    ttl: Ttls,
+}
+
+impl FsFiles {
+    pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls) -> Self {
+        Self { vol, rt, ttl }
+    }
+
+    /// Sends `op` on `node` as the caller of `req` and hands the reply (or the error) to `done`.
+    fn call(
+        &self,
+        req: &Request,
+        groups: bool,
+        node: INodeNo,
+        op: FsOp,
+        done: impl FnOnce(Result<FsReply, Errno>) + Send + 'static,
+    ) {
+        let creds = creds_of(req, groups);
+        let vol = self.vol.clone();
+        self.rt.spawn(async move {
+            let opcode = op.opcode();
+            let r = vol.fs(node.0, creds, op).await.map_err(|e| {
+                let errno = errno_of(&e);
+                if errno == libc::EIO {
+                    tracing::warn!(%opcode, error = %e, "file operation failed");
+                } else {
+                    debug!(%opcode, error = %e, "file operation refused");
+                }
+                Errno::from_i32(errno)
+            });
+            done(r);
+        });
+    }
+
+    fn entry(&self, req: &Request, parent: INodeNo, op: FsOp, reply: ReplyEntry) {
+        let ttl = self.ttl;
+        self.call(req, true, parent, op, move |r| match r {
+            Ok(FsReply::Entry(a)) => reply.entry(&ttl.entry, &file_attr(&a), Generation(0)),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn empty(&self, req: &Request, node: INodeNo, op: FsOp, reply: ReplyEmpty) {
+        self.call(req, true, node, op, move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+}
+
+/// The errno an application gets for a failed request.
+pub fn errno_of(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Errno { errno, .. } => i32::try_from(*errno).unwrap_or(libc::EIO),
+        other => super::errno_code(other),
+    }
+}
+
+/// The caller's credentials; its supplementary groups from /proc when they matter (reads and
+/// writes were checked at open).
+fn creds_of(req: &Request, groups: bool) -> Creds {
+    Creds { uid: req.uid(), gid: req.gid(), groups: if groups { groups_of(req.pid()) } else { Vec::new() } }
+}
+
+fn groups_of(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).take(FS_GROUPS_MAX).collect())
+        .unwrap_or_default()
+}
+
+fn time((s, ns): (i64, u32)) -> SystemTime {
+    if s >= 0 {
+        UNIX_EPOCH + Duration::new(s as u64, ns)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(u64::from(ns))
+    }
+}
+
+fn wire_time(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (s, ns) = (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos());
+            if ns == 0 {
+                (-s, 0)
+            } else {
+                (-s - 1, 1_000_000_000 - ns)
+            }
+        }
+    }
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.node),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.ctime),
+        kind: kind(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn name(n: &OsStr) -> Result<FsName, Errno> {
+    if n.len() > FS_NAME_LEN_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    match FsName::new(Bytes::copy_from_slice(n.as_bytes())) {
+        Ok(n) if !n.is_dot() => Ok(n),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+impl Filesystem for FsFiles {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(FS_MAX_WRITE);
+        let _ = config.set_max_readahead(FS_MAX_WRITE);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_AUTO_INVAL_DATA
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_ATOMIC_O_TRUNC
+                | InitFlags::FUSE_ASYNC_DIO,
+        );
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        match name(n) {
+            Ok(name) => self.entry(req, parent, FsOp::Lookup { name }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
+        self.call(req, false, ino, FsOp::Getattr, move |r| match r {
+            Ok(FsReply::Attr(a)) => reply.attr(&ttl.attr, &file_attr(&a)),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut s = SetAttr { fh: fh.map_or(0, |f| f.0), ..SetAttr::default() };
+        if let Some(m) = mode {
+            s.valid |= SETATTR_MODE;
+            s.mode = m;
+        }
+        if let Some(u) = uid {
+            s.valid |= SETATTR_UID;
+            s.uid = u;
+        }
+        if let Some(g) = gid {
+            s.valid |= SETATTR_GID;
+            s.gid = g;
+        }
+        if let Some(n) = size {
+            s.valid |= SETATTR_SIZE;
+            s.size = n;
+        }
+        match atime {
+            Some(TimeOrNow::Now) => s.valid |= SETATTR_ATIME | SETATTR_ATIME_NOW,
+            Some(TimeOrNow::SpecificTime(t)) => {
+                s.valid |= SETATTR_ATIME;
+                s.atime = wire_time(t);
+            }
+            None => {}
+        }
+        match mtime {
+            Some(TimeOrNow::Now) => s.valid |= SETATTR_MTIME | SETATTR_MTIME_NOW,
+            Some(TimeOrNow::SpecificTime(t)) => {
+                s.valid |= SETATTR_MTIME;
+                s.mtime = wire_time(t);
+            }
+            None => {}
+        }
+        let ttl = self.ttl;
+        self.call(req, true, ino, FsOp::Setattr(s), move |r| match r {
+            Ok(FsReply::Attr(a)) => reply.attr(&ttl.attr, &file_attr(&a)),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.call(req, false, ino, FsOp::Readlink, move |r| match r {
+            Ok(FsReply::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match name(n) {
+            Ok(name) => self.entry(req, parent, FsOp::Mknod { name, mode, umask, rdev }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        match name(n) {
+            Ok(name) => self.entry(req, parent, FsOp::Mkdir { name, mode, umask }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match name(n) {
+            Ok(name) => self.empty(req, parent, FsOp::Unlink { name }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match name(n) {
+            Ok(name) => self.empty(req, parent, FsOp::Rmdir { name }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link: &OsStr, target: &Path, reply: ReplyEntry) {
+        let t = target.as_os_str().as_bytes();
+        if t.is_empty() || t.len() > FS_SYMLINK_LEN_MAX {
+            return reply.error(Errno::ENAMETOOLONG);
+        }
+        match name(link) {
+            Ok(name) => {
+                self.entry(req, parent, FsOp::Symlink { name, target: Bytes::copy_from_slice(t) }, reply)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        new_parent: INodeNo,
+        new_n: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, new_name) = match (name(n), name(new_n)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let flags = flags.bits();
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
+            // RENAME_WHITEOUT is for overlay filesystems.
+            return reply.error(Errno::EINVAL);
+        }
+        self.empty(req, parent, FsOp::Rename { name, new_parent: new_parent.0, new_name, flags }, reply);
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, new_parent: INodeNo, new_n: &OsStr, reply: ReplyEntry) {
+        match name(new_n) {
+            Ok(new_name) => self.entry(req, ino, FsOp::Link { new_parent: new_parent.0, new_name }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let flags = flags.0 as u32;
+        self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
+            Ok(FsReply::Opened { fh }) => reply.opened(FileHandle(fh), open_flags(flags)),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let op = FsOp::Read { fh: fh.0, flags: flags.0 as u32, offset, len: size.min(FS_MAX_WRITE) };
+        self.call(req, false, ino, op, move |r| match r {
+            // Written to /dev/fuse straight from the received buffer.
+            Ok(FsReply::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // fuser lends the buffer only for this call: one copy (the block file's own session has none).
+        let op = FsOp::Write { fh: fh.0, flags: flags.0 as u32, offset, data: Bytes::copy_from_slice(data) };
+        self.call(req, false, ino, op, move |r| match r {
+            Ok(FsReply::Written(n)) => reply.written(n),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Every write was answered by the server: at close, it is all there (close-to-open).
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.call(req, false, ino, FsOp::Release { fh: fh.0 }, move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.call(req, false, ino, FsOp::Fsync { fh: fh.0, flags: 0, datasync }, move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory changes are made by the server's filesystem; its journal commits them.
+        reply.ok();
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let op = FsOp::Readdir { cookie: offset, max_entries: FS_READDIR_ENTRIES_MAX };
+        self.call(req, true, ino, op, move |r| match r {
+            Ok(FsReply::Dir { entries, .. }) => {
+                for e in entries {
+                    if reply.add(
+                        INodeNo(e.attr.node),
+                        e.cookie,
+                        kind(e.attr.mode),
+                        OsStr::from_bytes(e.name.as_bytes()),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let op = FsOp::Readdir { cookie: offset, max_entries: 64 };
+        let ttl = self.ttl;
+        self.call(req, true, ino, op, move |r| match r {
+            Ok(FsReply::Dir { entries, .. }) => {
+                for e in entries {
+                    let name = OsStr::from_bytes(e.name.as_bytes());
+                    if reply.add(
+                        INodeNo(e.attr.node),
+                        e.cookie,
+                        name,
+                        &ttl.entry,
+                        &file_attr(&e.attr),
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.call(req, false, ino, FsOp::Statfs, move |r| match r {
+            Ok(FsReply::Statfs(s)) => {
+                reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize)
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name(n) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let ttl = self.ttl;
+        let flags = flags as u32;
+        self.call(req, true, parent, FsOp::Create { name, flags, mode, umask }, move |r| match r {
+            Ok(FsReply::Created { attr, fh }) => {
+                reply.created(&ttl.entry, &file_attr(&attr), Generation(0), FileHandle(fh), open_flags(flags))
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+}
+
+/// How the kernel treats an open file: O_DIRECT opens bypass its page cache.
+fn open_flags(flags: u32) -> FopenFlags {
+    if flags as i32 & libc::O_DIRECT != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}

@@ -1,0 +1,742 @@
+//! File operations on fs volumes: the payloads of the `FS_*` opcodes (see PROTOCOL.md, "File
+//! operations").
+//!
+//! Every FS request addresses an fs volume OPENed on the connection (header `handle`) and one of its
+//! inodes (`node`, first in the payload), and carries the caller's credentials. A node is the
+//! server filesystem's own file handle packed in a u64 (ext4: inode number and generation), so it
+//! stays the same across server restarts and a client needs no table of its own; the root
+//! directory is always [`NODE_ROOT`]. Names are bytes (not necessarily UTF-8), one path component.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::{PayloadError, Reader};
+use crate::limits::LIST_ENTRIES_MAX;
+use crate::opcode::Opcode;
+
+/// The root directory of every fs volume.
+pub const NODE_ROOT: u64 = 1;
+/// One path component.
+pub const FS_NAME_LEN_MAX: usize = 255;
+/// A symlink's target.
+pub const FS_SYMLINK_LEN_MAX: usize = 4095;
+/// Supplementary groups carried per request (more are cut: the first ones count).
+pub const FS_GROUPS_MAX: usize = 32;
+/// Entries in one READDIR reply.
+pub const FS_READDIR_ENTRIES_MAX: u32 = LIST_ENTRIES_MAX;
+
+/// SETATTR `valid` bits: which fields to set.
+pub const SETATTR_MODE: u32 = 1 << 0;
+pub const SETATTR_UID: u32 = 1 << 1;
+pub const SETATTR_GID: u32 = 1 << 2;
+pub const SETATTR_SIZE: u32 = 1 << 3;
+pub const SETATTR_ATIME: u32 = 1 << 4;
+pub const SETATTR_MTIME: u32 = 1 << 5;
+/// With `SETATTR_ATIME` / `SETATTR_MTIME`: the server's current time (utimensat UTIME_NOW).
+pub const SETATTR_ATIME_NOW: u32 = 1 << 6;
+pub const SETATTR_MTIME_NOW: u32 = 1 << 7;
+const SETATTR_KNOWN: u32 = (1 << 8) - 1;
+
+/// RENAME flags (the values of renameat2).
+pub const RENAME_NOREPLACE: u32 = 1 << 0;
+pub const RENAME_EXCHANGE: u32 = 1 << 1;
+
+/// Who asks: the operation runs with these credentials on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// A validated name: 1..=255 bytes, no `/` or NUL. Requests refuse `.` and `..` too (READDIR
+/// replies carry them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FsName(Bytes);
+
+impl FsName {
+    pub fn new(b: impl Into<Bytes>) -> Result<Self, PayloadError> {
+        let b = b.into();
+        if b.is_empty() || b.len() > FS_NAME_LEN_MAX {
+            return Err(PayloadError::Invalid("a name is 1 to 255 bytes"));
+        }
+        if b.contains(&b'/') || b.contains(&0) {
+            return Err(PayloadError::Invalid("a name holds no '/' and no NUL"));
+        }
+        Ok(Self(b))
+    }
+
+    /// `.` or `..`.
+    pub fn is_dot(&self) -> bool {
+        &self.0[..] == b"." || &self.0[..] == b".."
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What SETATTR changes (`valid` says which fields count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SetAttr {
+    pub valid: u32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: (i64, u32),
+    pub mtime: (i64, u32),
+    /// The open file the change comes through (ftruncate), 0 if none: lets the server truncate a
+    /// file its caller opened for writing although its mode no longer allows writes.
+    pub fh: u64,
+}
+
+/// One FS operation and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsOp {
+    Lookup {
+        name: FsName,
+    },
+    Getattr,
+    Setattr(SetAttr),
+    /// Entries after `cookie` (0: from the start), with their attributes (readdirplus).
+    Readdir {
+        cookie: u64,
+        max_entries: u32,
+    },
+    Mkdir {
+        name: FsName,
+        mode: u32,
+        umask: u32,
+    },
+    Mknod {
+        name: FsName,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    },
+    /// Creates (O_CREAT, with the open `flags`) and opens.
+    Create {
+        name: FsName,
+        flags: u32,
+        mode: u32,
+        umask: u32,
+    },
+    Open {
+        flags: u32,
+    },
+    /// `flags`: the open flags of `fh`, for the server to open the file again after a restart.
+    Read {
+        fh: u64,
+        flags: u32,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        fh: u64,
+        flags: u32,
+        offset: u64,
+        data: Bytes,
+    },
+    Release {
+        fh: u64,
+    },
+    Fsync {
+        fh: u64,
+        flags: u32,
+        datasync: bool,
+    },
+    Unlink {
+        name: FsName,
+    },
+    Rmdir {
+        name: FsName,
+    },
+    Rename {
+        name: FsName,
+        new_parent: u64,
+        new_name: FsName,
+        flags: u32,
+    },
+    /// A new name in `new_parent` for `node`.
+    Link {
+        new_parent: u64,
+        new_name: FsName,
+    },
+    Symlink {
+        name: FsName,
+        target: Bytes,
+    },
+    Readlink,
+    Statfs,
+}
+
+impl FsOp {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            FsOp::Lookup { .. } => Opcode::FsLookup,
+            FsOp::Getattr => Opcode::FsGetattr,
+            FsOp::Setattr(_) => Opcode::FsSetattr,
+            FsOp::Readdir { .. } => Opcode::FsReaddir,
+            FsOp::Mkdir { .. } => Opcode::FsMkdir,
+            FsOp::Mknod { .. } => Opcode::FsMknod,
+            FsOp::Create { .. } => Opcode::FsCreate,
+            FsOp::Open { .. } => Opcode::FsOpen,
+            FsOp::Read { .. } => Opcode::FsRead,
+            FsOp::Write { .. } => Opcode::FsWrite,
+            FsOp::Release { .. } => Opcode::FsRelease,
+            FsOp::Fsync { .. } => Opcode::FsFsync,
+            FsOp::Unlink { .. } => Opcode::FsUnlink,
+            FsOp::Rmdir { .. } => Opcode::FsRmdir,
+            FsOp::Rename { .. } => Opcode::FsRename,
+            FsOp::Link { .. } => Opcode::FsLink,
+            FsOp::Symlink { .. } => Opcode::FsSymlink,
+            FsOp::Readlink => Opcode::FsReadlink,
+            FsOp::Statfs => Opcode::FsStatfs,
+        }
+    }
+
+    /// Payload bytes this operation puts in flight (READ length, WRITE data).
+    pub fn data_len(&self) -> u32 {
+        match self {
+            FsOp::Read { len, .. } => *len,
+            FsOp::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
+            _ => 0,
+        }
+    }
+}
+
+/// Attributes of an inode (a `stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attr {
+    pub node: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: (i64, u32),
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    /// Type and permission bits, as in st_mode.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// Encoded size of an [`Attr`].
+pub const ATTR_LEN: usize = 8 * 3 + 12 * 3 + 4 * 6;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Where the next READDIR starts to continue after this entry.
+    pub cookie: u64,
+    pub name: FsName,
+    pub attr: Attr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsStat {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// The answer to an FS operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsReply {
+    /// LOOKUP, MKDIR, MKNOD, LINK, SYMLINK: the inode (its node is in the attributes).
+    Entry(Attr),
+    /// GETATTR, SETATTR.
+    Attr(Attr),
+    /// CREATE.
+    Created {
+        attr: Attr,
+        fh: u64,
+    },
+    /// OPEN.
+    Opened {
+        fh: u64,
+    },
+    Dir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
+    /// WRITE: bytes written.
+    Written(u32),
+    Statfs(FsStat),
+    /// READ, READLINK.
+    Data(Bytes),
+    /// RELEASE, FSYNC, UNLINK, RMDIR, RENAME.
+    Done,
+}
+
+fn put_time(p: &mut BytesMut, (s, ns): (i64, u32)) {
+    p.put_i64_le(s);
+    p.put_u32_le(ns);
+}
+
+fn get_time(r: &mut Reader<'_>) -> Result<(i64, u32), PayloadError> {
+    let s = r.u64()? as i64;
+    let ns = r.u32()?;
+    if ns >= 1_000_000_000 {
+        return Err(PayloadError::Invalid("nanoseconds out of range"));
+    }
+    Ok((s, ns))
+}
+
+fn put_name(p: &mut BytesMut, n: &FsName) {
+    // At most 255 bytes (checked by FsName::new).
+    p.put_u8(u8::try_from(n.0.len()).unwrap_or(u8::MAX));
+    p.put_slice(&n.0[..n.0.len().min(255)]);
+}
+
+/// A name in a request: never `.` or `..`.
+fn get_name(r: &mut Reader<'_>) -> Result<FsName, PayloadError> {
+    let n = get_entry_name(r)?;
+    if n.is_dot() {
+        return Err(PayloadError::Invalid("a name is not '.' or '..'"));
+    }
+    Ok(n)
+}
+
+fn get_entry_name(r: &mut Reader<'_>) -> Result<FsName, PayloadError> {
+    let len = usize::from(r.u8()?);
+    FsName::new(Bytes::copy_from_slice(r.take(len)?))
+}
+
+pub fn put_attr(p: &mut BytesMut, a: &Attr) {
+    p.put_u64_le(a.node);
+    p.put_u64_le(a.size);
+    p.put_u64_le(a.blocks);
+    put_time(p, a.atime);
+    put_time(p, a.mtime);
+    put_time(p, a.ctime);
+    p.put_u32_le(a.mode);
+    p.put_u32_le(a.nlink);
+    p.put_u32_le(a.uid);
+    p.put_u32_le(a.gid);
+    p.put_u32_le(a.rdev);
+    p.put_u32_le(a.blksize);
+}
+
+fn get_attr(r: &mut Reader<'_>) -> Result<Attr, PayloadError> {
+    Ok(Attr {
+        node: r.u64()?,
+        size: r.u64()?,
+        blocks: r.u64()?,
+        atime: get_time(r)?,
+        mtime: get_time(r)?,
+        ctime: get_time(r)?,
+        mode: r.u32()?,
+        nlink: r.u32()?,
+        uid: r.u32()?,
+        gid: r.u32()?,
+        rdev: r.u32()?,
+        blksize: r.u32()?,
+    })
+}
+
+/// The payload before the data of an FS request: node, credentials, then the operation's fields.
+/// For WRITE the data follows (sent as a second slice, never copied); READ and WRITE carry their
+/// offset and length in the header.
+pub(crate) fn encode_request(node: u64, creds: &Creds, op: &FsOp) -> BytesMut {
+    let mut p = BytesMut::with_capacity(64);
+    p.put_u64_le(node);
+    p.put_u32_le(creds.uid);
+    p.put_u32_le(creds.gid);
+    let groups = &creds.groups[..creds.groups.len().min(FS_GROUPS_MAX)];
+    p.put_u8(u8::try_from(groups.len()).unwrap_or(0));
+    for g in groups {
+        p.put_u32_le(*g);
+    }
+    match op {
+        FsOp::Lookup { name } | FsOp::Unlink { name } | FsOp::Rmdir { name } => put_name(&mut p, name),
+        FsOp::Getattr | FsOp::Readlink | FsOp::Statfs => {}
+        FsOp::Setattr(s) => {
+            p.put_u32_le(s.valid);
+            p.put_u32_le(s.mode);
+            p.put_u32_le(s.uid);
+            p.put_u32_le(s.gid);
+            p.put_u64_le(s.size);
+            put_time(&mut p, s.atime);
+            put_time(&mut p, s.mtime);
+            p.put_u64_le(s.fh);
+        }
+        FsOp::Readdir { cookie, max_entries } => {
+            p.put_u64_le(*cookie);
+            p.put_u32_le(*max_entries);
+        }
+        FsOp::Mkdir { name, mode, umask } => {
+            p.put_u32_le(*mode);
+            p.put_u32_le(*umask);
+            put_name(&mut p, name);
+        }
+        FsOp::Mknod { name, mode, umask, rdev } => {
+            p.put_u32_le(*mode);
+            p.put_u32_le(*umask);
+            p.put_u32_le(*rdev);
+            put_name(&mut p, name);
+        }
+        FsOp::Create { name, flags, mode, umask } => {
+            p.put_u32_le(*flags);
+            p.put_u32_le(*mode);
+            p.put_u32_le(*umask);
+            put_name(&mut p, name);
+        }
+        FsOp::Open { flags } => p.put_u32_le(*flags),
+        FsOp::Read { fh, flags, .. } | FsOp::Write { fh, flags, .. } => {
+            p.put_u64_le(*fh);
+            p.put_u32_le(*flags);
+        }
+        FsOp::Release { fh } => p.put_u64_le(*fh),
+        FsOp::Fsync { fh, flags, datasync } => {
+            p.put_u64_le(*fh);
+            p.put_u32_le(*flags);
+            p.put_u8(u8::from(*datasync));
+        }
+        FsOp::Rename { name, new_parent, new_name, flags } => {
+            p.put_u32_le(*flags);
+            p.put_u64_le(*new_parent);
+            put_name(&mut p, name);
+            put_name(&mut p, new_name);
+        }
+        FsOp::Link { new_parent, new_name } => {
+            p.put_u64_le(*new_parent);
+            put_name(&mut p, new_name);
+        }
+        FsOp::Symlink { name, target } => {
+            put_name(&mut p, name);
+            p.put_u16_le(u16::try_from(target.len()).unwrap_or(u16::MAX));
+            p.put_slice(target);
+        }
+    }
+    p
+}
+
+/// Parses an FS request payload. `offset`/`length` come from the header; `payload` is the whole
+/// payload (a WRITE's data is split off it, not copied). The reader is left at the end.
+pub(crate) fn parse_request(
+    op: Opcode,
+    offset: u64,
+    length: u32,
+    payload: &Bytes,
+    r: &mut Reader<'_>,
+) -> Result<(u64, Creds, FsOp), PayloadError> {
+    let node = r.u64()?;
+    if node == 0 {
+        return Err(PayloadError::Invalid("node 0 does not exist"));
+    }
+    let uid = r.u32()?;
+    let gid = r.u32()?;
+    let n = usize::from(r.u8()?);
+    if n > FS_GROUPS_MAX {
+        return Err(PayloadError::TooLong { len: n, max: FS_GROUPS_MAX });
+    }
+    let mut groups = Vec::with_capacity(n);
+    for _ in 0..n {
+        groups.push(r.u32()?);
+    }
+    let creds = Creds { uid, gid, groups };
+    let fsop = match op {
+        Opcode::FsLookup => FsOp::Lookup { name: get_name(r)? },
+        Opcode::FsUnlink => FsOp::Unlink { name: get_name(r)? },
+        Opcode::FsRmdir => FsOp::Rmdir { name: get_name(r)? },
+        Opcode::FsGetattr => FsOp::Getattr,
+        Opcode::FsReadlink => FsOp::Readlink,
+        Opcode::FsStatfs => FsOp::Statfs,
+        Opcode::FsSetattr => {
+            let s = SetAttr {
+                valid: r.u32()?,
+                mode: r.u32()?,
+                uid: r.u32()?,
+                gid: r.u32()?,
+                size: r.u64()?,
+                atime: get_time(r)?,
+                mtime: get_time(r)?,
+                fh: r.u64()?,
+            };
+            if s.valid & !SETATTR_KNOWN != 0 {
+                return Err(PayloadError::Invalid("unknown SETATTR bits"));
+            }
+            FsOp::Setattr(s)
+        }
+        Opcode::FsReaddir => {
+            let cookie = r.u64()?;
+            let max_entries = r.u32()?;
+            if max_entries == 0 || max_entries > FS_READDIR_ENTRIES_MAX {
+                return Err(PayloadError::Invalid("max_entries must be 1..=256"));
+            }
+            FsOp::Readdir { cookie, max_entries }
+        }
+        Opcode::FsMkdir => {
+            let (mode, umask) = (r.u32()?, r.u32()?);
+            FsOp::Mkdir { mode, umask, name: get_name(r)? }
+        }
+        Opcode::FsMknod => {
+            let (mode, umask, rdev) = (r.u32()?, r.u32()?, r.u32()?);
+            FsOp::Mknod { mode, umask, rdev, name: get_name(r)? }
+        }
+        Opcode::FsCreate => {
+            let (flags, mode, umask) = (r.u32()?, r.u32()?, r.u32()?);
+            FsOp::Create { flags, mode, umask, name: get_name(r)? }
+        }
+        Opcode::FsOpen => FsOp::Open { flags: r.u32()? },
+        Opcode::FsRead => {
+            let (fh, flags) = (r.u64()?, r.u32()?);
+            if length > crate::limits::READ_LEN_MAX {
+                return Err(PayloadError::TooLong {
+                    len: length as usize,
+                    max: crate::limits::READ_LEN_MAX as usize,
+                });
+            }
+            FsOp::Read { fh, flags, offset, len: length }
+        }
+        Opcode::FsWrite => {
+            let (fh, flags) = (r.u64()?, r.u32()?);
+            let rest = r.remaining();
+            if rest != length as usize {
+                return Err(PayloadError::Invalid("FS_WRITE length differs from its data"));
+            }
+            let data = payload.slice(payload.len() - rest..);
+            r.take(rest)?;
+            FsOp::Write { fh, flags, offset, data }
+        }
+        Opcode::FsRelease => FsOp::Release { fh: r.u64()? },
+        Opcode::FsFsync => {
+            let (fh, flags) = (r.u64()?, r.u32()?);
+            let datasync = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(PayloadError::Invalid("datasync is 0 or 1")),
+            };
+            FsOp::Fsync { fh, flags, datasync }
+        }
+        Opcode::FsRename => {
+            let flags = r.u32()?;
+            if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+                || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+            {
+                return Err(PayloadError::Invalid("RENAME flags: NOREPLACE or EXCHANGE, not both"));
+            }
+            let new_parent = r.u64()?;
+            FsOp::Rename { flags, new_parent, name: get_name(r)?, new_name: get_name(r)? }
+        }
+        Opcode::FsLink => FsOp::Link { new_parent: r.u64()?, new_name: get_name(r)? },
+        Opcode::FsSymlink => {
+            let name = get_name(r)?;
+            let len = usize::from(r.u16()?);
+            if len == 0 || len > FS_SYMLINK_LEN_MAX {
+                return Err(PayloadError::Invalid("a symlink target is 1 to 4095 bytes"));
+            }
+            let target = Bytes::copy_from_slice(r.take(len)?);
+            if target.contains(&0) {
+                return Err(PayloadError::Invalid("a symlink target holds no NUL"));
+            }
+            FsOp::Symlink { name, target }
+        }
+        _ => return Err(PayloadError::Invalid("not an FS opcode")),
+    };
+    if !matches!(op, Opcode::FsRead | Opcode::FsWrite) && (offset != 0 || length != 0) {
+        return Err(PayloadError::Invalid("unused header fields must be zero"));
+    }
+    Ok((node, creds, fsop))
+}
+
+pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
+    match reply {
+        FsReply::Entry(a) | FsReply::Attr(a) => put_attr(p, a),
+        FsReply::Created { attr, fh } => {
+            put_attr(p, attr);
+            p.put_u64_le(*fh);
+        }
+        FsReply::Opened { fh } => p.put_u64_le(*fh),
+        FsReply::Dir { entries, eof } => {
+            p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+            p.put_u8(u8::from(*eof));
+            for e in entries {
+                p.put_u64_le(e.cookie);
+                put_name(p, &e.name);
+                put_attr(p, &e.attr);
+            }
+        }
+        FsReply::Written(n) => p.put_u32_le(*n),
+        FsReply::Statfs(s) => {
+            p.put_u64_le(s.blocks);
+            p.put_u64_le(s.bfree);
+            p.put_u64_le(s.bavail);
+            p.put_u64_le(s.files);
+            p.put_u64_le(s.ffree);
+            p.put_u32_le(s.bsize);
+            p.put_u32_le(s.namelen);
+            p.put_u32_le(s.frsize);
+        }
+        // The payload itself (READ data: the buffer pread filled, no copy).
+        FsReply::Data(d) => return Some(d.clone()),
+        FsReply::Done => {}
+    }
+    None
+}
+
+pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Result<FsReply, PayloadError> {
+    Ok(match op {
+        Opcode::FsLookup | Opcode::FsMkdir | Opcode::FsMknod | Opcode::FsLink | Opcode::FsSymlink => {
+            FsReply::Entry(get_attr(r)?)
+        }
+        Opcode::FsGetattr | Opcode::FsSetattr => FsReply::Attr(get_attr(r)?),
+        Opcode::FsCreate => FsReply::Created { attr: get_attr(r)?, fh: r.u64()? },
+        Opcode::FsOpen => FsReply::Opened { fh: r.u64()? },
+        Opcode::FsReaddir => {
+            let n = r.u32()?;
+            if n > FS_READDIR_ENTRIES_MAX {
+                return Err(PayloadError::Invalid("too many directory entries"));
+            }
+            let eof = r.u8()? != 0;
+            let mut entries = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                entries.push(DirEntry { cookie: r.u64()?, name: get_entry_name(r)?, attr: get_attr(r)? });
+            }
+            FsReply::Dir { entries, eof }
+        }
+        Opcode::FsWrite => FsReply::Written(r.u32()?),
+        Opcode::FsStatfs => FsReply::Statfs(FsStat {
+            blocks: r.u64()?,
+            bfree: r.u64()?,
+            bavail: r.u64()?,
+            files: r.u64()?,
+            ffree: r.u64()?,
+            bsize: r.u32()?,
+            namelen: r.u32()?,
+            frsize: r.u32()?,
+        }),
+        Opcode::FsRead | Opcode::FsReadlink => {
+            r.take(r.remaining())?;
+            FsReply::Data(payload.clone())
+        }
+        _ => FsReply::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::codec::{split_request, split_response, Reply, Request, Response};
+    use crate::types::{RequestId, VolumeHandle};
+
+    fn n(s: &str) -> FsName {
+        FsName::new(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+    }
+
+    fn round_trip(op: FsOp) {
+        let req = Request::Fs {
+            handle: VolumeHandle(4),
+            node: 0x1234_5678_9abc,
+            creds: Creds { uid: 7, gid: 8, groups: vec![1, 2, 3] },
+            op,
+        };
+        let mut buf = BytesMut::from(&req.encode(RequestId(1)).to_bytes()[..]);
+        let (_, back) = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let attr = SetAttr {
+            valid: SETATTR_MODE | SETATTR_MTIME,
+            mode: 0o644,
+            mtime: (-5, 7),
+            ..SetAttr::default()
+        };
+        for op in [
+            FsOp::Lookup { name: n("a") },
+            FsOp::Getattr,
+            FsOp::Setattr(attr),
+            FsOp::Readdir { cookie: 99, max_entries: 10 },
+            FsOp::Mkdir { name: n("d"), mode: 0o755, umask: 0o22 },
+            FsOp::Mknod { name: n("p"), mode: 0o010_600, umask: 0, rdev: 0 },
+            FsOp::Create { name: n("f"), flags: 0o1101, mode: 0o600, umask: 0o77 },
+            FsOp::Open { flags: 2 },
+            FsOp::Read { fh: 5, flags: 0, offset: 1 << 40, len: 4096 },
+            FsOp::Write { fh: 5, flags: 1, offset: 3, data: Bytes::from_static(b"xyz") },
+            FsOp::Release { fh: 5 },
+            FsOp::Fsync { fh: 5, flags: 0, datasync: true },
+            FsOp::Unlink { name: n("f") },
+            FsOp::Rmdir { name: n("d") },
+            FsOp::Rename { name: n("a"), new_parent: 1, new_name: n("b"), flags: RENAME_EXCHANGE },
+            FsOp::Link { new_parent: 1, new_name: n("h") },
+            FsOp::Symlink { name: n("s"), target: Bytes::from_static(b"../t") },
+            FsOp::Readlink,
+            FsOp::Statfs,
+        ] {
+            round_trip(op);
+        }
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let a = Attr { node: 9, size: 10, mode: 0o100_644, atime: (1, 2), ..Attr::default() };
+        for (op, reply) in [
+            (Opcode::FsLookup, FsReply::Entry(a)),
+            (Opcode::FsGetattr, FsReply::Attr(a)),
+            (Opcode::FsCreate, FsReply::Created { attr: a, fh: 3 }),
+            (Opcode::FsOpen, FsReply::Opened { fh: 3 }),
+            (
+                Opcode::FsReaddir,
+                FsReply::Dir { entries: vec![DirEntry { cookie: 4, name: n(".."), attr: a }], eof: true },
+            ),
+            (Opcode::FsWrite, FsReply::Written(12)),
+            (Opcode::FsStatfs, FsReply::Statfs(FsStat { blocks: 1, bsize: 4096, ..FsStat::default() })),
+            (Opcode::FsRead, FsReply::Data(Bytes::from_static(b"data"))),
+            (Opcode::FsUnlink, FsReply::Done),
+        ] {
+            let resp = Response::ok(RequestId(2), op, Reply::Fs(reply));
+            let mut buf = BytesMut::from(&resp.encode().to_bytes()[..]);
+            assert_eq!(Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn hostile_names_and_fields_are_refused() {
+        for bad in [&b""[..], b"a/b", b"a\0b", &[b'x'; 256][..]] {
+            assert!(FsName::new(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+        }
+        // `.` and `..` in a request, unknown SETATTR bits, node 0, both RENAME flags.
+        let mut bad_frames = Vec::new();
+        let creds = Creds::default();
+        let dot = FsName::new(Bytes::from_static(b"..")).unwrap();
+        bad_frames.push(Request::Fs {
+            handle: VolumeHandle(1),
+            node: 1,
+            creds: creds.clone(),
+            op: FsOp::Unlink { name: dot },
+        });
+        bad_frames.push(Request::Fs {
+            handle: VolumeHandle(1),
+            node: 1,
+            creds: creds.clone(),
+            op: FsOp::Setattr(SetAttr { valid: 1 << 20, ..SetAttr::default() }),
+        });
+        bad_frames.push(Request::Fs {
+            handle: VolumeHandle(1),
+            node: 0,
+            creds: creds.clone(),
+            op: FsOp::Getattr,
+        });
+        bad_frames.push(Request::Fs {
+            handle: VolumeHandle(1),
+            node: 1,
+            creds,
+            op: FsOp::Rename { name: n("a"), new_parent: 1, new_name: n("b"), flags: 3 },
+        });
+        for req in bad_frames {
+            let mut buf = BytesMut::from(&req.encode(RequestId(1)).to_bytes()[..]);
+            let e = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+            assert_eq!(e.status, crate::Status::BadRequest, "{req:?}");
+        }
+    }
+}

@@ -1,0 +1,717 @@
+//! File operations on fs volumes (the FS_* opcodes), against the volume's mounted ext4.
+//!
+//! - **Nodes** are the filesystem's own file handles (name_to_handle_at), packed in a u64: stable
+//!   across server restarts, so the server keeps no inode table and a client's node ids stay valid.
+//!   An inode is reached again with open_by_handle_at (as root: it needs CAP_DAC_READ_SEARCH).
+//! - **Credentials**: each operation that checks permissions runs with the caller's fsuid, fsgid
+//!   and groups, set on the worker thread alone (setfsuid/setfsgid, and the raw setgroups syscall,
+//!   which, unlike glibc's wrapper, changes only the calling thread). A non-zero fsuid drops the
+//!   thread's filesystem capabilities, so the kernel checks permissions exactly as for the caller.
+//!   The worker threads have a umask of their own (unshare(CLONE_FS)), 0: the client's umask is
+//!   applied to the mode it sends.
+//! - **Open files** (`fh`): a table per mount; each entry remembers the connection that opened it
+//!   and is closed with that connection. A READ/WRITE/FSYNC whose fh is not in the table (the server
+//!   restarted, or the connection was replaced) opens the node again with the flags the client
+//!   sends along: a server restart is invisible to open files (except files unlinked while open,
+//!   which die with the server's fds, as on NFS).
+//!
+//! The trust boundary is the node: like NFS with AUTH_SYS, the server believes the uid a node's
+//! kernel reports for its callers (root included).
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use ferrovol_proto::fs::*;
+use ferrovol_proto::{ErrorReply, Opcode};
+
+use crate::store::fsmount::FsMount;
+
+/// Open files one mount keeps for one connection (then EMFILE).
+pub const FILES_PER_CONNECTION_MAX: usize = 4096;
+/// Worker threads for file operations.
+const WORKERS: usize = 16;
+
+// ---------------------------------------------------------------------------------------------------
+// The worker pool
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct Pool {
+    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WORKERS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("ferrovol-fs-{i}")).spawn(move || {
+                // SAFETY: unshare(CLONE_FS) gives this thread its own umask and cwd; umask(0) then
+                // changes only this thread's. Neither touches memory.
+                unsafe {
+                    if libc::unshare(libc::CLONE_FS) == 0 {
+                        libc::umask(0);
+                    } else {
+                        tracing::error!(
+                            "unshare(CLONE_FS) failed: modes of new files get the server's umask too"
+                        );
+                    }
+                }
+                loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(p) => p.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a file worker thread");
+            }
+        }
+        Pool { tx: Mutex::new(tx) }
+    })
+}
+
+/// Runs `f` on a file worker thread.
+pub async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    pool().tx.lock().unwrap_or_else(|p| p.into_inner()).send(job).ok()?;
+    rx.await.ok()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Credentials
+
+/// The caller's credentials on this thread until dropped; then root's again.
+struct AsCaller;
+
+fn as_caller(c: &Creds) -> io::Result<AsCaller> {
+    let groups = &c.groups[..c.groups.len().min(FS_GROUPS_MAX)];
+    // SAFETY: setgroups reads `groups.len()` gid_t values from the pointer, which points at that
+    // many u32s (gid_t is u32 on Linux). The raw syscall changes this thread's groups only.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain syscalls on this thread's credentials.
+    unsafe {
+        libc::setfsgid(c.gid);
+        libc::setfsuid(c.uid);
+    }
+    Ok(AsCaller)
+}
+
+impl Drop for AsCaller {
+    fn drop(&mut self) {
+        // SAFETY: as in `as_caller`; an empty group list.
+        unsafe {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+            libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<u32>());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Handles and nodes
+
+/// `struct file_handle` with room for an 8-byte handle (ext4's FILEID_INO32_GEN).
+#[repr(C)]
+struct Handle {
+    bytes: u32,
+    kind: i32,
+    data: [u8; 8],
+}
+
+/// FILEID_INO32_GEN: a 32-bit inode number and a 32-bit generation.
+const FILEID_INO32_GEN: i32 = 1;
+
+/// A kernel value in a u32 field (all of these fit in practice; a larger one saturates).
+fn sat<T: TryInto<u32>>(v: T) -> u32 {
+    v.try_into().unwrap_or(u32::MAX)
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The packed file handle of `name` in `dirfd` (or of `dirfd` itself with AT_EMPTY_PATH).
+pub fn handle_of(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<u64> {
+    let mut h = Handle { bytes: 8, kind: 0, data: [0; 8] };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a file_handle with `bytes` = 8 bytes of room after its header; the kernel
+    // writes at most that (else EOVERFLOW). `name` is NUL-terminated.
+    check(unsafe {
+        libc::name_to_handle_at(dirfd, name.as_ptr(), (&raw mut h).cast(), &mut mount_id, flags)
+    })?;
+    if h.kind != FILEID_INO32_GEN || h.bytes != 8 {
+        return Err(io::Error::other(format!(
+            "file handle type {} of {} bytes: not an ext4 inode handle",
+            h.kind, h.bytes
+        )));
+    }
+    Ok(u64::from_le_bytes(h.data))
+}
+
+fn fd_of(r: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: a new fd from a successful call, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(check(r)?) })
+}
+
+fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+fn cname(n: &FsName) -> CString {
+    // FsName holds no NUL.
+    CString::new(n.as_bytes()).unwrap_or_default()
+}
+
+impl FsMount {
+    fn node_of_handle(&self, h: u64) -> u64 {
+        if h == self.root_handle {
+            NODE_ROOT
+        } else {
+            h
+        }
+    }
+
+    /// Opens `node` with `flags` (O_PATH for a reference) as root.
+    fn open_node(&self, node: u64, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let data = if node == NODE_ROOT { self.root_handle } else { node };
+        let mut h = Handle { bytes: 8, kind: FILEID_INO32_GEN, data: data.to_le_bytes() };
+        // SAFETY: `h` is a valid file_handle of 8 bytes; the root fd is open.
+        fd_of(unsafe {
+            libc::open_by_handle_at(self.root.as_raw_fd(), (&raw mut h).cast(), flags | libc::O_CLOEXEC)
+        })
+    }
+
+    fn path_of(&self, node: u64) -> io::Result<OwnedFd> {
+        self.open_node(node, libc::O_PATH)
+    }
+
+    /// The attributes of the inode `fd` refers to.
+    fn attr(&self, fd: RawFd) -> io::Result<Attr> {
+        // SAFETY: fstat fills a stat struct; the zeroed one is valid for it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is open; `st` is writable.
+        check(unsafe { libc::fstat(fd, &mut st) })?;
+        let node = self.node_of_handle(handle_of(fd, c"", libc::AT_EMPTY_PATH)?);
+        Ok(Attr {
+            node,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: (st.st_atime, sat(st.st_atime_nsec)),
+            mtime: (st.st_mtime, sat(st.st_mtime_nsec)),
+            ctime: (st.st_ctime, sat(st.st_ctime_nsec)),
+            mode: st.st_mode,
+            nlink: sat(st.st_nlink),
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: sat(st.st_rdev),
+            blksize: sat(st.st_blksize),
+        })
+    }
+
+    /// The entry `name` in `dir` (no symlink followed).
+    fn entry(&self, dir: RawFd, name: &CStr) -> io::Result<Attr> {
+        // SAFETY: `name` is NUL-terminated; openat returns a new fd or -1.
+        let fd = fd_of(unsafe {
+            libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        })?;
+        self.attr(fd.as_raw_fd())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Open files
+
+#[derive(Debug)]
+struct OpenFile {
+    fd: Arc<OwnedFd>,
+    conn: u64,
+}
+
+/// The open files of one mount.
+#[derive(Debug, Default)]
+pub struct Files {
+    map: Mutex<HashMap<u64, OpenFile>>,
+    per_conn: Mutex<HashMap<u64, usize>>,
+}
+
+/// fh numbers: unique within a server's life, and (a random start) unlikely to be reused by the
+/// next one, so a client's fh from before a restart is either found or reopened, never confused.
+fn next_fh() -> u64 {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT.get_or_init(|| AtomicU64::new((u64::from(rand::random::<u32>()) << 32) | 1))
+        .fetch_add(1, Ordering::Relaxed)
+}
+
+impl Files {
+    fn insert(&self, fh: u64, fd: OwnedFd, conn: u64) -> io::Result<Arc<OwnedFd>> {
+        {
+            let mut counts = self.per_conn.lock().unwrap_or_else(|p| p.into_inner());
+            let n = counts.entry(conn).or_default();
+            if *n >= FILES_PER_CONNECTION_MAX {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            *n += 1;
+        }
+        let fd = Arc::new(fd);
+        let old =
+            self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, OpenFile { fd: fd.clone(), conn });
+        if let Some(old) = old {
+            self.uncount(old.conn);
+        }
+        Ok(fd)
+    }
+
+    fn uncount(&self, conn: u64) {
+        let mut counts = self.per_conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&conn) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&conn);
+            }
+        }
+    }
+
+    fn get(&self, fh: u64) -> Option<Arc<OwnedFd>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).map(|f| f.fd.clone())
+    }
+
+    fn remove(&self, fh: u64) {
+        let old = self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
+        if let Some(old) = old {
+            self.uncount(old.conn);
+        }
+    }
+
+    /// Closes what connection `conn` opened (it is gone).
+    pub fn close_connection(&self, conn: u64) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, f| f.conn != conn);
+        self.per_conn.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The open flags a reopen keeps (access mode and write semantics).
+fn reopen_flags(flags: u32) -> libc::c_int {
+    (flags as libc::c_int)
+        & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)
+}
+
+fn is_write(flags: u32) -> bool {
+    let acc = (flags as libc::c_int) & libc::O_ACCMODE;
+    acc == libc::O_WRONLY || acc == libc::O_RDWR || (flags as libc::c_int) & libc::O_TRUNC != 0
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The operations
+
+/// Who asks, and through what.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The connection (its open files are closed with it).
+    pub conn: u64,
+    /// The fs volume is open read-only on this connection.
+    pub read_only: bool,
+}
+
+fn errno_reply(op: Opcode, e: io::Error) -> ErrorReply {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    ErrorReply::errno(errno as u32, format!("{op}: {e}"))
+}
+
+fn mutates(op: &FsOp) -> bool {
+    match op {
+        FsOp::Lookup { .. }
+        | FsOp::Getattr
+        | FsOp::Readdir { .. }
+        | FsOp::Read { .. }
+        | FsOp::Release { .. }
+        | FsOp::Fsync { .. }
+        | FsOp::Readlink
+        | FsOp::Statfs => false,
+        FsOp::Open { flags } => is_write(*flags),
+        _ => true,
+    }
+}
+
+/// Runs one file operation (on a file worker thread: it blocks).
+pub fn execute(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -> Result<FsReply, ErrorReply> {
+    let opcode = op.opcode();
+    if cx.read_only && mutates(&op) {
+        return Err(errno_reply(opcode, io::Error::from_raw_os_error(libc::EROFS)));
+    }
+    execute_inner(m, cx, node, creds, op).map_err(|e| errno_reply(opcode, e))
+}
+
+fn open_file(m: &FsMount, cx: Context, node: u64, fh: u64, flags: u32) -> io::Result<Arc<OwnedFd>> {
+    if let Some(fd) = m.files.get(fh) {
+        return Ok(fd);
+    }
+    // Not ours (a restart, or another connection's that went away): open it again.
+    let fd = m.open_node(node, reopen_flags(flags))?;
+    m.files.insert(fh, fd, cx.conn)
+}
+
+fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len as usize);
+    while buf.len() < len as usize {
+        let at = offset + buf.len() as u64;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, which nothing
+        // reads before `set_len` marks the written bytes initialised.
+        let n = unsafe { libc::pread(fd, spare.as_mut_ptr().cast(), spare.len(), at as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        // SAFETY: the kernel initialised `n` more bytes.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    Ok(buf.freeze())
+}
+
+fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -> io::Result<FsReply> {
+    Ok(match op {
+        FsOp::Lookup { name } => {
+            let dir = m.path_of(node)?;
+            let _c = as_caller(creds)?;
+            FsReply::Entry(m.entry(dir.as_raw_fd(), &cname(&name))?)
+        }
+        FsOp::Getattr => {
+            let fd = m.path_of(node)?;
+            FsReply::Attr(m.attr(fd.as_raw_fd())?)
+        }
+        FsOp::Setattr(s) => {
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let c = as_caller(creds)?;
+            if s.valid & SETATTR_SIZE != 0 {
+                let open = if s.fh != 0 { m.files.get(s.fh) } else { None };
+                match open {
+                    // SAFETY: ftruncate on an open fd.
+                    Some(f) => check(unsafe { libc::ftruncate(f.as_raw_fd(), s.size as libc::off_t) })?,
+                    // SAFETY: `path` is NUL-terminated.
+                    None => check(unsafe { libc::truncate(path.as_ptr(), s.size as libc::off_t) })?,
+                };
+            }
+            if s.valid & (SETATTR_UID | SETATTR_GID) != 0 {
+                let uid = if s.valid & SETATTR_UID != 0 { s.uid } else { u32::MAX };
+                let gid = if s.valid & SETATTR_GID != 0 { s.gid } else { u32::MAX };
+                // SAFETY: fchownat on an open fd with an empty path.
+                check(unsafe {
+                    libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH)
+                })?;
+            }
+            if s.valid & SETATTR_MODE != 0 {
+                // SAFETY: `path` is NUL-terminated.
+                check(unsafe { libc::chmod(path.as_ptr(), s.mode & 0o7777) })?;
+            }
+            if s.valid & (SETATTR_ATIME | SETATTR_MTIME) != 0 {
+                let t = |set: u32, now: u32, (sec, nsec): (i64, u32)| {
+                    if s.valid & set == 0 {
+                        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }
+                    } else if s.valid & now != 0 {
+                        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }
+                    } else {
+                        libc::timespec { tv_sec: sec, tv_nsec: i64::from(nsec) }
+                    }
+                };
+                let times = [
+                    t(SETATTR_ATIME, SETATTR_ATIME_NOW, s.atime),
+                    t(SETATTR_MTIME, SETATTR_MTIME_NOW, s.mtime),
+                ];
+                // SAFETY: `path` is NUL-terminated; `times` holds two timespecs.
+                check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })?;
+            }
+            drop(c);
+            FsReply::Attr(m.attr(fd.as_raw_fd())?)
+        }
+        FsOp::Readdir { cookie, max_entries } => readdir(m, node, creds, cookie, max_entries)?,
+        FsOp::Mkdir { name, mode, umask } => {
+            let dir = m.path_of(node)?;
+            let n = cname(&name);
+            let _c = as_caller(creds)?;
+            // SAFETY: `n` is NUL-terminated.
+            check(unsafe { libc::mkdirat(dir.as_raw_fd(), n.as_ptr(), mode & !umask & 0o7777) })?;
+            FsReply::Entry(m.entry(dir.as_raw_fd(), &n)?)
+        }
+        FsOp::Mknod { name, mode, umask, rdev } => {
+            let dir = m.path_of(node)?;
+            let n = cname(&name);
+            let _c = as_caller(creds)?;
+            let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
+            // SAFETY: `n` is NUL-terminated.
+            check(unsafe { libc::mknodat(dir.as_raw_fd(), n.as_ptr(), mode, libc::dev_t::from(rdev)) })?;
+            FsReply::Entry(m.entry(dir.as_raw_fd(), &n)?)
+        }
+        FsOp::Create { name, flags, mode, umask } => {
+            let dir = m.path_of(node)?;
+            let n = cname(&name);
+            let c = as_caller(creds)?;
+            let flags = (flags as libc::c_int & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_CLOEXEC;
+            // SAFETY: `n` is NUL-terminated.
+            let fd =
+                fd_of(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags, mode & !umask & 0o7777) })?;
+            drop(c);
+            let attr = m.attr(fd.as_raw_fd())?;
+            let fh = next_fh();
+            m.files.insert(fh, fd, cx.conn)?;
+            FsReply::Created { attr, fh }
+        }
+        FsOp::Open { flags } => {
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let flags =
+                (flags as libc::c_int & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY)) | libc::O_CLOEXEC;
+            let c = as_caller(creds)?;
+            // SAFETY: `path` is NUL-terminated.
+            let file = fd_of(unsafe { libc::open(path.as_ptr(), flags) })?;
+            drop(c);
+            let fh = next_fh();
+            m.files.insert(fh, file, cx.conn)?;
+            FsReply::Opened { fh }
+        }
+        FsOp::Read { fh, flags, offset, len } => {
+            let fd = open_file(m, cx, node, fh, flags)?;
+            FsReply::Data(pread_bytes(fd.as_raw_fd(), offset, len)?)
+        }
+        FsOp::Write { fh, flags, offset, data } => {
+            let fd = open_file(m, cx, node, fh, flags)?;
+            // As the caller: a write by someone without CAP_FSETID clears set-user-ID bits.
+            let _c = as_caller(creds)?;
+            let mut done = 0usize;
+            while done < data.len() {
+                let rest = &data[done..];
+                // SAFETY: pwrite reads `rest.len()` bytes from `rest`.
+                let n = unsafe {
+                    libc::pwrite(
+                        fd.as_raw_fd(),
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        (offset + done as u64) as libc::off_t,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if done > 0 {
+                        break;
+                    }
+                    return Err(e);
+                }
+                if n == 0 {
+                    break;
+                }
+                done += n as usize;
+            }
+            FsReply::Written(u32::try_from(done).unwrap_or(u32::MAX))
+        }
+        FsOp::Release { fh } => {
+            m.files.remove(fh);
+            FsReply::Done
+        }
+        FsOp::Fsync { fh, flags, datasync } => {
+            let fd = open_file(m, cx, node, fh, flags)?;
+            // SAFETY: fsync/fdatasync on an open fd.
+            check(unsafe {
+                if datasync {
+                    libc::fdatasync(fd.as_raw_fd())
+                } else {
+                    libc::fsync(fd.as_raw_fd())
+                }
+            })?;
+            FsReply::Done
+        }
+        FsOp::Unlink { name } => {
+            let dir = m.path_of(node)?;
+            let _c = as_caller(creds)?;
+            // SAFETY: the name is NUL-terminated.
+            check(unsafe { libc::unlinkat(dir.as_raw_fd(), cname(&name).as_ptr(), 0) })?;
+            FsReply::Done
+        }
+        FsOp::Rmdir { name } => {
+            let dir = m.path_of(node)?;
+            let _c = as_caller(creds)?;
+            // SAFETY: the name is NUL-terminated.
+            check(unsafe { libc::unlinkat(dir.as_raw_fd(), cname(&name).as_ptr(), libc::AT_REMOVEDIR) })?;
+            FsReply::Done
+        }
+        FsOp::Rename { name, new_parent, new_name, flags } => {
+            let dir = m.path_of(node)?;
+            let new_dir = if new_parent == node { None } else { Some(m.path_of(new_parent)?) };
+            let new_fd = new_dir.as_ref().map_or(dir.as_raw_fd(), |d| d.as_raw_fd());
+            let _c = as_caller(creds)?;
+            // SAFETY: both names are NUL-terminated; the fds are open.
+            check(unsafe {
+                libc::renameat2(
+                    dir.as_raw_fd(),
+                    cname(&name).as_ptr(),
+                    new_fd,
+                    cname(&new_name).as_ptr(),
+                    flags,
+                )
+            })?;
+            FsReply::Done
+        }
+        FsOp::Link { new_parent, new_name } => {
+            let fd = m.path_of(node)?;
+            let dir = m.path_of(new_parent)?;
+            let n = cname(&new_name);
+            let _c = as_caller(creds)?;
+            // Through /proc (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the caller's
+            // fsuid drops).
+            // SAFETY: both paths are NUL-terminated.
+            check(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path(fd.as_raw_fd()).as_ptr(),
+                    dir.as_raw_fd(),
+                    n.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })?;
+            FsReply::Entry(m.entry(dir.as_raw_fd(), &n)?)
+        }
+        FsOp::Symlink { name, target } => {
+            let dir = m.path_of(node)?;
+            let n = cname(&name);
+            let t = CString::new(target.to_vec()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let _c = as_caller(creds)?;
+            // SAFETY: both strings are NUL-terminated.
+            check(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) })?;
+            FsReply::Entry(m.entry(dir.as_raw_fd(), &n)?)
+        }
+        FsOp::Readlink => {
+            let fd = m.path_of(node)?;
+            let mut buf = vec![0u8; FS_SYMLINK_LEN_MAX + 1];
+            // SAFETY: readlinkat writes at most `buf.len()` bytes into `buf`.
+            let n =
+                unsafe { libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            buf.truncate(n as usize);
+            FsReply::Data(Bytes::from(buf))
+        }
+        FsOp::Statfs => {
+            // SAFETY: a zeroed statvfs is valid; fstatvfs fills it.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: the root fd is open; `st` is writable.
+            check(unsafe { libc::fstatvfs(m.root.as_raw_fd(), &mut st) })?;
+            FsReply::Statfs(FsStat {
+                blocks: st.f_blocks,
+                bfree: st.f_bfree,
+                bavail: st.f_bavail,
+                files: st.f_files,
+                ffree: st.f_ffree,
+                bsize: sat(st.f_bsize),
+                namelen: sat(st.f_namemax),
+                frsize: sat(st.f_frsize),
+            })
+        }
+    })
+}
+
+/// READDIR: entries after `cookie` with their attributes. The directory is opened as the caller
+/// (read permission); the entries are looked at as root (their attributes come with the names, as
+/// readdirplus needs).
+fn readdir(m: &FsMount, node: u64, creds: &Creds, cookie: u64, max_entries: u32) -> io::Result<FsReply> {
+    let pathfd = m.path_of(node)?;
+    let dir = {
+        let _c = as_caller(creds)?;
+        // SAFETY: the path is NUL-terminated.
+        fd_of(unsafe {
+            libc::open(
+                proc_path(pathfd.as_raw_fd()).as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?
+    };
+    // SAFETY: lseek on an open directory fd (ext4 directory positions are hash cookies, valid across opens).
+    if unsafe { libc::lseek(dir.as_raw_fd(), cookie as libc::off_t, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(FsReply::Dir { entries, eof: true });
+        }
+        // At most `buf.len()`.
+        let n = usize::try_from(n).unwrap_or(0).min(buf.len());
+        let mut at = 0usize;
+        while at + 19 <= n {
+            // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+            let rec = &buf[at..n];
+            let d_off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or_default());
+            let reclen = usize::from(u16::from_ne_bytes([rec[16], rec[17]]));
+            if reclen < 19 || reclen > rec.len() {
+                return Err(io::Error::other("malformed directory record"));
+            }
+            let name_bytes = &rec[19..reclen];
+            let name_len = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+            let name = &name_bytes[..name_len];
+            at += reclen;
+            let Ok(fs_name) = FsName::new(Bytes::copy_from_slice(name)) else { continue };
+            let Ok(cname) = CString::new(name) else { continue };
+            // The root's `..` is above the mount: it is the root itself, as for `/`.
+            let looked = if node == NODE_ROOT && name == b".." {
+                m.attr(dir.as_raw_fd())
+            } else {
+                m.entry(dir.as_raw_fd(), &cname)
+            };
+            match looked {
+                Ok(attr) => entries.push(DirEntry { cookie: d_off as u64, name: fs_name, attr }),
+                // Gone since getdents: skip it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            }
+            if entries.len() >= max_entries as usize {
+                // More may follow: the client asks again from the last cookie.
+                return Ok(FsReply::Dir { entries, eof: false });
+            }
+        }
+    }
+}

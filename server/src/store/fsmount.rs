@@ -1,0 +1,154 @@
+//! The filesystem of an fs volume: made with mkfs.ext4 on the volume's data file at create, mounted
+//! by the server through a loop device at `DIR/volumes/NAME/mnt` when first opened, and found
+//! mounted again after a server restart (the kernel keeps the mount when the server dies).
+//!
+//! ext4, because its file handles are 8 bytes (inode number and generation: a node id fits a u64)
+//! and it is the filesystem every node already has tools for. Growing it needs resize2fs on the
+//! mounted filesystem, which needs CAP_SYS_RESOURCE (see server/README.md, "fs volumes").
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tracing::{info, warn};
+
+use crate::error::{StoreError, StoreResult};
+
+/// The mount point inside a volume's directory.
+pub const MOUNT_DIR: &str = "mnt";
+
+/// Runs a host tool, with its stderr in the error.
+fn run(cmd: &mut Command) -> StoreResult<String> {
+    let what = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| {
+        StoreError::Io(std::io::Error::other(format!("cannot run {what}: {e} (is it installed?)")))
+    })?;
+    if !out.status.success() {
+        return Err(StoreError::Io(std::io::Error::other(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Makes an empty ext4 filesystem on `data` (a regular file of the volume's size).
+pub fn mkfs(data: &Path) -> StoreResult<()> {
+    // No discard (the file is sparse already), lazy init (the file stays thin), no blocks reserved
+    // for root (it is a shared volume, not a system disk).
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(data))?;
+    Ok(())
+}
+
+/// Whether `path` is a mount point now (in this process's mount namespace).
+fn mounted_at(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.as_os_str().as_bytes();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m).as_slice() == want))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A mounted fs volume.
+#[derive(Debug)]
+pub struct FsMount {
+    pub mount_point: PathBuf,
+    /// The mount's root directory, opened for reading (open_by_handle_at refuses an O_PATH
+    /// `mount_fd`): node 1.
+    pub root: OwnedFd,
+    /// The root directory's own file handle, packed (it is answered as node 1).
+    pub root_handle: u64,
+    /// Files open through it (see `files`).
+    pub files: crate::files::Files,
+}
+
+impl FsMount {
+    /// Mounts the filesystem on `data` at `dir/mnt`, or takes the mount that is already there (a
+    /// restarted server finds its predecessor's).
+    pub fn mount(dir: &Path, data: &Path) -> StoreResult<Self> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(StoreError::InvalidArgument(
+                "fs volumes need a server running as root (it mounts them, and runs each file operation \
+                 with its caller's credentials)"
+                    .into(),
+            ));
+        }
+        let mount_point = dir.join(MOUNT_DIR);
+        std::fs::create_dir_all(&mount_point)?;
+        if mounted_at(&mount_point) {
+            info!(mount = %mount_point.display(), "fs volume already mounted (kept by the kernel); reusing it");
+        } else {
+            // A loop device with direct I/O (the data file's pages are not cached twice), mounted,
+            // then detached: autoclear frees it at unmount.
+            let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(data))?;
+            let mounted =
+                run(Command::new("mount").args(["-t", "ext4", "-o", "noatime"]).arg(&dev).arg(&mount_point));
+            if let Err(e) = run(Command::new("losetup").arg("-d").arg(&dev)) {
+                warn!(device = %dev, error = %e, "cannot mark the loop device for release at unmount");
+            }
+            mounted?;
+            info!(mount = %mount_point.display(), device = %dev, "fs volume mounted");
+        }
+        let c = CString::new(mount_point.as_os_str().as_bytes())
+            .map_err(|_| StoreError::InvalidArgument("mount point holds a NUL".into()))?;
+        // SAFETY: `c` is a valid NUL-terminated path; open returns a new fd or -1.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        let root_handle =
+            crate::files::handle_of(root.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| {
+                StoreError::Io(std::io::Error::other(format!(
+                    "file handles on {}: {e}",
+                    mount_point.display()
+                )))
+            })?;
+        Ok(Self { mount_point, root, root_handle, files: Default::default() })
+    }
+
+    /// Writes everything back and unmounts (the loop device goes with it). `EBUSY` when something
+    /// on the server still uses it.
+    pub fn unmount(self) -> StoreResult<()> {
+        // Open files would keep the mount busy.
+        drop(self.files);
+        // SAFETY: syncfs on a valid fd.
+        unsafe { libc::syncfs(self.root.as_raw_fd()) };
+        // Our own fd on the root would keep the mount busy.
+        drop(self.root);
+        run(Command::new("umount").arg(&self.mount_point))?;
+        info!(mount = %self.mount_point.display(), "fs volume unmounted");
+        Ok(())
+    }
+}
+
+/// Unmounts what a volume directory may still have mounted (before a delete).
+pub fn unmount_dir(dir: &Path) -> StoreResult<()> {
+    let mp = dir.join(MOUNT_DIR);
+    if mounted_at(&mp) {
+        run(Command::new("umount").arg(&mp))?;
+    }
+    Ok(())
+}
