@@ -342,3 +342,72 @@ fn an_fs_volume_outlives_a_server_crash_without_a_remount() {
     drop(server);
     drop(s.cleanup);
 }
+
+/// The pjdfstest binary (the Rust rewrite, `cargo install pjdfstest`): `FERROVOL_PJDFSTEST`, else
+/// `pjdfstest` on PATH.
+fn pjdfstest_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FERROVOL_PJDFSTEST") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("pjdfstest")).find(|p| p.is_file())
+}
+
+/// pjdfstest's configuration: the opt-in features an fs volume has. What stays skipped, and why:
+/// the EROFS cases (they remount the filesystem under test read-only: `allow_remount` is off,
+/// read-only mounts are tested above), EXDEV (no second filesystem configured) and LINK_MAX
+/// (FUSE has no pathconf).
+const PJDFSTEST_CONFIG: &str = "\
+[features]
+rename_ctime = {}
+utimensat = {}
+utime_now = {}
+posix_fallocate = {}
+[settings]
+naptime = 0.001
+allow_remount = false
+";
+
+#[test]
+fn pjdfstest_passes_on_an_fs_volume() {
+    if !privileged("pjdfstest_passes_on_an_fs_volume", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let required = std::env::var_os("FERROVOL_REQUIRE_PRIVILEGED").is_some();
+    let users = ["tests", "pjdfstest"]
+        .iter()
+        .all(|u| Command::new("getent").args(["passwd", u]).output().is_ok_and(|o| o.status.success()));
+    let Some(pjd) = pjdfstest_binary().filter(|_| users) else {
+        let why = "pjdfstest_passes_on_an_fs_volume needs pjdfstest (cargo install pjdfstest; or set \
+                   FERROVOL_PJDFSTEST) and the users tests and pjdfstest (.ci/run makes both)";
+        assert!(!required, "{why}");
+        let _ = writeln!(std::io::stderr(), "FERROVOL-SKIPPED: {why}");
+        return;
+    };
+    let s = setup();
+    let root = s.a.join("pjd");
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    let config = s._dir.path().join("pjdfstest.toml");
+    fs::write(&config, PJDFSTEST_CONFIG).unwrap();
+    let out =
+        Command::new(&pjd).arg("-c").arg(&config).arg("-p").arg(&root).current_dir(&root).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let summary =
+        text.lines().find(|l| l.starts_with("Summary:")).unwrap_or_else(|| panic!("no summary:\n{text}"));
+    let count = |what: &str| -> u32 {
+        summary
+            .split(',')
+            .find_map(|part| part.trim().trim_start_matches("Summary:").trim().strip_suffix(what))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("cannot read {what:?} in {summary:?}"))
+    };
+    let failures: Vec<&str> = text.lines().filter(|l| l.trim_end().ends_with("failed")).collect();
+    assert_eq!(count("failed"), 0, "pjdfstest failures:\n{}\n{summary}", failures.join("\n"));
+    // Not a run that skipped its way to green: 382 of 398 ran when this was written.
+    assert!(count("passed") >= 380, "{summary}");
+    assert!(count("skipped") <= 16, "more skipped than the listed exclusions: {summary}");
+    umount(&s.addr, &s.a);
+    umount(&s.addr, &s.b);
+    drop(s.cleanup);
+}
