@@ -411,3 +411,102 @@ fn pjdfstest_passes_on_an_fs_volume() {
     umount(&s.addr, &s.b);
     drop(s.cleanup);
 }
+
+/// A child holding a lock: started, and seen to hold it (it prints `locked`).
+fn locker(script: &str) -> std::process::Child {
+    let mut child = Command::new("python3")
+        .args(["-u", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked", "the locker did not get its lock");
+    child
+}
+
+/// Waits up to `limit` for `child` to exit; its status if it did.
+fn exited_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn locks_exclude_across_nodes_and_die_with_their_process() {
+    if !privileged(
+        "locks_exclude_across_nodes_and_die_with_their_process",
+        &["mkfs.ext4", "losetup", "flock"],
+    ) {
+        return;
+    }
+    let s = setup();
+    let (fa, fb) = (s.a.join("locked"), s.b.join("locked"));
+    fs::write(&fa, b"data").unwrap();
+    let lockf = |path: &Path, flags: &str| {
+        format!(
+            "import fcntl, time\nf = open({:?}, 'r+')\nfcntl.lockf(f, {flags})\nprint('locked')\ntime.sleep(120)",
+            path.to_str().unwrap()
+        )
+    };
+    let try_lockf = |path: &Path| -> bool {
+        let script = format!(
+            "import fcntl, sys\nf = open({:?}, 'r+')\ntry:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(1)",
+            path.to_str().unwrap()
+        );
+        Command::new("python3").args(["-c", &script]).status().unwrap().success()
+    };
+
+    // A POSIX write lock on A: B cannot take it, a read lock on a range elsewhere is fine.
+    let mut holder = locker(&lockf(&fa, "fcntl.LOCK_EX"));
+    assert!(!try_lockf(&fb), "node b took a lock node a holds");
+    // B waits for it; a waiter killed meanwhile goes at once (nothing hangs on the server).
+    let mut killed = locker_waiting(&lockf(&fb, "fcntl.LOCK_EX"));
+    assert!(exited_within(&mut killed, Duration::from_millis(300)).is_none(), "the waiter did not wait");
+    killed.kill().unwrap();
+    assert!(exited_within(&mut killed, Duration::from_secs(3)).is_some(), "a killed lock waiter hung");
+    let mut waiter = locker_waiting(&lockf(&fb, "fcntl.LOCK_EX"));
+    assert!(exited_within(&mut waiter, Duration::from_millis(300)).is_none());
+    // The holder is killed: its close drops the lock, and the waiter on B gets it.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(waiter.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked", "the waiter on b never got the lock a killed process held");
+    assert!(!try_lockf(&fa), "node a took the lock b now holds");
+    waiter.kill().unwrap();
+    waiter.wait().unwrap();
+    assert!(try_lockf(&fa), "the lock outlived its holder on b");
+
+    // flock: the same, with flock(1) on both nodes.
+    // -o: the lock stays with flock itself, not with the sleep it runs.
+    let mut f = Command::new("flock").arg("-o").arg(&fa).args(["sleep", "120"]).spawn().unwrap();
+    let flock_nb =
+        |p: &Path| Command::new("flock").args(["-n"]).arg(p).arg("true").status().unwrap().success();
+    let mut held = false;
+    for _ in 0..100 {
+        if !flock_nb(&fb) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(held, "node b took a flock node a holds");
+    f.kill().unwrap();
+    f.wait().unwrap();
+    assert!(flock_nb(&fb), "a killed process's flock outlived it");
+    drop(s.cleanup);
+}
+
+/// A child that asks for a lock and prints `locked` once it has it (it may wait).
+fn locker_waiting(script: &str) -> std::process::Child {
+    Command::new("python3").args(["-u", "-c", script]).stdout(std::process::Stdio::piped()).spawn().unwrap()
+}

@@ -880,7 +880,10 @@ impl Request {
                 | Opcode::FsLink
                 | Opcode::FsSymlink
                 | Opcode::FsReadlink
-                | Opcode::FsStatfs => return Err(PayloadError::Invalid("FS opcode")),
+                | Opcode::FsStatfs
+                | Opcode::FsGetlk
+                | Opcode::FsSetlk
+                | Opcode::FsFlush => return Err(PayloadError::Invalid("FS opcode")),
             };
             Ok(req)
         })();
@@ -1316,7 +1319,10 @@ impl Response {
                 | Opcode::FsLink
                 | Opcode::FsSymlink
                 | Opcode::FsReadlink
-                | Opcode::FsStatfs => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
+                | Opcode::FsStatfs
+                | Opcode::FsGetlk
+                | Opcode::FsSetlk
+                | Opcode::FsFlush => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
             })
         })();
         let reply = parsed.map_err(|e| fail(e.to_string()))?;

@@ -40,6 +40,22 @@ const SETATTR_KNOWN: u32 = (1 << 8) - 1;
 pub const RENAME_NOREPLACE: u32 = 1 << 0;
 pub const RENAME_EXCHANGE: u32 = 1 << 1;
 
+/// Lock types (the values of F_RDLCK, F_WRLCK, F_UNLCK).
+pub const LOCK_READ: u32 = 0;
+pub const LOCK_WRITE: u32 = 1;
+pub const LOCK_UNLOCK: u32 = 2;
+
+/// A byte-range lock: `start..=end` (`end` u64::MAX: to the end of the file, however it grows),
+/// held by `owner` (the client's lock owner: a process's files, or one open file for flock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lock {
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub kind: u32,
+    pub pid: u32,
+}
+
 /// Who asks: the operation runs with these credentials on the server.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Creds {
@@ -168,6 +184,20 @@ pub enum FsOp {
     },
     Readlink,
     Statfs,
+    /// The first lock that would conflict with `lock` (or `kind` UNLOCK: none).
+    Getlk {
+        lock: Lock,
+    },
+    /// Takes or releases `lock`, without waiting: a conflict is errno EAGAIN. A client waits for
+    /// a lock by asking again (as NFSv4 clients do), so a waiter the application abandons (a
+    /// signal) leaves nothing behind on the server.
+    Setlk {
+        lock: Lock,
+    },
+    /// `owner` closed a file of the inode: its locks there go (POSIX: any close drops them).
+    Flush {
+        owner: u64,
+    },
 }
 
 impl FsOp {
@@ -192,6 +222,9 @@ impl FsOp {
             FsOp::Symlink { .. } => Opcode::FsSymlink,
             FsOp::Readlink => Opcode::FsReadlink,
             FsOp::Statfs => Opcode::FsStatfs,
+            FsOp::Getlk { .. } => Opcode::FsGetlk,
+            FsOp::Setlk { .. } => Opcode::FsSetlk,
+            FsOp::Flush { .. } => Opcode::FsFlush,
         }
     }
 
@@ -271,6 +304,8 @@ pub enum FsReply {
     Statfs(FsStat),
     /// READ, READLINK.
     Data(Bytes),
+    /// GETLK: the conflicting lock (`kind` UNLOCK: none).
+    Lock(Lock),
     /// RELEASE, FSYNC, UNLINK, RMDIR, RENAME.
     Done,
 }
@@ -414,8 +449,30 @@ pub(crate) fn encode_request(node: u64, creds: &Creds, op: &FsOp) -> BytesMut {
             p.put_u16_le(u16::try_from(target.len()).unwrap_or(u16::MAX));
             p.put_slice(target);
         }
+        FsOp::Getlk { lock } => put_lock(&mut p, lock),
+        FsOp::Setlk { lock } => put_lock(&mut p, lock),
+        FsOp::Flush { owner } => p.put_u64_le(*owner),
     }
     p
+}
+
+fn put_lock(p: &mut BytesMut, l: &Lock) {
+    p.put_u64_le(l.owner);
+    p.put_u64_le(l.start);
+    p.put_u64_le(l.end);
+    p.put_u32_le(l.kind);
+    p.put_u32_le(l.pid);
+}
+
+fn get_lock(r: &mut Reader<'_>) -> Result<Lock, PayloadError> {
+    let l = Lock { owner: r.u64()?, start: r.u64()?, end: r.u64()?, kind: r.u32()?, pid: r.u32()? };
+    if l.kind > LOCK_UNLOCK {
+        return Err(PayloadError::Invalid("lock type is 0 (read), 1 (write) or 2 (unlock)"));
+    }
+    if l.end < l.start {
+        return Err(PayloadError::Invalid("a lock ends before it starts"));
+    }
+    Ok(l)
 }
 
 /// Parses an FS request payload. `offset`/`length` come from the header; `payload` is the whole
@@ -539,6 +596,9 @@ pub(crate) fn parse_request(
             }
             FsOp::Symlink { name, target }
         }
+        Opcode::FsGetlk => FsOp::Getlk { lock: get_lock(r)? },
+        Opcode::FsSetlk => FsOp::Setlk { lock: get_lock(r)? },
+        Opcode::FsFlush => FsOp::Flush { owner: r.u64()? },
         _ => return Err(PayloadError::Invalid("not an FS opcode")),
     };
     if !matches!(op, Opcode::FsRead | Opcode::FsWrite) && (offset != 0 || length != 0) {
@@ -577,6 +637,7 @@ pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
         }
         // The payload itself (READ data: the buffer pread filled, no copy).
         FsReply::Data(d) => return Some(d.clone()),
+        FsReply::Lock(l) => put_lock(p, l),
         FsReply::Done => {}
     }
     None
@@ -613,6 +674,7 @@ pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Re
             namelen: r.u32()?,
             frsize: r.u32()?,
         }),
+        Opcode::FsGetlk => FsReply::Lock(get_lock(r)?),
         Opcode::FsRead | Opcode::FsReadlink => {
             r.take(r.remaining())?;
             FsReply::Data(payload.clone())
@@ -672,6 +734,9 @@ mod tests {
             FsOp::Symlink { name: n("s"), target: Bytes::from_static(b"../t") },
             FsOp::Readlink,
             FsOp::Statfs,
+            FsOp::Getlk { lock: Lock { owner: 1, start: 0, end: u64::MAX, kind: LOCK_WRITE, pid: 9 } },
+            FsOp::Setlk { lock: Lock { owner: 1, start: 5, end: 9, kind: LOCK_READ, pid: 0 } },
+            FsOp::Flush { owner: 1 },
         ] {
             round_trip(op);
         }
@@ -693,6 +758,7 @@ mod tests {
             (Opcode::FsStatfs, FsReply::Statfs(FsStat { blocks: 1, bsize: 4096, ..FsStat::default() })),
             (Opcode::FsRead, FsReply::Data(Bytes::from_static(b"data"))),
             (Opcode::FsUnlink, FsReply::Done),
+            (Opcode::FsGetlk, FsReply::Lock(Lock { owner: 0, start: 1, end: 2, kind: LOCK_UNLOCK, pid: 3 })),
         ] {
             let resp = Response::ok(RequestId(2), op, Reply::Fs(reply));
             let mut buf = BytesMut::from(&resp.encode().to_bytes()[..]);

@@ -61,10 +61,14 @@ pub enum Opcode {
     FsSymlink = 0x40,
     FsReadlink = 0x41,
     FsStatfs = 0x42,
+    FsGetlk = 0x43,
+    FsSetlk = 0x44,
+    /// A lock owner closed a file: its locks on the inode go.
+    FsFlush = 0x45,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 43] = [
+    pub const ALL: [Opcode; 46] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -108,6 +112,9 @@ impl Opcode {
         Opcode::FsSymlink,
         Opcode::FsReadlink,
         Opcode::FsStatfs,
+        Opcode::FsGetlk,
+        Opcode::FsSetlk,
+        Opcode::FsFlush,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +162,9 @@ impl Opcode {
             Opcode::FsSymlink => "FS_SYMLINK",
             Opcode::FsReadlink => "FS_READLINK",
             Opcode::FsStatfs => "FS_STATFS",
+            Opcode::FsGetlk => "FS_GETLK",
+            Opcode::FsSetlk => "FS_SETLK",
+            Opcode::FsFlush => "FS_FLUSH",
         }
     }
 
@@ -166,7 +176,7 @@ impl Opcode {
 
     /// File operations: they address an OPENed fs volume by handle, and one of its inodes.
     pub fn is_fs(self) -> bool {
-        (Opcode::FsLookup as u8..=Opcode::FsStatfs as u8).contains(&(self as u8))
+        (Opcode::FsLookup as u8..=Opcode::FsFlush as u8).contains(&(self as u8))
     }
 }
 

@@ -164,7 +164,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             };
             // Take the in-flight permits first: this is where a too-eager client waits. Replies held in
             // `batch` hold permits too, so send them before waiting.
-            let cost = if raw.header.opcode == ferrovol_proto::Opcode::Read as u8 {
+            let reads = [ferrovol_proto::Opcode::Read as u8, ferrovol_proto::Opcode::FsRead as u8];
+            let cost = if reads.contains(&raw.header.opcode) {
                 raw.header.length.min(IN_FLIGHT_BYTES_MAX)
             } else {
                 raw.header.payload_len

@@ -341,6 +341,8 @@ pub struct Context {
     pub conn: u64,
     /// The fs volume is open read-only on this connection.
     pub read_only: bool,
+    /// The client session (HELLO `session`): its locks outlive one connection (see `Locks`).
+    pub session: u64,
 }
 
 fn errno_reply(op: Opcode, e: io::Error) -> ErrorReply {
@@ -357,7 +359,10 @@ fn mutates(op: &FsOp) -> bool {
         | FsOp::Release { .. }
         | FsOp::Fsync { .. }
         | FsOp::Readlink
-        | FsOp::Statfs => false,
+        | FsOp::Statfs
+        | FsOp::Getlk { .. }
+        | FsOp::Setlk { .. }
+        | FsOp::Flush { .. } => false,
         FsOp::Open { flags } => is_write(*flags),
         _ => true,
     }
@@ -630,6 +635,33 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             buf.truncate(n as usize);
             FsReply::Data(Bytes::from(buf))
         }
+        FsOp::Getlk { lock } => {
+            let fd = m.locks.fd(m, cx.session, lock.owner, node)?;
+            let mut fl = flock_of(&lock);
+            // SAFETY: fcntl F_OFD_GETLK reads and fills `fl`, a valid struct flock.
+            check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+            FsReply::Lock(lock_of(&fl, lock.owner))
+        }
+        FsOp::Setlk { lock } => {
+            let fd = m.locks.fd(m, cx.session, lock.owner, node)?;
+            let fl = flock_of(&lock);
+            // SAFETY: fcntl F_OFD_SETLK reads `fl`, a valid struct flock.
+            let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                // A conflict is EAGAIN whatever the kernel says (EACCES is allowed too).
+                return Err(if e.raw_os_error() == Some(libc::EACCES) {
+                    io::Error::from_raw_os_error(libc::EAGAIN)
+                } else {
+                    e
+                });
+            }
+            FsReply::Done
+        }
+        FsOp::Flush { owner } => {
+            m.locks.drop_owner(cx.session, owner, node);
+            FsReply::Done
+        }
         FsOp::Statfs => {
             // SAFETY: a zeroed statvfs is valid; fstatvfs fills it.
             let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -647,6 +679,124 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             })
         }
     })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Locks
+
+/// Lock fds one client session may have (one per lock owner and inode; then ENOLCK).
+pub const LOCK_FDS_PER_SESSION_MAX: usize = 4096;
+/// How long a client session's locks outlive its last connection (a reconnect within it keeps
+/// them; a node that is gone loses them after it).
+pub const LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The locks of one mount. Each (client session, lock owner, inode) gets an open file description
+/// of its own, and its locks are the kernel's OFD locks on it: the kernel arbitrates ranges,
+/// splitting and merging, and read/write conflicts between owners, of every node. Closing that fd
+/// drops its locks: at FLUSH (the owner closed the file), and when the session is gone for
+/// `LOCK_LEASE`. flock locks arrive as whole-file locks of an owner that is one open file, so
+/// they exclude POSIX locks of others on the same file (as over NFS).
+#[derive(Debug, Default)]
+pub struct Locks {
+    fds: Mutex<HashMap<(u64, u64, u64), Arc<OwnedFd>>>,
+    /// Connections per client session that have the volume open.
+    sessions: Mutex<HashMap<u64, usize>>,
+}
+
+impl Locks {
+    fn fd(&self, m: &FsMount, session: u64, owner: u64, node: u64) -> io::Result<Arc<OwnedFd>> {
+        let key = (session, owner, node);
+        if let Some(fd) = self.fds.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(fd.clone());
+        }
+        // Read-write where it can be (write locks need it), else read-only.
+        let fd = match m.open_node(node, libc::O_RDWR) {
+            Ok(fd) => fd,
+            Err(_) => m.open_node(node, libc::O_RDONLY)?,
+        };
+        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
+        if fds.keys().filter(|(s, _, _)| *s == session).count() >= LOCK_FDS_PER_SESSION_MAX {
+            return Err(io::Error::from_raw_os_error(libc::ENOLCK));
+        }
+        Ok(fds.entry(key).or_insert_with(|| Arc::new(fd)).clone())
+    }
+
+    /// Drops every lock (the mount goes).
+    pub fn clear(&self) {
+        self.fds.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn drop_owner(&self, session: u64, owner: u64, node: u64) {
+        self.fds.lock().unwrap_or_else(|p| p.into_inner()).remove(&(session, owner, node));
+    }
+
+    /// A connection of `session` opened the volume.
+    pub fn session_up(&self, session: u64) {
+        *self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(session).or_default() += 1;
+    }
+
+    /// A connection of `session` is gone: once none is left for `LOCK_LEASE`, its locks go.
+    pub fn session_down(self: &Arc<Self>, session: u64) {
+        {
+            let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(n) = s.get_mut(&session) else { return };
+            *n = n.saturating_sub(1);
+            if *n > 0 {
+                return;
+            }
+            s.remove(&session);
+        }
+        let locks = self.clone();
+        let spawned = std::thread::Builder::new().name("ferrovol-lock-lease".into()).spawn(move || {
+            std::thread::sleep(LOCK_LEASE);
+            if locks.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session) {
+                return;
+            }
+            let mut fds = locks.fds.lock().unwrap_or_else(|p| p.into_inner());
+            let before = fds.len();
+            fds.retain(|(s, _, _), _| *s != session);
+            if fds.len() != before {
+                tracing::info!(
+                    session = format!("{session:016x}"),
+                    released = before - fds.len(),
+                    "a client session's locks expired"
+                );
+            }
+        });
+        if spawned.is_err() {
+            // No thread: release at once rather than never.
+            self.fds.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _, _), _| *s != session);
+        }
+    }
+}
+
+fn flock_of(l: &Lock) -> libc::flock {
+    // SAFETY: a zeroed struct flock is valid (all integers).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    // F_RDLCK, F_WRLCK, F_UNLCK and SEEK_SET are 0..=2: they fit a short.
+    let short = |v: libc::c_int| libc::c_short::try_from(v).unwrap_or(0);
+    fl.l_type = short(match l.kind {
+        LOCK_READ => libc::F_RDLCK,
+        LOCK_WRITE => libc::F_WRLCK,
+        _ => libc::F_UNLCK,
+    });
+    fl.l_whence = short(libc::SEEK_SET);
+    fl.l_start = i64::try_from(l.start).unwrap_or(i64::MAX);
+    // `end` past i64 (u64::MAX, or the kernel's OFFSET_MAX): to the end of the file.
+    fl.l_len = if l.end >= i64::MAX as u64 { 0 } else { i64::try_from(l.end - l.start + 1).unwrap_or(0) };
+    fl
+}
+
+fn lock_of(fl: &libc::flock, owner: u64) -> Lock {
+    let kind = match i32::from(fl.l_type) {
+        libc::F_RDLCK => LOCK_READ,
+        libc::F_WRLCK => LOCK_WRITE,
+        _ => LOCK_UNLOCK,
+    };
+    let start = u64::try_from(fl.l_start).unwrap_or(0);
+    let end = if fl.l_len <= 0 { u64::MAX } else { start.saturating_add(fl.l_len as u64 - 1) };
+    // OFD locks have no pid (-1): the owner is on another node.
+    Lock { owner, start, end, kind, pid: 0 }
 }
 
 /// READDIR: entries after `cookie` with their attributes. The directory is opened as the caller

@@ -82,6 +82,7 @@ impl Drop for Session {
 fn release(h: &OpenVolume, client_session: u64, conn: u64) {
     if let Some(m) = h.vol.mounted() {
         m.files.close_connection(conn);
+        m.locks.session_down(client_session);
     }
     if !h.read_only && !h.vol.is_fs() {
         h.vol.close_writer(h.generation, client_session);
@@ -364,7 +365,8 @@ impl Session {
                     Err(e) => return Outcome::Reply(err(id, op, &e)),
                 };
                 let (mount, read_only) = mount;
-                let cx = crate::files::Context { conn: self.conn_id, read_only };
+                let cx =
+                    crate::files::Context { conn: self.conn_id, read_only, session: self.client_session };
                 Outcome::Later(Box::pin(async move {
                     let result =
                         crate::files::run(move || crate::files::execute(&mount, cx, node, &creds, fsop))
@@ -473,9 +475,12 @@ impl Session {
                     "volume {name} is an fs volume: it has no writer attachment (open it with generation 0)"
                 )));
             }
-            if let Err(e) = vol.fs_mount() {
-                vol.opens.fetch_sub(1, Ordering::AcqRel);
-                return Err(e);
+            match vol.fs_mount() {
+                Ok(m) => m.locks.session_up(self.client_session),
+                Err(e) => {
+                    vol.opens.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e);
+                }
             }
         } else if !read_only {
             if let Err(e) = vol.open_writer(&node, generation, self.client_session) {

@@ -11,9 +11,11 @@
 //! drops cached pages), with attribute and entry caches of `attr_ttl` / `entry_ttl` (0 by default:
 //! every lookup asks the server, so a change on another node is seen at once).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -21,8 +23,8 @@ use ferrovol_proto::fs::*;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use tracing::debug;
 
@@ -44,11 +46,23 @@ pub struct FsFiles {
     vol: Volume,
     rt: tokio::runtime::Handle,
     ttl: Ttls,
+    /// (inode, lock owner) that took a lock: their close sends FS_FLUSH (others need no round trip).
+    locked: Arc<Mutex<HashSet<(u64, u64)>>>,
 }
+
+/// Between two attempts at a lock someone else holds (doubling from the first).
+const LOCK_RETRY_FIRST: Duration = Duration::from_millis(1);
+const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
 
 impl FsFiles {
     pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls) -> Self {
-        Self { vol, rt, ttl }
+        Self { vol, rt, ttl, locked: Arc::default() }
+    }
+
+    /// Whether `owner` ever took a lock on `ino` (and forgets it: the caller drops its locks).
+    fn had_locks(&self, ino: INodeNo, owner: Option<LockOwner>) -> Option<u64> {
+        let owner = owner?.0;
+        self.locked.lock().unwrap_or_else(|p| p.into_inner()).remove(&(ino.0, owner)).then_some(owner)
     }
 
     /// Sends `op` on `node` as the caller of `req` and hands the reply (or the error) to `done`.
@@ -106,6 +120,24 @@ pub fn errno_of(e: &ClientError) -> i32 {
 /// writes were checked at open).
 fn creds_of(req: &Request, groups: bool) -> Creds {
     Creds { uid: req.uid(), gid: req.gid(), groups: if groups { groups_of(req.pid()) } else { Vec::new() } }
+}
+
+/// Whether thread `pid` has a signal pending that it neither blocks nor ignores (its blocking
+/// lock request is then given up with EINTR; a killed process has SIGKILL pending).
+fn signal_pending(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        // Gone: nobody waits any more.
+        return true;
+    };
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    pending & !(mask("SigBlk:") | mask("SigIgn:")) != 0
 }
 
 fn groups_of(pid: u32) -> Vec<u32> {
@@ -187,7 +219,10 @@ impl Filesystem for FsFiles {
         let _ = config.set_max_write(FS_MAX_WRITE);
         let _ = config.set_max_readahead(FS_MAX_WRITE);
         let _ = config.add_capabilities(
-            InitFlags::FUSE_MAX_PAGES
+            // Locks go to the server, so they hold across nodes.
+            InitFlags::FUSE_POSIX_LOCKS
+                | InitFlags::FUSE_FLOCK_LOCKS
+                | InitFlags::FUSE_MAX_PAGES
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_AUTO_INVAL_DATA
                 | InitFlags::FUSE_PARALLEL_DIROPS
@@ -411,16 +446,78 @@ impl Filesystem for FsFiles {
         });
     }
 
-    fn flush(
+    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Every write was answered by the server: at close, it is all there (close-to-open). A
+        // close drops the owner's POSIX locks on the file.
+        let Some(owner) = self.had_locks(ino, Some(lock_owner)) else { return reply.ok() };
+        self.call(req, false, ino, FsOp::Flush { owner }, move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn getlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let lock = Lock { owner: lock_owner.0, start, end, kind: typ as u32, pid };
+        self.call(req, false, ino, FsOp::Getlk { lock }, move |r| match r {
+            Ok(FsReply::Lock(l)) => {
+                let end = if l.end == u64::MAX { i64::MAX as u64 } else { l.end };
+                reply.locked(l.start, end, l.kind as i32, l.pid)
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
         reply: ReplyEmpty,
     ) {
-        // Every write was answered by the server: at close, it is all there (close-to-open).
-        reply.ok();
+        let lock = Lock { owner: lock_owner.0, start, end, kind: typ as u32, pid };
+        let (vol, locked, creds) = (self.vol.clone(), self.locked.clone(), creds_of(req, false));
+        let caller = req.pid();
+        self.rt.spawn(async move {
+            // A blocking lock is asked for again until it is had, or the caller got a signal
+            // (then EINTR, as fcntl F_SETLKW gives): nothing waits on the server.
+            let mut pause = LOCK_RETRY_FIRST;
+            loop {
+                match vol.fs(ino.0, creds.clone(), FsOp::Setlk { lock }).await {
+                    Ok(_) => {
+                        if lock.kind != LOCK_UNLOCK {
+                            locked.lock().unwrap_or_else(|p| p.into_inner()).insert((ino.0, lock.owner));
+                        }
+                        return reply.ok();
+                    }
+                    Err(e) if sleep && errno_of(&e) == libc::EAGAIN => {
+                        if signal_pending(caller) {
+                            return reply.error(Errno::EINTR);
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(LOCK_RETRY_MAX);
+                    }
+                    Err(e) => return reply.error(Errno::from_i32(errno_of(&e))),
+                }
+            }
+        });
     }
 
     fn release(
@@ -429,13 +526,23 @@ impl Filesystem for FsFiles {
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.call(req, false, ino, FsOp::Release { fh: fh.0 }, move |r| match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
+        // The last close of an open file: its flock locks (an owner of its own) go first.
+        let owner = self.had_locks(ino, lock_owner);
+        let (vol, creds) = (self.vol.clone(), creds_of(req, false));
+        self.rt.spawn(async move {
+            if let Some(owner) = owner {
+                if let Err(e) = vol.fs(ino.0, creds.clone(), FsOp::Flush { owner }).await {
+                    debug!(error = %e, "dropping flock locks at release failed");
+                }
+            }
+            match vol.fs(ino.0, creds, FsOp::Release { fh: fh.0 }).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(Errno::from_i32(errno_of(&e))),
+            }
         });
     }
 

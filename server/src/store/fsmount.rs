@@ -80,6 +80,8 @@ pub struct FsMount {
     pub root_handle: u64,
     /// Files open through it (see `files`).
     pub files: crate::files::Files,
+    /// Its byte-range locks (see `files::Locks`).
+    pub locks: std::sync::Arc<crate::files::Locks>,
 }
 
 impl FsMount {
@@ -126,14 +128,15 @@ impl FsMount {
                     mount_point.display()
                 )))
             })?;
-        Ok(Self { mount_point, root, root_handle, files: Default::default() })
+        Ok(Self { mount_point, root, root_handle, files: Default::default(), locks: Default::default() })
     }
 
     /// Writes everything back and unmounts (the loop device goes with it). `EBUSY` when something
     /// on the server still uses it.
     pub fn unmount(self) -> StoreResult<()> {
-        // Open files would keep the mount busy.
+        // Open files and lock fds would keep the mount busy.
         drop(self.files);
+        self.locks.clear();
         // SAFETY: syncfs on a valid fd.
         unsafe { libc::syncfs(self.root.as_raw_fd()) };
         // Our own fd on the root would keep the mount busy.
