@@ -771,6 +771,13 @@ impl Supervisor {
                         let _ = p.call.reply.send(Err(ClientError::ConnectionLost { op }));
                     }
                 }
+                // A file operation that must not happen twice, and may have happened once.
+                Op::Fs { op, .. } if p.sent && !op.idempotent() => {
+                    let op = op.opcode();
+                    if let Some(p) = st.pending.remove(&id) {
+                        let _ = p.call.reply.send(Err(ClientError::ConnectionLost { op }));
+                    }
+                }
                 Op::Close { vol } => {
                     let vol = *vol;
                     st.volumes.remove(&vol);

@@ -228,6 +228,35 @@ impl FsOp {
         }
     }
 
+    /// Whether doing it twice is the same as once, so that a request in flight across a reconnect
+    /// may be sent again. The others fail with the connection instead: a re-sent RENAME_EXCHANGE
+    /// would swap back, an O_APPEND write land twice, an UNLINK remove a file made meanwhile.
+    pub fn idempotent(&self) -> bool {
+        match self {
+            FsOp::Lookup { .. }
+            | FsOp::Getattr
+            | FsOp::Setattr(_)
+            | FsOp::Readdir { .. }
+            | FsOp::Open { .. }
+            | FsOp::Read { .. }
+            | FsOp::Release { .. }
+            | FsOp::Fsync { .. }
+            | FsOp::Readlink
+            | FsOp::Statfs
+            | FsOp::Getlk { .. }
+            | FsOp::Setlk { .. }
+            | FsOp::Flush { .. } => true,
+            // 0o2000: O_APPEND.
+            FsOp::Write { flags, .. } => flags & 0o2000 == 0,
+            FsOp::Mkdir { .. } | FsOp::Mknod { .. } | FsOp::Create { .. } => false,
+            FsOp::Unlink { .. }
+            | FsOp::Rmdir { .. }
+            | FsOp::Rename { .. }
+            | FsOp::Link { .. }
+            | FsOp::Symlink { .. } => false,
+        }
+    }
+
     /// Payload bytes this operation puts in flight (READ length, WRITE data).
     pub fn data_len(&self) -> u32 {
         match self {
@@ -490,6 +519,10 @@ pub(crate) fn parse_request(
     }
     let uid = r.u32()?;
     let gid = r.u32()?;
+    if uid == u32::MAX || gid == u32::MAX {
+        // -1 means "unchanged" to setfsuid: the operation would run as the server.
+        return Err(PayloadError::Invalid("uid and gid 4294967295 are not ids"));
+    }
     let n = usize::from(r.u8()?);
     if n > FS_GROUPS_MAX {
         return Err(PayloadError::TooLong { len: n, max: FS_GROUPS_MAX });

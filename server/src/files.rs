@@ -9,9 +9,10 @@
 //!   thread's filesystem capabilities, so the kernel checks permissions exactly as for the caller.
 //!   The worker threads have a umask of their own (unshare(CLONE_FS)), 0: the client's umask is
 //!   applied to the mode it sends.
-//! - **Open files** (`fh`): a table per mount; each entry remembers the connection that opened it
-//!   and is closed with that connection. A READ/WRITE/FSYNC whose fh is not in the table (the server
-//!   restarted, or the connection was replaced) opens the node again with the flags the client
+//! - **Open files** (`fh`): a table per mount; each entry remembers the client session that opened
+//!   it and is closed when that session has had no connection for `LOCK_LEASE` (a reconnect keeps
+//!   them, unlinked-but-open files included). A READ/WRITE/FSYNC whose fh is not in the table (the
+//!   server restarted) opens the node again with the flags the client
 //!   sends along: a server restart is invisible to open files (except files unlinked while open,
 //!   which die with the server's fds, as on NFS).
 //!
@@ -31,7 +32,7 @@ use ferrovol_proto::{ErrorReply, Opcode};
 
 use crate::store::fsmount::FsMount;
 
-/// Open files one mount keeps for one connection (then EMFILE).
+/// Open files one mount keeps for one client session (then EMFILE).
 pub const FILES_PER_CONNECTION_MAX: usize = 4096;
 /// Worker threads for file operations.
 const WORKERS: usize = 16;
@@ -107,12 +108,20 @@ fn as_caller(c: &Creds) -> io::Result<AsCaller> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    let guard = AsCaller;
+    // setfsuid/setfsgid report nothing: ask again (-1 changes nothing and returns the current
+    // value), so an id that did not take (no CAP_SETUID) fails the operation instead of running
+    // it as root. The guard restores root on the way out either way.
     // SAFETY: plain syscalls on this thread's credentials.
-    unsafe {
+    let ok = unsafe {
         libc::setfsgid(c.gid);
         libc::setfsuid(c.uid);
+        libc::setfsgid(u32::MAX) as u32 == c.gid && libc::setfsuid(u32::MAX) as u32 == c.uid
+    };
+    if !ok {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
-    Ok(AsCaller)
+    Ok(guard)
 }
 
 impl Drop for AsCaller {
@@ -305,10 +314,16 @@ impl Files {
         }
     }
 
-    /// Closes what connection `conn` opened (it is gone).
-    pub fn close_connection(&self, conn: u64) {
+    /// Closes what client session `conn` opened (it is gone).
+    pub fn close_session(&self, conn: u64) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, f| f.conn != conn);
         self.per_conn.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+    }
+
+    /// Closes every file (the mount goes).
+    pub fn clear(&self) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.per_conn.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn len(&self) -> usize {
@@ -326,6 +341,34 @@ fn reopen_flags(flags: u32) -> libc::c_int {
         & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)
 }
 
+/// The client's open flags the server honours: access mode and write semantics, O_TRUNC and (for
+/// CREATE) O_EXCL. Never O_NOFOLLOW, O_DIRECTORY, O_PATH or O_TMPFILE (which would change what is
+/// opened), nor O_DIRECT (the server's buffers are not aligned; its loop device is direct
+/// already), nor O_NONBLOCK / O_NOCTTY / O_ASYNC.
+fn open_flags(flags: u32) -> libc::c_int {
+    reopen_flags(flags) | ((flags as libc::c_int) & (libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC
+}
+
+/// The file type bits of the inode `fd` refers to.
+fn type_of(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: a zeroed stat is valid; fstat fills it for the open `fd`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Refuses anything but a regular file: the server opens no devices (the mount is nodev too),
+/// FIFOs (an open would block a worker) or sockets for a client.
+fn regular(fd: RawFd) -> io::Result<()> {
+    match type_of(fd)? {
+        libc::S_IFREG => Ok(()),
+        libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EISDIR)),
+        // What a client kernel opens locally: the server never does.
+        _ => Err(io::Error::from_raw_os_error(libc::ENXIO)),
+    }
+}
+
 fn is_write(flags: u32) -> bool {
     let acc = (flags as libc::c_int) & libc::O_ACCMODE;
     acc == libc::O_WRONLY || acc == libc::O_RDWR || (flags as libc::c_int) & libc::O_TRUNC != 0
@@ -337,8 +380,6 @@ fn is_write(flags: u32) -> bool {
 /// Who asks, and through what.
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
-    /// The connection (its open files are closed with it).
-    pub conn: u64,
     /// The fs volume is open read-only on this connection.
     pub read_only: bool,
     /// The client session (HELLO `session`): its locks outlive one connection (see `Locks`).
@@ -381,16 +422,19 @@ fn open_file(m: &FsMount, cx: Context, node: u64, fh: u64, flags: u32) -> io::Re
     if let Some(fd) = m.files.get(fh) {
         return Ok(fd);
     }
-    // Not ours (a restart, or another connection's that went away): open it again.
+    // Not ours (a restart, or another connection's that went away): open it again, if it is a
+    // regular file (a node is only a handle: check before opening anything for real).
+    regular(m.path_of(node)?.as_raw_fd())?;
     let fd = m.open_node(node, reopen_flags(flags))?;
-    m.files.insert(fh, fd, cx.conn)
+    m.files.insert(fh, fd, cx.session)
 }
 
 fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
     let mut buf = BytesMut::with_capacity(len as usize);
     while buf.len() < len as usize {
         let at = offset + buf.len() as u64;
-        let spare = buf.spare_capacity_mut();
+        let want = len as usize - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
         // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, which nothing
         // reads before `set_len` marks the written bytes initialised.
         let n = unsafe { libc::pread(fd, spare.as_mut_ptr().cast(), spare.len(), at as libc::off_t) };
@@ -424,6 +468,15 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
         FsOp::Setattr(s) => {
             let fd = m.path_of(node)?;
             let path = proc_path(fd.as_raw_fd());
+            let kind = type_of(fd.as_raw_fd())?;
+            // Through /proc a symlink's mode or size would be its target's: refused, as lchmod is.
+            if kind == libc::S_IFLNK && s.valid & (SETATTR_MODE | SETATTR_SIZE) != 0 {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            if kind != libc::S_IFREG && s.valid & SETATTR_SIZE != 0 {
+                let e = if kind == libc::S_IFDIR { libc::EISDIR } else { libc::EINVAL };
+                return Err(io::Error::from_raw_os_error(e));
+            }
             let c = as_caller(creds)?;
             if s.valid & SETATTR_SIZE != 0 {
                 let open = if s.fh != 0 { m.files.get(s.fh) } else { None };
@@ -460,8 +513,11 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
                     t(SETATTR_ATIME, SETATTR_ATIME_NOW, s.atime),
                     t(SETATTR_MTIME, SETATTR_MTIME_NOW, s.mtime),
                 ];
-                // SAFETY: `path` is NUL-terminated; `times` holds two timespecs.
-                check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })?;
+                // On the inode itself (a symlink's own times too), not through /proc.
+                // SAFETY: an open fd, an empty path; `times` holds two timespecs.
+                check(unsafe {
+                    libc::utimensat(fd.as_raw_fd(), c"".as_ptr(), times.as_ptr(), libc::AT_EMPTY_PATH)
+                })?;
             }
             drop(c);
             FsReply::Attr(m.attr(fd.as_raw_fd())?)
@@ -488,27 +544,32 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             let dir = m.path_of(node)?;
             let n = cname(&name);
             let c = as_caller(creds)?;
-            let flags = (flags as libc::c_int & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_CLOEXEC;
+            // Never through a symlink (it could point anywhere on the server), and never blocking
+            // on a FIFO someone made under that name meanwhile.
+            let flags = open_flags(flags) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
             // SAFETY: `n` is NUL-terminated.
             let fd =
                 fd_of(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags, mode & !umask & 0o7777) })?;
             drop(c);
+            if regular(fd.as_raw_fd()).is_err() {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
             let attr = m.attr(fd.as_raw_fd())?;
             let fh = next_fh();
-            m.files.insert(fh, fd, cx.conn)?;
+            m.files.insert(fh, fd, cx.session)?;
             FsReply::Created { attr, fh }
         }
         FsOp::Open { flags } => {
             let fd = m.path_of(node)?;
+            regular(fd.as_raw_fd())?;
             let path = proc_path(fd.as_raw_fd());
-            let flags =
-                (flags as libc::c_int & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY)) | libc::O_CLOEXEC;
+            let flags = open_flags(flags) & !libc::O_EXCL;
             let c = as_caller(creds)?;
             // SAFETY: `path` is NUL-terminated.
             let file = fd_of(unsafe { libc::open(path.as_ptr(), flags) })?;
             drop(c);
             let fh = next_fh();
-            m.files.insert(fh, file, cx.conn)?;
+            m.files.insert(fh, file, cx.session)?;
             FsReply::Opened { fh }
         }
         FsOp::Read { fh, flags, offset, len } => {
@@ -552,8 +613,16 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             m.files.remove(fh);
             FsReply::Done
         }
-        FsOp::Fsync { fh, flags, datasync } => {
-            let fd = open_file(m, cx, node, fh, flags)?;
+        FsOp::Fsync { fh, flags: _, datasync } => {
+            // fh 0: the inode itself (a directory's fsync); an fh the server does not know is
+            // synced through a short-lived fd (fsync needs no write access), not kept.
+            let fd = match m.files.get(fh).filter(|_| fh != 0) {
+                Some(fd) => fd,
+                None => Arc::new(m.open_node(node, libc::O_RDONLY | libc::O_NONBLOCK)?),
+            };
+            if type_of(fd.as_raw_fd())? != libc::S_IFDIR {
+                regular(fd.as_raw_fd())?;
+            }
             // SAFETY: fsync/fdatasync on an open fd.
             check(unsafe {
                 if datasync {
@@ -709,7 +778,12 @@ impl Locks {
         if let Some(fd) = self.fds.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(fd.clone());
         }
-        // Read-write where it can be (write locks need it), else read-only.
+        // Files and directories only (never a device or a FIFO); read-write where it can be (write
+        // locks need it), else read-only.
+        let kind = type_of(m.path_of(node)?.as_raw_fd())?;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let fd = match m.open_node(node, libc::O_RDWR) {
             Ok(fd) => fd,
             Err(_) => m.open_node(node, libc::O_RDONLY)?,
@@ -735,8 +809,9 @@ impl Locks {
         *self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(session).or_default() += 1;
     }
 
-    /// A connection of `session` is gone: once none is left for `LOCK_LEASE`, its locks go.
-    pub fn session_down(self: &Arc<Self>, session: u64) {
+    /// A connection of `session` is gone: once none is left for `LOCK_LEASE`, its locks and its
+    /// open `files` go.
+    pub fn session_down(self: &Arc<Self>, session: u64, files: &Arc<Files>) {
         {
             let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             let Some(n) = s.get_mut(&session) else { return };
@@ -746,12 +821,13 @@ impl Locks {
             }
             s.remove(&session);
         }
-        let locks = self.clone();
+        let (locks, files) = (self.clone(), files.clone());
         let spawned = std::thread::Builder::new().name("ferrovol-lock-lease".into()).spawn(move || {
             std::thread::sleep(LOCK_LEASE);
             if locks.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session) {
                 return;
             }
+            files.close_session(session);
             let mut fds = locks.fds.lock().unwrap_or_else(|p| p.into_inner());
             let before = fds.len();
             fds.retain(|(s, _, _), _| *s != session);

@@ -60,8 +60,6 @@ pub struct Session {
     slot: Option<(Arc<crate::listener::SlotFence>, u64)>,
     handles: HashMap<u32, OpenVolume>,
     next_handle: u32,
-    /// Unique per connection in this server's life (the open files of fs volumes belong to it).
-    conn_id: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -73,16 +71,15 @@ impl std::fmt::Debug for Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for (_, h) in self.handles.drain() {
-            release(&h, self.client_session, self.conn_id);
+            release(&h, self.client_session);
         }
     }
 }
 
 /// Undoes what OPEN counted for a handle.
-fn release(h: &OpenVolume, client_session: u64, conn: u64) {
+fn release(h: &OpenVolume, client_session: u64) {
     if let Some(m) = h.vol.mounted() {
-        m.files.close_connection(conn);
-        m.locks.session_down(client_session);
+        m.locks.session_down(client_session, &m.files);
     }
     if !h.read_only && !h.vol.is_fs() {
         h.vol.close_writer(h.generation, client_session);
@@ -332,7 +329,7 @@ impl Session {
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
                     Some(h) => {
-                        release(&h, self.client_session, self.conn_id);
+                        release(&h, self.client_session);
                         Ok(Reply::Done)
                     }
                     None => Err(StoreError::BadHandle(handle.0)),
@@ -365,8 +362,7 @@ impl Session {
                     Err(e) => return Outcome::Reply(err(id, op, &e)),
                 };
                 let (mount, read_only) = mount;
-                let cx =
-                    crate::files::Context { conn: self.conn_id, read_only, session: self.client_session };
+                let cx = crate::files::Context { read_only, session: self.client_session };
                 Outcome::Later(Box::pin(async move {
                     let result =
                         crate::files::run(move || crate::files::execute(&mount, cx, node, &creds, fsop))
@@ -407,8 +403,6 @@ impl Session {
         debug!(node = %hello.node_id, admin, "handshake done");
         self.node = Some(hello.node_id);
         self.client_session = hello.session;
-        static CONNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        self.conn_id = CONNS.fetch_add(1, Ordering::Relaxed);
         self.slot = Some(ctx.slots.claim(hello.session, hello.slot));
         self.admin = admin;
         let mut session_flags = if admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 };

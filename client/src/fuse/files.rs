@@ -111,7 +111,11 @@ impl FsFiles {
 /// The errno an application gets for a failed request.
 pub fn errno_of(e: &ClientError) -> i32 {
     match e {
-        ClientError::Errno { errno, .. } => i32::try_from(*errno).unwrap_or(libc::EIO),
+        // Only a real errno reaches the application (0 would read as success).
+        ClientError::Errno { errno, .. } => match i32::try_from(*errno) {
+            Ok(e @ 1..=4095) => e,
+            _ => libc::EIO,
+        },
         other => super::errno_code(other),
     }
 }
@@ -553,9 +557,12 @@ impl Filesystem for FsFiles {
         });
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory changes are made by the server's filesystem; its journal commits them.
-        reply.ok();
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        // The directory itself is fsynced on the server (fh 0): a rename then fsync(dir) is durable.
+        self.call(req, false, ino, FsOp::Fsync { fh: 0, flags: 0, datasync }, move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

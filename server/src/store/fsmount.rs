@@ -79,7 +79,7 @@ pub struct FsMount {
     /// The root directory's own file handle, packed (it is answered as node 1).
     pub root_handle: u64,
     /// Files open through it (see `files`).
-    pub files: crate::files::Files,
+    pub files: std::sync::Arc<crate::files::Files>,
     /// Its byte-range locks (see `files::Locks`).
     pub locks: std::sync::Arc<crate::files::Locks>,
 }
@@ -98,14 +98,31 @@ impl FsMount {
         }
         let mount_point = dir.join(MOUNT_DIR);
         std::fs::create_dir_all(&mount_point)?;
+        // mountinfo holds canonical paths.
+        let mount_point = std::fs::canonicalize(&mount_point)?;
         if mounted_at(&mount_point) {
             info!(mount = %mount_point.display(), "fs volume already mounted (kept by the kernel); reusing it");
         } else {
             // A loop device with direct I/O (the data file's pages are not cached twice), mounted,
             // then detached: autoclear frees it at unmount.
+            // A loop device already on the data file (a mount elsewhere, by another server
+            // process or mount namespace): a second mount of one ext4 would corrupt it.
+            let attached = run(Command::new("losetup").arg("-j").arg(data))?;
+            if !attached.is_empty() {
+                return Err(StoreError::Busy(format!(
+                    "{} is already attached to a loop device ({attached}) but not mounted at {}: refusing \
+                     to mount it twice",
+                    data.display(),
+                    mount_point.display()
+                )));
+            }
             let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(data))?;
-            let mounted =
-                run(Command::new("mount").args(["-t", "ext4", "-o", "noatime"]).arg(&dev).arg(&mount_point));
+            // nodev, nosuid, noexec: the server never opens a device, runs a program or honours a
+            // set-user-ID bit that a client made; the bits are still stored and shown.
+            let mounted = run(Command::new("mount")
+                .args(["-t", "ext4", "-o", "noatime,nodev,nosuid,noexec"])
+                .arg(&dev)
+                .arg(&mount_point));
             if let Err(e) = run(Command::new("losetup").arg("-d").arg(&dev)) {
                 warn!(device = %dev, error = %e, "cannot mark the loop device for release at unmount");
             }
@@ -135,7 +152,7 @@ impl FsMount {
     /// on the server still uses it.
     pub fn unmount(self) -> StoreResult<()> {
         // Open files and lock fds would keep the mount busy.
-        drop(self.files);
+        self.files.clear();
         self.locks.clear();
         // SAFETY: syncfs on a valid fd.
         unsafe { libc::syncfs(self.root.as_raw_fd()) };
@@ -150,6 +167,7 @@ impl FsMount {
 /// Unmounts what a volume directory may still have mounted (before a delete).
 pub fn unmount_dir(dir: &Path) -> StoreResult<()> {
     let mp = dir.join(MOUNT_DIR);
+    let mp = std::fs::canonicalize(&mp).unwrap_or(mp);
     if mounted_at(&mp) {
         run(Command::new("umount").arg(&mp))?;
     }

@@ -425,6 +425,12 @@ impl Store {
             }
             VolumeSource::Volume(src) => {
                 let vol = self.get(src)?;
+                if vol.is_fs() {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "volume {src} is an fs volume: it cannot be cloned yet (its mounted filesystem \
+                         would be copied torn)"
+                    )));
+                }
                 check(vol.size())?;
                 let source_size = match vol.snapshot_to(data)? {
                     volume::PointInTime::Reflinked(s) => s,

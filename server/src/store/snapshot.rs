@@ -218,6 +218,12 @@ impl Store {
         labels: &Labels,
     ) -> StoreResult<SnapshotInfo> {
         ferrovol_proto::validate_labels(labels)?;
+        if self.get(source)?.is_fs() {
+            return Err(StoreError::InvalidArgument(format!(
+                "volume {source} is an fs volume: its snapshots are not supported yet (its mounted \
+                 filesystem would be copied torn)"
+            )));
+        }
         let reserved = {
             let mut snaps = self.snaps();
             if let Some(s) = snaps.map.get(name) {

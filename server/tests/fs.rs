@@ -1,0 +1,214 @@
+//! The file operations of fs volumes through the raw protocol against the real server binary:
+//! the server's own checks (credentials, read-only handles, symlinks, devices and FIFOs, hostile
+//! ids), which a FUSE client's kernel would mostly refuse before they reach it, and a real kill -9
+//! of the server process. They need root (the server mounts the volume).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // tests: a panic is a failure
+
+mod common;
+
+use std::process::Command;
+
+use bytes::Bytes;
+use common::*;
+use ferrovol_proto::codec::VOLUME_KIND_FS;
+use ferrovol_proto::fs::*;
+use ferrovol_proto::*;
+
+const ROOT: Creds = Creds { uid: 0, gid: 0, groups: Vec::new() };
+
+fn nobody() -> Creds {
+    Creds { uid: 65534, gid: 65534, groups: vec![] }
+}
+
+fn fs(c: &mut RawClient, h: VolumeHandle, node: u64, creds: &Creds, op: FsOp) -> Result<FsReply, ErrorReply> {
+    match c.call(Request::Fs { handle: h, node, creds: creds.clone(), op }).result {
+        Ok(Reply::Fs(r)) => Ok(r),
+        Ok(other) => panic!("not an FS reply: {other:?}"),
+        Err(e) => Err(e),
+    }
+}
+
+fn errno(r: Result<FsReply, ErrorReply>) -> u32 {
+    match r {
+        Err(e) if e.status == Status::Errno => e.errno,
+        other => panic!("expected an errno, got {other:?}"),
+    }
+}
+
+fn n(s: &str) -> FsName {
+    FsName::new(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+}
+
+fn node_of(r: Result<FsReply, ErrorReply>) -> u64 {
+    match r {
+        Ok(FsReply::Entry(a)) | Ok(FsReply::Attr(a)) | Ok(FsReply::Created { attr: a, .. }) => a.node,
+        other => panic!("expected an entry, got {other:?}"),
+    }
+}
+
+fn open_fs(c: &mut RawClient, read_only: bool) -> VolumeHandle {
+    match c.call(Request::Open { name: name("v"), read_only, generation: 0 }).result {
+        Ok(Reply::Opened { handle, .. }) => handle,
+        other => panic!("open: {other:?}"),
+    }
+}
+
+/// Kills the server and unmounts its mount of the volume when the test ends, however it ends.
+struct Cleanup(std::path::PathBuf, Option<std::process::Child>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.1.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_server_checks_every_file_operation_itself() {
+    if !ferrovol_server::testing::privileged(
+        "the_server_checks_every_file_operation_itself",
+        &["mkfs.ext4", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
+    let (server, addr) = spawn_server(&data, "127.0.0.1:0");
+    let mut cleanup = Cleanup(data.join("volumes/v/mnt"), Some(server));
+    let mut c = RawClient::hello(addr, "n1", "");
+    let r = c.call(Request::VolumeCreate {
+        kind: VOLUME_KIND_FS,
+        name: name("v"),
+        size: 64 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
+    assert!(r.result.is_ok(), "{r:?}");
+    let h = open_fs(&mut c, false);
+
+    // Credentials: nobody may not write the root-owned 0755 root; root may; an error leaves the
+    // worker thread as root again (more rounds than there are workers).
+    for i in 0..40 {
+        let denied = fs(
+            &mut c,
+            h,
+            NODE_ROOT,
+            &nobody(),
+            FsOp::Mkdir { name: n(&format!("x{i}")), mode: 0o755, umask: 0 },
+        );
+        assert_eq!(errno(denied), libc::EACCES as u32);
+        let made =
+            fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Mkdir { name: n(&format!("r{i}")), mode: 0o755, umask: 0 });
+        assert!(made.is_ok(), "{made:?}");
+    }
+    let public =
+        node_of(fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Mkdir { name: n("pub"), mode: 0o777, umask: 0 }));
+    let created =
+        fs(&mut c, h, public, &nobody(), FsOp::Create { name: n("f"), flags: 0o2, mode: 0o644, umask: 0o22 });
+    let Ok(FsReply::Created { attr, fh }) = created else { panic!("{created:?}") };
+    assert_eq!((attr.uid, attr.gid, attr.mode & 0o7777), (65534, 65534, 0o644));
+    // Group membership comes from the request: gid 4242's group-writable directory.
+    let grp = node_of(fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Mkdir { name: n("grp"), mode: 0o775, umask: 0 }));
+    let chgrp = SetAttr { valid: SETATTR_GID, gid: 4242, ..SetAttr::default() };
+    assert!(fs(&mut c, h, grp, &ROOT, FsOp::Setattr(chgrp)).is_ok());
+    let member = Creds { uid: 1000, gid: 1000, groups: vec![4242] };
+    assert!(fs(&mut c, h, grp, &member, FsOp::Mkdir { name: n("m"), mode: 0o755, umask: 0 }).is_ok());
+    let outsider = Creds { uid: 1000, gid: 1000, groups: vec![] };
+    assert_eq!(
+        errno(fs(&mut c, h, grp, &outsider, FsOp::Mkdir { name: n("o"), mode: 0o755, umask: 0 })),
+        libc::EACCES as u32
+    );
+
+    // A symlink is never followed on the server: not by CREATE, not out of the volume.
+    for target in ["/etc/passwd", "../../../../../../etc/passwd"] {
+        let made = fs(
+            &mut c,
+            h,
+            NODE_ROOT,
+            &ROOT,
+            FsOp::Symlink { name: n("esc"), target: Bytes::copy_from_slice(target.as_bytes()) },
+        );
+        assert!(made.is_ok(), "{made:?}");
+        let e = errno(fs(
+            &mut c,
+            h,
+            NODE_ROOT,
+            &ROOT,
+            FsOp::Create { name: n("esc"), flags: 0o1, mode: 0o644, umask: 0 },
+        ));
+        assert!(e == libc::ELOOP as u32 || e == libc::EEXIST as u32, "create through a symlink: errno {e}");
+        assert!(fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Unlink { name: n("esc") }).is_ok());
+    }
+
+    // Devices and FIFOs may be made (the client's kernel opens them locally) but the server opens
+    // none of them, and a FIFO never blocks a worker.
+    let dev = node_of(fs(
+        &mut c,
+        h,
+        NODE_ROOT,
+        &ROOT,
+        FsOp::Mknod { name: n("null"), mode: libc::S_IFCHR | 0o666, umask: 0, rdev: (1 << 8) | 3 },
+    ));
+    let fifo = node_of(fs(
+        &mut c,
+        h,
+        NODE_ROOT,
+        &ROOT,
+        FsOp::Mknod { name: n("fifo"), mode: libc::S_IFIFO | 0o666, umask: 0, rdev: 0 },
+    ));
+    for node in [dev, fifo] {
+        assert_eq!(errno(fs(&mut c, h, node, &ROOT, FsOp::Open { flags: 0o2 })), libc::ENXIO as u32);
+        // The reopen path (an fh the server does not know) refuses it too.
+        let read = FsOp::Read { fh: 0xdead_beef, flags: 0, offset: 0, len: 16 };
+        assert_eq!(errno(fs(&mut c, h, node, &ROOT, read)), libc::ENXIO as u32);
+        let lock = Lock { owner: 1, start: 0, end: u64::MAX, kind: LOCK_WRITE, pid: 1 };
+        assert_eq!(errno(fs(&mut c, h, node, &ROOT, FsOp::Setlk { lock })), libc::EINVAL as u32);
+    }
+
+    // Hostile ids: uid -1 would mean "unchanged" (root) to setfsuid.
+    let bad = Creds { uid: u32::MAX, gid: 0, groups: vec![] };
+    let r = c.call(Request::Fs { handle: h, node: NODE_ROOT, creds: bad, op: FsOp::Getattr });
+    assert_eq!(status(&r), Status::BadRequest);
+
+    // A read-only handle refuses every change with EROFS, whatever the caller.
+    let ro = open_fs(&mut c, true);
+    let changes = [
+        FsOp::Mkdir { name: n("ro"), mode: 0o755, umask: 0 },
+        FsOp::Create { name: n("ro"), flags: 0o1, mode: 0o644, umask: 0 },
+        FsOp::Unlink { name: n("pub") },
+        FsOp::Rmdir { name: n("r0") },
+        FsOp::Setattr(SetAttr { valid: SETATTR_MODE, mode: 0o700, ..SetAttr::default() }),
+        FsOp::Open { flags: 0o2 },
+        FsOp::Rename { name: n("r1"), new_parent: NODE_ROOT, new_name: n("r2"), flags: 0 },
+        FsOp::Symlink { name: n("s"), target: Bytes::from_static(b"t") },
+    ];
+    for op in changes {
+        assert_eq!(errno(fs(&mut c, ro, NODE_ROOT, &ROOT, op.clone())), libc::EROFS as u32, "{op:?}");
+    }
+    let write = FsOp::Write { fh, flags: 0o2, offset: 0, data: Bytes::from_static(b"no") };
+    assert_eq!(errno(fs(&mut c, ro, attr.node, &ROOT, write)), libc::EROFS as u32);
+
+    // Data through the open file, then a real kill -9 of the server process: the restarted server
+    // takes over the mount the kernel kept (one loop device, not two) and the old fh still works.
+    let write = FsOp::Write { fh, flags: 0o2, offset: 0, data: Bytes::from_static(b"before the crash") };
+    assert_eq!(fs(&mut c, h, attr.node, &ROOT, write).unwrap(), FsReply::Written(16));
+    assert!(fs(&mut c, h, attr.node, &ROOT, FsOp::Fsync { fh, flags: 0o2, datasync: false }).is_ok());
+    let mut server = cleanup.1.take().unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (server, addr) = spawn_server(&data, &addr.to_string());
+    cleanup.1 = Some(server);
+    let mut c = RawClient::hello(addr, "n1", "");
+    let h = open_fs(&mut c, false);
+    let loops = Command::new("losetup").arg("-j").arg(data.join("volumes/v/data")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&loops.stdout).lines().count(), 1, "{loops:?}");
+    let read = FsOp::Read { fh, flags: 0o2, offset: 0, len: 64 };
+    assert_eq!(
+        fs(&mut c, h, attr.node, &ROOT, read).unwrap(),
+        FsReply::Data(Bytes::from_static(b"before the crash"))
+    );
+    drop(cleanup);
+}
