@@ -510,3 +510,82 @@ fn locks_exclude_across_nodes_and_die_with_their_process() {
 fn locker_waiting(script: &str) -> std::process::Child {
     Command::new("python3").args(["-u", "-c", script]).stdout(std::process::Stdio::piped()).spawn().unwrap()
 }
+
+#[test]
+fn fallocate_seek_data_and_a_server_side_copy() {
+    use std::os::unix::io::AsRawFd;
+    if !privileged("fallocate_seek_data_and_a_server_side_copy", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let s = setup();
+    let (a, b) = (&s.a, &s.b);
+    // fallocate: space reserved (blocks, size), then a hole punched (zeros read back on B).
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(a.join("pre"))
+        .unwrap();
+    // SAFETY: fallocate on an open fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let st = fs::metadata(b.join("pre")).unwrap();
+    assert_eq!(st.len(), 1 << 20);
+    assert!(st.blocks() * 512 >= 1 << 20, "no space reserved: {} blocks", st.blocks());
+    let mut w = f.try_clone().unwrap();
+    w.write_all(&[7u8; 65536]).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: as above.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), punch, 4096, 8192) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let back = fs::read(b.join("pre")).unwrap();
+    assert!(back[..4096].iter().all(|x| *x == 7) && back[4096..12288].iter().all(|x| *x == 0));
+    assert!(back[12288..65536].iter().all(|x| *x == 7));
+    drop((f, w));
+
+    // SEEK_DATA / SEEK_HOLE on a sparse file: data only from 1 MiB.
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(a.join("sparse"))
+        .unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&pattern(4, 8192)).unwrap();
+    f.sync_all().unwrap();
+    let g = fs::File::open(b.join("sparse")).unwrap();
+    // SAFETY: lseek on an open fd.
+    let data = unsafe { libc::lseek(g.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(data, 1 << 20, "SEEK_DATA: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(g.as_raw_fd(), 1 << 20, libc::SEEK_HOLE) };
+    assert_eq!(hole, (1 << 20) + 8192);
+    drop((f, g));
+
+    // copy_file_range: on the server, and the copy is what B reads.
+    let src_data = pattern(5, 3 << 20);
+    fs::write(a.join("src"), &src_data).unwrap();
+    let src = fs::File::open(a.join("src")).unwrap();
+    let dst = fs::OpenOptions::new().create(true).truncate(true).write(true).open(a.join("dst")).unwrap();
+    let mut copied = 0usize;
+    while copied < src_data.len() {
+        // SAFETY: two open fds, no offsets (the file positions move), no flags.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                src_data.len() - copied,
+                0,
+            )
+        };
+        assert!(n > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+        copied += n as usize;
+    }
+    drop((src, dst));
+    assert!(fs::read(b.join("dst")).unwrap() == src_data);
+    drop(s.cleanup);
+}

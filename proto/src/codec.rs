@@ -883,7 +883,10 @@ impl Request {
                 | Opcode::FsStatfs
                 | Opcode::FsGetlk
                 | Opcode::FsSetlk
-                | Opcode::FsFlush => return Err(PayloadError::Invalid("FS opcode")),
+                | Opcode::FsFlush
+                | Opcode::FsFallocate
+                | Opcode::FsLseek
+                | Opcode::FsCopyRange => return Err(PayloadError::Invalid("FS opcode")),
             };
             Ok(req)
         })();
@@ -1322,7 +1325,10 @@ impl Response {
                 | Opcode::FsStatfs
                 | Opcode::FsGetlk
                 | Opcode::FsSetlk
-                | Opcode::FsFlush => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
+                | Opcode::FsFlush
+                | Opcode::FsFallocate
+                | Opcode::FsLseek
+                | Opcode::FsCopyRange => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
             })
         })();
         let reply = parsed.map_err(|e| fail(e.to_string()))?;

@@ -198,6 +198,32 @@ pub enum FsOp {
     Flush {
         owner: u64,
     },
+    /// fallocate(2) on an open file: `mode` its flags (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE...).
+    Fallocate {
+        fh: u64,
+        flags: u32,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    },
+    /// lseek(2) SEEK_DATA (3) or SEEK_HOLE (4) from `offset`.
+    Lseek {
+        fh: u64,
+        flags: u32,
+        offset: u64,
+        whence: u32,
+    },
+    /// copy_file_range(2) from this node's `fh` to `out_node`'s `out_fh`, on the server.
+    CopyRange {
+        fh: u64,
+        flags: u32,
+        offset: u64,
+        out_node: u64,
+        out_fh: u64,
+        out_flags: u32,
+        out_offset: u64,
+        len: u64,
+    },
 }
 
 impl FsOp {
@@ -225,6 +251,9 @@ impl FsOp {
             FsOp::Getlk { .. } => Opcode::FsGetlk,
             FsOp::Setlk { .. } => Opcode::FsSetlk,
             FsOp::Flush { .. } => Opcode::FsFlush,
+            FsOp::Fallocate { .. } => Opcode::FsFallocate,
+            FsOp::Lseek { .. } => Opcode::FsLseek,
+            FsOp::CopyRange { .. } => Opcode::FsCopyRange,
         }
     }
 
@@ -245,7 +274,10 @@ impl FsOp {
             | FsOp::Statfs
             | FsOp::Getlk { .. }
             | FsOp::Setlk { .. }
-            | FsOp::Flush { .. } => true,
+            | FsOp::Flush { .. }
+            | FsOp::Lseek { .. }
+            | FsOp::Fallocate { .. }
+            | FsOp::CopyRange { .. } => true,
             // 0o2000: O_APPEND.
             FsOp::Write { flags, .. } => flags & 0o2000 == 0,
             FsOp::Mkdir { .. } | FsOp::Mknod { .. } | FsOp::Create { .. } => false,
@@ -335,6 +367,8 @@ pub enum FsReply {
     Data(Bytes),
     /// GETLK: the conflicting lock (`kind` UNLOCK: none).
     Lock(Lock),
+    /// LSEEK: the offset found.
+    Offset(u64),
     /// RELEASE, FSYNC, UNLINK, RMDIR, RENAME.
     Done,
 }
@@ -481,6 +515,29 @@ pub(crate) fn encode_request(node: u64, creds: &Creds, op: &FsOp) -> BytesMut {
         FsOp::Getlk { lock } => put_lock(&mut p, lock),
         FsOp::Setlk { lock } => put_lock(&mut p, lock),
         FsOp::Flush { owner } => p.put_u64_le(*owner),
+        FsOp::Fallocate { fh, flags, mode, offset, len } => {
+            p.put_u64_le(*fh);
+            p.put_u32_le(*flags);
+            p.put_u32_le(*mode);
+            p.put_u64_le(*offset);
+            p.put_u64_le(*len);
+        }
+        FsOp::Lseek { fh, flags, offset, whence } => {
+            p.put_u64_le(*fh);
+            p.put_u32_le(*flags);
+            p.put_u64_le(*offset);
+            p.put_u32_le(*whence);
+        }
+        FsOp::CopyRange { fh, flags, offset, out_node, out_fh, out_flags, out_offset, len } => {
+            p.put_u64_le(*fh);
+            p.put_u32_le(*flags);
+            p.put_u64_le(*offset);
+            p.put_u64_le(*out_node);
+            p.put_u64_le(*out_fh);
+            p.put_u32_le(*out_flags);
+            p.put_u64_le(*out_offset);
+            p.put_u64_le(*len);
+        }
     }
     p
 }
@@ -632,6 +689,33 @@ pub(crate) fn parse_request(
         Opcode::FsGetlk => FsOp::Getlk { lock: get_lock(r)? },
         Opcode::FsSetlk => FsOp::Setlk { lock: get_lock(r)? },
         Opcode::FsFlush => FsOp::Flush { owner: r.u64()? },
+        Opcode::FsFallocate => {
+            FsOp::Fallocate { fh: r.u64()?, flags: r.u32()?, mode: r.u32()?, offset: r.u64()?, len: r.u64()? }
+        }
+        Opcode::FsLseek => {
+            let (fh, flags, offset, whence) = (r.u64()?, r.u32()?, r.u64()?, r.u32()?);
+            if whence != 3 && whence != 4 {
+                return Err(PayloadError::Invalid("FS_LSEEK takes SEEK_DATA (3) or SEEK_HOLE (4)"));
+            }
+            FsOp::Lseek { fh, flags, offset, whence }
+        }
+        Opcode::FsCopyRange => {
+            let (fh, flags, offset) = (r.u64()?, r.u32()?, r.u64()?);
+            let out_node = r.u64()?;
+            if out_node == 0 {
+                return Err(PayloadError::Invalid("node 0 does not exist"));
+            }
+            FsOp::CopyRange {
+                fh,
+                flags,
+                offset,
+                out_node,
+                out_fh: r.u64()?,
+                out_flags: r.u32()?,
+                out_offset: r.u64()?,
+                len: r.u64()?,
+            }
+        }
         _ => return Err(PayloadError::Invalid("not an FS opcode")),
     };
     if !matches!(op, Opcode::FsRead | Opcode::FsWrite) && (offset != 0 || length != 0) {
@@ -671,6 +755,7 @@ pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
         // The payload itself (READ data: the buffer pread filled, no copy).
         FsReply::Data(d) => return Some(d.clone()),
         FsReply::Lock(l) => put_lock(p, l),
+        FsReply::Offset(o) => p.put_u64_le(*o),
         FsReply::Done => {}
     }
     None
@@ -708,6 +793,8 @@ pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Re
             frsize: r.u32()?,
         }),
         Opcode::FsGetlk => FsReply::Lock(get_lock(r)?),
+        Opcode::FsLseek => FsReply::Offset(r.u64()?),
+        Opcode::FsCopyRange => FsReply::Written(r.u32()?),
         Opcode::FsRead | Opcode::FsReadlink => {
             r.take(r.remaining())?;
             FsReply::Data(payload.clone())
@@ -770,6 +857,18 @@ mod tests {
             FsOp::Getlk { lock: Lock { owner: 1, start: 0, end: u64::MAX, kind: LOCK_WRITE, pid: 9 } },
             FsOp::Setlk { lock: Lock { owner: 1, start: 5, end: 9, kind: LOCK_READ, pid: 0 } },
             FsOp::Flush { owner: 1 },
+            FsOp::Fallocate { fh: 2, flags: 2, mode: 3, offset: 4096, len: 8192 },
+            FsOp::Lseek { fh: 2, flags: 0, offset: 10, whence: 4 },
+            FsOp::CopyRange {
+                fh: 2,
+                flags: 0,
+                offset: 0,
+                out_node: 77,
+                out_fh: 3,
+                out_flags: 1,
+                out_offset: 5,
+                len: 1 << 30,
+            },
         ] {
             round_trip(op);
         }

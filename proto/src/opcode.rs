@@ -65,10 +65,15 @@ pub enum Opcode {
     FsSetlk = 0x44,
     /// A lock owner closed a file: its locks on the inode go.
     FsFlush = 0x45,
+    FsFallocate = 0x46,
+    /// SEEK_DATA / SEEK_HOLE.
+    FsLseek = 0x47,
+    /// A copy between two open files, done on the server.
+    FsCopyRange = 0x48,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 46] = [
+    pub const ALL: [Opcode; 49] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -115,6 +120,9 @@ impl Opcode {
         Opcode::FsGetlk,
         Opcode::FsSetlk,
         Opcode::FsFlush,
+        Opcode::FsFallocate,
+        Opcode::FsLseek,
+        Opcode::FsCopyRange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -165,6 +173,9 @@ impl Opcode {
             Opcode::FsGetlk => "FS_GETLK",
             Opcode::FsSetlk => "FS_SETLK",
             Opcode::FsFlush => "FS_FLUSH",
+            Opcode::FsFallocate => "FS_FALLOCATE",
+            Opcode::FsLseek => "FS_LSEEK",
+            Opcode::FsCopyRange => "FS_COPY_RANGE",
         }
     }
 
@@ -176,7 +187,7 @@ impl Opcode {
 
     /// File operations: they address an OPENed fs volume by handle, and one of its inodes.
     pub fn is_fs(self) -> bool {
-        (Opcode::FsLookup as u8..=Opcode::FsFlush as u8).contains(&(self as u8))
+        (Opcode::FsLookup as u8..=Opcode::FsCopyRange as u8).contains(&(self as u8))
     }
 }
 

@@ -403,7 +403,8 @@ fn mutates(op: &FsOp) -> bool {
         | FsOp::Statfs
         | FsOp::Getlk { .. }
         | FsOp::Setlk { .. }
-        | FsOp::Flush { .. } => false,
+        | FsOp::Flush { .. }
+        | FsOp::Lseek { .. } => false,
         FsOp::Open { flags } => is_write(*flags),
         _ => true,
     }
@@ -427,6 +428,11 @@ fn open_file(m: &FsMount, cx: Context, node: u64, fh: u64, flags: u32) -> io::Re
     regular(m.path_of(node)?.as_raw_fd())?;
     let fd = m.open_node(node, reopen_flags(flags))?;
     m.files.insert(fh, fd, cx.session)
+}
+
+/// A file offset from the wire: beyond i64 it is EINVAL, as for the syscalls.
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
@@ -730,6 +736,40 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
         FsOp::Flush { owner } => {
             m.locks.drop_owner(cx.session, owner, node);
             FsReply::Done
+        }
+        FsOp::Fallocate { fh, flags, mode, offset, len } => {
+            let fd = open_file(m, cx, node, fh, flags)?;
+            let (offset, len) = (off_t(offset)?, off_t(len)?);
+            // As the caller (it may clear set-user-ID, and needs write access like a write).
+            let _c = as_caller(creds)?;
+            // SAFETY: fallocate on an open fd; the kernel checks the mode bits.
+            check(unsafe { libc::fallocate(fd.as_raw_fd(), mode as libc::c_int, offset, len) })?;
+            FsReply::Done
+        }
+        FsOp::Lseek { fh, flags, offset, whence } => {
+            let fd = open_file(m, cx, node, fh, flags)?;
+            // SAFETY: lseek on an open fd (this fd's position is nobody else's).
+            let at = unsafe { libc::lseek(fd.as_raw_fd(), off_t(offset)?, whence as libc::c_int) };
+            if at < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            FsReply::Offset(at as u64)
+        }
+        FsOp::CopyRange { fh, flags, offset, out_node, out_fh, out_flags, out_offset, len } => {
+            let src = open_file(m, cx, node, fh, flags)?;
+            let dst = open_file(m, cx, out_node, out_fh, out_flags)?;
+            let (mut off_in, mut off_out) = (off_t(offset)?, off_t(out_offset)?);
+            // One reply says how much was copied, in a u32: at most 1 GiB per request.
+            let len = usize::try_from(len.min(1 << 30)).unwrap_or(1 << 30);
+            let _c = as_caller(creds)?;
+            // SAFETY: two open fds and two offsets the call updates; no flags.
+            let n = unsafe {
+                libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, len, 0)
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            FsReply::Written(u32::try_from(n).unwrap_or(u32::MAX))
         }
         FsOp::Statfs => {
             // SAFETY: a zeroed statvfs is valid; fstatvfs fills it.

@@ -23,8 +23,8 @@ use ferrovol_proto::fs::*;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use tracing::debug;
 
@@ -48,6 +48,9 @@ pub struct FsFiles {
     ttl: Ttls,
     /// (inode, lock owner) that took a lock: their close sends FS_FLUSH (others need no round trip).
     locked: Arc<Mutex<HashSet<(u64, u64)>>>,
+    /// The open flags of each fh (the server opens a file again with them after a restart; the
+    /// kernel does not send them with every request).
+    flags: Arc<Mutex<std::collections::HashMap<u64, u32>>>,
 }
 
 /// Between two attempts at a lock someone else holds (doubling from the first).
@@ -56,7 +59,11 @@ const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
 
 impl FsFiles {
     pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls) -> Self {
-        Self { vol, rt, ttl, locked: Arc::default() }
+        Self { vol, rt, ttl, locked: Arc::default(), flags: Arc::default() }
+    }
+
+    fn flags_of(&self, fh: FileHandle) -> u32 {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).copied().unwrap_or(0)
     }
 
     /// Whether `owner` ever took a lock on `ino` (and forgets it: the caller drops its locks).
@@ -402,8 +409,12 @@ impl Filesystem for FsFiles {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0 as u32;
+        let known = self.flags.clone();
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
-            Ok(FsReply::Opened { fh }) => reply.opened(FileHandle(fh), open_flags(flags)),
+            Ok(FsReply::Opened { fh }) => {
+                known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
+                reply.opened(FileHandle(fh), open_flags(flags))
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         });
@@ -536,6 +547,7 @@ impl Filesystem for FsFiles {
     ) {
         // The last close of an open file: its flock locks (an owner of its own) go first.
         let owner = self.had_locks(ino, lock_owner);
+        self.flags.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         let (vol, creds) = (self.vol.clone(), creds_of(req, false));
         self.rt.spawn(async move {
             if let Some(owner) = owner {
@@ -551,7 +563,8 @@ impl Filesystem for FsFiles {
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.call(req, false, ino, FsOp::Fsync { fh: fh.0, flags: 0, datasync }, move |r| match r {
+        let flags = self.flags_of(fh);
+        self.call(req, false, ino, FsOp::Fsync { fh: fh.0, flags, datasync }, move |r| match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });
@@ -618,6 +631,74 @@ impl Filesystem for FsFiles {
         });
     }
 
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let op =
+            FsOp::Fallocate { fh: fh.0, flags: self.flags_of(fh), mode: mode as u32, offset, len: length };
+        self.empty(req, ino, op, reply);
+    }
+
+    fn lseek(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let (Ok(offset), Ok(whence)) = (u64::try_from(offset), u32::try_from(whence)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        // The kernel answers SEEK_SET/CUR/END itself; only DATA and HOLE come here.
+        let op = FsOp::Lseek { fh: fh.0, flags: self.flags_of(fh), offset, whence };
+        self.call(req, false, ino, op, move |r| match r {
+            Ok(FsReply::Offset(o)) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // Both files on this volume (the kernel sends it only then): copied on the server, no data
+        // on the wire.
+        let op = FsOp::CopyRange {
+            fh: fh_in.0,
+            flags: self.flags_of(fh_in),
+            offset: offset_in,
+            out_node: ino_out.0,
+            out_fh: fh_out.0,
+            out_flags: self.flags_of(fh_out),
+            out_offset: offset_out,
+            len,
+        };
+        self.call(req, false, ino_in, op, move |r| match r {
+            Ok(FsReply::Written(n)) => reply.written(n),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        });
+    }
+
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         self.call(req, false, ino, FsOp::Statfs, move |r| match r {
             Ok(FsReply::Statfs(s)) => {
@@ -642,10 +723,13 @@ impl Filesystem for FsFiles {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let ttl = self.ttl;
+        let (ttl, known) = (self.ttl, self.flags.clone());
         let flags = flags as u32;
         self.call(req, true, parent, FsOp::Create { name, flags, mode, umask }, move |r| match r {
             Ok(FsReply::Created { attr, fh }) => {
+                // A reopen after a server restart must not create or truncate again.
+                let reopen = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
+                known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, reopen);
                 reply.created(&ttl.entry, &file_attr(&attr), Generation(0), FileHandle(fh), open_flags(flags))
             }
             Ok(_) => reply.error(Errno::EIO),
