@@ -24,6 +24,38 @@ use crate::limits::*;
 use crate::opcode::*;
 use crate::types::{validate_labels, Labels, NameError, NodeId, RequestId, VolumeHandle, VolumeName};
 
+/// Every FS opcode, as a pattern (the codec's matches name them all, so a new opcode is not
+/// forgotten; their payloads are in `fs`).
+macro_rules! fs_opcodes {
+    () => {
+        Opcode::FsLookup
+            | Opcode::FsGetattr
+            | Opcode::FsSetattr
+            | Opcode::FsReaddir
+            | Opcode::FsMkdir
+            | Opcode::FsMknod
+            | Opcode::FsCreate
+            | Opcode::FsOpen
+            | Opcode::FsRead
+            | Opcode::FsWrite
+            | Opcode::FsRelease
+            | Opcode::FsFsync
+            | Opcode::FsUnlink
+            | Opcode::FsRmdir
+            | Opcode::FsRename
+            | Opcode::FsLink
+            | Opcode::FsSymlink
+            | Opcode::FsReadlink
+            | Opcode::FsStatfs
+            | Opcode::FsGetlk
+            | Opcode::FsSetlk
+            | Opcode::FsFlush
+            | Opcode::FsFallocate
+            | Opcode::FsLseek
+            | Opcode::FsCopyRange
+    };
+}
+
 /// The framing of the connection is lost; the only safe reaction is to close it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -862,31 +894,7 @@ impl Request {
                     r = Reader::new(&[]);
                     Request::Write { handle: h.handle, offset: h.offset, data: raw.payload.clone(), fua }
                 }
-                Opcode::FsLookup
-                | Opcode::FsGetattr
-                | Opcode::FsSetattr
-                | Opcode::FsReaddir
-                | Opcode::FsMkdir
-                | Opcode::FsMknod
-                | Opcode::FsCreate
-                | Opcode::FsOpen
-                | Opcode::FsRead
-                | Opcode::FsWrite
-                | Opcode::FsRelease
-                | Opcode::FsFsync
-                | Opcode::FsUnlink
-                | Opcode::FsRmdir
-                | Opcode::FsRename
-                | Opcode::FsLink
-                | Opcode::FsSymlink
-                | Opcode::FsReadlink
-                | Opcode::FsStatfs
-                | Opcode::FsGetlk
-                | Opcode::FsSetlk
-                | Opcode::FsFlush
-                | Opcode::FsFallocate
-                | Opcode::FsLseek
-                | Opcode::FsCopyRange => return Err(PayloadError::Invalid("FS opcode")),
+                fs_opcodes!() => return Err(PayloadError::Invalid("FS opcode")),
             };
             Ok(req)
         })();
@@ -1304,31 +1312,7 @@ impl Response {
                 | Opcode::Flush
                 | Opcode::Trim
                 | Opcode::WriteZeroes => Reply::Done,
-                Opcode::FsLookup
-                | Opcode::FsGetattr
-                | Opcode::FsSetattr
-                | Opcode::FsReaddir
-                | Opcode::FsMkdir
-                | Opcode::FsMknod
-                | Opcode::FsCreate
-                | Opcode::FsOpen
-                | Opcode::FsRead
-                | Opcode::FsWrite
-                | Opcode::FsRelease
-                | Opcode::FsFsync
-                | Opcode::FsUnlink
-                | Opcode::FsRmdir
-                | Opcode::FsRename
-                | Opcode::FsLink
-                | Opcode::FsSymlink
-                | Opcode::FsReadlink
-                | Opcode::FsStatfs
-                | Opcode::FsGetlk
-                | Opcode::FsSetlk
-                | Opcode::FsFlush
-                | Opcode::FsFallocate
-                | Opcode::FsLseek
-                | Opcode::FsCopyRange => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
+                fs_opcodes!() => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
             })
         })();
         let reply = parsed.map_err(|e| fail(e.to_string()))?;
