@@ -446,9 +446,12 @@ impl Server {
         });
         let _ = joined.await;
         let store = self.ctx.store.clone();
+        // Block volumes are made durable first: an fs volume's unmount (which syncs its
+        // filesystem) may take long, or hang on a sick disk, and must not hold that off.
         tokio::task::spawn_blocking(move || {
+            let flushed = store.flush_all();
             store.unmount_all();
-            store.flush_all()
+            flushed
         })
         .await??;
         info!("all volumes flushed; bye");
