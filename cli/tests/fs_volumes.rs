@@ -117,6 +117,11 @@ struct Setup {
 
 /// A server with fs volume `shared`, mounted at `a` (node a) and `b` (node b).
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// As `setup`, with `extra` mount flags for both mounts.
+fn setup_with(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = TestServer::start(&data, "127.0.0.1:0");
@@ -124,8 +129,8 @@ fn setup() -> Setup {
     ok(&ferrovol("a", &addr, &["volume", "create", "shared", "--size", "256Mi", "--type", "fs"]));
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let cleanup = Cleanup(vec![a.clone(), b.clone(), data.join("volumes/shared/mnt")]);
-    mount("a", &addr, "shared", &a, &[]);
-    mount("b", &addr, "shared", &b, &[]);
+    mount("a", &addr, "shared", &a, extra);
+    mount("b", &addr, "shared", &b, extra);
     Setup { _dir: dir, server: Some(server), data, addr, a, b, cleanup }
 }
 
@@ -402,6 +407,7 @@ fn pjdfstest_passes_on_an_fs_volume() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("cannot read {what:?} in {summary:?}"))
     };
+    eprintln!("pjdfstest: {summary}");
     let failures: Vec<&str> = text.lines().filter(|l| l.trim_end().ends_with("failed")).collect();
     assert_eq!(count("failed"), 0, "pjdfstest failures:\n{}\n{summary}", failures.join("\n"));
     // Not a run that skipped its way to green: 382 of 398 ran when this was written.
@@ -588,4 +594,73 @@ fn fallocate_seek_data_and_a_server_side_copy() {
     drop((src, dst));
     assert!(fs::read(b.join("dst")).unwrap() == src_data);
     drop(s.cleanup);
+}
+
+/// Polls `seen` until it holds (`None`: not within 10 s); returns how long it took.
+fn visible_within(what: &str, seen: impl Fn() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !seen() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}: not visible on the other mount within 10 s"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn changes_on_one_node_reach_the_others_caches_at_once() {
+    if !privileged("changes_on_one_node_reach_the_others_caches_at_once", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    // Caches that would stay stale for a minute without the server's notices.
+    let s = setup_with(&["--attr-ttl-ms", "60000", "--entry-ttl-ms", "60000"]);
+    let (a, b) = (&s.a, &s.b);
+    let mut worst = Duration::ZERO;
+    for round in 0..10 {
+        let (f, g, d) = (format!("f{round}"), format!("g{round}"), format!("d{round}"));
+        // Created on A: B finds it (and now caches its name, attributes and pages).
+        fs::write(a.join(&f), b"one").unwrap();
+        assert_eq!(fs::read(b.join(&f)).unwrap(), b"one");
+        let mut held = fs::File::open(b.join(&f)).unwrap();
+        // Appended on A: B's cached size moves on, without B opening anything.
+        fs::OpenOptions::new().append(true).open(a.join(&f)).unwrap().write_all(b"two").unwrap();
+        worst = worst.max(visible_within("an append (stat)", || {
+            fs::metadata(b.join(&f)).map(|m| m.len()).ok() == Some(6)
+        }));
+        // Overwritten in place on A: a file B holds open reads the new bytes (its cached pages go).
+        let mut buf = [0u8; 6];
+        held.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"onetwo");
+        fs::OpenOptions::new().write(true).open(a.join(&f)).unwrap().write_all(b"ONE").unwrap();
+        worst = worst.max(visible_within("an overwrite (open file)", || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = [0u8; 6];
+            held.read_exact_at(&mut buf, 0).is_ok() && &buf == b"ONEtwo"
+        }));
+        // Mode changed on A.
+        fs::set_permissions(a.join(&f), fs::Permissions::from_mode(0o600)).unwrap();
+        worst = worst.max(visible_within("a chmod", || {
+            fs::metadata(b.join(&f)).map(|m| m.mode() & 0o777).ok() == Some(0o600)
+        }));
+        // Renamed on A: B's cached name goes, the new one is there.
+        fs::rename(a.join(&f), a.join(&g)).unwrap();
+        worst = worst.max(visible_within("a rename", || !b.join(&f).exists() && b.join(&g).exists()));
+        // Unlinked on A while B holds it open: gone by name, still readable through B's fd.
+        fs::remove_file(a.join(&g)).unwrap();
+        worst = worst.max(visible_within("an unlink", || !b.join(&g).exists()));
+        held.seek(SeekFrom::Start(0)).unwrap();
+        let mut all = Vec::new();
+        held.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"ONEtwo");
+        // A directory made and removed on A.
+        fs::create_dir(a.join(&d)).unwrap();
+        assert!(b.join(&d).is_dir());
+        fs::remove_dir(a.join(&d)).unwrap();
+        worst = worst.max(visible_within("an rmdir", || !b.join(&d).exists()));
+    }
+    eprintln!("slowest change to reach the other mount: {worst:?}");
+    umount(&s.addr, a);
+    umount(&s.addr, b);
 }

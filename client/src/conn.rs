@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrovol_proto::codec::{split_response, Hello};
+use ferrovol_proto::fs::Notice;
 use ferrovol_proto::io::{poll_for, read_polling, write_all_vectored, Spin};
 use ferrovol_proto::io::{ReadHalf, Stream, WriteHalf};
 use ferrovol_proto::limits::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
@@ -147,6 +148,52 @@ struct VolEntry {
     /// Why the last re-OPEN failed (the server's status and message), for the errors of calls on
     /// this volume: FENCED after a takeover, NOT_FOUND...
     reopen_error: Option<ErrorReply>,
+    /// fs volumes: where FS_NOTIFY notices go (see `Notices`).
+    notices: Option<NoticeSink>,
+}
+
+/// Frames of notices queued for the applier before they are replaced by one `Notice::All`.
+const NOTICE_FRAMES_QUEUED: usize = 1024;
+
+/// A queue of notices: the sending end for the connections' readers, and the receiving end.
+pub(crate) fn notice_queue() -> (NoticeSink, Notices) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(NOTICE_FRAMES_QUEUED);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (NoticeSink { tx, lost: lost.clone() }, Notices { rx, lost })
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct NoticeSink {
+    tx: std::sync::mpsc::SyncSender<Vec<Notice>>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NoticeSink {
+    /// Never blocks (the reader calls it): a full queue becomes one `Notice::All` later.
+    fn push(&self, notices: Vec<Notice>) {
+        if let Err(std::sync::mpsc::TrySendError::Full(_)) = self.tx.try_send(notices) {
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The FS_NOTIFY notices of one fs volume, as the server sends them: changes other clients made
+/// to what this one may cache. After a reconnect (notices may have been missed) and when the
+/// queue overflowed, a `Notice::All` says to drop everything.
+#[derive(Debug)]
+pub struct Notices {
+    rx: std::sync::mpsc::Receiver<Vec<Notice>>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Notices {
+    /// The next notices; `None` once the volume is closed.
+    pub fn recv(&self) -> Option<Vec<Notice>> {
+        if self.lost.swap(false, Ordering::AcqRel) {
+            return Some(vec![Notice::All]);
+        }
+        self.rx.recv().ok()
+    }
 }
 
 /// Everything about the connection that callers, the reader and the supervisor share.
@@ -338,6 +385,13 @@ impl ConnHandle {
         self.shared.state().pending.len()
     }
 
+    /// Where the FS_NOTIFY notices of `vol` go from now on.
+    pub(crate) fn set_notices(&self, vol: LocalVol, sink: &NoticeSink) {
+        if let Some(v) = self.shared.state().volumes.get_mut(&vol) {
+            v.notices = Some(sink.clone());
+        }
+    }
+
     /// Reconnects that succeeded so far.
     pub(crate) fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
@@ -355,6 +409,7 @@ impl ConnHandle {
                     generation: *generation,
                     handle: None,
                     reopen_error: None,
+                    notices: None,
                 },
             );
         }
@@ -694,6 +749,14 @@ impl Supervisor {
             st.generation += 1;
             st.connected = true;
             let generation = st.generation;
+            if generation > 1 {
+                // Notices sent while disconnected are lost: whoever caches drops everything.
+                for v in st.volumes.values() {
+                    if let Some(sink) = &v.notices {
+                        sink.push(vec![Notice::All]);
+                    }
+                }
+            }
             let mut ids: Vec<u64> = st.pending.keys().copied().collect();
             ids.sort_unstable();
             let mut out = vec![];
@@ -922,6 +985,18 @@ async fn read_loop(mut rd: ReadHalf, shared: Arc<Shared>, poll: Duration) -> Str
             let opcode = raw.header.opcode;
             let parsed = Response::parse(raw);
             let mut st = shared.state();
+            if id.0 == 0 && opcode == Opcode::FsNotify as u8 {
+                match parsed {
+                    Ok(Response { result: Ok(Reply::Notify(n)), .. }) => {
+                        let sink = st.volumes.values().find(|v| v.handle == Some(n.handle));
+                        if let Some(sink) = sink.and_then(|v| v.notices.as_ref()) {
+                            sink.push(n.notices);
+                        }
+                        continue;
+                    }
+                    other => return format!("malformed FS_NOTIFY: {other:?}"),
+                }
+            }
             let Some(p) = st.pending.remove(&id.0) else {
                 if id.0 != 0 && id.0 < st.next_id {
                     // A call that expired (its caller got an error) or a heartbeat of an old

@@ -24,6 +24,7 @@ pub mod host;
 mod session;
 mod volume;
 
+pub use conn::Notices;
 pub use credential::default_credential_file;
 pub use error::{ClientError, Result};
 pub use session::{ClientTls, ConnectOptions, Session, SessionStats};

@@ -122,6 +122,17 @@ impl Volume {
         c.call(Op::Data { vol: *vol, op }).await
     }
 
+    /// The FS_NOTIFY notices of this fs volume from now on (changes other clients make to what
+    /// this one may cache). The server sends them to clients that ask (every client of this
+    /// crate does).
+    pub fn notices(&self) -> crate::conn::Notices {
+        let (sink, notices) = crate::conn::notice_queue();
+        for (c, vol) in &self.inner.conns {
+            c.set_notices(*vol, &sink);
+        }
+        notices
+    }
+
     /// A file operation on this fs volume, on `node` as `creds`.
     pub async fn fs(
         &self,

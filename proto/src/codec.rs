@@ -895,6 +895,9 @@ impl Request {
                     Request::Write { handle: h.handle, offset: h.offset, data: raw.payload.clone(), fua }
                 }
                 fs_opcodes!() => return Err(PayloadError::Invalid("FS opcode")),
+                Opcode::FsNotify => {
+                    return Err(PayloadError::Invalid("FS_NOTIFY is sent by servers, not to them"))
+                }
             };
             Ok(req)
         })();
@@ -1008,6 +1011,8 @@ pub enum Reply {
     },
     /// The answer to an FS request.
     Fs(FsReply),
+    /// FS_NOTIFY (request id 0, from the server unasked).
+    Notify(fs::Notices),
 }
 
 /// A failed request: a status and a human-readable reason.
@@ -1207,6 +1212,10 @@ impl Response {
                         Some(data) => data,
                         None => p.freeze(),
                     },
+                    Reply::Notify(n) => {
+                        fs::put_notices(&mut p, n);
+                        p.freeze()
+                    }
                 };
                 (Status::Ok as u16, payload)
             }
@@ -1313,6 +1322,7 @@ impl Response {
                 | Opcode::Trim
                 | Opcode::WriteZeroes => Reply::Done,
                 fs_opcodes!() => Reply::Fs(fs::parse_reply(op, &raw.payload, &mut r)?),
+                Opcode::FsNotify => Reply::Notify(fs::get_notices(&mut r)?),
             })
         })();
         let reply = parsed.map_err(|e| fail(e.to_string()))?;

@@ -724,6 +724,84 @@ pub(crate) fn parse_request(
     Ok((node, creds, fsop))
 }
 
+/// Notices in one FS_NOTIFY frame.
+pub const FS_NOTICES_MAX: usize = 1024;
+
+/// What another client changed, for a client to drop from its caches (the kernel's, through FUSE
+/// notifications).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The inode's attributes changed, and (`offset` >= 0) its data in `offset..offset + len`
+    /// (`len` <= 0: to the end of the file).
+    Inode { node: u64, offset: i64, len: i64 },
+    /// `name` in directory `parent` was created, removed or renamed.
+    Entry { parent: u64, name: FsName },
+    /// `name` in `parent`, which was `child`, was removed.
+    Delete { parent: u64, child: u64, name: FsName },
+    /// Anything may have changed (notices were lost): drop everything cached.
+    All,
+}
+
+const NOTICE_INODE: u8 = 1;
+const NOTICE_ENTRY: u8 = 2;
+const NOTICE_DELETE: u8 = 3;
+const NOTICE_ALL: u8 = 4;
+
+/// The payload of an FS_NOTIFY frame: notices for the fs volume open as `handle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notices {
+    pub handle: crate::types::VolumeHandle,
+    pub notices: Vec<Notice>,
+}
+
+pub(crate) fn put_notices(p: &mut BytesMut, n: &Notices) {
+    let notices = &n.notices[..n.notices.len().min(FS_NOTICES_MAX)];
+    p.put_u32_le(n.handle.0);
+    // At most FS_NOTICES_MAX.
+    p.put_u16_le(u16::try_from(notices.len()).unwrap_or(u16::MAX));
+    for notice in notices {
+        match notice {
+            Notice::Inode { node, offset, len } => {
+                p.put_u8(NOTICE_INODE);
+                p.put_u64_le(*node);
+                p.put_i64_le(*offset);
+                p.put_i64_le(*len);
+            }
+            Notice::Entry { parent, name } => {
+                p.put_u8(NOTICE_ENTRY);
+                p.put_u64_le(*parent);
+                put_name(p, name);
+            }
+            Notice::Delete { parent, child, name } => {
+                p.put_u8(NOTICE_DELETE);
+                p.put_u64_le(*parent);
+                p.put_u64_le(*child);
+                put_name(p, name);
+            }
+            Notice::All => p.put_u8(NOTICE_ALL),
+        }
+    }
+}
+
+pub(crate) fn get_notices(r: &mut Reader<'_>) -> Result<Notices, PayloadError> {
+    let handle = crate::types::VolumeHandle(r.u32()?);
+    let n = usize::from(r.u16()?);
+    if n > FS_NOTICES_MAX {
+        return Err(PayloadError::Invalid("too many notices"));
+    }
+    let mut notices = Vec::with_capacity(n);
+    for _ in 0..n {
+        notices.push(match r.u8()? {
+            NOTICE_INODE => Notice::Inode { node: r.u64()?, offset: r.u64()? as i64, len: r.u64()? as i64 },
+            NOTICE_ENTRY => Notice::Entry { parent: r.u64()?, name: get_name(r)? },
+            NOTICE_DELETE => Notice::Delete { parent: r.u64()?, child: r.u64()?, name: get_name(r)? },
+            NOTICE_ALL => Notice::All,
+            _ => return Err(PayloadError::Invalid("unknown notice kind")),
+        });
+    }
+    Ok(Notices { handle, notices })
+}
+
 pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
     match reply {
         FsReply::Entry(a) | FsReply::Attr(a) => put_attr(p, a),
@@ -896,6 +974,58 @@ mod tests {
             let mut buf = BytesMut::from(&resp.encode().to_bytes()[..]);
             assert_eq!(Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap(), resp);
         }
+    }
+
+    #[test]
+    fn notices_round_trip_with_their_golden_bytes() {
+        let notices = Notices {
+            handle: VolumeHandle(3),
+            notices: vec![
+                Notice::Inode { node: 9, offset: -1, len: 0 },
+                Notice::Entry { parent: 1, name: n("a") },
+                Notice::Delete { parent: 1, child: 9, name: n("b") },
+                Notice::All,
+            ],
+        };
+        let resp = Response::ok(RequestId(0), Opcode::FsNotify, Reply::Notify(notices));
+        let frame = resp.encode();
+        #[rustfmt::skip]
+        let payload: &[u8] = &[
+            3, 0, 0, 0, 4, 0,                                      // handle 3, 4 notices
+            1, 9, 0, 0, 0, 0, 0, 0, 0,                             // INODE node 9
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,        //   offset -1 (attributes only)
+            0, 0, 0, 0, 0, 0, 0, 0,                                //   len 0
+            2, 1, 0, 0, 0, 0, 0, 0, 0, 1, b'a',                    // ENTRY parent 1, "a"
+            3, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, b'b', // DELETE 1, child 9, "b"
+            4,                                                     // ALL
+        ];
+        assert_eq!(&frame.payload[..], payload);
+        let mut buf = BytesMut::from(&frame.to_bytes()[..]);
+        assert_eq!(Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap(), resp);
+        // A kind the client does not know, and more notices than a frame may hold, are refused.
+        let mut bad = payload.to_vec();
+        bad[6] = 9;
+        assert!(get_notices(&mut Reader::new(&bad)).is_err());
+        let mut many = vec![3, 0, 0, 0];
+        many.extend_from_slice(&(u16::try_from(FS_NOTICES_MAX).unwrap() + 1).to_le_bytes());
+        many.resize(many.len() + FS_NOTICES_MAX + 1, NOTICE_ALL);
+        assert!(get_notices(&mut Reader::new(&many)).is_err());
+        // A client never sends one.
+        let mut buf = BytesMut::from(&frame.to_bytes()[..]);
+        let raw = split_response(&mut buf).unwrap().unwrap();
+        let mut req = BytesMut::new();
+        let h = crate::RequestHeader {
+            version: crate::limits::PROTOCOL_VERSION,
+            request_id: RequestId(5),
+            opcode: Opcode::FsNotify as u8,
+            payload_len: u32::try_from(raw.payload.len()).unwrap(),
+            payload_crc: crc32fast::hash(&raw.payload),
+            ..Default::default()
+        };
+        req.extend_from_slice(&h.encode());
+        req.extend_from_slice(&raw.payload);
+        let e = Request::parse(split_request(&mut req).unwrap().unwrap()).unwrap_err();
+        assert_eq!(e.status, crate::Status::BadRequest);
     }
 
     #[test]

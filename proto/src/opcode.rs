@@ -70,10 +70,14 @@ pub enum Opcode {
     FsLseek = 0x47,
     /// A copy between two open files, done on the server.
     FsCopyRange = 0x48,
+    /// Server to client only, request id 0: changes other clients made to inodes and entries this
+    /// connection has seen (payload `fs::Notices`). Sent to connections that asked for
+    /// `FEATURE_FS_NOTIFY`.
+    FsNotify = 0x50,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 49] = [
+    pub const ALL: [Opcode; 50] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -123,6 +127,7 @@ impl Opcode {
         Opcode::FsFallocate,
         Opcode::FsLseek,
         Opcode::FsCopyRange,
+        Opcode::FsNotify,
     ];
 
     pub fn name(self) -> &'static str {
@@ -176,6 +181,7 @@ impl Opcode {
             Opcode::FsFallocate => "FS_FALLOCATE",
             Opcode::FsLseek => "FS_LSEEK",
             Opcode::FsCopyRange => "FS_COPY_RANGE",
+            Opcode::FsNotify => "FS_NOTIFY",
         }
     }
 
@@ -223,7 +229,9 @@ pub const SESSION_ENROLLED: u8 = 1 << 1;
 pub const FEATURE_FUA: u64 = 1 << 0;
 pub const FEATURE_TRIM: u64 = 1 << 1;
 pub const FEATURE_WRITE_ZEROES: u64 = 1 << 2;
-pub const FEATURES_ALL: u64 = FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES;
+/// The client applies FS_NOTIFY frames (cache invalidations of fs volumes).
+pub const FEATURE_FS_NOTIFY: u64 = 1 << 3;
+pub const FEATURES_ALL: u64 = FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES | FEATURE_FS_NOTIFY;
 
 /// The outcome of a request. `Ok` is 0; every failure has its own code so callers can branch on it.
 #[repr(u16)]

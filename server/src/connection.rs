@@ -139,6 +139,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     let mut partial_since: Option<tokio::time::Instant> = None;
     let mut last_heard = tokio::time::Instant::now();
     let mut spin = Spin::new(ctx.poll);
+    // Delivers FS_NOTIFY frames once the session has any to send.
+    let mut notifier: Option<tokio::task::JoinHandle<()>> = None;
     debug!("connection accepted");
 
     'conn: loop {
@@ -205,6 +207,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     }
                 }
             };
+            if let Some((outbox, rx)) = session.take_notices() {
+                notifier = Some(tokio::spawn(deliver_notices(rx, outbox, wr.clone())));
+            }
             if session.is_ready() && !was_ready {
                 // Authenticated: no longer evictable, and now worth big socket buffers.
                 ticket.authenticated();
@@ -318,8 +323,33 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     if tokio::time::timeout(SHUTDOWN_GRACE, finish).await.is_err() {
         warn!("replies not written within the grace period; dropping the connection");
     }
+    if let Some(n) = notifier {
+        n.abort();
+    }
     drop(session);
     debug!("connection closed");
+}
+
+async fn deliver_notices(rx: crate::notify::Queue, outbox: Arc<crate::notify::Outbox>, wr: Writer) {
+    crate::notify::deliver(rx, outbox, move |frames| {
+        let wr = wr.clone();
+        Box::pin(async move {
+            let mut batch: Vec<Outgoing> = frames
+                .into_iter()
+                .map(|n| Outgoing {
+                    frame: Response::ok(
+                        RequestId(0),
+                        ferrovol_proto::Opcode::FsNotify,
+                        ferrovol_proto::Reply::Notify(n),
+                    )
+                    .encode(),
+                    _permits: None,
+                })
+                .collect();
+            write_batch(&wr, &mut batch).await.is_ok()
+        })
+    })
+    .await;
 }
 
 /// Socket buffers big enough for a whole max-size frame, so a 1 MiB WRITE or READ reply crosses in one

@@ -34,6 +34,9 @@ use crate::store::fsmount::FsMount;
 
 /// Open files one mount keeps for one client session (then EMFILE).
 pub const FILES_PER_CONNECTION_MAX: usize = 4096;
+/// The share of the server's fd budget for files and locks (see `budget`) one node may hold (a
+/// session id is the client's to choose: the node is what bounds a client).
+const NODE_SHARE: usize = 4;
 /// Worker threads for file operations.
 const WORKERS: usize = 16;
 
@@ -251,11 +254,109 @@ impl FsMount {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The fd budget
+
+/// The fds that open files and locks of every mount may hold together: what RLIMIT_NOFILE leaves
+/// after connections and volumes (`raise_fd_limit` lifts the soft limit first).
+fn budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let soft = usize::try_from(nofile().0).unwrap_or(usize::MAX);
+        // Connections (1024 at most), volumes and the process's own: keep 4096, or half of a
+        // small limit.
+        soft.saturating_sub(4096).max(soft / 2).max(64)
+    })
+}
+
+fn nofile() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills a valid struct rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return (1024, 1024);
+    }
+    (r.rlim_cur, r.rlim_max)
+}
+
+/// Lifts the soft RLIMIT_NOFILE to the hard one (open files of fs volumes hold an fd each). Returns
+/// the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let (soft, hard) = nofile();
+    if soft < hard {
+        let r = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+        // SAFETY: setrlimit reads a valid struct rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } == 0 {
+            return hard;
+        }
+    }
+    soft
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    per_node: HashMap<Arc<str>, usize>,
+}
+
+fn held() -> &'static Mutex<Held> {
+    static HELD: OnceLock<Mutex<Held>> = OnceLock::new();
+    HELD.get_or_init(Mutex::default)
+}
+
+/// An fd that an open file or a lock holds, counted against the server's budget and its node's
+/// share of it until dropped.
+#[derive(Debug)]
+pub struct HeldFd {
+    fd: OwnedFd,
+    node: Arc<str>,
+}
+
+impl HeldFd {
+    /// Counts `fd` for `node`, or refuses: EMFILE past the node's share, ENFILE past the budget.
+    fn new(fd: OwnedFd, node: &Arc<str>) -> io::Result<Self> {
+        Self::within(fd, node, budget())
+    }
+
+    fn within(fd: OwnedFd, node: &Arc<str>, budget: usize) -> io::Result<Self> {
+        let mut h = held().lock().unwrap_or_else(|p| p.into_inner());
+        if h.total >= budget {
+            tracing::warn!(budget, "fs volumes hold as many fds as the server may: ENFILE");
+            return Err(io::Error::from_raw_os_error(libc::ENFILE));
+        }
+        let n = h.per_node.get(node).copied().unwrap_or(0);
+        if n >= (budget / NODE_SHARE).max(1) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        h.total += 1;
+        h.per_node.insert(node.clone(), n + 1);
+        Ok(Self { fd, node: node.clone() })
+    }
+}
+
+impl Drop for HeldFd {
+    fn drop(&mut self) {
+        let mut h = held().lock().unwrap_or_else(|p| p.into_inner());
+        h.total = h.total.saturating_sub(1);
+        if let Some(n) = h.per_node.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                h.per_node.remove(&self.node);
+            }
+        }
+    }
+}
+
+impl AsRawFd for HeldFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Open files
 
 #[derive(Debug)]
 struct OpenFile {
-    fd: Arc<OwnedFd>,
+    fd: Arc<HeldFd>,
     conn: u64,
 }
 
@@ -275,7 +376,9 @@ fn next_fh() -> u64 {
 }
 
 impl Files {
-    fn insert(&self, fh: u64, fd: OwnedFd, conn: u64) -> io::Result<Arc<OwnedFd>> {
+    fn insert(&self, fh: u64, fd: OwnedFd, cx: &Context) -> io::Result<Arc<HeldFd>> {
+        let conn = cx.session;
+        let fd = HeldFd::new(fd, &cx.node)?;
         {
             let mut counts = self.per_conn.lock().unwrap_or_else(|p| p.into_inner());
             let n = counts.entry(conn).or_default();
@@ -303,7 +406,7 @@ impl Files {
         }
     }
 
-    fn get(&self, fh: u64) -> Option<Arc<OwnedFd>> {
+    fn get(&self, fh: u64) -> Option<Arc<HeldFd>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).map(|f| f.fd.clone())
     }
 
@@ -378,12 +481,16 @@ fn is_write(flags: u32) -> bool {
 // The operations
 
 /// Who asks, and through what.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Context {
     /// The fs volume is open read-only on this connection.
     pub read_only: bool,
     /// The client session (HELLO `session`): its locks outlive one connection (see `Locks`).
     pub session: u64,
+    /// The node the connection proved to be ("" for an admin's): its share of the fd budget.
+    pub node: Arc<str>,
+    /// What the connection caches, for FS_NOTIFY (a client that takes notices).
+    pub watcher: Option<Arc<crate::notify::Watcher>>,
 }
 
 fn errno_reply(op: Opcode, e: io::Error) -> ErrorReply {
@@ -411,15 +518,98 @@ fn mutates(op: &FsOp) -> bool {
 }
 
 /// Runs one file operation (on a file worker thread: it blocks).
-pub fn execute(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -> Result<FsReply, ErrorReply> {
+pub fn execute(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) -> Result<FsReply, ErrorReply> {
     let opcode = op.opcode();
     if cx.read_only && mutates(&op) {
         return Err(errno_reply(opcode, io::Error::from_raw_os_error(libc::EROFS)));
     }
-    execute_inner(m, cx, node, creds, op).map_err(|e| errno_reply(opcode, e))
+    let notices = notices_of(m, node, &op);
+    let others = other_nodes(&op);
+    let reply = execute_inner(m, cx, node, creds, op).map_err(|e| errno_reply(opcode, e))?;
+    if let Some(w) = &cx.watcher {
+        w.saw(std::iter::once(node).chain(others).chain(nodes_in(&reply)));
+    }
+    m.watchers.publish(cx.session, &notices);
+    Ok(reply)
 }
 
-fn open_file(m: &FsMount, cx: Context, node: u64, fh: u64, flags: u32) -> io::Result<Arc<OwnedFd>> {
+/// What other clients must drop from their caches once `op` on `node` has succeeded.
+fn notices_of(m: &FsMount, node: u64, op: &FsOp) -> Vec<Notice> {
+    let attrs = |node| Notice::Inode { node, offset: -1, len: 0 };
+    let entry = |parent, name: &FsName| Notice::Entry { parent, name: name.clone() };
+    let off = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let len = |v: u64| i64::try_from(v).unwrap_or(0);
+    if m.watchers.is_empty() {
+        return Vec::new();
+    }
+    match op {
+        FsOp::Setattr(sa) if sa.valid & SETATTR_SIZE != 0 => {
+            vec![Notice::Inode { node, offset: off(sa.size.min(i64::MAX as u64)), len: 0 }]
+        }
+        FsOp::Setattr(_) => vec![attrs(node)],
+        FsOp::Mkdir { name, .. }
+        | FsOp::Mknod { name, .. }
+        | FsOp::Create { name, .. }
+        | FsOp::Symlink { name, .. } => vec![entry(node, name), attrs(node)],
+        FsOp::Open { flags } if *flags as libc::c_int & libc::O_TRUNC != 0 => {
+            vec![Notice::Inode { node, offset: 0, len: 0 }]
+        }
+        FsOp::Write { offset, data, .. } => {
+            vec![Notice::Inode { node, offset: off(*offset), len: len(data.len() as u64) }]
+        }
+        FsOp::Fallocate { offset, len: l, .. } => {
+            vec![Notice::Inode { node, offset: off(*offset), len: len(*l) }]
+        }
+        FsOp::CopyRange { out_node, out_offset, len: l, .. } => {
+            vec![Notice::Inode { node: *out_node, offset: off(*out_offset), len: len(*l) }]
+        }
+        FsOp::Unlink { name } | FsOp::Rmdir { name } => {
+            // Which inode goes, found before it goes (a kernel that has it drops it too).
+            let child = m.path_of(node).and_then(|d| handle_of(d.as_raw_fd(), &cname(name), 0));
+            match child {
+                Ok(child) => {
+                    vec![
+                        Notice::Delete { parent: node, child, name: name.clone() },
+                        attrs(node),
+                        attrs(child),
+                    ]
+                }
+                Err(_) => vec![entry(node, name), attrs(node)],
+            }
+        }
+        FsOp::Rename { name, new_parent, new_name, .. } => {
+            let mut v = vec![entry(node, name), entry(*new_parent, new_name), attrs(node)];
+            if *new_parent != node {
+                v.push(attrs(*new_parent));
+            }
+            v
+        }
+        FsOp::Link { new_parent, new_name } => {
+            vec![entry(*new_parent, new_name), attrs(*new_parent), attrs(node)]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Nodes a request names besides its own.
+fn other_nodes(op: &FsOp) -> Option<u64> {
+    match op {
+        FsOp::Rename { new_parent, .. } | FsOp::Link { new_parent, .. } => Some(*new_parent),
+        FsOp::CopyRange { out_node, .. } => Some(*out_node),
+        _ => None,
+    }
+}
+
+/// Nodes a reply hands the client (its kernel may cache them).
+fn nodes_in(reply: &FsReply) -> Vec<u64> {
+    match reply {
+        FsReply::Entry(a) | FsReply::Created { attr: a, .. } => vec![a.node],
+        FsReply::Dir { entries, .. } => entries.iter().map(|e| e.attr.node).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn open_file(m: &FsMount, cx: &Context, node: u64, fh: u64, flags: u32) -> io::Result<Arc<HeldFd>> {
     if let Some(fd) = m.files.get(fh) {
         return Ok(fd);
     }
@@ -427,7 +617,7 @@ fn open_file(m: &FsMount, cx: Context, node: u64, fh: u64, flags: u32) -> io::Re
     // regular file (a node is only a handle: check before opening anything for real).
     regular(m.path_of(node)?.as_raw_fd())?;
     let fd = m.open_node(node, reopen_flags(flags))?;
-    m.files.insert(fh, fd, cx.session)
+    m.files.insert(fh, fd, cx)
 }
 
 /// A file offset from the wire: beyond i64 it is EINVAL, as for the syscalls.
@@ -460,7 +650,7 @@ fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
     Ok(buf.freeze())
 }
 
-fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -> io::Result<FsReply> {
+fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) -> io::Result<FsReply> {
     Ok(match op {
         FsOp::Lookup { name } => {
             let dir = m.path_of(node)?;
@@ -562,7 +752,7 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             }
             let attr = m.attr(fd.as_raw_fd())?;
             let fh = next_fh();
-            m.files.insert(fh, fd, cx.session)?;
+            m.files.insert(fh, fd, cx)?;
             FsReply::Created { attr, fh }
         }
         FsOp::Open { flags } => {
@@ -575,7 +765,7 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             let file = fd_of(unsafe { libc::open(path.as_ptr(), flags) })?;
             drop(c);
             let fh = next_fh();
-            m.files.insert(fh, file, cx.session)?;
+            m.files.insert(fh, file, cx)?;
             FsReply::Opened { fh }
         }
         FsOp::Read { fh, flags, offset, len } => {
@@ -622,9 +812,14 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
         FsOp::Fsync { fh, flags: _, datasync } => {
             // fh 0: the inode itself (a directory's fsync); an fh the server does not know is
             // synced through a short-lived fd (fsync needs no write access), not kept.
-            let fd = match m.files.get(fh).filter(|_| fh != 0) {
-                Some(fd) => fd,
-                None => Arc::new(m.open_node(node, libc::O_RDONLY | libc::O_NONBLOCK)?),
+            let held = m.files.get(fh).filter(|_| fh != 0);
+            let short;
+            let fd: &dyn AsRawFd = match &held {
+                Some(fd) => fd.as_ref(),
+                None => {
+                    short = m.open_node(node, libc::O_RDONLY | libc::O_NONBLOCK)?;
+                    &short
+                }
             };
             if type_of(fd.as_raw_fd())? != libc::S_IFDIR {
                 regular(fd.as_raw_fd())?;
@@ -711,14 +906,14 @@ fn execute_inner(m: &FsMount, cx: Context, node: u64, creds: &Creds, op: FsOp) -
             FsReply::Data(Bytes::from(buf))
         }
         FsOp::Getlk { lock } => {
-            let fd = m.locks.fd(m, cx.session, lock.owner, node)?;
+            let fd = m.locks.fd(m, cx, lock.owner, node)?;
             let mut fl = flock_of(&lock);
             // SAFETY: fcntl F_OFD_GETLK reads and fills `fl`, a valid struct flock.
             check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
             FsReply::Lock(lock_of(&fl, lock.owner))
         }
         FsOp::Setlk { lock } => {
-            let fd = m.locks.fd(m, cx.session, lock.owner, node)?;
+            let fd = m.locks.fd(m, cx, lock.owner, node)?;
             let fl = flock_of(&lock);
             // SAFETY: fcntl F_OFD_SETLK reads `fl`, a valid struct flock.
             let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
@@ -807,13 +1002,23 @@ pub const LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
 /// they exclude POSIX locks of others on the same file (as over NFS).
 #[derive(Debug, Default)]
 pub struct Locks {
-    fds: Mutex<HashMap<(u64, u64, u64), Arc<OwnedFd>>>,
+    fds: Mutex<HashMap<(u64, u64, u64), Arc<HeldFd>>>,
     /// Connections per client session that have the volume open.
     sessions: Mutex<HashMap<u64, usize>>,
+    /// Sessions with no connection left, and when their lease ends (one reaper thread per mount
+    /// watches them while any is waiting).
+    leases: Mutex<Leases>,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    ends: HashMap<u64, std::time::Instant>,
+    reaper: bool,
 }
 
 impl Locks {
-    fn fd(&self, m: &FsMount, session: u64, owner: u64, node: u64) -> io::Result<Arc<OwnedFd>> {
+    fn fd(&self, m: &FsMount, cx: &Context, owner: u64, node: u64) -> io::Result<Arc<HeldFd>> {
+        let session = cx.session;
         let key = (session, owner, node);
         if let Some(fd) = self.fds.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(fd.clone());
@@ -828,6 +1033,7 @@ impl Locks {
             Ok(fd) => fd,
             Err(_) => m.open_node(node, libc::O_RDONLY)?,
         };
+        let fd = HeldFd::new(fd, &cx.node)?;
         let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
         if fds.keys().filter(|(s, _, _)| *s == session).count() >= LOCK_FDS_PER_SESSION_MAX {
             return Err(io::Error::from_raw_os_error(libc::ENOLCK));
@@ -844,14 +1050,20 @@ impl Locks {
         self.fds.lock().unwrap_or_else(|p| p.into_inner()).remove(&(session, owner, node));
     }
 
-    /// A connection of `session` opened the volume.
+    /// A connection of `session` opened the volume (a reconnect within the lease keeps what the
+    /// session held).
     pub fn session_up(&self, session: u64) {
         *self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(session).or_default() += 1;
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).ends.remove(&session);
     }
 
     /// A connection of `session` is gone: once none is left for `LOCK_LEASE`, its locks and its
     /// open `files` go.
     pub fn session_down(self: &Arc<Self>, session: u64, files: &Arc<Files>) {
+        self.session_down_after(session, files, LOCK_LEASE);
+    }
+
+    fn session_down_after(self: &Arc<Self>, session: u64, files: &Arc<Files>, lease: std::time::Duration) {
         {
             let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             let Some(n) = s.get_mut(&session) else { return };
@@ -861,28 +1073,78 @@ impl Locks {
             }
             s.remove(&session);
         }
-        let (locks, files) = (self.clone(), files.clone());
-        let spawned = std::thread::Builder::new().name("ferrovol-lock-lease".into()).spawn(move || {
-            std::thread::sleep(LOCK_LEASE);
-            if locks.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.ends.insert(session, std::time::Instant::now() + lease);
+        if leases.reaper {
+            return;
+        }
+        let (weak_locks, weak_files) = (Arc::downgrade(self), Arc::downgrade(files));
+        let spawned = std::thread::Builder::new()
+            .name("ferrovol-lock-lease".into())
+            .spawn(move || reap(&weak_locks, &weak_files));
+        match spawned {
+            Ok(_) => leases.reaper = true,
+            Err(e) => {
+                // No thread: release at once rather than never.
+                tracing::warn!(error = %e, "cannot start the lock lease thread: releasing at once");
+                leases.ends.remove(&session);
+                drop(leases);
+                self.expire(session, files);
+            }
+        }
+    }
+
+    /// Drops what `session` held (its lease ended).
+    fn expire(&self, session: u64, files: &Files) {
+        if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session) {
+            return;
+        }
+        files.close_session(session);
+        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
+        let before = fds.len();
+        fds.retain(|(s, _, _), _| *s != session);
+        if fds.len() != before {
+            tracing::info!(
+                session = format!("{session:016x}"),
+                released = before - fds.len(),
+                "a client session's locks expired"
+            );
+        }
+    }
+
+    /// Sessions waiting for their lease to end (for tests).
+    pub fn leases_waiting(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).ends.len()
+    }
+}
+
+/// The lease thread of one mount: expires sessions as their leases end, and stops when none is
+/// waiting (or the mount is gone).
+fn reap(locks: &std::sync::Weak<Locks>, files: &std::sync::Weak<Files>) {
+    loop {
+        let (Some(l), Some(f)) = (locks.upgrade(), files.upgrade()) else { return };
+        let now = std::time::Instant::now();
+        let (due, next) = {
+            let mut leases = l.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if leases.ends.is_empty() {
+                leases.reaper = false;
                 return;
             }
-            files.close_session(session);
-            let mut fds = locks.fds.lock().unwrap_or_else(|p| p.into_inner());
-            let before = fds.len();
-            fds.retain(|(s, _, _), _| *s != session);
-            if fds.len() != before {
-                tracing::info!(
-                    session = format!("{session:016x}"),
-                    released = before - fds.len(),
-                    "a client session's locks expired"
-                );
+            let due: Vec<u64> = leases.ends.iter().filter(|(_, end)| **end <= now).map(|(s, _)| *s).collect();
+            for s in &due {
+                leases.ends.remove(s);
             }
-        });
-        if spawned.is_err() {
-            // No thread: release at once rather than never.
-            self.fds.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _, _), _| *s != session);
+            (due, leases.ends.values().min().copied())
+        };
+        for session in due {
+            l.expire(session, &f);
         }
+        drop((l, f));
+        // Wake at the next end, and at least every second (to notice the mount going).
+        let wait = next.map_or(std::time::Duration::ZERO, |n| n.saturating_duration_since(now));
+        std::thread::sleep(
+            wait.clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(1)),
+        );
     }
 }
 
@@ -979,5 +1241,85 @@ fn readdir(m: &FsMount, node: u64, creds: &Creds, cookie: u64, max_entries: u32)
                 return Ok(FsReply::Dir { entries, eof: false });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The tests here count process-wide things (threads, the fd budget): one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn devnull() -> OwnedFd {
+        OwnedFd::from(std::fs::File::open("/dev/null").unwrap())
+    }
+
+    fn lease_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "ferrovol-lock-l")
+            .count()
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn one_lease_thread_serves_every_closing_session() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let (locks, files) = (Arc::new(Locks::default()), Arc::new(Files::default()));
+        let node: Arc<str> = Arc::from("a");
+        // 300 sessions that each held a lock and went away, as an OPEN/close loop makes them.
+        for session in 1..=300u64 {
+            locks.session_up(session);
+            let fd = Arc::new(HeldFd::new(devnull(), &node).unwrap());
+            locks.fds.lock().unwrap().insert((session, 7, 1), fd);
+            locks.session_down_after(session, &files, Duration::from_millis(200));
+        }
+        assert_eq!(locks.leases_waiting(), 300);
+        assert_eq!(lease_threads(), 1, "one lease thread per mount, not one per closed session");
+        // Session 300 comes back within its lease: it keeps its lock.
+        locks.session_up(300);
+        until("the leases to end", || locks.leases_waiting() == 0);
+        until("the locks to go", || locks.fds.lock().unwrap().len() == 1);
+        assert!(locks.fds.lock().unwrap().contains_key(&(300, 7, 1)));
+        until("the lease thread to stop", || lease_threads() == 0);
+        // A later close starts it again.
+        locks.session_down_after(300, &files, Duration::from_millis(20));
+        until("the last lock to go", || locks.fds.lock().unwrap().is_empty());
+        until("the lease thread to stop again", || lease_threads() == 0);
+    }
+
+    #[test]
+    fn the_fd_budget_bounds_each_node_and_the_server() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let [a, b, c, d, e]: [Arc<str>; 5] = ["a", "b", "c", "d", "e"].map(Arc::from);
+        let base = held().lock().unwrap().total;
+        let budget = base + 8; // 2 per node
+        let mut kept = Vec::new();
+        for n in [&a, &a, &b, &b, &c, &c, &d] {
+            kept.push(HeldFd::within(devnull(), n, budget).unwrap());
+        }
+        let err = HeldFd::within(devnull(), &a, budget).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE), "a node past its share");
+        kept.push(HeldFd::within(devnull(), &d, budget).unwrap());
+        let err = HeldFd::within(devnull(), &e, budget).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE), "the server past its budget");
+        // Closing gives the fd back to its node and to the server.
+        kept.remove(0);
+        kept.push(HeldFd::within(devnull(), &e, budget).unwrap());
+        let err = HeldFd::within(devnull(), &a, budget).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE), "what a closed went to e");
+        drop(kept);
+        assert_eq!(held().lock().unwrap().total, base);
+        assert!(!held().lock().unwrap().per_node.contains_key(&a));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovol_proto::limits::*;
-use ferrovol_proto::opcode::FEATURES_ALL;
+use ferrovol_proto::opcode::{FEATURES_ALL, FEATURE_FS_NOTIFY};
 use ferrovol_proto::*;
 use tracing::{debug, warn};
 
@@ -44,17 +44,28 @@ struct OpenVolume {
     /// Read-write handles: the writer attachment generation they were opened under (every write is
     /// checked against the volume's current one).
     generation: u64,
+    /// fs volumes, for a client that takes FS_NOTIFY: what it caches there.
+    watcher: Option<Arc<crate::notify::Watcher>>,
 }
 
 /// A connection's session: who the peer is (after HELLO) and which volumes it has open.
 #[derive(Default)]
 pub struct Session {
     node: Option<NodeId>,
+    /// The node's name, shared with the file operations ("" before HELLO): its share of the fd
+    /// budget.
+    fs_node: Arc<str>,
     /// Authenticated with the admin credential: may act on other nodes' attachments and force
     /// deletes.
     admin: bool,
     /// The client's session id from HELLO (shared by its connections and reconnects).
     client_session: u64,
+    /// Feature bits agreed in HELLO.
+    features: u64,
+    /// FS_NOTIFY frames on their way to this client (made at its first fs OPEN), and the
+    /// receiving end until the connection takes it (`take_notices`).
+    outbox: Option<Arc<crate::notify::Outbox>>,
+    notices: Option<crate::notify::Queue>,
     /// This connection's slot of the client session, and the epoch it writes under (a reconnect of
     /// the slot moves the epoch on and retires this connection).
     slot: Option<(Arc<crate::listener::SlotFence>, u64)>,
@@ -79,6 +90,9 @@ impl Drop for Session {
 /// Undoes what OPEN counted for a handle.
 fn release(h: &OpenVolume, client_session: u64) {
     if let Some(m) = h.vol.mounted() {
+        if let Some(w) = &h.watcher {
+            m.watchers.remove(w);
+        }
         m.locks.session_down(client_session, &m.files);
     }
     if !h.read_only && !h.vol.is_fs() {
@@ -200,6 +214,12 @@ fn store_op<T: Send + 'static>(
 impl Session {
     pub fn is_ready(&self) -> bool {
         self.node.is_some()
+    }
+
+    /// The FS_NOTIFY queue made since the last call, for the connection to deliver from.
+    pub fn take_notices(&mut self) -> Option<(Arc<crate::notify::Outbox>, crate::notify::Queue)> {
+        let rx = self.notices.take()?;
+        Some((self.outbox.clone()?, rx))
     }
 
     /// A handle of a block volume (block I/O on an fs volume would write under its filesystem).
@@ -362,10 +382,15 @@ impl Session {
                     Err(e) => return Outcome::Reply(err(id, op, &e)),
                 };
                 let (mount, read_only) = mount;
-                let cx = crate::files::Context { read_only, session: self.client_session };
+                let cx = crate::files::Context {
+                    read_only,
+                    session: self.client_session,
+                    node: self.fs_node.clone(),
+                    watcher: self.handles.get(&handle.0).and_then(|h| h.watcher.clone()),
+                };
                 Outcome::Later(Box::pin(async move {
                     let result =
-                        crate::files::run(move || crate::files::execute(&mount, cx, node, &creds, fsop))
+                        crate::files::run(move || crate::files::execute(&mount, &cx, node, &creds, fsop))
                             .await
                             .unwrap_or_else(|| {
                                 Err(ErrorReply::new(Status::Internal, "the file worker stopped"))
@@ -401,10 +426,12 @@ impl Session {
             }
         };
         debug!(node = %hello.node_id, admin, "handshake done");
+        self.fs_node = Arc::from(hello.node_id.as_str());
         self.node = Some(hello.node_id);
         self.client_session = hello.session;
         self.slot = Some(ctx.slots.claim(hello.session, hello.slot));
         self.admin = admin;
+        self.features = hello.features & FEATURES_ALL;
         let mut session_flags = if admin { ferrovol_proto::opcode::SESSION_ADMIN } else { 0 };
         if credential.is_some() {
             session_flags |= ferrovol_proto::opcode::SESSION_ENROLLED;
@@ -416,7 +443,7 @@ impl Session {
                 version: PROTOCOL_VERSION,
                 session_flags,
                 credential: credential.unwrap_or_default(),
-                features: hello.features & FEATURES_ALL,
+                features: self.features,
                 in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
                 in_flight_bytes_max: IN_FLIGHT_BYTES_MAX,
                 payload_len_max: PAYLOAD_LEN_MAX,
@@ -491,7 +518,24 @@ impl Session {
         let handle = VolumeHandle(self.next_handle);
         let size = vol.size();
         debug!(volume = %name, %handle, read_only, generation, "volume opened");
-        self.handles.insert(handle.0, OpenVolume { vol, read_only, generation });
+        let watcher = match vol.mounted() {
+            Some(m) if self.features & FEATURE_FS_NOTIFY != 0 => {
+                let outbox = match &self.outbox {
+                    Some(o) => o.clone(),
+                    None => {
+                        let (o, rx) = crate::notify::Outbox::new();
+                        self.notices = Some(rx);
+                        self.outbox = Some(o.clone());
+                        o
+                    }
+                };
+                let w = crate::notify::Watcher::new(self.client_session, handle, outbox);
+                m.watchers.add(w.clone());
+                Some(w)
+            }
+            _ => None,
+        };
+        self.handles.insert(handle.0, OpenVolume { vol, read_only, generation, watcher });
         Ok(Reply::Opened { handle, size, read_only })
     }
 

@@ -341,6 +341,8 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>, stop: watch::
 impl Server {
     /// Opens the data dir and binds the listening socket.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Self> {
+        let nofile = crate::files::raise_fd_limit();
+        tracing::debug!(nofile, "open file limit");
         let dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir))
             .await

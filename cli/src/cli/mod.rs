@@ -149,12 +149,13 @@ pub enum Command {
         /// Return once mounted, leaving it served by a background process.
         #[arg(long)]
         background: bool,
-        /// How long the kernel may keep attributes without asking the server (ms). 0 (the
-        /// default): a change on another node is seen at the next access.
-        #[arg(long, default_value_t = 0)]
+        /// How long the kernel may keep attributes without asking the server (ms). The server
+        /// tells every mount at once when another node changes what it caches, so this only
+        /// bounds staleness after a missed notice (a reconnect); 0: ask at every access.
+        #[arg(long, default_value_t = 1000)]
         attr_ttl_ms: u64,
-        /// How long the kernel may keep names it looked up (ms); 0 by default, as above.
-        #[arg(long, default_value_t = 0)]
+        /// How long the kernel may keep names it looked up (ms); see --attr-ttl-ms.
+        #[arg(long, default_value_t = 1000)]
         entry_ttl_ms: u64,
     },
     /// Unmount an fs volume mounted with `ferrovol mount` (its process then exits).

@@ -67,6 +67,7 @@ pub fn mount(global: &Global, name: &VolumeName, dir: &Path, opts: MountOptions)
     }
     let vol = rt.block_on(session.open_fs(name, opts.read_only))?;
     let fs = FsFiles::new(vol, rt.handle().clone(), opts.ttl);
+    let watch = fs.watch();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("ferrovol:{name}")),
@@ -82,6 +83,7 @@ pub fn mount(global: &Global, name: &VolumeName, dir: &Path, opts: MountOptions)
     config.clone_fd = true;
     let session_fuse = fuser::Session::new(fs, dir, &config)
         .with_context(|| format!("cannot FUSE-mount volume {name} at {}", dir.display()))?;
+    watch.start(session_fuse.notifier()).context("cannot start the notice thread")?;
     let background = session_fuse.spawn().context("cannot start the FUSE session")?;
     if std::env::var_os(NOTIFY_ENV).is_some() {
         println!("ready");

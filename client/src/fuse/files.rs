@@ -7,9 +7,12 @@
 //! (`default_permissions`, on the attributes it has) and by the server, which runs every operation
 //! with the caller's uid, gid and groups.
 //!
-//! Coherence: close-to-open (every open revalidates, and with FUSE_AUTO_INVAL_DATA a changed mtime
-//! drops cached pages), with attribute and entry caches of `attr_ttl` / `entry_ttl` (0 by default:
-//! every lookup asks the server, so a change on another node is seen at once).
+//! Coherence: close-to-open (every open drops the file's cached pages and attributes, so the next
+//! read or stat asks the server), plus the server's FS_NOTIFY notices: when another client changes
+//! an inode or an entry this one may cache, the server says so within milliseconds and [`Watch`]
+//! drops it from the kernel's caches (FUSE notifications). The attribute and entry caches
+//! (`attr_ttl` / `entry_ttl`) therefore only bound how long a missed notice (a reconnect) can
+//! leave something stale.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -51,6 +54,90 @@ pub struct FsFiles {
     /// The open flags of each fh (the server opens a file again with them after a restart; the
     /// kernel does not send them with every request).
     flags: Arc<Mutex<std::collections::HashMap<u64, u32>>>,
+    /// The inodes the kernel holds, with their lookup counts (what a `Notice::All` drops).
+    cached: Cached,
+    /// Set once the session is mounted (see `Watch::start`).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+/// Inode -> lookup count, as the kernel counts them (FORGET takes them back).
+#[derive(Debug, Clone, Default)]
+struct Cached(Arc<Mutex<std::collections::HashMap<u64, u64>>>);
+
+impl Cached {
+    fn add(&self, node: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(node).or_default() += 1;
+    }
+
+    fn forget(&self, node: u64, n: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get_mut(&node) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                m.remove(&node);
+            }
+        }
+    }
+
+    fn nodes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.0.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        v.push(NODE_ROOT);
+        v
+    }
+}
+
+/// Applies a mount's FS_NOTIFY notices to the kernel's caches, on a thread of its own: an
+/// invalidation of an entry waits for its directory's lock, which a request in progress may hold
+/// until its reply comes, so it must never run where replies are handled.
+#[derive(Debug)]
+pub struct Watch {
+    notices: crate::Notices,
+    cached: Cached,
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+impl Watch {
+    /// Starts applying notices through the mounted session's `notifier`.
+    pub fn start(self, notifier: fuser::Notifier) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let _ = self.notifier.set(notifier.clone());
+        std::thread::Builder::new().name("ferrovol-notify".into()).spawn(move || {
+            while let Some(notices) = self.notices.recv() {
+                for n in notices {
+                    apply(&notifier, &self.cached, n);
+                }
+            }
+        })
+    }
+}
+
+fn apply(notifier: &fuser::Notifier, cached: &Cached, n: Notice) {
+    // ENOENT: the kernel does not have it (nothing to drop). Anything else is only logged: a
+    // notice is an optimisation of coherence, the caches' TTLs bound what a lost one costs.
+    let r = match &n {
+        Notice::Inode { node, offset, len } => notifier.inval_inode(INodeNo(*node), *offset, *len),
+        Notice::Entry { parent, name } => {
+            notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name.as_bytes()))
+        }
+        Notice::Delete { parent, child, name } => {
+            let name = OsStr::from_bytes(name.as_bytes());
+            notifier
+                .delete(INodeNo(*parent), INodeNo(*child), name)
+                .or_else(|_| notifier.inval_entry(INodeNo(*parent), name))
+        }
+        Notice::All => {
+            let nodes = cached.nodes();
+            debug!(inodes = nodes.len(), "notices were lost: dropping every cached inode");
+            for node in nodes {
+                let _ = notifier.inval_inode(INodeNo(node), 0, 0);
+            }
+            Ok(())
+        }
+    };
+    match r {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => debug!(notice = ?n, error = %e, "notice not applied"),
+    }
 }
 
 /// Between two attempts at a lock someone else holds (doubling from the first).
@@ -59,7 +146,21 @@ const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
 
 impl FsFiles {
     pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls) -> Self {
-        Self { vol, rt, ttl, locked: Arc::default(), flags: Arc::default() }
+        Self {
+            vol,
+            rt,
+            ttl,
+            locked: Arc::default(),
+            flags: Arc::default(),
+            cached: Cached::default(),
+            notifier: Arc::default(),
+        }
+    }
+
+    /// What applies the server's notices once the session is mounted (`Watch::start`); notices
+    /// are queued from now on.
+    pub fn watch(&self) -> Watch {
+        Watch { notices: self.vol.notices(), cached: self.cached.clone(), notifier: self.notifier.clone() }
     }
 
     fn flags_of(&self, fh: FileHandle) -> u32 {
@@ -99,9 +200,12 @@ impl FsFiles {
     }
 
     fn entry(&self, req: &Request, parent: INodeNo, op: FsOp, reply: ReplyEntry) {
-        let ttl = self.ttl;
+        let (ttl, cached) = (self.ttl, self.cached.clone());
         self.call(req, true, parent, op, move |r| match r {
-            Ok(FsReply::Entry(a)) => reply.entry(&ttl.entry, &file_attr(&a), Generation(0)),
+            Ok(FsReply::Entry(a)) => {
+                cached.add(a.node);
+                reply.entry(&ttl.entry, &file_attr(&a), Generation(0))
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         });
@@ -243,6 +347,10 @@ impl Filesystem for FsFiles {
         let _ = config.set_max_background(128);
         let _ = config.set_congestion_threshold(96);
         Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.cached.forget(ino.0, nlookup);
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
@@ -409,10 +517,16 @@ impl Filesystem for FsFiles {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0 as u32;
-        let known = self.flags.clone();
+        let (known, notifier) = (self.flags.clone(), self.notifier.clone());
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
             Ok(FsReply::Opened { fh }) => {
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
+                // Close-to-open: the attributes (the size above all) are asked for again after
+                // an open, whatever their TTL. Attributes only: this takes no inode lock, so it
+                // may run while the kernel waits for this reply.
+                if let Some(n) = notifier.get() {
+                    let _ = n.inval_inode(ino, -1, 0);
+                }
                 reply.opened(FileHandle(fh), open_flags(flags))
             }
             Ok(_) => reply.error(Errno::EIO),
@@ -608,7 +722,7 @@ impl Filesystem for FsFiles {
         mut reply: ReplyDirectoryPlus,
     ) {
         let op = FsOp::Readdir { cookie: offset, max_entries: 64 };
-        let ttl = self.ttl;
+        let (ttl, cached) = (self.ttl, self.cached.clone());
         self.call(req, true, ino, op, move |r| match r {
             Ok(FsReply::Dir { entries, .. }) => {
                 for e in entries {
@@ -622,6 +736,10 @@ impl Filesystem for FsFiles {
                         Generation(0),
                     ) {
                         break;
+                    }
+                    // The kernel counts a lookup for each entry but `.` and `..`.
+                    if name != "." && name != ".." {
+                        cached.add(e.attr.node);
                     }
                 }
                 reply.ok();
@@ -723,10 +841,11 @@ impl Filesystem for FsFiles {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let (ttl, known) = (self.ttl, self.flags.clone());
+        let (ttl, known, cached) = (self.ttl, self.flags.clone(), self.cached.clone());
         let flags = flags as u32;
         self.call(req, true, parent, FsOp::Create { name, flags, mode, umask }, move |r| match r {
             Ok(FsReply::Created { attr, fh }) => {
+                cached.add(attr.node);
                 // A reopen after a server restart must not create or truncate again.
                 let reopen = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, reopen);

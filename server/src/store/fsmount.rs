@@ -82,6 +82,8 @@ pub struct FsMount {
     pub files: std::sync::Arc<crate::files::Files>,
     /// Its byte-range locks (see `files::Locks`).
     pub locks: std::sync::Arc<crate::files::Locks>,
+    /// The connections that cache its inodes (see `notify`).
+    pub watchers: crate::notify::Watchers,
 }
 
 impl FsMount {
@@ -145,7 +147,14 @@ impl FsMount {
                     mount_point.display()
                 )))
             })?;
-        Ok(Self { mount_point, root, root_handle, files: Default::default(), locks: Default::default() })
+        Ok(Self {
+            mount_point,
+            root,
+            root_handle,
+            files: Default::default(),
+            locks: Default::default(),
+            watchers: Default::default(),
+        })
     }
 
     /// Writes everything back and unmounts (the loop device goes with it). `EBUSY` when something
