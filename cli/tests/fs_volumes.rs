@@ -153,7 +153,10 @@ fn two_nodes_share_an_fs_volume_with_posix_semantics() {
     {
         return;
     }
-    let s = setup();
+    // Without caches: each check on B right after a change on A asks the server. With caches
+    // (the default), a change reaches B's kernel through a notice within milliseconds, not
+    // before A's call returns: `changes_on_one_node_reach_the_others_caches_at_once` tests that.
+    let s = setup_with(&["--attr-ttl-ms", "0", "--entry-ttl-ms", "0"]);
     let (a, b) = (&s.a, &s.b);
 
     // Created on A: visible on B at once; written and closed on A: B's next open reads it.
@@ -661,6 +664,139 @@ fn changes_on_one_node_reach_the_others_caches_at_once() {
         worst = worst.max(visible_within("an rmdir", || !b.join(&d).exists()));
     }
     eprintln!("slowest change to reach the other mount: {worst:?}");
+    umount(&s.addr, a);
+    umount(&s.addr, b);
+}
+
+fn c_path(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8], flags: i32, follow: bool) -> Result<(), i32> {
+    let (p, n) = (c_path(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings and a value of `value.len()` bytes.
+    let r = unsafe {
+        if follow {
+            libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        } else {
+            libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        }
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// A value the way applications ask for it: its size first, then the value.
+fn get_xattr(p: &Path, name: &str, follow: bool) -> Result<Vec<u8>, i32> {
+    let (p, n) = (c_path(p), std::ffi::CString::new(name).unwrap());
+    let get = |buf: &mut [u8]| -> isize {
+        // SAFETY: valid NUL-terminated strings; at most `buf.len()` bytes are written.
+        unsafe {
+            if follow {
+                libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            } else {
+                libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            }
+        }
+    };
+    let size = get(&mut []);
+    if size < 0 {
+        return Err(errno());
+    }
+    let mut buf = vec![0u8; size as usize];
+    if size > 1 && get(&mut buf[..size as usize - 1]) >= 0 {
+        panic!("a buffer one byte short must fail with ERANGE");
+    }
+    let n = get(&mut buf);
+    if n < 0 {
+        return Err(errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn list_xattrs(p: &Path) -> Vec<String> {
+    let p = c_path(p);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: a valid path; at most `buf.len()` bytes are written.
+    let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "listxattr: errno {}", errno());
+    buf.truncate(n as usize);
+    buf.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn extended_attributes_are_shared_and_checked_as_the_caller() {
+    if !privileged("extended_attributes_are_shared_and_checked_as_the_caller", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let mut s = setup();
+    let ro = s._dir.path().join("ro");
+    s.cleanup.0.push(ro.clone());
+    let (a, b) = (&s.a, &s.b);
+    let f = a.join("x");
+    fs::write(&f, b"data").unwrap();
+    // Set on A, read and listed on B; a value of 4000 bytes (what an ext4 block holds).
+    let big: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    set_xattr(&f, "user.one", b"1", 0, true).unwrap();
+    set_xattr(&f, "user.big", &big, 0, true).unwrap();
+    set_xattr(&f, "trusted.root", b"r", 0, true).unwrap();
+    assert_eq!(get_xattr(&b.join("x"), "user.one", true).unwrap(), b"1");
+    assert_eq!(get_xattr(&b.join("x"), "user.big", true).unwrap(), big);
+    let mut names = list_xattrs(&b.join("x"));
+    names.sort();
+    assert_eq!(names, ["trusted.root", "user.big", "user.one"]);
+    // CREATE on an existing name, REPLACE of a missing one, a missing one read.
+    assert_eq!(set_xattr(&b.join("x"), "user.one", b"2", libc::XATTR_CREATE, true), Err(libc::EEXIST));
+    assert_eq!(set_xattr(&b.join("x"), "user.none", b"2", libc::XATTR_REPLACE, true), Err(libc::ENODATA));
+    assert_eq!(get_xattr(&b.join("x"), "user.none", true), Err(libc::ENODATA));
+    set_xattr(&b.join("x"), "user.one", b"22", libc::XATTR_REPLACE, true).unwrap();
+    assert_eq!(get_xattr(&f, "user.one", true).unwrap(), b"22");
+    // Removed on B, gone on A.
+    let (pb, n) = (c_path(&b.join("x")), std::ffi::CString::new("user.big").unwrap());
+    // SAFETY: valid NUL-terminated strings.
+    assert_eq!(unsafe { libc::removexattr(pb.as_ptr(), n.as_ptr()) }, 0);
+    assert_eq!(get_xattr(&f, "user.big", true), Err(libc::ENODATA));
+    // As nobody: user.* of a root-owned 0644 file may be read, not written; trusted.* is hidden.
+    let file = b.join("x");
+    let script = format!(
+        "python3 -c \"import os,sys
+p='{}'
+print(os.getxattr(p,'user.one').decode())
+try: os.setxattr(p,'user.two',b'x'); print('set')
+except OSError as e: print('set', e.errno)
+print(sorted(os.listxattr(p)))\"",
+        file.display()
+    );
+    let out = as_nobody(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["22", &format!("set {}", libc::EACCES), "['user.one']"],
+        "{text}"
+    );
+    // A symlink's own attributes, never its target's.
+    std::os::unix::fs::symlink("x", a.join("l")).unwrap();
+    set_xattr(&b.join("l"), "trusted.link", b"l", 0, false).unwrap();
+    assert_eq!(get_xattr(&a.join("l"), "trusted.link", false).unwrap(), b"l");
+    assert_eq!(get_xattr(&a.join("x"), "trusted.link", true), Err(libc::ENODATA));
+    // A read-only mount reads them and refuses changes.
+    mount("c", &s.addr, "shared", &ro, &["--read-only"]);
+    assert_eq!(get_xattr(&ro.join("x"), "user.one", true).unwrap(), b"22");
+    assert_eq!(set_xattr(&ro.join("x"), "user.one", b"3", 0, true), Err(libc::EROFS));
+    umount(&s.addr, &ro);
     umount(&s.addr, a);
     umount(&s.addr, b);
 }

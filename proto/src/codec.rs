@@ -53,6 +53,10 @@ macro_rules! fs_opcodes {
             | Opcode::FsFallocate
             | Opcode::FsLseek
             | Opcode::FsCopyRange
+            | Opcode::FsGetxattr
+            | Opcode::FsSetxattr
+            | Opcode::FsListxattr
+            | Opcode::FsRemovexattr
     };
 }
 
@@ -154,7 +158,10 @@ impl<const N: usize> Frame<N> {
 
 /// The largest payload a request with this opcode byte may carry.
 pub fn request_payload_len_max(opcode: u8) -> u32 {
-    if opcode == Opcode::Write as u8 || opcode == Opcode::FsWrite as u8 {
+    // FS_SETXATTR: a 64 KiB value and its fields do not fit the control limit (the value's own
+    // limit is checked when it is parsed).
+    if opcode == Opcode::Write as u8 || opcode == Opcode::FsWrite as u8 || opcode == Opcode::FsSetxattr as u8
+    {
         PAYLOAD_LEN_MAX
     } else {
         CONTROL_PAYLOAD_LEN_MAX

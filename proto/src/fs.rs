@@ -21,6 +21,13 @@ pub const FS_NAME_LEN_MAX: usize = 255;
 pub const FS_SYMLINK_LEN_MAX: usize = 4095;
 /// Supplementary groups carried per request (more are cut: the first ones count).
 pub const FS_GROUPS_MAX: usize = 32;
+/// An extended attribute's name (with its namespace: `user.`, `trusted.`, `security.`...).
+pub const FS_XATTR_NAME_MAX: usize = 255;
+/// An extended attribute's value, and a LISTXATTR reply (the kernel's XATTR_SIZE_MAX).
+pub const FS_XATTR_SIZE_MAX: usize = 65536;
+/// SETXATTR flags (the values of setxattr(2)).
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
 /// Entries in one READDIR reply.
 pub const FS_READDIR_ENTRIES_MAX: u32 = LIST_ENTRIES_MAX;
 
@@ -224,6 +231,20 @@ pub enum FsOp {
         out_offset: u64,
         len: u64,
     },
+    /// The whole value (at most `FS_XATTR_SIZE_MAX`); the client answers size queries from it.
+    Getxattr {
+        name: Bytes,
+    },
+    Setxattr {
+        name: Bytes,
+        value: Bytes,
+        flags: u32,
+    },
+    /// The names, each NUL-terminated, as listxattr(2) gives them.
+    Listxattr,
+    Removexattr {
+        name: Bytes,
+    },
 }
 
 impl FsOp {
@@ -254,6 +275,10 @@ impl FsOp {
             FsOp::Fallocate { .. } => Opcode::FsFallocate,
             FsOp::Lseek { .. } => Opcode::FsLseek,
             FsOp::CopyRange { .. } => Opcode::FsCopyRange,
+            FsOp::Getxattr { .. } => Opcode::FsGetxattr,
+            FsOp::Setxattr { .. } => Opcode::FsSetxattr,
+            FsOp::Listxattr => Opcode::FsListxattr,
+            FsOp::Removexattr { .. } => Opcode::FsRemovexattr,
         }
     }
 
@@ -277,7 +302,12 @@ impl FsOp {
             | FsOp::Flush { .. }
             | FsOp::Lseek { .. }
             | FsOp::Fallocate { .. }
-            | FsOp::CopyRange { .. } => true,
+            | FsOp::CopyRange { .. }
+            | FsOp::Getxattr { .. }
+            | FsOp::Listxattr => true,
+            // XATTR_CREATE fails the second time; a plain set or a replace does not.
+            FsOp::Setxattr { flags, .. } => flags & XATTR_CREATE == 0,
+            FsOp::Removexattr { .. } => false,
             // 0o2000: O_APPEND.
             FsOp::Write { flags, .. } => flags & 0o2000 == 0,
             FsOp::Mkdir { .. } | FsOp::Mknod { .. } | FsOp::Create { .. } => false,
@@ -363,7 +393,7 @@ pub enum FsReply {
     /// WRITE: bytes written.
     Written(u32),
     Statfs(FsStat),
-    /// READ, READLINK.
+    /// READ, READLINK, GETXATTR, LISTXATTR.
     Data(Bytes),
     /// GETLK: the conflicting lock (`kind` UNLOCK: none).
     Lock(Lock),
@@ -538,8 +568,35 @@ pub(crate) fn encode_request(node: u64, creds: &Creds, op: &FsOp) -> BytesMut {
             p.put_u64_le(*out_offset);
             p.put_u64_le(*len);
         }
+        FsOp::Getxattr { name } | FsOp::Removexattr { name } => put_xattr_name(&mut p, name),
+        FsOp::Setxattr { name, value, flags } => {
+            p.put_u32_le(*flags);
+            put_xattr_name(&mut p, name);
+            p.put_u32_le(u32::try_from(value.len()).unwrap_or(u32::MAX));
+            p.put_slice(value);
+        }
+        FsOp::Listxattr => {}
     }
     p
+}
+
+fn put_xattr_name(p: &mut BytesMut, n: &Bytes) {
+    // At most 255 bytes (checked where the op is made: `xattr_name`).
+    p.put_u8(u8::try_from(n.len()).unwrap_or(u8::MAX));
+    p.put_slice(&n[..n.len().min(FS_XATTR_NAME_MAX)]);
+}
+
+/// An extended attribute's name as the wire carries it: 1 to 255 bytes, no NUL.
+pub fn xattr_name(name: &[u8]) -> Result<Bytes, PayloadError> {
+    if name.is_empty() || name.len() > FS_XATTR_NAME_MAX || name.contains(&0) {
+        return Err(PayloadError::Invalid("an xattr name is 1 to 255 bytes without NUL"));
+    }
+    Ok(Bytes::copy_from_slice(name))
+}
+
+fn get_xattr_name(r: &mut Reader<'_>) -> Result<Bytes, PayloadError> {
+    let len = usize::from(r.u8()?);
+    xattr_name(r.take(len)?)
 }
 
 fn put_lock(p: &mut BytesMut, l: &Lock) {
@@ -716,6 +773,23 @@ pub(crate) fn parse_request(
                 len: r.u64()?,
             }
         }
+        Opcode::FsGetxattr => FsOp::Getxattr { name: get_xattr_name(r)? },
+        Opcode::FsRemovexattr => FsOp::Removexattr { name: get_xattr_name(r)? },
+        Opcode::FsListxattr => FsOp::Listxattr,
+        Opcode::FsSetxattr => {
+            let flags = r.u32()?;
+            if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 || flags == XATTR_CREATE | XATTR_REPLACE {
+                return Err(PayloadError::Invalid("SETXATTR flags: CREATE or REPLACE, not both"));
+            }
+            let name = get_xattr_name(r)?;
+            let len = r.u32()? as usize;
+            if len > FS_XATTR_SIZE_MAX {
+                return Err(PayloadError::TooLong { len, max: FS_XATTR_SIZE_MAX });
+            }
+            let value = payload.slice(payload.len() - r.remaining()..).slice(..len.min(r.remaining()));
+            r.take(len)?;
+            FsOp::Setxattr { name, value, flags }
+        }
         _ => return Err(PayloadError::Invalid("not an FS opcode")),
     };
     if !matches!(op, Opcode::FsRead | Opcode::FsWrite) && (offset != 0 || length != 0) {
@@ -873,7 +947,7 @@ pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Re
         Opcode::FsGetlk => FsReply::Lock(get_lock(r)?),
         Opcode::FsLseek => FsReply::Offset(r.u64()?),
         Opcode::FsCopyRange => FsReply::Written(r.u32()?),
-        Opcode::FsRead | Opcode::FsReadlink => {
+        Opcode::FsRead | Opcode::FsReadlink | Opcode::FsGetxattr | Opcode::FsListxattr => {
             r.take(r.remaining())?;
             FsReply::Data(payload.clone())
         }
@@ -947,8 +1021,45 @@ mod tests {
                 out_offset: 5,
                 len: 1 << 30,
             },
+            FsOp::Getxattr { name: Bytes::from_static(b"user.a/b") },
+            FsOp::Setxattr {
+                name: Bytes::from_static(b"user.x"),
+                value: Bytes::from_static(b"v\0w"),
+                flags: 2,
+            },
+            FsOp::Setxattr { name: Bytes::from_static(b"trusted.y"), value: Bytes::new(), flags: 0 },
+            FsOp::Listxattr,
+            FsOp::Removexattr { name: Bytes::from_static(b"user.x") },
         ] {
             round_trip(op);
+        }
+    }
+
+    #[test]
+    fn xattr_requests_refuse_bad_names_values_and_flags() {
+        assert!(xattr_name(b"").is_err());
+        assert!(xattr_name(b"user.a\0b").is_err());
+        assert!(xattr_name(&[b'u'; 256]).is_err());
+        assert!(xattr_name(&[b'u'; 255]).is_ok());
+        let encode = |op: FsOp| {
+            let req = Request::Fs { handle: VolumeHandle(1), node: 1, creds: Creds::default(), op };
+            BytesMut::from(&req.encode(RequestId(1)).to_bytes()[..])
+        };
+        let both = FsOp::Setxattr { name: Bytes::from_static(b"user.a"), value: Bytes::new(), flags: 3 };
+        let big = FsOp::Setxattr {
+            name: Bytes::from_static(b"user.a"),
+            value: Bytes::from(vec![0u8; FS_XATTR_SIZE_MAX + 1]),
+            flags: 0,
+        };
+        let nul = FsOp::Getxattr { name: Bytes::from_static(b"user.\0") };
+        for (op, status) in [
+            (both, crate::Status::BadRequest),
+            (big, crate::Status::TooLarge),
+            (nul, crate::Status::BadRequest),
+        ] {
+            let mut buf = encode(op);
+            let e = Request::parse(split_request(&mut buf).unwrap().unwrap()).unwrap_err();
+            assert_eq!(e.status, status, "{}", e.message);
         }
     }
 
@@ -967,6 +1078,9 @@ mod tests {
             (Opcode::FsWrite, FsReply::Written(12)),
             (Opcode::FsStatfs, FsReply::Statfs(FsStat { blocks: 1, bsize: 4096, ..FsStat::default() })),
             (Opcode::FsRead, FsReply::Data(Bytes::from_static(b"data"))),
+            (Opcode::FsGetxattr, FsReply::Data(Bytes::from_static(b"value"))),
+            (Opcode::FsListxattr, FsReply::Data(Bytes::from_static(b"user.a\0user.b\0"))),
+            (Opcode::FsSetxattr, FsReply::Done),
             (Opcode::FsUnlink, FsReply::Done),
             (Opcode::FsGetlk, FsReply::Lock(Lock { owner: 0, start: 1, end: 2, kind: LOCK_UNLOCK, pid: 3 })),
         ] {

@@ -70,6 +70,11 @@ pub enum Opcode {
     FsLseek = 0x47,
     /// A copy between two open files, done on the server.
     FsCopyRange = 0x48,
+    /// Extended attributes: a value, set one (XATTR_CREATE / XATTR_REPLACE), the names, remove one.
+    FsGetxattr = 0x49,
+    FsSetxattr = 0x4a,
+    FsListxattr = 0x4b,
+    FsRemovexattr = 0x4c,
     /// Server to client only, request id 0: changes other clients made to inodes and entries this
     /// connection has seen (payload `fs::Notices`). Sent to connections that asked for
     /// `FEATURE_FS_NOTIFY`.
@@ -77,7 +82,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 50] = [
+    pub const ALL: [Opcode; 54] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::VolumeCreate,
@@ -127,6 +132,10 @@ impl Opcode {
         Opcode::FsFallocate,
         Opcode::FsLseek,
         Opcode::FsCopyRange,
+        Opcode::FsGetxattr,
+        Opcode::FsSetxattr,
+        Opcode::FsListxattr,
+        Opcode::FsRemovexattr,
         Opcode::FsNotify,
     ];
 
@@ -181,6 +190,10 @@ impl Opcode {
             Opcode::FsFallocate => "FS_FALLOCATE",
             Opcode::FsLseek => "FS_LSEEK",
             Opcode::FsCopyRange => "FS_COPY_RANGE",
+            Opcode::FsGetxattr => "FS_GETXATTR",
+            Opcode::FsSetxattr => "FS_SETXATTR",
+            Opcode::FsListxattr => "FS_LISTXATTR",
+            Opcode::FsRemovexattr => "FS_REMOVEXATTR",
             Opcode::FsNotify => "FS_NOTIFY",
         }
     }
@@ -193,7 +206,7 @@ impl Opcode {
 
     /// File operations: they address an OPENed fs volume by handle, and one of its inodes.
     pub fn is_fs(self) -> bool {
-        (Opcode::FsLookup as u8..=Opcode::FsCopyRange as u8).contains(&(self as u8))
+        (Opcode::FsLookup as u8..=Opcode::FsRemovexattr as u8).contains(&(self as u8))
     }
 }
 

@@ -101,9 +101,65 @@ pub async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> O
 // Credentials
 
 /// The caller's credentials on this thread until dropped; then root's again.
-struct AsCaller;
+struct AsCaller {
+    /// The worker's capabilities, to raise again (a caller other than root runs with none).
+    caps: Option<[CapData; 2]>,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// _LINUX_CAPABILITY_VERSION_3: two `CapData` (64 capability bits).
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// This thread's capabilities (pid 0: the calling thread).
+fn caps_get() -> io::Result<[CapData; 2]> {
+    let mut h = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: capget reads the header and fills two CapData, the layout version 3 takes.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(d)
+}
+
+/// Sets this thread's capabilities (capabilities are per thread).
+fn caps_set(d: &[CapData; 2]) -> io::Result<()> {
+    let mut h = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    // SAFETY: capset reads the header and two CapData.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The worker thread's own capabilities (as root), read once.
+    static ROOT_CAPS: std::cell::Cell<Option<[CapData; 2]>> = const { std::cell::Cell::new(None) };
+}
 
 fn as_caller(c: &Creds) -> io::Result<AsCaller> {
+    // The worker's own capabilities, read as root (once per thread).
+    let root = match (c.uid, ROOT_CAPS.get()) {
+        (0, _) => None,
+        (_, Some(caps)) => Some(caps),
+        (_, None) => {
+            let caps = caps_get()?;
+            ROOT_CAPS.set(Some(caps));
+            Some(caps)
+        }
+    };
     let groups = &c.groups[..c.groups.len().min(FS_GROUPS_MAX)];
     // SAFETY: setgroups reads `groups.len()` gid_t values from the pointer, which points at that
     // many u32s (gid_t is u32 on Linux). The raw syscall changes this thread's groups only.
@@ -111,7 +167,7 @@ fn as_caller(c: &Creds) -> io::Result<AsCaller> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    let guard = AsCaller;
+    let mut guard = AsCaller { caps: None };
     // setfsuid/setfsgid report nothing: ask again (-1 changes nothing and returns the current
     // value), so an id that did not take (no CAP_SETUID) fails the operation instead of running
     // it as root. The guard restores root on the way out either way.
@@ -124,11 +180,31 @@ fn as_caller(c: &Creds) -> io::Result<AsCaller> {
     if !ok {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
+    // Last: changing the ids above needs CAP_SETUID / CAP_SETGID.
+    if let Some(root) = root {
+        // A caller other than root has no capabilities at all. A non-zero fsuid drops only the
+        // filesystem ones; CAP_SYS_ADMIN would still read and write trusted.* xattrs, and
+        // CAP_SETFCAP set file capabilities (security.capability) that another node would
+        // honour when it runs the file.
+        let mut none = root;
+        for d in &mut none {
+            d.effective = 0;
+        }
+        guard.caps = Some(root);
+        caps_set(&none)?;
+    }
     Ok(guard)
 }
 
 impl Drop for AsCaller {
     fn drop(&mut self) {
+        if let Some(caps) = &self.caps {
+            if let Err(e) = caps_set(caps) {
+                // The thread would go on without its capabilities: every later operation would
+                // fail (EPERM), never run with more rights than it should.
+                tracing::error!(error = %e, "cannot raise a file worker's capabilities again");
+            }
+        }
         // SAFETY: as in `as_caller`; an empty group list.
         unsafe {
             libc::setfsuid(0);
@@ -190,6 +266,23 @@ fn fd_of(r: libc::c_int) -> io::Result<OwnedFd> {
 
 fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+fn xattr_cname(n: &Bytes) -> CString {
+    // The codec refused names with a NUL.
+    CString::new(n.to_vec()).unwrap_or_default()
+}
+
+/// A getxattr/listxattr result of at most `FS_XATTR_SIZE_MAX` bytes: `call` fills the buffer it
+/// is given and returns the length (or -1).
+fn xattr_read(call: impl Fn(&mut [u8]) -> libc::ssize_t) -> io::Result<FsReply> {
+    let mut buf = vec![0u8; FS_XATTR_SIZE_MAX];
+    let n = call(&mut buf);
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(usize::try_from(n).unwrap_or(0));
+    Ok(FsReply::Data(Bytes::from(buf)))
 }
 
 fn cname(n: &FsName) -> CString {
@@ -511,7 +604,9 @@ fn mutates(op: &FsOp) -> bool {
         | FsOp::Getlk { .. }
         | FsOp::Setlk { .. }
         | FsOp::Flush { .. }
-        | FsOp::Lseek { .. } => false,
+        | FsOp::Lseek { .. }
+        | FsOp::Getxattr { .. }
+        | FsOp::Listxattr => false,
         FsOp::Open { flags } => is_write(*flags),
         _ => true,
     }
@@ -587,6 +682,7 @@ fn notices_of(m: &FsMount, node: u64, op: &FsOp) -> Vec<Notice> {
         FsOp::Link { new_parent, new_name } => {
             vec![entry(*new_parent, new_name), attrs(*new_parent), attrs(node)]
         }
+        FsOp::Setxattr { .. } | FsOp::Removexattr { .. } => vec![attrs(node)],
         _ => Vec::new(),
     }
 }
@@ -904,6 +1000,53 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
             }
             buf.truncate(n as usize);
             FsReply::Data(Bytes::from(buf))
+        }
+        // Extended attributes: through /proc/self/fd of the node's O_PATH fd, which reaches the
+        // inode itself (a symlink's own attributes, never its target's), as the caller (the
+        // kernel checks user.* against the file's mode, trusted.* needs root).
+        FsOp::Getxattr { name } => {
+            // Held until the call is done: the path names this fd.
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let name = xattr_cname(&name);
+            let _c = as_caller(creds)?;
+            xattr_read(|buf| {
+                // SAFETY: both strings are NUL-terminated; getxattr writes at most `buf.len()` bytes.
+                unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+            })?
+        }
+        FsOp::Listxattr => {
+            // Held until the call is done: the path names this fd.
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let _c = as_caller(creds)?;
+            xattr_read(|buf| {
+                // SAFETY: `path` is NUL-terminated; listxattr writes at most `buf.len()` bytes.
+                unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+            })?
+        }
+        FsOp::Setxattr { name, value, flags } => {
+            // Held until the call is done: the path names this fd.
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let name = xattr_cname(&name);
+            let flags = flags as libc::c_int & (libc::XATTR_CREATE | libc::XATTR_REPLACE);
+            let _c = as_caller(creds)?;
+            // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes of it.
+            check(unsafe {
+                libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            })?;
+            FsReply::Done
+        }
+        FsOp::Removexattr { name } => {
+            // Held until the call is done: the path names this fd.
+            let fd = m.path_of(node)?;
+            let path = proc_path(fd.as_raw_fd());
+            let name = xattr_cname(&name);
+            let _c = as_caller(creds)?;
+            // SAFETY: both strings are NUL-terminated.
+            check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+            FsReply::Done
         }
         FsOp::Getlk { lock } => {
             let fd = m.locks.fd(m, cx, lock.owner, node)?;

@@ -5,10 +5,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use ferrovol_client::fuse::files::{FsFiles, Ttls};
+use ferrovol_client::fuse::files::Ttls;
 use ferrovol_client::host;
 use ferrovol_proto::VolumeName;
-use fuser::{Config, MountOption, SessionACL};
 
 use super::Global;
 
@@ -54,79 +53,18 @@ pub fn mount(global: &Global, name: &VolumeName, dir: &Path, opts: MountOptions)
     if opts.background {
         return spawn_background(name, dir);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("ferrovol-mount")
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let session = rt.block_on(global.connect(1))?;
-    let info = rt.block_on(session.stat_volume(name))?;
-    if info.kind != ferrovol_proto::codec::VOLUME_KIND_FS {
-        bail!("volume {name} is a block volume: attach it with `ferrovol attach {name} FILE` (mount takes fs volumes)");
-    }
-    let vol = rt.block_on(session.open_fs(name, opts.read_only))?;
-    let fs = FsFiles::new(vol, rt.handle().clone(), opts.ttl);
-    let watch = fs.watch();
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("ferrovol:{name}")),
-        MountOption::Subtype("ferrovol".into()),
-        MountOption::DefaultPermissions,
-        if opts.read_only { MountOption::RO } else { MountOption::RW },
-    ];
-    if is_root() {
-        // Every user of the node sees it (permissions are checked as each caller).
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8));
-    config.clone_fd = true;
-    let session_fuse = fuser::Session::new(fs, dir, &config)
-        .with_context(|| format!("cannot FUSE-mount volume {name} at {}", dir.display()))?;
-    watch.start(session_fuse.notifier()).context("cannot start the notice thread")?;
-    let background = session_fuse.spawn().context("cannot start the FUSE session")?;
-    if std::env::var_os(NOTIFY_ENV).is_some() {
-        println!("ready");
-    } else {
-        eprintln!(
-            "mounted fs volume {name} at {}; Ctrl-C or `ferrovol umount {0}` to unmount",
-            dir.display()
-        );
-    }
-    // Serve until unmounted (the session ends), or a signal asks for the unmount.
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("ferrovol-mount-join".into())
-        .spawn(move || {
-            let _ = done_tx.send(background.join());
-        })
-        .context("cannot start a thread")?;
-    let dir_owned: PathBuf = dir.to_owned();
-    rt.block_on(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::pin!(done_rx);
-        loop {
-            tokio::select! {
-                r = &mut done_rx => {
-                    return match r {
-                        Ok(Ok(())) | Err(_) => Ok(()),
-                        Ok(Err(e)) => Err(anyhow::anyhow!("FUSE session failed: {e}")),
-                    };
-                }
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            // Unmount; the session then ends and the loop returns. Busy (files open): say so and
-            // go on serving, as umount(8) would leave it mounted.
-            match host::unmount(&dir_owned) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    eprintln!("ferrovol: {} is busy (files open on it); still mounted", dir_owned.display())
-                }
-                Err(e) => return Err(anyhow::anyhow!("cannot unmount {}: {e}", dir_owned.display())),
-            }
+    let mo = ferrovol_client::fuse::files::MountOptions { read_only: opts.read_only, ttl: opts.ttl };
+    ferrovol_client::fuse::files::mount(&global.server, global.options()?, name, dir, mo, || {
+        if std::env::var_os(NOTIFY_ENV).is_some() {
+            println!("ready");
+        } else {
+            eprintln!(
+                "mounted fs volume {name} at {}; Ctrl-C or `ferrovol umount {0}` to unmount",
+                dir.display()
+            );
         }
-    })
+    })?;
+    Ok(())
 }
 
 /// Runs this command in the foreground in a new session and returns once it reports the mount

@@ -27,7 +27,7 @@ use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::debug;
 
@@ -216,6 +216,29 @@ impl FsFiles {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });
+    }
+}
+
+fn xattr_name(n: &OsStr) -> Result<Bytes, Errno> {
+    // The kernel sends 1..=255 bytes; anything else is not a name (ERANGE, as for a long one).
+    ferrovol_proto::fs::xattr_name(n.as_bytes()).map_err(|_| Errno::ERANGE)
+}
+
+/// A value or a name list for a caller that asked with buffer `size` (0: only the length).
+fn xattr_reply(r: Result<FsReply, Errno>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(FsReply::Data(d)) => {
+            let len = u32::try_from(d.len()).unwrap_or(u32::MAX);
+            if size == 0 {
+                reply.size(len)
+            } else if len > size {
+                reply.error(Errno::ERANGE)
+            } else {
+                reply.data(&d)
+            }
+        }
+        Ok(_) => reply.error(Errno::EIO),
+        Err(e) => reply.error(e),
     }
 }
 
@@ -426,6 +449,50 @@ impl Filesystem for FsFiles {
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         });
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match xattr_name(n) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.call(req, true, ino, FsOp::Getxattr { name }, move |r| xattr_reply(r, size, reply));
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.call(req, true, ino, FsOp::Listxattr, move |r| xattr_reply(r, size, reply));
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = match xattr_name(n) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if value.len() > FS_XATTR_SIZE_MAX {
+            return reply.error(Errno::E2BIG);
+        }
+        let flags = u32::try_from(flags).unwrap_or(0);
+        if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 || flags == XATTR_CREATE | XATTR_REPLACE {
+            return reply.error(Errno::EINVAL);
+        }
+        let op = FsOp::Setxattr { name, value: Bytes::copy_from_slice(value), flags };
+        self.empty(req, ino, op, reply);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match xattr_name(n) {
+            Ok(name) => self.empty(req, ino, FsOp::Removexattr { name }, reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -864,4 +931,75 @@ fn open_flags(flags: u32) -> FopenFlags {
     } else {
         FopenFlags::empty()
     }
+}
+
+/// How `mount` serves an fs volume.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub ttl: Ttls,
+}
+
+/// The FUSE session settings for an fs volume.
+fn fs_config(name: &ferrovol_proto::VolumeName, read_only: bool) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("ferrovol:{name}")),
+        fuser::MountOption::Subtype("ferrovol".into()),
+        fuser::MountOption::DefaultPermissions,
+        if read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+    ];
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        // Every user of the node sees it (permissions are checked as each caller).
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8));
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts fs volume `name` at `dir` and serves it in the foreground until it is unmounted
+/// (`ferrovol umount`, umount(8)) or SIGTERM/SIGINT unmounts it; `ready` runs once it is
+/// mounted. The body of `ferrovol mount` and of the CSI node plugin's mount process.
+pub fn mount(
+    server: &str,
+    opts: crate::ConnectOptions,
+    name: &ferrovol_proto::VolumeName,
+    dir: &Path,
+    mo: MountOptions,
+    ready: impl FnOnce(),
+) -> Result<(), super::serve::ServeError> {
+    use super::serve::ServeError;
+    let shown = dir.display().to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferrovol-mount")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let session = rt.block_on(crate::Session::connect(server, opts))?;
+    let info = rt.block_on(session.stat_volume(name))?;
+    if info.kind != ferrovol_proto::codec::VOLUME_KIND_FS {
+        return Err(ServeError::Client(ClientError::InvalidArgument(format!(
+            "volume {name} is a block volume: attach it with `ferrovol attach {name} FILE` (mount takes fs volumes)"
+        ))));
+    }
+    let vol = rt.block_on(session.open_fs(name, mo.read_only))?;
+    let fs = FsFiles::new(vol, rt.handle().clone(), mo.ttl);
+    let watch = fs.watch();
+    let mut fuse = fuser::Session::new(fs, dir, &fs_config(name, mo.read_only))
+        .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
+    let mut unmounter = fuse.unmount_callable();
+    super::serve::unmount_on_signal(&rt, &shown, move || unmounter.unmount());
+    watch.start(fuse.notifier()).map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    let _record =
+        crate::host::record_serving(crate::host::Serving::started(dir, name.as_str(), server, mo.read_only))
+            .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    tracing::info!(volume = %name, path = %shown, read_only = mo.read_only, "mounted");
+    ready();
+    fuse.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    tracing::info!(path = %shown, "unmounted");
+    drop(session);
+    Ok(())
 }
