@@ -34,6 +34,8 @@ use crate::{ServerLink, TOPOLOGY_KEY};
 pub const LABEL_CSI_NAME: &str = "csi.ferrovol.io/name";
 pub const LABEL_FS_TYPE: &str = "csi.ferrovol.io/fstype";
 pub const LABEL_SOURCE: &str = "csi.ferrovol.io/source";
+/// The StorageClass's `type` as asked (`fs`, `block` or `auto`), when given.
+pub const LABEL_TYPE: &str = "csi.ferrovol.io/type";
 /// How long CreateVolume from a snapshot waits for the snapshot's copy to finish before ABORTED
 /// (the CO retries).
 const SNAPSHOT_READY_WAIT: Duration = Duration::from_secs(30);
@@ -57,9 +59,13 @@ fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) }
 }
 
-/// What NodeStage needs to know that the capability may not say (the StorageClass's fsType).
+/// What NodeStage needs to know that the capability may not say (the StorageClass's fsType, and
+/// the volume's kind).
 fn volume_context(info: &VolumeInfo) -> HashMap<String, String> {
-    info.labels.get(LABEL_FS_TYPE).map(|fs| (PARAM_FS_TYPE.to_owned(), fs.clone())).into_iter().collect()
+    let mut c: HashMap<String, String> =
+        info.labels.get(LABEL_FS_TYPE).map(|fs| (PARAM_FS_TYPE.to_owned(), fs.clone())).into_iter().collect();
+    c.insert(PARAM_TYPE.to_owned(), Kind::of(info).as_str().to_owned());
+    c
 }
 
 /// The content source a volume was created from, as its label records it.
@@ -120,8 +126,9 @@ impl ControllerService {
     /// A missing source is NOT_FOUND; a source larger than the range allows, OUT_OF_RANGE.
     async fn create_volume(&self, req: pb::CreateVolumeRequest) -> CsiResult<pb::CreateVolumeResponse> {
         require(&req.name, "name")?;
-        check_capabilities(&req.volume_capabilities)?;
         check_parameters(&req.parameters)?;
+        let kind = kind_for(&req.parameters, &req.volume_capabilities)?;
+        check_capabilities(&req.volume_capabilities, kind)?;
         let name = volume_name_for(&req.name);
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.session().await?;
@@ -130,6 +137,14 @@ impl ControllerService {
         let mut labels = Labels::from([(LABEL_CSI_NAME.to_owned(), req.name.clone())]);
         if let Some(fs) = req.parameters.get(PARAM_FS_TYPE) {
             labels.insert(LABEL_FS_TYPE.to_owned(), fs.clone());
+        }
+        if let Some(t) = req.parameters.get(PARAM_TYPE) {
+            labels.insert(LABEL_TYPE.to_owned(), t.clone());
+        }
+        if kind == Kind::Fs && req.volume_content_source.is_some() {
+            return Err(CsiError::invalid(
+                "an fs volume cannot be made from a snapshot or a volume yet (use type: block for that)",
+            ));
         }
         let source = match req.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
             None => None,
@@ -151,6 +166,13 @@ impl ControllerService {
             CsiError::invalid(format!("name is {} bytes; at most 1024 are kept", req.name.len()))
         })?;
         let matches = |v: &VolumeInfo| -> CsiResult<()> {
+            if Kind::of(v) != kind {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {name} exists as an {} volume; this request asks for {}",
+                    Kind::of(v).as_str(),
+                    kind.as_str()
+                )));
+            }
             if v.labels != labels {
                 return Err(CsiError::AlreadyExists(format!(
                     "volume {name} exists for another request (CSI name {:?}, parameters {:?}, source {:?})",
@@ -182,7 +204,16 @@ impl ControllerService {
                         size_from_source(req.capacity_range.as_ref(), self.source_size(&session, src).await?)?
                     }
                 };
-                match session.create_volume_from(&name, size, labels.clone(), source.clone()).await {
+                let created = match kind {
+                    Kind::Block => {
+                        session.create_volume_from(&name, size, labels.clone(), source.clone()).await
+                    }
+                    Kind::Fs => {
+                        let fs = ferrovol_proto::codec::VOLUME_KIND_FS;
+                        session.create_volume_of_kind(&name, fs, size, labels.clone(), None).await
+                    }
+                };
+                match created {
                     Ok(v) => {
                         info!(csi_name = %req.name, volume = %name, size, source = ?source, "volume created");
                         v
@@ -256,13 +287,14 @@ impl ControllerService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
-        let access = check_capability(cap).map_err(CsiError::InvalidArgument)?;
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.session().await?;
-        let read_only = req.readonly || access.reader_only;
         // The volume first (NOT_FOUND), then a writer elsewhere (FAILED_PRECONDITION, whatever the
         // node), then the node itself: only nodes whose plugin registered at kubelet's NodeGetInfo.
         let info = session.stat_volume(&name).await?;
+        let kind = Kind::of(&info);
+        let access = check_capability_of(cap, kind, FsType::Ext4).map_err(CsiError::InvalidArgument)?;
+        let read_only = req.readonly || access.reader_only;
         match info.owner.as_ref() {
             Some(owner) if !read_only && *owner != node => {
                 return Err(CsiError::precondition(format!(
@@ -284,8 +316,9 @@ impl ControllerService {
             _ => e.into(),
         })?;
         let mut context = HashMap::from([("readonly".to_owned(), read_only.to_string())]);
-        // Readers need no attachment; the node opens the volume read-only.
-        if !read_only {
+        // Readers need no attachment; the node opens the volume read-only. Nor do the writers of
+        // an fs volume: there are many, and the server arbitrates between them.
+        if !read_only && kind == Kind::Block {
             let generation = session.attach_set(&name, &node, false).await.map_err(|e| match e.status() {
                 Some(Wire::AttachedElsewhere) => CsiError::precondition(format!(
                     "volume {name} is published for writing to another node; unpublish it there first ({e})"
@@ -346,14 +379,14 @@ impl ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(CsiError::invalid("volume_capabilities is required"));
         }
-        self.session().await?.stat_volume(&name).await?;
+        let kind = Kind::of(&self.session().await?.stat_volume(&name).await?);
         let unconfirmed =
             |message: String| pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message };
         if let Err(e) = check_parameters(&req.parameters) {
             return Ok(unconfirmed(e.to_string()));
         }
         for cap in &req.volume_capabilities {
-            if let Err(why) = check_capability(cap) {
+            if let Err(why) = check_capability_of(cap, kind, FsType::Ext4) {
                 return Ok(unconfirmed(why));
             }
         }
@@ -400,11 +433,12 @@ impl ControllerService {
 
     async fn get_capacity(&self, req: pb::GetCapacityRequest) -> CsiResult<pb::GetCapacityResponse> {
         let none = || pb::GetCapacityResponse { available_capacity: 0, ..Default::default() };
+        check_parameters(&req.parameters)?;
         // The spec: capacity for capabilities we cannot serve is zero.
-        if req.volume_capabilities.iter().any(|cap| check_capability(cap).is_err()) {
+        let kind = kind_for(&req.parameters, &req.volume_capabilities)?;
+        if req.volume_capabilities.iter().any(|cap| check_capability_of(cap, kind, FsType::Ext4).is_err()) {
             return Ok(none());
         }
-        check_parameters(&req.parameters)?;
         let session = self.session().await?;
         if let Some(t) = &req.accessible_topology {
             let ours = session.server_info().server_id.clone();
@@ -452,13 +486,13 @@ impl ControllerService {
         let name = volume_id(&req.volume_id)?;
         let range =
             req.capacity_range.as_ref().ok_or_else(|| CsiError::invalid("capacity_range is required"))?;
-        if let Some(cap) = &req.volume_capability {
-            check_capability(cap).map_err(CsiError::InvalidArgument)?;
-        }
         let wanted = size_for(Some(range))?;
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.session().await?;
         let current = session.stat_volume(&name).await?;
+        if let Some(cap) = &req.volume_capability {
+            check_capability_of(cap, Kind::of(&current), FsType::Ext4).map_err(CsiError::InvalidArgument)?;
+        }
         let info = if current.size >= wanted {
             if !fits(current.size, Some(range)) {
                 return Err(CsiError::OutOfRange(format!(

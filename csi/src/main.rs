@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ferrovol_client::ConnectOptions;
-use ferrovol_csi::node::ATTACH_SUBCOMMAND;
+use ferrovol_csi::node::{ATTACH_SUBCOMMAND, MOUNT_SUBCOMMAND};
 use ferrovol_csi::{Config, Mode};
 use ferrovol_proto::{NodeId, VolumeName};
 
@@ -102,6 +102,24 @@ struct AttachArgs {
     generation: Option<u64>,
 }
 
+/// `ferrovol-csi __mount`: serves one fs volume as a FUSE mount until it is unmounted.
+#[derive(Debug, Parser)]
+#[command(name = "ferrovol-csi __mount")]
+struct MountArgs {
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    node_id: NodeId,
+    #[arg(long, default_value_t = 120)]
+    io_timeout_s: u64,
+    #[arg(long)]
+    volume: VolumeName,
+    #[arg(long)]
+    path: PathBuf,
+    #[arg(long)]
+    read_only: bool,
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -158,6 +176,33 @@ fn attach(args: AttachArgs) -> ExitCode {
     }
 }
 
+fn mount(args: MountArgs) -> ExitCode {
+    let tls = match tls_files().map(|f| f.load(&args.server)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ferrovol-csi mount: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = ConnectOptions {
+        tls,
+        node_id: args.node_id,
+        token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+        credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
+        io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
+        ..ConnectOptions::default()
+    };
+    use ferrovol_client::fuse::files::{mount, MountOptions, Ttls};
+    let mo = MountOptions { read_only: args.read_only, ttl: Ttls::STANDARD };
+    match mount(&args.server, opts, &args.volume, &args.path, mo, || println!("ready")) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrovol-csi mount: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `--mode attachd`: the node attach daemon, starting `__attach` processes of this binary.
 fn attachd(config: Config) -> ExitCode {
     let exe = match std::env::current_exe() {
@@ -187,6 +232,11 @@ fn attachd(config: Config) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(MOUNT_SUBCOMMAND) {
+        let args = MountArgs::parse_from(std::env::args().skip(1));
+        init_tracing(LogFormat::Text);
+        return mount(args);
+    }
     if std::env::args().nth(1).as_deref() == Some(ATTACH_SUBCOMMAND) {
         let args = AttachArgs::parse_from(std::env::args().skip(1));
         init_tracing(LogFormat::Text);

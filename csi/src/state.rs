@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct Staged {
     pub volume_id: String,
     pub staging_path: PathBuf,
+    /// An fs volume: a FUSE mount of the server's files at the staging path (no image, no loop).
+    #[serde(default)]
+    pub fs: bool,
     pub block: bool,
     pub fs_type: String,
     pub mount_flags: Vec<String>,
@@ -108,6 +111,7 @@ mod tests {
         let st = Staged {
             volume_id: "v".into(),
             staging_path: "/s".into(),
+            fs: false,
             block: false,
             fs_type: "ext4".into(),
             mount_flags: vec![],

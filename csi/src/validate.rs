@@ -20,6 +20,53 @@ pub const MIN_SIZE: u64 = 1 << 20;
 /// StorageClass parameter: the filesystem made on first use (also `csi.storage.k8s.io/fstype`, which
 /// the external-provisioner turns into the capability's fs_type).
 pub const PARAM_FS_TYPE: &str = "fsType";
+/// StorageClass parameter: `block` (a block volume with a filesystem of the node's, one writer
+/// node), `fs` (an fs volume: files served by the server, many writer nodes), or `auto` (the
+/// default: fs for the multi-node access modes, block for the others).
+pub const PARAM_TYPE: &str = "type";
+
+/// Which kind of ferrovol volume backs a CSI volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Block,
+    Fs,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Block => "block",
+            Kind::Fs => "fs",
+        }
+    }
+
+    /// The kind of a volume the server reports.
+    pub fn of(info: &ferrovol_proto::VolumeInfo) -> Self {
+        if info.kind == ferrovol_proto::codec::VOLUME_KIND_FS {
+            Kind::Fs
+        } else {
+            Kind::Block
+        }
+    }
+}
+
+fn multi_node(cap: &VolumeCapability) -> bool {
+    let mode = cap.access_mode.as_ref().map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown));
+    matches!(mode, Some(Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter))
+}
+
+/// The kind CreateVolume makes: the `type` parameter, or with `auto` (or none) fs when any
+/// capability asks for several nodes.
+pub fn kind_for(params: &HashMap<String, String>, caps: &[VolumeCapability]) -> CsiResult<Kind> {
+    match params.get(PARAM_TYPE).map(String::as_str) {
+        Some("block") => Ok(Kind::Block),
+        Some("fs") => Ok(Kind::Fs),
+        None | Some("auto") => Ok(if caps.iter().any(multi_node) { Kind::Fs } else { Kind::Block }),
+        Some(other) => {
+            Err(CsiError::invalid(format!("parameter {PARAM_TYPE}={other:?}: one of fs, block, auto")))
+        }
+    }
+}
 
 /// The filesystems the node plugin knows how to make and grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +154,8 @@ pub fn path_of(s: &str, field: &str) -> CsiResult<PathBuf> {
 /// What a capability asks for, once checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {
+    /// An fs volume (a FUSE mount of the server's files; never `block`).
+    pub fs: bool,
     pub block: bool,
     /// The filesystem of a mount capability (unused for block).
     pub fs_type: FsType,
@@ -117,10 +166,44 @@ pub struct Access {
     pub single_publish: bool,
 }
 
-/// Checks one capability: an access type, a mode we serve, a filesystem we can make (ext4 when the
-/// capability names none).
+/// Checks one capability of a block volume: an access type, a mode we serve, a filesystem we can
+/// make (ext4 when the capability names none).
 pub fn check_capability(cap: &VolumeCapability) -> Result<Access, String> {
     check_capability_or(cap, FsType::Ext4)
+}
+
+/// [`check_capability_or`] for a volume of `kind`. An fs volume serves every access mode (the
+/// server arbitrates between writers), as a mount only, of the server's ext4.
+pub fn check_capability_of(cap: &VolumeCapability, kind: Kind, default_fs: FsType) -> Result<Access, String> {
+    if kind == Kind::Block {
+        return check_capability_or(cap, default_fs);
+    }
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
+        .ok_or("access_mode is required")?;
+    let reader_only = match mode {
+        Mode::Unknown => return Err("access_mode is required".into()),
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => true,
+        _ => false,
+    };
+    match cap.access_type.as_ref().ok_or("access_type (block or mount) is required")? {
+        AccessType::Block(_) => Err("an fs volume is a shared directory tree, not a block device:                                      use access type mount, or the StorageClass parameter type: block"
+            .into()),
+        AccessType::Mount(m) if !m.fs_type.is_empty() && m.fs_type != "ext4" => Err(format!(
+            "fs_type {:?}: an fs volume's filesystem is the server's ext4 (give ext4 or none, or type: block)",
+            m.fs_type
+        )),
+        AccessType::Mount(m) => Ok(Access {
+            fs: true,
+            block: false,
+            fs_type: FsType::Ext4,
+            mount_flags: m.mount_flags.clone(),
+            reader_only,
+            single_publish: mode == Mode::SingleNodeSingleWriter,
+        }),
+    }
 }
 
 /// [`check_capability`], with `default_fs` for a mount capability that names no filesystem.
@@ -135,7 +218,8 @@ pub fn check_capability_or(cap: &VolumeCapability, default_fs: FsType) -> Result
         Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => true,
         Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
             return Err(format!(
-                "access mode {} is not supported: a block volume with a local filesystem has one writer node",
+                "access mode {} is not supported by a block volume (its filesystem has one writer node): \
+                 use the StorageClass parameter type: fs (or auto) for a volume many nodes write",
                 mode.as_str_name()
             ))
         }
@@ -143,9 +227,14 @@ pub fn check_capability_or(cap: &VolumeCapability, default_fs: FsType) -> Result
     };
     let single_publish = mode == Mode::SingleNodeSingleWriter;
     match cap.access_type.as_ref().ok_or("access_type (block or mount) is required")? {
-        AccessType::Block(_) => {
-            Ok(Access { block: true, fs_type: default_fs, mount_flags: vec![], reader_only, single_publish })
-        }
+        AccessType::Block(_) => Ok(Access {
+            fs: false,
+            block: true,
+            fs_type: default_fs,
+            mount_flags: vec![],
+            reader_only,
+            single_publish,
+        }),
         AccessType::Mount(m) => {
             let fs_type = if m.fs_type.is_empty() {
                 default_fs
@@ -155,6 +244,7 @@ pub fn check_capability_or(cap: &VolumeCapability, default_fs: FsType) -> Result
                 })?
             };
             Ok(Access {
+                fs: false,
                 block: false,
                 fs_type,
                 mount_flags: m.mount_flags.clone(),
@@ -165,12 +255,12 @@ pub fn check_capability_or(cap: &VolumeCapability, default_fs: FsType) -> Result
     }
 }
 
-pub fn check_capabilities(caps: &[VolumeCapability]) -> CsiResult<()> {
+pub fn check_capabilities(caps: &[VolumeCapability], kind: Kind) -> CsiResult<()> {
     if caps.is_empty() {
         return Err(CsiError::invalid("volume_capabilities is required"));
     }
     for cap in caps {
-        check_capability(cap).map_err(CsiError::InvalidArgument)?;
+        check_capability_of(cap, kind, FsType::Ext4).map_err(CsiError::InvalidArgument)?;
     }
     Ok(())
 }
@@ -187,9 +277,15 @@ pub fn check_parameters(params: &HashMap<String, String>) -> CsiResult<()> {
             PARAM_FS_TYPE => {
                 return Err(CsiError::invalid(format!("parameter fsType={v:?}: one of {}", FsType::names())))
             }
+            PARAM_TYPE if ["fs", "block", "auto"].contains(&v.as_str()) => {}
+            PARAM_TYPE => {
+                return Err(CsiError::invalid(format!(
+                    "parameter {PARAM_TYPE}={v:?}: one of fs, block, auto"
+                )))
+            }
             _ => {
                 return Err(CsiError::invalid(format!(
-                    "unknown StorageClass parameter {k:?} (known: {PARAM_FS_TYPE})"
+                    "unknown StorageClass parameter {k:?} (known: {PARAM_FS_TYPE}, {PARAM_TYPE})"
                 )))
             }
         }
@@ -346,6 +442,44 @@ mod tests {
         assert!(check_capability(&cap(mount(""), Mode::MultiNodeMultiWriter)).is_err());
         assert!(check_capability(&cap(None, Mode::SingleNodeWriter)).is_err());
         assert!(check_capability(&VolumeCapability { access_type: mount(""), access_mode: None }).is_err());
+    }
+
+    #[test]
+    fn fs_volumes_serve_every_mode_as_mounts_of_ext4() {
+        let cap = |t: Option<AccessType>, mode: Mode| VolumeCapability {
+            access_type: t,
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        };
+        let mount =
+            |fs: &str| Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }));
+        let raw = Some(AccessType::Block(BlockVolume {}));
+        let p = |v: &str| HashMap::from([(PARAM_TYPE.to_owned(), v.to_owned())]);
+        let rwx = cap(mount("ext4"), Mode::MultiNodeMultiWriter);
+        let rwo = cap(mount("ext4"), Mode::SingleNodeWriter);
+        // auto (or none): multi-node modes make fs volumes, single-node ones block volumes.
+        assert_eq!(kind_for(&HashMap::new(), std::slice::from_ref(&rwx)).unwrap(), Kind::Fs);
+        assert_eq!(
+            kind_for(&p("auto"), &[rwo.clone(), cap(mount(""), Mode::MultiNodeReaderOnly)]).unwrap(),
+            Kind::Fs
+        );
+        assert_eq!(kind_for(&p("auto"), std::slice::from_ref(&rwo)).unwrap(), Kind::Block);
+        assert_eq!(kind_for(&p("fs"), std::slice::from_ref(&rwo)).unwrap(), Kind::Fs);
+        assert_eq!(kind_for(&p("block"), std::slice::from_ref(&rwx)).unwrap(), Kind::Block);
+        assert!(kind_for(&p("nfs"), &[]).is_err());
+        assert!(check_parameters(&p("fs")).is_ok() && check_parameters(&p("nfs")).is_err());
+        for mode in [Mode::MultiNodeMultiWriter, Mode::MultiNodeSingleWriter, Mode::SingleNodeWriter] {
+            let a = check_capability_of(&cap(mount(""), mode), Kind::Fs, FsType::Xfs).unwrap();
+            assert!(a.fs && !a.block && !a.reader_only && a.fs_type == FsType::Ext4, "{mode:?}");
+        }
+        let ro = check_capability_of(&cap(mount("ext4"), Mode::MultiNodeReaderOnly), Kind::Fs, FsType::Ext4);
+        assert!(ro.unwrap().reader_only);
+        assert!(check_capability_of(&cap(raw.clone(), Mode::MultiNodeMultiWriter), Kind::Fs, FsType::Ext4)
+            .is_err());
+        assert!(check_capability_of(&cap(mount("xfs"), Mode::MultiNodeMultiWriter), Kind::Fs, FsType::Ext4)
+            .is_err());
+        // Block volumes still refuse the multi-node writer modes.
+        assert!(check_capability_of(&rwx, Kind::Block, FsType::Ext4).is_err());
+        assert!(check_capabilities(&[rwx], Kind::Fs).is_ok());
     }
 
     #[test]

@@ -1041,3 +1041,135 @@ async fn mounts_outlive_the_node_plugin_and_the_attach_daemon() {
     p.unpublish_unstage(&id, &target, &staging).await;
     drop(daemon);
 }
+
+/// ReadWriteMany: with `type: auto`, a MULTI_NODE_MULTI_WRITER volume is an fs volume; it is
+/// published to two nodes at once (no writer attachment), staged as a FUSE mount of the server's
+/// files on each, bind-mounted into a "pod" on each, and both write and read the same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fs_volume_is_shared_by_two_nodes() {
+    if !privileged("an_fs_volume_is_shared_by_two_nodes", &["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_owned());
+    let server = TestServer::start(&dir.path().join("data"), "127.0.0.1:0");
+    let addr = server.addr.to_string();
+    let mut a = Plugin::start(dir.path(), &addr, "node-a", "all").await;
+    let mut b = Plugin::start(dir.path(), &addr, "node-b", "node").await;
+    a.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    b.node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    let rwx = cap(false, Mode::MultiNodeMultiWriter);
+    let mut req = create_req("shared", 64 << 20, false);
+    req.volume_capabilities = vec![rwx.clone()];
+    let vol = a.controller.create_volume(req.clone()).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(vol.volume_context.get("type").map(String::as_str), Some("fs"), "{vol:?}");
+    // Idempotent; the same name asked as a block volume is another volume: ALREADY_EXISTS. A
+    // block volume has one writer node: MULTI_NODE_MULTI_WRITER with type: block is refused.
+    a.controller.create_volume(req.clone()).await.unwrap();
+    let mut as_block = req.clone();
+    as_block.parameters.insert("type".into(), "block".into());
+    inv(a.controller.create_volume(as_block.clone()).await, "a multi-writer block volume");
+    as_block.volume_capabilities = vec![cap(false, Mode::SingleNodeWriter)];
+    let err = a.controller.create_volume(as_block).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // An fs volume is not a raw block device.
+    let mut raw = req.clone();
+    raw.name = "raw".into();
+    raw.volume_capabilities = vec![cap(true, Mode::MultiNodeMultiWriter)];
+    inv(a.controller.create_volume(raw).await, "raw block fs volume");
+    let id = vol.volume_id.clone();
+    let info = Session::connect(&addr, ConnectOptions { token: "tok".into(), ..ConnectOptions::default() })
+        .await
+        .unwrap()
+        .stat_volume(&id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(info.kind, ferrovol_proto::codec::VOLUME_KIND_FS);
+
+    // Published for writing to both nodes: no attachment, no generation.
+    let mut contexts = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let publish = ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node.into(),
+            volume_capability: Some(rwx.clone()),
+            volume_context: vol.volume_context.clone(),
+            ..Default::default()
+        };
+        let ctx = a.controller.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+        assert_eq!(ctx.get("readonly").map(String::as_str), Some("false"));
+        assert!(!ctx.contains_key("generation"), "{ctx:?}");
+        contexts.push(ctx);
+    }
+    let mut paths = Vec::new();
+    for (plugin, (node, ctx)) in [&mut a, &mut b].into_iter().zip(["a", "b"].iter().zip(&contexts)) {
+        let staging = dir.path().join(format!("staging-{node}"));
+        let target = dir.path().join(format!("target-{node}"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let (mut stage, mut publish) = node_reqs(&id, ctx, &rwx, &staging, &target);
+        stage.volume_context = vol.volume_context.clone();
+        publish.volume_context = vol.volume_context.clone();
+        plugin.node.node_stage_volume(stage.clone()).await.unwrap();
+        // Idempotent.
+        plugin.node.node_stage_volume(stage).await.unwrap();
+        plugin.node.node_publish_volume(publish.clone()).await.unwrap();
+        plugin.node.node_publish_volume(publish).await.unwrap();
+        let m = ferrovol_client::host::mount_at(&staging).unwrap();
+        assert!(m.fstype.starts_with("fuse") && m.source == format!("ferrovol:{id}"), "{m:?}");
+        paths.push((staging, target));
+    }
+    let (ta, tb) = (&paths[0].1, &paths[1].1);
+    // Both nodes write, both read.
+    std::fs::write(ta.join("from-a"), b"written on a").unwrap();
+    std::fs::write(tb.join("from-b"), b"written on b").unwrap();
+    assert_eq!(std::fs::read(tb.join("from-a")).unwrap(), b"written on a");
+    assert_eq!(std::fs::read(ta.join("from-b")).unwrap(), b"written on b");
+    std::fs::OpenOptions::new().append(true).open(tb.join("from-a")).unwrap().write_all(b", then b").unwrap();
+    assert_eq!(std::fs::read(ta.join("from-a")).unwrap(), b"written on a, then b");
+    // Stats come from statfs of the shared filesystem.
+    let stats = b
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: tb.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    let bytes = stats.usage.iter().find(|u| u.unit == pb_unit_bytes()).unwrap();
+    assert!(bytes.total > 32 << 20 && bytes.used > 0, "{bytes:?}");
+    // Unstage while published is refused; after unpublish, unstage unmounts, and the other node
+    // still works.
+    let err = a
+        .node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: paths[0].0.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    a.unpublish_unstage(&id, &paths[0].1, &paths[0].0).await;
+    assert!(!is_mounted(&paths[0].0) && !is_mounted(&paths[0].1));
+    assert_eq!(std::fs::read(tb.join("from-b")).unwrap(), b"written on b");
+    b.unpublish_unstage(&id, &paths[1].1, &paths[1].0).await;
+    assert!(!is_mounted(&paths[1].0) && !is_mounted(&paths[1].1));
+    for node in ["node-a", "node-b"] {
+        let unpublish = ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node.into(),
+            ..Default::default()
+        };
+        a.controller.controller_unpublish_volume(unpublish).await.unwrap();
+    }
+    a.controller
+        .delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap();
+}
+
+fn pb_unit_bytes() -> i32 {
+    ferrovol_proto::csi::volume_usage::Unit::Bytes as i32
+}

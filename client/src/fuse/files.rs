@@ -43,6 +43,12 @@ pub struct Ttls {
     pub entry: Duration,
 }
 
+impl Ttls {
+    /// What `ferrovol mount` and the CSI driver use: the server's notices keep the caches
+    /// coherent, this bounds a missed one.
+    pub const STANDARD: Ttls = Ttls { attr: Duration::from_secs(1), entry: Duration::from_secs(1) };
+}
+
 /// An fs volume as a directory tree.
 #[derive(Debug)]
 pub struct FsFiles {

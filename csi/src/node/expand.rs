@@ -48,6 +48,11 @@ impl Inner {
     /// for such a filesystem.
     pub(super) fn expand(&self, st: &Staged, required: u64) -> CsiResult<u64> {
         let id = &st.volume_id;
+        if st.fs {
+            return Err(CsiError::precondition(format!(
+                "volume {id} is an fs volume: it grows on the server, there is nothing to grow on the node"
+            )));
+        }
         let dev =
             st.loop_dev.clone().ok_or_else(|| CsiError::precondition("staged without a loop device"))?;
         // The FUSE file shows the server's new size once its attributes are refreshed (1 s cache).
@@ -94,14 +99,16 @@ impl Inner {
     }
 
     pub(super) fn stats(&self, st: &Staged, path: &Path) -> CsiResult<pb::NodeGetVolumeStatsResponse> {
-        let condition = match std::fs::metadata(&st.image) {
+        // What the node serves: the FUSE file of a block volume, the mount of an fs volume.
+        let served = if st.fs { &st.staging_path } else { &st.image };
+        let condition = match std::fs::metadata(served) {
             Err(e) => pb::VolumeCondition {
                 abnormal: true,
                 message: format!(
                     "the volume's FUSE file does not answer ({e}); its attach process may have died"
                 ),
             },
-            Ok(_) if st.attach_pid.is_some_and(|p| !pid_alive(p)) && mount_at(&st.image).is_none() => {
+            Ok(_) if st.attach_pid.is_some_and(|p| !pid_alive(p)) && mount_at(served).is_none() => {
                 pb::VolumeCondition { abnormal: true, message: "the volume's attach process is gone".into() }
             }
             Ok(_) => pb::VolumeCondition { abnormal: false, message: "attached and answering".into() },

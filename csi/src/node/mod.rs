@@ -33,23 +33,18 @@ use crate::error::{CsiError, CsiResult};
 use crate::locks::VolumeLocks;
 use crate::state::{Staged, StateDir};
 use crate::validate::{
-    check_capability, check_capability_or, path_of, require, volume_id, FsType, PARAM_FS_TYPE,
+    check_capability, check_capability_of, path_of, require, volume_id, FsType, Kind, PARAM_FS_TYPE,
 };
 use crate::{Config, ServerLink, TOPOLOGY_KEY};
 
 /// The hidden subcommand of `ferrovol-csi` that serves one attached volume.
 pub const ATTACH_SUBCOMMAND: &str = "__attach";
+/// The hidden subcommand of `ferrovol-csi` that serves one mounted fs volume.
+pub const MOUNT_SUBCOMMAND: &str = "__mount";
 
-/// The command of a volume's attach process (`ferrovol-csi __attach`, in the foreground; it prints
-/// `ready`): what this plugin starts itself, or what the attach daemon starts for it.
-pub fn attach_command(exe: &Path, c: &Config, req: &ferrovol_client::attachd::AttachRequest) -> Command {
-    let mut cmd = Command::new(exe);
-    cmd.arg(ATTACH_SUBCOMMAND)
-        .args(["--server", &c.server, "--node-id", c.node_id.as_str()])
-        .args(["--io-timeout-s", &req.io_timeout_s.unwrap_or(c.io_timeout.as_secs()).to_string()])
-        .args(["--volume", &req.volume])
-        .arg("--path")
-        .arg(&req.path)
+/// The server, the node's credentials and TLS files, for a process of this binary.
+fn server_args(cmd: &mut Command, c: &Config) {
+    cmd.args(["--server", &c.server, "--node-id", c.node_id.as_str()])
         .env("FERROVOL_TOKEN", &c.token)
         .env("FERROVOL_CREDENTIAL_FILE", &c.credential_file)
         .env_remove("FERROVOL_TLS_CA")
@@ -61,6 +56,34 @@ pub fn attach_command(exe: &Path, c: &Config, req: &ferrovol_client::attachd::At
             cmd.env("FERROVOL_TLS_CERT", cert).env("FERROVOL_TLS_KEY", key);
         }
     }
+}
+
+/// The command of an fs volume's mount process (`ferrovol-csi __mount`, in the foreground; it
+/// prints `ready` once mounted at `path`).
+pub fn mount_command(exe: &Path, c: &Config, volume: &str, path: &Path, read_only: bool) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg(MOUNT_SUBCOMMAND);
+    server_args(&mut cmd, c);
+    cmd.args(["--io-timeout-s", &c.io_timeout.as_secs().to_string()])
+        .args(["--volume", volume])
+        .arg("--path")
+        .arg(path);
+    if read_only {
+        cmd.arg("--read-only");
+    }
+    cmd
+}
+
+/// The command of a volume's attach process (`ferrovol-csi __attach`, in the foreground; it prints
+/// `ready`): what this plugin starts itself, or what the attach daemon starts for it.
+pub fn attach_command(exe: &Path, c: &Config, req: &ferrovol_client::attachd::AttachRequest) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg(ATTACH_SUBCOMMAND);
+    server_args(&mut cmd, c);
+    cmd.args(["--io-timeout-s", &req.io_timeout_s.unwrap_or(c.io_timeout.as_secs()).to_string()])
+        .args(["--volume", &req.volume])
+        .arg("--path")
+        .arg(&req.path);
     if req.read_only {
         cmd.arg("--read-only");
     } else if let Some(g) = req.generation {
@@ -140,15 +163,18 @@ impl NodeService {
         // A mount capability without fs_type takes the StorageClass's fsType (volume_context).
         let default_fs =
             req.volume_context.get(PARAM_FS_TYPE).and_then(|f| FsType::parse(f)).unwrap_or(FsType::Ext4);
-        let access = check_capability_or(cap, default_fs).map_err(CsiError::InvalidArgument)?;
         let name = volume_id(&req.volume_id)?;
+        let _guard = self.locks.try_lock(name.as_str())?;
+        // A volume the server does not know is NOT_FOUND, before anything is set up; its kind
+        // comes from the server (or the record of an earlier stage).
+        let kind = match self.inner.load(name.as_str())? {
+            Some(st) if st.fs => Kind::Fs,
+            Some(_) => Kind::Block,
+            None => Kind::of(&self.session().await?.stat_volume(&name).await?),
+        };
+        let access = check_capability_of(cap, kind, default_fs).map_err(CsiError::InvalidArgument)?;
         let read_only =
             access.reader_only || req.publish_context.get("readonly").is_some_and(|v| v == "true");
-        let _guard = self.locks.try_lock(name.as_str())?;
-        // A volume the server does not know is NOT_FOUND, before anything is set up.
-        if self.inner.load(name.as_str())?.is_none() {
-            self.session().await?.stat_volume(&name).await?;
-        }
         // A read-write stage runs under the generation ControllerPublish set (fenced once another
         // publish takes over); without one (no attacher), the attach process takes the attachment.
         let generation = match req.publish_context.get("generation") {
@@ -190,10 +216,14 @@ impl NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
-        let access = check_capability(cap).map_err(CsiError::InvalidArgument)?;
         let name = volume_id(&req.volume_id)?;
-        let read_only = req.readonly || access.reader_only;
         let _guard = self.locks.try_lock(name.as_str())?;
+        let kind = match self.inner.load(name.as_str())? {
+            Some(st) if st.fs => Kind::Fs,
+            _ => Kind::Block,
+        };
+        let access = check_capability_of(cap, kind, FsType::Ext4).map_err(CsiError::InvalidArgument)?;
+        let read_only = req.readonly || access.reader_only;
         // podInfoOnMount: who the volume is published for, for the logs.
         let pod =
             |k: &str| req.volume_context.get(&format!("csi.storage.k8s.io/{k}")).cloned().unwrap_or_default();

@@ -101,6 +101,42 @@ impl Inner {
         }
     }
 
+    /// An fs volume: its mount process (`__mount`, in its own session like an attach process)
+    /// FUSE-mounts the server's files at the staging path.
+    fn ensure_fs_mounted(&self, st: &mut Staged) -> CsiResult<()> {
+        if let Some(m) = mount_at(&st.staging_path) {
+            if m.fstype.starts_with("fuse") && m.source == format!("ferrovol:{}", st.volume_id) {
+                if std::fs::metadata(&st.staging_path).is_err_and(|e| host::is_broken_mount_error(&e)) {
+                    return Err(CsiError::internal(format!(
+                        "the mount process of {} died (its mount answers ENOTCONN); unstage and stage again",
+                        st.volume_id
+                    )));
+                }
+                return Ok(());
+            }
+            return Err(CsiError::AlreadyExists(format!(
+                "{} already has another mount ({} {})",
+                st.staging_path.display(),
+                m.fstype,
+                m.source
+            )));
+        }
+        std::fs::create_dir_all(&st.staging_path)
+            .map_err(|e| CsiError::step(&format!("cannot create {}", st.staging_path.display()), e))?;
+        let log_path = self.state.log(&st.volume_id);
+        let cmd =
+            super::mount_command(&self.exe, &self.config, &st.volume_id, &st.staging_path, st.read_only);
+        match host::start_attach(cmd, &st.staging_path, &log_path, ATTACH_READY_TIMEOUT) {
+            Ok(mut child) => {
+                st.attach_pid = Some(child.id());
+                info!(volume = %st.volume_id, pid = child.id(), staging = %st.staging_path.display(), "mounted");
+                std::thread::spawn(move || child.wait());
+                Ok(())
+            }
+            Err(e) => Err(CsiError::internal(format!("mount of fs volume {}: {e}", st.volume_id))),
+        }
+    }
+
     fn ensure_loop(&self, st: &mut Staged) -> CsiResult<String> {
         if let Some(dev) = st.loop_dev.clone() {
             if host::loops_of(&st.image).contains(&dev) {
@@ -193,6 +229,7 @@ impl Inner {
         let mut st = match self.load(id)? {
             Some(st) => {
                 let same = st.staging_path == staging
+                    && st.fs == access.fs
                     && st.block == access.block
                     && (st.block || st.fs_type == access.fs_type.as_str())
                     && st.read_only == read_only;
@@ -219,6 +256,7 @@ impl Inner {
                 Staged {
                     volume_id: id.to_owned(),
                     staging_path: staging,
+                    fs: access.fs,
                     block: access.block,
                     fs_type: access.fs_type.as_str().to_owned(),
                     mount_flags: access.mount_flags.clone(),
@@ -234,6 +272,12 @@ impl Inner {
         };
         // Record the intent first: a crash from here on leaves a record unstage can follow.
         self.save(&st)?;
+        if st.fs {
+            self.ensure_fs_mounted(&mut st)?;
+            self.save(&st)?;
+            info!(volume = id, staging = %st.staging_path.display(), "staged (fs volume)");
+            return Ok(());
+        }
         self.ensure_attached(&mut st)?;
         self.save(&st)?;
         let dev = self.ensure_loop(&mut st)?;
@@ -271,6 +315,10 @@ impl Inner {
                 return Err(CsiError::precondition(format!("{dev} is still mounted at {}", mp.display())));
             }
             host::loop_release(dev).map_err(|e| CsiError::step("losetup -d", e))?;
+        }
+        // An fs volume's mount process exits once the staging path is unmounted.
+        if st.fs && !host::wait_serving_exit(&st.staging_path, Duration::from_secs(10)) {
+            warn!(volume = id, "the mount process still runs after its unmount");
         }
         // 3. The FUSE file; its attach process exits when it is unmounted.
         if is_mounted(&st.image) {
