@@ -45,7 +45,9 @@ fn main() -> ExitCode {
             Some(cli::mount::mount(&cli.global, name, dir, opts))
         }
         cli::Command::Umount { dir } => Some(cli::mount::umount(dir)),
-        cli::Command::Up { data, mount, size, volume } => Some(cli::up::up(data, mount, *size, volume)),
+        cli::Command::Up { data, mount, size, volume, kind } => {
+            Some(cli::up::up(data, mount, *size, volume, matches!(kind, cli::VolumeKind::Fs)))
+        }
         _ => None,
     };
     if let Some(result) = blocking {

@@ -23,8 +23,14 @@ fn is_mounted(path: &Path) -> bool {
 
 /// Starts `ferrovol up` and waits for its "ready" line.
 fn up(data: &Path, mount: &Path) -> Child {
+    up_with(data, mount, &[])
+}
+
+/// `ferrovol up` with `extra` arguments.
+fn up_with(data: &Path, mount: &Path, extra: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
         .args(["up", "--data", data.to_str().unwrap(), "--mount", mount.to_str().unwrap(), "--size", "64MiB"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -288,4 +294,49 @@ fn ctrl_c_during_start_undoes_everything() {
     // And the next start works.
     let again = up(&data, &mnt);
     stop(again, &mnt);
+}
+
+/// `up --type fs`: the embedded server serves an fs volume, FUSE-mounted at the mount point with
+/// no loop device; Ctrl-C unmounts it and the server's own mount of it; the next `up` finds the
+/// files, and refuses to take a block volume of that name as an fs volume.
+#[test]
+fn up_type_fs_serves_files_and_keeps_them() {
+    if !privileged("up_type_fs_serves_files_and_keeps_them", &["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mnt = dir.path().join("mnt");
+    let child = up_with(&data, &mnt, &["--type", "fs"]);
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let canon = std::fs::canonicalize(&mnt).unwrap();
+    let line = m.lines().find(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap())).unwrap();
+    assert!(line.contains("fuse") && line.contains("ferrovol:default"), "{line}");
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..100 {
+        std::fs::write(mnt.join(format!("d/f{i}")), format!("file {i}\n")).unwrap();
+    }
+    std::fs::rename(mnt.join("d/f1"), mnt.join("moved")).unwrap();
+    let pid = child.id();
+    stop(child, &mnt);
+    let loops = String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();
+    assert!(!loops.contains(data.to_str().unwrap()), "the server's loop device stayed: {loops} (pid {pid})");
+    assert!(!is_mounted(&data.join("volumes/default/mnt")), "the server's mount of the volume stayed");
+
+    let child = up_with(&data, &mnt, &["--type", "fs"]);
+    assert_eq!(std::fs::read_to_string(mnt.join("moved")).unwrap(), "file 1\n");
+    assert_eq!(std::fs::read_dir(mnt.join("d")).unwrap().count(), 99);
+    stop(child, &mnt);
+    // A block volume of that name is not taken as an fs volume.
+    let block = dir.path().join("block-data");
+    let child = up(&block, &mnt);
+    stop(child, &mnt);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["up", "--data", block.to_str().unwrap(), "--mount", mnt.to_str().unwrap(), "--type", "fs"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a block volume"), "{err}");
+    assert!(!is_mounted(&mnt));
 }

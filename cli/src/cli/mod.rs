@@ -187,6 +187,11 @@ pub enum Command {
         /// Volume name.
         #[arg(long, default_value = "default")]
         volume: VolumeName,
+        /// block: ext4 on a loop device over the volume (one node); fs: an fs volume, its files
+        /// served by the embedded server and FUSE-mounted here (no loop device; other nodes may
+        /// `ferrovol mount` it too).
+        #[arg(long = "type", value_enum, default_value = "block")]
+        kind: VolumeKind,
     },
 }
 

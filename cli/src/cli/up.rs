@@ -65,7 +65,7 @@ fn umount_retry(target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Result<()> {
+pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName, fs: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         bail!("`ferrovol up` needs root (FUSE mount, loop device, mkfs, mount)");
@@ -111,7 +111,7 @@ pub fn up(data: &Path, mount: &Path, size: u64, name: &VolumeName) -> anyhow::Re
         });
     }
     let mut teardown = Teardown::default();
-    let result = start(&rt, data, mount, size, name, &mut teardown, &stop);
+    let result = start(&rt, data, mount, size, name, fs, &mut teardown, &stop);
     match result {
         Ok(()) => {
             println!("ready: volume {name} is mounted at {} (Ctrl-C to stop)", mount.display());
@@ -236,12 +236,14 @@ fn clean_stale_runs() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start(
     rt: &tokio::runtime::Runtime,
     data: &Path,
     mount: &Path,
     size: u64,
     name: &VolumeName,
+    fs: bool,
     teardown: &mut Teardown,
     stop: &Stop,
 ) -> anyhow::Result<()> {
@@ -267,8 +269,11 @@ fn start(
     println!("server: data in {}, listening on {addr} (loopback only)", data.display());
     stop.check()?;
 
-    // 2. The volume: created on first use, reused after.
     let opts = ConnectOptions { token, node_id: "ferrovol-up".parse()?, ..ConnectOptions::default() };
+    if fs {
+        return start_fs(rt, &addr.to_string(), opts, mount, size, name, teardown, stop);
+    }
+    // 2. The volume: created on first use, reused after.
     let (session, vol) = rt.block_on(async {
         let session = Session::connect(&addr.to_string(), opts).await?;
         match session.stat_volume(name).await {
@@ -353,5 +358,57 @@ fn start(
     let target = mount.to_owned();
     teardown.push(format!("unmounted {}", mount.display()), move || umount_retry(&target));
     println!("mount:  {loopdev} on {} (ext4)", mount.display());
+    Ok(())
+}
+
+/// `up --type fs`: an fs volume (created on first use), FUSE-mounted at `mount`: no loop device,
+/// no mkfs here (the server made its ext4), and other nodes may mount it too.
+#[allow(clippy::too_many_arguments)]
+fn start_fs(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    opts: ConnectOptions,
+    mount: &Path,
+    size: u64,
+    name: &VolumeName,
+    teardown: &mut Teardown,
+    stop: &Stop,
+) -> anyhow::Result<()> {
+    use ferrovol_client::fuse::files::{FsFiles, Ttls};
+    let vol = rt.block_on(async {
+        let session = Session::connect(addr, opts).await?;
+        match session.stat_volume(name).await {
+            Ok(v) if v.kind != ferrovol_proto::codec::VOLUME_KIND_FS => bail!(
+                "volume {name} is a block volume: run `ferrovol up` without --type fs, or pick another --volume"
+            ),
+            Ok(v) => println!("volume: reusing fs volume {name} ({})", format_size(v.size)),
+            Err(e) if e.status() == Some(Status::NotFound) => {
+                let kind = ferrovol_proto::codec::VOLUME_KIND_FS;
+                let v = session.create_volume_of_kind(name, kind, size, Default::default(), None).await?;
+                println!("volume: created fs volume {name} ({}; the server made its ext4)", format_size(v.size));
+            }
+            Err(e) => return Err(anyhow::Error::from(e)),
+        }
+        anyhow::Ok(session.open_fs(name, false).await?)
+    })?;
+    stop.check()?;
+    let fs = FsFiles::new(vol, rt.handle().clone(), Ttls::STANDARD);
+    let watch = fs.watch();
+    let session = fuser::Session::new(fs, mount, &ferrovol_client::fuse::files::config(name, false))
+        .with_context(|| format!("cannot FUSE-mount volume {name} at {}", mount.display()))?;
+    watch.start(session.notifier()).context("cannot start the notice thread")?;
+    let mut background = Some(session.spawn().context("cannot start the FUSE session")?);
+    let target = mount.to_owned();
+    teardown.push(format!("unmounted {}", mount.display()), move || {
+        if host::mount_at(&target).is_some() {
+            host::retry_busy(Duration::from_secs(2), || unmount(&target))
+                .with_context(|| format!("unmount {}", target.display()))?;
+        }
+        if let Some(b) = background.take() {
+            b.join()?;
+        }
+        Ok(())
+    });
+    println!("mount:  fs volume {name} on {} (FUSE, files served by the server)", mount.display());
     Ok(())
 }

@@ -947,7 +947,7 @@ pub struct MountOptions {
 }
 
 /// The FUSE session settings for an fs volume.
-fn fs_config(name: &ferrovol_proto::VolumeName, read_only: bool) -> fuser::Config {
+pub fn config(name: &ferrovol_proto::VolumeName, read_only: bool) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("ferrovol:{name}")),
@@ -994,7 +994,7 @@ pub fn mount(
     let vol = rt.block_on(session.open_fs(name, mo.read_only))?;
     let fs = FsFiles::new(vol, rt.handle().clone(), mo.ttl);
     let watch = fs.watch();
-    let mut fuse = fuser::Session::new(fs, dir, &fs_config(name, mo.read_only))
+    let mut fuse = fuser::Session::new(fs, dir, &config(name, mo.read_only))
         .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
     let mut unmounter = fuse.unmount_callable();
     super::serve::unmount_on_signal(&rt, &shown, move || unmounter.unmount());
