@@ -385,3 +385,149 @@ async fn tls_on_the_wire() {
         .unwrap();
     s.list_volumes().await.unwrap();
 }
+
+/// A TCP proxy to `upstream` that, once armed with an opcode, forwards the next request of it and
+/// cuts the connection before the reply can come back: the request reached the server, but the
+/// client cannot know whether it happened.
+async fn cutter(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Option<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = std::sync::Arc::new(std::sync::Mutex::new(None::<u8>));
+    let arm = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            // Replies pass until `cut`; then nothing more reaches the client, whose connection
+            // stays open until `closed` (so it cannot tell before the request was done).
+            let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let closed = std::sync::Arc::new(tokio::sync::Notify::new());
+            let (cut2, closed2) = (stopped.clone(), closed.clone());
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 1 << 16];
+                loop {
+                    let n = match sr.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if cut2.load(std::sync::atomic::Ordering::SeqCst) {
+                        closed2.notified().await;
+                        return;
+                    }
+                    if cw.write_all(&b[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let arm = arm.clone();
+            tokio::spawn(async move {
+                let mut buf = bytes::BytesMut::new();
+                loop {
+                    while buf.len() >= ferrovol_proto::REQUEST_HEADER_LEN {
+                        let mut h = [0u8; ferrovol_proto::REQUEST_HEADER_LEN];
+                        h.copy_from_slice(&buf[..ferrovol_proto::REQUEST_HEADER_LEN]);
+                        let Ok(header) = ferrovol_proto::RequestHeader::decode(&h) else { return };
+                        let total = ferrovol_proto::REQUEST_HEADER_LEN + header.payload_len as usize;
+                        if buf.len() < total {
+                            break;
+                        }
+                        let frame = buf.split_to(total);
+                        let cut = {
+                            let mut a = arm.lock().unwrap();
+                            if *a == Some(header.opcode) {
+                                *a = None;
+                                true
+                            } else {
+                                false
+                            }
+                        };
+                        if cut {
+                            // No reply gets through from here on; the request does, and is done
+                            // before the client sees the connection go.
+                            stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = sw.write_all(&frame).await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            closed.notify_one();
+                            return; // drops both connections
+                        }
+                        if sw.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    match cr.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, armed)
+}
+
+/// An FS request in flight when its connection breaks: one that may not be done twice (MKDIR) fails
+/// with ConnectionLost (it did happen: a re-send would have answered EEXIST), one that may be done
+/// twice (GETATTR, a write at an offset) is sent again on the next connection and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_requests_across_a_broken_connection() {
+    use ferrovol_proto::fs::{Creds, FsName, FsOp, FsReply, NODE_ROOT};
+    if !ferrovol_server::testing::privileged(
+        "fs_requests_across_a_broken_connection",
+        &["mkfs.ext4", "losetup"],
+    ) {
+        return;
+    }
+    let (_d, dir) = tmp();
+    let data = dir.join("data");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let (proxy, arm) = cutter(server.addr).await;
+    let s =
+        Session::connect(&proxy.to_string(), ConnectOptions { connections: 1, ..opts("n1") }).await.unwrap();
+    s.create_volume_of_kind(
+        &name("shared"),
+        ferrovol_proto::codec::VOLUME_KIND_FS,
+        64 << 20,
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    let vol = s.open_fs(&name("shared"), false).await.unwrap();
+    let root = Creds::default();
+    let n = |s: &str| FsName::new(Bytes::copy_from_slice(s.as_bytes())).unwrap();
+
+    *arm.lock().unwrap() = Some(ferrovol_proto::Opcode::FsMkdir as u8);
+    let mkdir = FsOp::Mkdir { name: n("d"), mode: 0o755, umask: 0 };
+    let err = vol.fs(NODE_ROOT, root.clone(), mkdir).await.unwrap_err();
+    assert!(matches!(err, ClientError::ConnectionLost { .. }), "{err:?}");
+    // It happened: once reconnected, the directory is there.
+    let looked = vol.fs(NODE_ROOT, root.clone(), FsOp::Lookup { name: n("d") }).await.unwrap();
+    assert!(matches!(looked, FsReply::Entry(a) if a.mode & 0o170000 == 0o040000), "{looked:?}");
+
+    *arm.lock().unwrap() = Some(ferrovol_proto::Opcode::FsGetattr as u8);
+    let attr = vol.fs(NODE_ROOT, root.clone(), FsOp::Getattr).await.unwrap();
+    assert!(matches!(attr, FsReply::Attr(_)), "{attr:?}");
+
+    let created = FsOp::Create { name: n("f"), flags: libc::O_RDWR as u32, mode: 0o644, umask: 0 };
+    let FsReply::Created { attr, fh } = vol.fs(NODE_ROOT, root.clone(), created).await.unwrap() else {
+        panic!()
+    };
+    *arm.lock().unwrap() = Some(ferrovol_proto::Opcode::FsWrite as u8);
+    let bytes = Bytes::from_static(b"written across a reconnect");
+    let write = FsOp::Write { fh, flags: libc::O_RDWR as u32, offset: 0, data: bytes.clone() };
+    assert_eq!(vol.fs(attr.node, root.clone(), write).await.unwrap(), FsReply::Written(bytes.len() as u32));
+    let read = FsOp::Read { fh, flags: libc::O_RDWR as u32, offset: 0, len: 100 };
+    assert_eq!(vol.fs(attr.node, root, read).await.unwrap(), FsReply::Data(bytes));
+    assert!(arm.lock().unwrap().is_none(), "every armed cut happened");
+    drop(vol);
+    drop(s);
+    drop(server);
+    let mnt = data.join("volumes/shared/mnt");
+    if ferrovol_client::host::mount_at(&mnt).is_some() {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+}
