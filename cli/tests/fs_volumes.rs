@@ -657,6 +657,16 @@ fn changes_on_one_node_reach_the_others_caches_at_once() {
         let mut all = Vec::new();
         held.read_to_end(&mut all).unwrap();
         assert_eq!(all, b"ONEtwo");
+        // A second name unlinked on A: the file lives on under the first, on B too (B may still
+        // link it: its kernel was not told the inode is gone).
+        let (h1, h2, h3) = (format!("h1-{round}"), format!("h2-{round}"), format!("h3-{round}"));
+        fs::write(a.join(&h1), b"linked").unwrap();
+        fs::hard_link(a.join(&h1), a.join(&h2)).unwrap();
+        assert_eq!(fs::metadata(b.join(&h2)).unwrap().nlink(), 2);
+        fs::remove_file(a.join(&h2)).unwrap();
+        worst = worst.max(visible_within("an unlink of one of two names", || !b.join(&h2).exists()));
+        fs::hard_link(b.join(&h1), b.join(&h3)).unwrap();
+        assert_eq!(fs::read(a.join(&h3)).unwrap(), b"linked");
         // A directory made and removed on A.
         fs::create_dir(a.join(&d)).unwrap();
         assert!(b.join(&d).is_dir());

@@ -506,10 +506,11 @@ impl ControllerService {
             info!(volume = %name, from = current.size, to = v.size, "volume expanded");
             v
         };
-        // The node refreshes its loop device (and grows the filesystem for mount volumes).
+        // The node refreshes its loop device (and grows the filesystem for mount volumes); an fs
+        // volume grows on the server alone.
         Ok(pb::ControllerExpandVolumeResponse {
             capacity_bytes: to_i64(info.size),
-            node_expansion_required: true,
+            node_expansion_required: Kind::of(&info) == Kind::Block,
         })
     }
 

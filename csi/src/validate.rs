@@ -50,18 +50,21 @@ impl Kind {
     }
 }
 
-fn multi_node(cap: &VolumeCapability) -> bool {
+/// A capability only an fs volume serves: several writer nodes, as a mount. (ReadOnlyMany stays a
+/// block volume: many nodes may mount one filesystem read-only, from a snapshot or raw.)
+fn multi_writer(cap: &VolumeCapability) -> bool {
     let mode = cap.access_mode.as_ref().map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown));
-    matches!(mode, Some(Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter))
+    matches!(mode, Some(Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter))
+        && matches!(cap.access_type, Some(AccessType::Mount(_)))
 }
 
 /// The kind CreateVolume makes: the `type` parameter, or with `auto` (or none) fs when any
-/// capability asks for several nodes.
+/// capability asks for several writer nodes.
 pub fn kind_for(params: &HashMap<String, String>, caps: &[VolumeCapability]) -> CsiResult<Kind> {
     match params.get(PARAM_TYPE).map(String::as_str) {
         Some("block") => Ok(Kind::Block),
         Some("fs") => Ok(Kind::Fs),
-        None | Some("auto") => Ok(if caps.iter().any(multi_node) { Kind::Fs } else { Kind::Block }),
+        None | Some("auto") => Ok(if caps.iter().any(multi_writer) { Kind::Fs } else { Kind::Block }),
         Some(other) => {
             Err(CsiError::invalid(format!("parameter {PARAM_TYPE}={other:?}: one of fs, block, auto")))
         }
@@ -456,12 +459,17 @@ mod tests {
         let p = |v: &str| HashMap::from([(PARAM_TYPE.to_owned(), v.to_owned())]);
         let rwx = cap(mount("ext4"), Mode::MultiNodeMultiWriter);
         let rwo = cap(mount("ext4"), Mode::SingleNodeWriter);
-        // auto (or none): multi-node modes make fs volumes, single-node ones block volumes.
+        // auto (or none): the multi-node writer modes make fs volumes, the others block volumes.
         assert_eq!(kind_for(&HashMap::new(), std::slice::from_ref(&rwx)).unwrap(), Kind::Fs);
+        let rox = cap(mount(""), Mode::MultiNodeReaderOnly);
         assert_eq!(
-            kind_for(&p("auto"), &[rwo.clone(), cap(mount(""), Mode::MultiNodeReaderOnly)]).unwrap(),
-            Kind::Fs
+            kind_for(&p("auto"), &[rwo.clone(), rox]).unwrap(),
+            Kind::Block,
+            "ReadOnlyMany stays block"
         );
+        assert_eq!(kind_for(&p("auto"), &[rwo.clone(), rwx.clone()]).unwrap(), Kind::Fs);
+        let raw_rwx = cap(raw.clone(), Mode::MultiNodeMultiWriter);
+        assert_eq!(kind_for(&p("auto"), &[raw_rwx]).unwrap(), Kind::Block, "raw block is never fs");
         assert_eq!(kind_for(&p("auto"), std::slice::from_ref(&rwo)).unwrap(), Kind::Block);
         assert_eq!(kind_for(&p("fs"), std::slice::from_ref(&rwo)).unwrap(), Kind::Fs);
         assert_eq!(kind_for(&p("block"), std::slice::from_ref(&rwx)).unwrap(), Kind::Block);

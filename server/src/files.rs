@@ -618,11 +618,24 @@ pub fn execute(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) ->
     if cx.read_only && mutates(&op) {
         return Err(errno_reply(opcode, io::Error::from_raw_os_error(libc::EROFS)));
     }
-    let notices = notices_of(m, node, &op);
-    let others = other_nodes(&op);
+    let mut notices = notices_of(m, node, &op);
+    // Watched before the operation reads anything: a change by another client in between is then
+    // heard of. (A node first met in the reply can still miss a change made while this call
+    // ran; the attribute lifetime bounds that.)
+    if let Some(w) = &cx.watcher {
+        w.saw(std::iter::once(node).chain(other_nodes(&op)));
+    }
+    let truncating_create =
+        matches!(&op, FsOp::Create { flags, .. } if *flags as libc::c_int & libc::O_TRUNC != 0);
     let reply = execute_inner(m, cx, node, creds, op).map_err(|e| errno_reply(opcode, e))?;
     if let Some(w) = &cx.watcher {
-        w.saw(std::iter::once(node).chain(others).chain(nodes_in(&reply)));
+        w.saw(nodes_in(&reply));
+    }
+    if let (true, FsReply::Created { attr, .. }) = (truncating_create, &reply) {
+        // An existing file the caller's kernel thought absent, truncated: its data changed.
+        if !m.watchers.is_empty() {
+            notices.push(Notice::Inode { node: attr.node, offset: 0, len: 0 });
+        }
     }
     m.watchers.publish(cx.session, &notices);
     Ok(reply)
@@ -659,17 +672,25 @@ fn notices_of(m: &FsMount, node: u64, op: &FsOp) -> Vec<Notice> {
             vec![Notice::Inode { node: *out_node, offset: off(*out_offset), len: len(*l) }]
         }
         FsOp::Unlink { name } | FsOp::Rmdir { name } => {
-            // Which inode goes, found before it goes (a kernel that has it drops it too).
-            let child = m.path_of(node).and_then(|d| handle_of(d.as_raw_fd(), &cname(name), 0));
+            // Which inode goes, found before it goes. DELETE (the other kernels drop the inode
+            // too) only for its last name: a file with other links lives on under them.
+            let dir = m.path_of(node);
+            let n = cname(name);
+            let child = dir.as_ref().ok().and_then(|d| {
+                let links = stat_at(d.as_raw_fd(), &n).ok()?;
+                let child = handle_of(d.as_raw_fd(), &n, 0).ok()?;
+                Some((child, links))
+            });
             match child {
-                Ok(child) => {
+                Some((child, (mode, nlink))) if mode & libc::S_IFMT == libc::S_IFDIR || nlink <= 1 => {
                     vec![
                         Notice::Delete { parent: node, child, name: name.clone() },
                         attrs(node),
                         attrs(child),
                     ]
                 }
-                Err(_) => vec![entry(node, name), attrs(node)],
+                Some((child, _)) => vec![entry(node, name), attrs(node), attrs(child)],
+                None => vec![entry(node, name), attrs(node)],
             }
         }
         FsOp::Rename { name, new_parent, new_name, .. } => {
@@ -685,6 +706,15 @@ fn notices_of(m: &FsMount, node: u64, op: &FsOp) -> Vec<Notice> {
         FsOp::Setxattr { .. } | FsOp::Removexattr { .. } => vec![attrs(node)],
         _ => Vec::new(),
     }
+}
+
+/// The type bits and link count of `name` in `dirfd` (not following a symlink).
+fn stat_at(dirfd: RawFd, name: &CStr) -> io::Result<(u32, u64)> {
+    // SAFETY: a zeroed struct stat is valid (all integers).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated; fstatat fills `st`.
+    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok((st.st_mode, st.st_nlink))
 }
 
 /// Nodes a request names besides its own.
@@ -1239,7 +1269,11 @@ impl Locks {
 
     /// Drops what `session` held (its lease ended).
     fn expire(&self, session: u64, files: &Files) {
-        if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session) {
+        // Held until everything is dropped: a session that reconnects meanwhile waits, and then
+        // starts afresh rather than lose a lock it took in between. (Lock order: sessions, then
+        // files, then fds; nothing takes them the other way round.)
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.contains_key(&session) {
             return;
         }
         files.close_session(session);
@@ -1253,6 +1287,7 @@ impl Locks {
                 "a client session's locks expired"
             );
         }
+        drop(sessions);
     }
 
     /// Sessions waiting for their lease to end (for tests).

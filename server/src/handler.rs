@@ -349,6 +349,20 @@ impl Session {
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle.0) {
                     Some(h) => {
+                        // A watcher other handles of the volume share stays, naming one of them.
+                        let sharing = h.watcher.as_ref().and_then(|w| {
+                            self.handles
+                                .iter()
+                                .find(|(_, o)| o.watcher.as_ref().is_some_and(|x| Arc::ptr_eq(x, w)))
+                                .map(|(k, _)| (w.clone(), *k))
+                        });
+                        let h = match sharing {
+                            Some((w, other)) => {
+                                w.set_handle(VolumeHandle(other));
+                                OpenVolume { watcher: None, ..h }
+                            }
+                            None => h,
+                        };
                         release(&h, self.client_session);
                         Ok(Reply::Done)
                     }
@@ -518,7 +532,14 @@ impl Session {
         let handle = VolumeHandle(self.next_handle);
         let size = vol.size();
         debug!(volume = %name, %handle, read_only, generation, "volume opened");
+        // One watcher per connection and volume, however often it is opened here.
+        let shared = self
+            .handles
+            .values()
+            .find(|o| o.watcher.is_some() && Arc::ptr_eq(&o.vol, &vol))
+            .and_then(|o| o.watcher.clone());
         let watcher = match vol.mounted() {
+            Some(_) if shared.is_some() => shared,
             Some(m) if self.features & FEATURE_FS_NOTIFY != 0 => {
                 let outbox = match &self.outbox {
                     Some(o) => o.clone(),

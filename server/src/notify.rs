@@ -68,14 +68,30 @@ struct Interest {
 pub struct Watcher {
     /// The client session: its own changes are not sent back to it.
     session: u64,
-    handle: VolumeHandle,
+    /// The handle its notices name: one of the connection's open handles of the volume (a
+    /// connection that opens a volume several times has one watcher for all of them).
+    handle: std::sync::atomic::AtomicU32,
     outbox: Arc<Outbox>,
     interest: Mutex<Interest>,
 }
 
 impl Watcher {
     pub fn new(session: u64, handle: VolumeHandle, outbox: Arc<Outbox>) -> Arc<Self> {
-        Arc::new(Self { session, handle, outbox, interest: Mutex::default() })
+        Arc::new(Self {
+            session,
+            handle: std::sync::atomic::AtomicU32::new(handle.0),
+            outbox,
+            interest: Mutex::default(),
+        })
+    }
+
+    /// Its notices name `handle` from now on (the one they named was closed).
+    pub fn set_handle(&self, handle: VolumeHandle) {
+        self.handle.store(handle.0, std::sync::atomic::Ordering::Release);
+    }
+
+    fn handle(&self) -> VolumeHandle {
+        VolumeHandle(self.handle.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// The client may cache these nodes now.
@@ -135,12 +151,12 @@ impl Watchers {
                     Notice::Inode { node, .. } => *node,
                     Notice::Entry { parent, .. } | Notice::Delete { parent, .. } => *parent,
                     Notice::All => {
-                        w.outbox.send(w.handle, Notice::All);
+                        w.outbox.send(w.handle(), Notice::All);
                         continue;
                     }
                 };
                 if w.cares(key) {
-                    w.outbox.send(w.handle, n.clone());
+                    w.outbox.send(w.handle(), n.clone());
                 }
             }
         }

@@ -32,9 +32,7 @@ pub use self::sys::has_capability;
 use crate::error::{CsiError, CsiResult};
 use crate::locks::VolumeLocks;
 use crate::state::{Staged, StateDir};
-use crate::validate::{
-    check_capability, check_capability_of, path_of, require, volume_id, FsType, Kind, PARAM_FS_TYPE,
-};
+use crate::validate::{check_capability_of, path_of, require, volume_id, FsType, Kind, PARAM_FS_TYPE};
 use crate::{Config, ServerLink, TOPOLOGY_KEY};
 
 /// The hidden subcommand of `ferrovol-csi` that serves one attached volume.
@@ -261,7 +259,11 @@ impl NodeService {
     async fn expand(&self, req: pb::NodeExpandVolumeRequest) -> CsiResult<pb::NodeExpandVolumeResponse> {
         let name = volume_id(&req.volume_id)?;
         if let Some(cap) = &req.volume_capability {
-            check_capability(cap).map_err(CsiError::InvalidArgument)?;
+            let kind = match self.inner.load(name.as_str())? {
+                Some(st) if st.fs => Kind::Fs,
+                _ => Kind::Block,
+            };
+            check_capability_of(cap, kind, FsType::Ext4).map_err(CsiError::InvalidArgument)?;
         }
         let required = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes.max(0).unsigned_abs());
         let _guard = self.locks.try_lock(name.as_str())?;
