@@ -53,9 +53,21 @@ def sh(*cmd, **kw):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below 50000 (SeaweedFS listens on each port + 10000 too)."""
+    import random
+    while True:
+        p = random.randint(20000, 49999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
 
 
 def wait_for(pred, what, timeout=30):
@@ -291,7 +303,10 @@ class Gluster(Target):
         sh(*self.net("gluster", "--mode=script", "volume", "create", "bench", f"{self.ADDR}:{brick}", "force"))
         sh(*self.net("gluster", "--mode=script", "volume", "start", "bench"))
         for mnt in (self.a, self.b):
-            sh(*self.net("mount", "-t", "glusterfs", f"{self.ADDR}:/bench", mnt))
+            # The brick process may still be starting: try for a while.
+            wait_for(lambda m=mnt: subprocess.run(self.net("mount", "-t", "glusterfs", f"{self.ADDR}:/bench", m),
+                                                  capture_output=True).returncode == 0 and mounted(m),
+                     f"the glusterfs mount at {mnt}", timeout=60)
 
     def pids(self):
         return descendants([p.pid for p in self.procs if p.poll() is None]) | set(pgrep("glusterfs"))

@@ -271,6 +271,8 @@ fn start(
 
     let opts = ConnectOptions { token, node_id: "ferrovol-up".parse()?, ..ConnectOptions::default() };
     if fs {
+        // No reply polling for a file system (see `fuse::files::mount`).
+        let opts = ConnectOptions { poll: Duration::ZERO, ..opts };
         return start_fs(rt, &addr.to_string(), opts, mount, size, name, teardown, stop);
     }
     // 2. The volume: created on first use, reused after.
