@@ -142,21 +142,25 @@ fn tls_files() -> Option<ferrovol_csi::TlsFiles> {
     })
 }
 
+/// How a mount's process connects: the server, node and secrets its plugin passed.
+fn client_options(server: &str, node_id: NodeId, io_timeout_s: u64) -> anyhow::Result<ConnectOptions> {
+    Ok(ConnectOptions {
+        tls: tls_files().map(|f| f.load(server)).transpose()?,
+        node_id,
+        token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
+        credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
+        io_timeout: Duration::from_secs(io_timeout_s.max(1)),
+        ..ConnectOptions::default()
+    })
+}
+
 fn attach(args: AttachArgs) -> ExitCode {
-    let tls = match tls_files().map(|f| f.load(&args.server)).transpose() {
-        Ok(t) => t,
+    let opts = match client_options(&args.server, args.node_id.clone(), args.io_timeout_s) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("ferrovol-csi attach: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let opts = ConnectOptions {
-        tls,
-        node_id: args.node_id,
-        token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
-        credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
-        io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
-        ..ConnectOptions::default()
     };
     use ferrovol_client::fuse::Access;
     let access = match (args.read_only, args.generation) {
@@ -177,20 +181,12 @@ fn attach(args: AttachArgs) -> ExitCode {
 }
 
 fn mount(args: MountArgs) -> ExitCode {
-    let tls = match tls_files().map(|f| f.load(&args.server)).transpose() {
-        Ok(t) => t,
+    let opts = match client_options(&args.server, args.node_id.clone(), args.io_timeout_s) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("ferrovol-csi mount: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let opts = ConnectOptions {
-        tls,
-        node_id: args.node_id,
-        token: std::env::var("FERROVOL_TOKEN").unwrap_or_default(),
-        credential_file: std::env::var_os("FERROVOL_CREDENTIAL_FILE").map(Into::into),
-        io_timeout: Duration::from_secs(args.io_timeout_s.max(1)),
-        ..ConnectOptions::default()
     };
     use ferrovol_client::fuse::files::{mount, MountOptions, Ttls};
     let mo = MountOptions { read_only: args.read_only, ttl: Ttls::STANDARD };
