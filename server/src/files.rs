@@ -412,7 +412,10 @@ impl HeldFd {
     fn within(fd: OwnedFd, node: &Arc<str>, budget: usize) -> io::Result<Self> {
         let mut h = held().lock().unwrap_or_else(|p| p.into_inner());
         if h.total >= budget {
-            tracing::warn!(budget, "fs volumes hold as many fds as the server may: ENFILE");
+            // Rate-limited: a client hitting the budget in a loop must not flood the log.
+            crate::listener::refusal(|| {
+                tracing::warn!(budget, "fs volumes hold as many fds as the server may: ENFILE")
+            });
             return Err(io::Error::from_raw_os_error(libc::ENFILE));
         }
         let n = h.per_node.get(node).copied().unwrap_or(0);
