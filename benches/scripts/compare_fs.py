@@ -45,6 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIO_SIZE = "256m"
 FIO_JOBS = [("write", "1m"), ("read", "1m"), ("randwrite", "4k"), ("randread", "4k")]
+JOBS = ("fio", "metadata", "fsync", "unpack", "visibility")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -326,6 +327,15 @@ class Gluster(Target):
         subprocess.run(["ip", "netns", "del", self.NETNS], capture_output=True)
 
 
+class Base(Ours):
+    """ours built from another checkout (--base-bins): an A/B of a change, peers aside."""
+    name = "base"
+    bins = None
+
+    def start(self, bins):
+        super().start(self.bins)
+
+
 TARGETS = {t.name: t for t in (Ours, JuiceFS, Seaweed, Sshfs, Gluster)}
 
 
@@ -453,10 +463,21 @@ def main():
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results", "fs.json"))
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--base-bins", help="a target 'base': ferrovol and ferrovol-server from this directory "
+                    "(a build of another commit), run like ours, for A/B runs")
+    ap.add_argument("--jobs", default=",".join(JOBS),
+                    help=f"which jobs to run, of {','.join(JOBS)} (for quick A/B runs; reports need all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (FUSE mounts, loop devices, sshd, glusterd)")
     names = [n for n in args.targets.split(",") if n]
+    if args.base_bins:
+        Base.bins = os.path.abspath(args.base_bins)
+        TARGETS["base"] = Base
+        names.append("base")
+    want = {j for j in args.jobs.split(",") if j}
+    if not want or want - set(JOBS):
+        sys.exit(f"jobs: any of {list(JOBS)} (got {sorted(want)})")
     unknown = [n for n in names if n not in TARGETS]
     if unknown or "ours" not in names:
         sys.exit(f"targets: ours and any of {list(TARGETS)} (got {names})")
@@ -470,10 +491,11 @@ def main():
     targets, skipped = {}, {}
     samples, cpu = {}, {}
     try:
-        tarball, expected = make_tree(work)
-        print(f"source tree: {expected[1]} files", flush=True)
-        if expected[1] < 20000:
-            print("warning: fewer than 20,000 files in the source tree", flush=True)
+        if "unpack" in want:
+            tarball, expected = make_tree(work)
+            print(f"source tree: {expected[1]} files", flush=True)
+            if expected[1] < 20000:
+                print("warning: fewer than 20,000 files in the source tree", flush=True)
         for n in names:
             t = TARGETS[n](work)
             try:
@@ -485,6 +507,8 @@ def main():
                 skipped[n] = f"{e} {detail.strip()[-300:]}"
                 print(f"{n}: skipped: {skipped[n]}", flush=True)
                 t.stop()
+        if "ours" not in targets:
+            sys.exit(f"ours did not start: {skipped.get('ours')}")
         order = list(targets)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -492,9 +516,11 @@ def main():
                 t = targets[n]
                 jobs = [(f"fio {rw} {bs}", "MiB/s" if bs == "1m" else "IOPS",
                          lambda rw=rw, bs=bs: fio(os.path.join(t.a, "fio.dat"), rw, bs, args.runtime))
-                        for rw, bs in FIO_JOBS]
-                jobs += [("metadata", "ops/s", lambda: metadata(t.a, args.files)),
-                         ("fsync", "files/s", lambda: fsyncs(t.a, max(args.files // 10, 100)))]
+                        for rw, bs in FIO_JOBS if "fio" in want]
+                if "metadata" in want:
+                    jobs.append(("metadata", "ops/s", lambda: metadata(t.a, args.files)))
+                if "fsync" in want:
+                    jobs.append(("fsync", "files/s", lambda: fsyncs(t.a, max(args.files // 10, 100))))
                 for job, unit, run in jobs:
                     c0 = cpu_seconds(t.pids())
                     try:
@@ -504,21 +530,23 @@ def main():
                         v = float("nan")
                     samples.setdefault((job, unit), {}).setdefault(n, []).append(v)
                     cpu.setdefault(job, {}).setdefault(n, []).append(cpu_seconds(t.pids()) - c0)
-                c0 = cpu_seconds(t.pids())
-                try:
-                    up, check = unpack(t, tarball, expected, f"{r}")
-                except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
-                    print(f"  {n} unpack: failed: {e}", flush=True)
-                    up = check = float("nan")
-                samples.setdefault(("unpack on A", "s"), {}).setdefault(n, []).append(up)
-                samples.setdefault(("checksum on B", "s"), {}).setdefault(n, []).append(check)
-                cpu.setdefault("unpack + checksum", {}).setdefault(n, []).append(cpu_seconds(t.pids()) - c0)
-                try:
-                    vis = visibility(t)
-                except (RuntimeError, OSError) as e:
-                    print(f"  {n} visibility: failed: {e}", flush=True)
-                    vis = float("nan")
-                samples.setdefault(("visibility A->B", "ms"), {}).setdefault(n, []).append(vis)
+                if "unpack" in want:
+                    c0 = cpu_seconds(t.pids())
+                    try:
+                        up, check = unpack(t, tarball, expected, f"{r}")
+                    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+                        print(f"  {n} unpack: failed: {e}", flush=True)
+                        up = check = float("nan")
+                    samples.setdefault(("unpack on A", "s"), {}).setdefault(n, []).append(up)
+                    samples.setdefault(("checksum on B", "s"), {}).setdefault(n, []).append(check)
+                    cpu.setdefault("unpack + checksum", {}).setdefault(n, []).append(cpu_seconds(t.pids()) - c0)
+                if "visibility" in want:
+                    try:
+                        vis = visibility(t)
+                    except (RuntimeError, OSError) as e:
+                        print(f"  {n} visibility: failed: {e}", flush=True)
+                        vis = float("nan")
+                    samples.setdefault(("visibility A->B", "ms"), {}).setdefault(n, []).append(vis)
                 print(f"  {n}: " + ", ".join(f"{k[0]} {v[n][-1]:.4g}" for k, v in samples.items()), flush=True)
     finally:
         for t in targets.values():

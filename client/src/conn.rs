@@ -130,8 +130,29 @@ impl Op {
 
 pub(crate) struct Call {
     op: Op,
-    reply: oneshot::Sender<Result<Reply>>,
+    reply: Done,
     deadline: Instant,
+}
+
+/// Who gets a call's result: a task awaiting it, or a function the reader runs as soon as the
+/// reply is parsed (a FUSE request answered without waking any other thread).
+pub(crate) enum Done {
+    Wait(oneshot::Sender<Result<Reply>>),
+    Then(Box<dyn FnOnce(Result<Reply>) + Send>),
+}
+
+impl Done {
+    /// Hands over the result. A `Then` runs here: never call this with a lock held that the
+    /// function could need (it answers the kernel and returns).
+    fn send(self, r: Result<Reply>) -> std::result::Result<(), ()> {
+        match self {
+            Done::Wait(tx) => tx.send(r).map_err(|_| ()),
+            Done::Then(f) => {
+                f(r);
+                Ok(())
+            }
+        }
+    }
 }
 
 struct Pending {
@@ -310,6 +331,13 @@ impl Shared {
     }
 }
 
+/// Hands results over once the state lock is let go (a `Done::Then` answers the kernel).
+fn answer(results: Vec<(Done, Result<Reply>)>) {
+    for (done, r) in results {
+        let _ = done.send(r);
+    }
+}
+
 /// Marks the connection broken if dropped while armed (see `Shared::drain`).
 struct BreakOnDrop<'a> {
     shared: &'a Shared,
@@ -398,7 +426,7 @@ impl ConnHandle {
     }
 
     /// Registers the call; returns its frame if it can be written now.
-    fn register(&self, op: Op, reply: oneshot::Sender<Result<Reply>>) -> Option<(u64, RequestFrame)> {
+    fn register(&self, op: Op, reply: Done) -> Option<(u64, RequestFrame)> {
         let mut st = self.shared.state();
         if let Op::Open { vol, name, read_only, generation } = &op {
             st.volumes.insert(
@@ -419,6 +447,7 @@ impl ConnHandle {
             match to_request(&st, &op) {
                 Ok(req) => Some((st.generation, req)),
                 Err(e) => {
+                    drop(st);
                     let _ = reply.send(Err(e));
                     return None;
                 }
@@ -437,6 +466,12 @@ impl ConnHandle {
 
     pub(crate) async fn call(&self, op: Op) -> Result<Reply> {
         let (reply, rx) = oneshot::channel();
+        self.send(op, Done::Wait(reply)).await;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Registers `op` and writes it (or leaves it to the writer at work); `reply` gets the result.
+    async fn send(&self, op: Op, reply: Done) {
         if let Some(frame) = self.register(op, reply) {
             self.shared.submit([frame]).await;
             // Wakes the reader only if it is asleep with nothing awaited (no permit is stored, so a
@@ -445,14 +480,27 @@ impl ConnHandle {
                 self.shared.sent.notify_waiters();
             }
         }
-        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Starts `op` from a thread outside the runtime (a FUSE thread) and returns once it is
+    /// written: `then` runs on the reader when the reply comes. The write is done on this thread
+    /// (it seldom waits: only for room in the socket buffer), so the request reaches the server
+    /// without waking a runtime thread first: on this VM a wakeup costs as much as the whole
+    /// round trip of a small request.
+    pub(crate) fn start(
+        &self,
+        rt: &tokio::runtime::Handle,
+        op: Op,
+        then: Box<dyn FnOnce(Result<Reply>) + Send>,
+    ) {
+        rt.block_on(self.send(op, Done::Then(then)));
     }
 
     /// Fire-and-forget (used by `Drop`): the frame is written by the next writer, or re-sent after a
     /// reconnect.
     pub(crate) fn try_call(&self, op: Op) {
         let (reply, _rx) = oneshot::channel();
-        if let Some(frame) = self.register(op, reply) {
+        if let Some(frame) = self.register(op, Done::Wait(reply)) {
             let shared = self.shared.clone();
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
@@ -730,7 +778,7 @@ impl Supervisor {
             let frame = (st.generation, Request::Ping.encode(RequestId(id)));
             let call = Call {
                 op: Op::Control(Request::Ping),
-                reply,
+                reply: Done::Wait(reply),
                 deadline: Instant::now() + self.opts.io_timeout,
             };
             st.pending.insert(id, Pending { call, sent: true });
@@ -744,6 +792,7 @@ impl Supervisor {
     /// any caller can write on the new connection.
     async fn go_live(&self, wr: WriteHalf) -> u64 {
         let mut slot = self.shared.wr.lock().await;
+        let mut failed = vec![];
         let (generation, resend) = {
             let mut st = self.shared.state();
             st.generation += 1;
@@ -774,13 +823,14 @@ impl Supervisor {
                     }
                     Err(e) => {
                         if let Some(p) = st.pending.remove(&id) {
-                            let _ = p.call.reply.send(Err(e));
+                            failed.push((p.call.reply, Err(e)));
                         }
                     }
                 }
             }
             (generation, out)
         };
+        answer(failed);
         // On the first connection these are requests queued before it went live: nothing is re-sent.
         if !resend.is_empty() && generation > 1 {
             info!(server = %self.addr, requests = resend.len(), "re-sending requests after reconnect");
@@ -799,6 +849,7 @@ impl Supervisor {
     /// Fails calls whose deadline passed. `down` = (since, last error) while disconnected.
     fn expire(&self, down: Option<(Instant, &str)>) {
         let now = Instant::now();
+        let mut failed = vec![];
         let mut st = self.shared.state();
         let expired: Vec<u64> =
             st.pending.iter().filter(|(_, p)| p.call.deadline <= now).map(|(id, _)| *id).collect();
@@ -814,14 +865,17 @@ impl Supervisor {
                 None => ClientError::TimedOut { op, timeout: self.opts.io_timeout },
             };
             debug!(request = id, %op, error = %err, "request expired");
-            let _ = p.call.reply.send(Err(err));
+            failed.push((p.call.reply, Err(err)));
         }
+        drop(st);
+        answer(failed);
     }
 
     /// After a disconnect: sent control requests fail (they may have happened); a pending CLOSE is done
     /// (the handle died with the connection); everything else waits to be re-sent.
     async fn after_disconnect(&self) {
         *self.shared.wr.lock().await = None;
+        let mut done = vec![];
         let mut st = self.shared.state();
         st.connected = false;
         let ids: Vec<u64> = st.pending.keys().copied().collect();
@@ -831,21 +885,21 @@ impl Supervisor {
                 Op::Control(r) if p.sent => {
                     let op = r.opcode();
                     if let Some(p) = st.pending.remove(&id) {
-                        let _ = p.call.reply.send(Err(ClientError::ConnectionLost { op }));
+                        done.push((p.call.reply, Err(ClientError::ConnectionLost { op })));
                     }
                 }
                 // A file operation that must not happen twice, and may have happened once.
                 Op::Fs { op, .. } if p.sent && !op.idempotent() => {
                     let op = op.opcode();
                     if let Some(p) = st.pending.remove(&id) {
-                        let _ = p.call.reply.send(Err(ClientError::ConnectionLost { op }));
+                        done.push((p.call.reply, Err(ClientError::ConnectionLost { op })));
                     }
                 }
                 Op::Close { vol } => {
                     let vol = *vol;
                     st.volumes.remove(&vol);
                     if let Some(p) = st.pending.remove(&id) {
-                        let _ = p.call.reply.send(Ok(Reply::Done));
+                        done.push((p.call.reply, Ok(Reply::Done)));
                     }
                 }
                 _ => p.sent = false,
@@ -854,6 +908,8 @@ impl Supervisor {
         for v in st.volumes.values_mut() {
             v.handle = None;
         }
+        drop(st);
+        answer(done);
     }
 
     /// Reconnects with backoff. Returns `None` when every caller is gone.
@@ -1055,6 +1111,10 @@ async fn read_loop(mut rd: ReadHalf, shared: Arc<Shared>, poll: Duration) -> Str
         let waiting = !shared.state().pending.is_empty();
         let r = if waiting {
             read_polling(&mut rd, &mut buf, poll).await
+        } else if poll.is_zero() {
+            // Nothing to switch to when a call is sent: a plain read, and a sender wakes nobody
+            // (a wakeup from a FUSE thread would cost a runtime thread's).
+            rd.read_buf(&mut buf).await
         } else {
             let start = std::time::Instant::now();
             let r = match poll_for(&mut rd, &mut buf, idle.window()).await {

@@ -149,6 +149,29 @@ impl Volume {
         }
     }
 
+    /// Starts a file operation from a thread outside the runtime `rt` (a FUSE thread); `then`
+    /// gets the result on the connection's reader (see `Conn::start`).
+    pub fn fs_start(
+        &self,
+        rt: &tokio::runtime::Handle,
+        node: u64,
+        creds: ferrovol_proto::fs::Creds,
+        op: ferrovol_proto::fs::FsOp,
+        then: impl FnOnce(Result<ferrovol_proto::fs::FsReply>) + Send + 'static,
+    ) {
+        let i = self.inner.rr.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        let (c, vol) = &self.inner.conns[i];
+        let opcode = op.opcode();
+        let then = move |r: Result<Reply>| {
+            then(match r {
+                Ok(Reply::Fs(r)) => Ok(r),
+                Ok(other) => Err(unexpected(opcode, other)),
+                Err(e) => Err(e),
+            })
+        };
+        c.start(rt, Op::Fs { vol: *vol, node, creds, op }, Box::new(then));
+    }
+
     async fn read_piece(&self, offset: u64, len: u32) -> Result<Bytes> {
         let mut tries = 0;
         loop {

@@ -195,6 +195,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             };
             progressed = true;
             let was_ready = session.is_ready();
+            let (raw_id, raw_op) = (raw.header.request_id, raw.header.opcode);
             let outcome = match Request::parse(raw) {
                 Ok((id, req)) => session.handle(&ctx, id, req),
                 Err(e) => {
@@ -244,6 +245,22 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                         let mut one = vec![Outgoing { frame: resp.encode(), _permits: permits }];
                         let _ = write_batch(&wr, &mut one).await;
                     });
+                }
+                Outcome::Blocking(job) => {
+                    // The worker writes the reply (blocking on the writer: it is outside the
+                    // runtime); the permits go with it, so the end of the connection, which
+                    // waits for every permit, waits for this reply too.
+                    let (w, rt) = (wr.clone(), tokio::runtime::Handle::current());
+                    let (id, opcode) = (raw_id, raw_op);
+                    let started = crate::files::submit(move || {
+                        let frame = job().encode();
+                        let mut one = vec![Outgoing { frame, _permits: permits }];
+                        let _ = rt.block_on(write_batch(&w, &mut one));
+                    });
+                    if !started {
+                        let resp = Response::error(id, opcode, Status::Internal, "no file worker thread");
+                        batch.push(Outgoing { frame: resp.encode(), _permits: None });
+                    }
                 }
             }
         }
@@ -317,6 +334,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     let finish = async {
         let _ = write_batch(&wr, &mut batch).await;
         while later.join_next().await.is_some() {}
+        // Replies file workers still owe (each holds a request permit until written).
+        let _ = requests.acquire_many(IN_FLIGHT_REQUESTS_MAX).await;
         let mut w = wr.lock().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
     };

@@ -45,17 +45,24 @@ const WORKERS: usize = 16;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Jobs waiting for a worker. A condvar wakes exactly one idle worker per job (a channel behind a
+/// mutex woke the next waiter for the mutex as well: two wakeups per request).
 struct Pool {
-    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+    jobs: Mutex<std::collections::VecDeque<Job>>,
+    ready: std::sync::Condvar,
+    workers: std::sync::atomic::AtomicUsize,
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let pool = POOL.get_or_init(|| Pool {
+        jobs: Mutex::default(),
+        ready: std::sync::Condvar::new(),
+        workers: std::sync::atomic::AtomicUsize::new(0),
+    });
+    STARTED.call_once(|| {
         for i in 0..WORKERS {
-            let rx = rx.clone();
             let spawned = std::thread::Builder::new().name(format!("ferrovol-fs-{i}")).spawn(move || {
                 // SAFETY: unshare(CLONE_FS) gives this thread its own umask and cwd; umask(0) then
                 // changes only this thread's. Neither touches memory.
@@ -68,33 +75,41 @@ fn pool() -> &'static Pool {
                         );
                     }
                 }
+                let me = POOL.get().expect("the pool is made before its workers");
                 loop {
-                    let job = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(p) => p.into_inner().recv(),
+                    let job = {
+                        let mut jobs = me.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        loop {
+                            if let Some(job) = jobs.pop_front() {
+                                break job;
+                            }
+                            jobs = me.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                        }
                     };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
+                    job();
                 }
             });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a file worker thread");
+            match spawned {
+                Ok(_) => {
+                    pool.workers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot start a file worker thread"),
             }
         }
-        Pool { tx: Mutex::new(tx) }
-    })
+    });
+    pool
 }
 
-/// Runs `f` on a file worker thread.
-pub async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = tx.send(f());
-    });
-    pool().tx.lock().unwrap_or_else(|p| p.into_inner()).send(job).ok()?;
-    rx.await.ok()
+/// Runs `f` on a file worker thread (it may block: disk I/O, fsync). `false`: no worker could be
+/// started, and `f` is dropped.
+pub fn submit(f: impl FnOnce() + Send + 'static) -> bool {
+    let pool = pool();
+    if pool.workers.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        return false;
+    }
+    pool.jobs.lock().unwrap_or_else(|p| p.into_inner()).push_back(Box::new(f));
+    pool.ready.notify_one();
+    true
 }
 
 // ---------------------------------------------------------------------------------------------------

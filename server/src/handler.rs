@@ -21,6 +21,7 @@ impl std::fmt::Debug for Outcome {
         match self {
             Outcome::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
             Outcome::Later(_) => f.write_str("Later(..)"),
+            Outcome::Blocking(_) => f.write_str("Blocking(..)"),
             Outcome::ReplyAndClose(r) => f.debug_tuple("ReplyAndClose").field(r).finish(),
         }
     }
@@ -36,6 +37,10 @@ pub enum Outcome {
     Later(Pin<Box<dyn Future<Output = Response> + Send>>),
     /// Answer, then close the connection (failed handshake).
     ReplyAndClose(Response),
+    /// Answered by a file worker thread, which runs this and writes the reply itself (a file
+    /// operation blocks; handing its result back to the connection's task would cost one more
+    /// thread wakeup per request, on this VM as much as the whole round trip).
+    Blocking(Box<dyn FnOnce() -> Response + Send>),
 }
 
 struct OpenVolume {
@@ -402,13 +407,8 @@ impl Session {
                     node: self.fs_node.clone(),
                     watcher: self.handles.get(&handle.0).and_then(|h| h.watcher.clone()),
                 };
-                Outcome::Later(Box::pin(async move {
-                    let result =
-                        crate::files::run(move || crate::files::execute(&mount, &cx, node, &creds, fsop))
-                            .await
-                            .unwrap_or_else(|| {
-                                Err(ErrorReply::new(Status::Internal, "the file worker stopped"))
-                            });
+                Outcome::Blocking(Box::new(move || {
+                    let result = crate::files::execute(&mount, &cx, node, &creds, fsop);
                     Response { request_id: id, opcode: op as u8, result: result.map(Reply::Fs) }
                 }))
             }

@@ -1,5 +1,7 @@
 //! The fs-volume filesystem on fuser: each kernel request becomes one FS request to the server,
-//! answered from a task on the tokio runtime (fuser replies are `Send`), so many are in flight.
+//! written to the socket by the FUSE thread that read it and answered by the connection's reader
+//! when the reply comes (fuser replies are `Send`), so many are in flight and none waits for a
+//! hand-off to another thread.
 //!
 //! The kernel's inode numbers *are* the server's nodes (its filesystem's file handles, stable
 //! across server restarts), so this side keeps no inode table: a restarted client, or a server
@@ -189,10 +191,9 @@ impl FsFiles {
         done: impl FnOnce(Result<FsReply, Errno>) + Send + 'static,
     ) {
         let creds = creds_of(req, groups);
-        let vol = self.vol.clone();
-        self.rt.spawn(async move {
-            let opcode = op.opcode();
-            let r = vol.fs(node.0, creds, op).await.map_err(|e| {
+        let opcode = op.opcode();
+        self.vol.fs_start(&self.rt, node.0, creds, op, move |r| {
+            done(r.map_err(|e| {
                 let errno = errno_of(&e);
                 if errno == libc::EIO {
                     tracing::warn!(%opcode, error = %e, "file operation failed");
@@ -200,8 +201,7 @@ impl FsFiles {
                     debug!(%opcode, error = %e, "file operation refused");
                 }
                 Errno::from_i32(errno)
-            });
-            done(r);
+            }))
         });
     }
 
@@ -735,12 +735,16 @@ impl Filesystem for FsFiles {
         // The last close of an open file: its flock locks (an owner of its own) go first.
         let owner = self.had_locks(ino, lock_owner);
         self.flags.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        let Some(owner) = owner else {
+            return self.call(req, false, ino, FsOp::Release { fh: fh.0 }, move |r| match r {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            });
+        };
         let (vol, creds) = (self.vol.clone(), creds_of(req, false));
         self.rt.spawn(async move {
-            if let Some(owner) = owner {
-                if let Err(e) = vol.fs(ino.0, creds.clone(), FsOp::Flush { owner }).await {
-                    debug!(error = %e, "dropping flock locks at release failed");
-                }
+            if let Err(e) = vol.fs(ino.0, creds.clone(), FsOp::Flush { owner }).await {
+                debug!(error = %e, "dropping flock locks at release failed");
             }
             match vol.fs(ino.0, creds, FsOp::Release { fh: fh.0 }).await {
                 Ok(_) => reply.ok(),
