@@ -141,6 +141,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     let mut spin = Spin::new(ctx.poll);
     // Delivers FS_NOTIFY frames once the session has any to send.
     let mut notifier: Option<tokio::task::JoinHandle<()>> = None;
+    // Dropped when this connection is done: reply writes left to tasks (see `worker_reply`) stop.
+    let (open, _) = watch::channel(());
     debug!("connection accepted");
 
     'conn: loop {
@@ -247,18 +249,15 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     });
                 }
                 Outcome::Blocking(job) => {
-                    // The worker writes the reply (blocking on the writer: it is outside the
-                    // runtime); the permits go with it, so the end of the connection, which
-                    // waits for every permit, waits for this reply too.
-                    let (w, rt) = (wr.clone(), tokio::runtime::Handle::current());
-                    let (id, opcode) = (raw_id, raw_op);
+                    // The worker writes the reply; the permits go with it, so the end of the
+                    // connection, which waits for every permit, waits for this reply too.
+                    let (w, rt, closed) = (wr.clone(), tokio::runtime::Handle::current(), open.subscribe());
                     let started = crate::files::submit(move || {
                         let frame = job().encode();
-                        let mut one = vec![Outgoing { frame, _permits: permits }];
-                        let _ = rt.block_on(write_batch(&w, &mut one));
+                        worker_reply(&rt, w, Outgoing { frame, _permits: permits }, closed);
                     });
                     if !started {
-                        let resp = Response::error(id, opcode, Status::Internal, "no file worker thread");
+                        let resp = Response::error(raw_id, raw_op, Status::Internal, "no file worker thread");
                         batch.push(Outgoing { frame: resp.encode(), _permits: None });
                     }
                 }
@@ -342,11 +341,33 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
     if tokio::time::timeout(SHUTDOWN_GRACE, finish).await.is_err() {
         warn!("replies not written within the grace period; dropping the connection");
     }
+    drop(open);
     if let Some(n) = notifier {
         n.abort();
     }
     drop(session);
     debug!("connection closed");
+}
+
+/// Writes a file worker's reply. On the worker itself when the socket takes it at once (the usual
+/// case: no thread is woken); otherwise (writer busy, socket full) the write goes on as a task of
+/// the runtime, so a peer that stops reading holds no worker (they serve every client), and that
+/// task ends with the connection (`closed`).
+fn worker_reply(rt: &tokio::runtime::Handle, wr: Writer, out: Outgoing, mut closed: watch::Receiver<()>) {
+    use std::future::Future;
+    let mut write = Box::pin(async move {
+        let mut one = vec![out];
+        tokio::select! {
+            _ = write_batch(&wr, &mut one) => {}
+            _ = closed.changed() => {}
+        }
+    });
+    let _entered = rt.enter();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if write.as_mut().poll(&mut cx).is_pending() {
+        // A spawned task polls at once, so whatever became ready since is not missed.
+        rt.spawn(write);
+    }
 }
 
 async fn deliver_notices(rx: crate::notify::Queue, outbox: Arc<crate::notify::Outbox>, wr: Writer) {

@@ -75,15 +75,14 @@ fn pool() -> &'static Pool {
                         );
                     }
                 }
-                let me = POOL.get().expect("the pool is made before its workers");
                 loop {
                     let job = {
-                        let mut jobs = me.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut jobs = pool.jobs.lock().unwrap_or_else(|p| p.into_inner());
                         loop {
                             if let Some(job) = jobs.pop_front() {
                                 break job;
                             }
-                            jobs = me.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                            jobs = pool.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
                         }
                     };
                     job();

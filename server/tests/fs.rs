@@ -212,3 +212,57 @@ fn the_server_checks_every_file_operation_itself() {
     );
     drop(cleanup);
 }
+
+/// File workers serve every client: a peer that sends reads and never reads the replies must not
+/// hold them. With the worker blocked on writing that peer's reply (the first cut of "workers
+/// write their own replies"), every worker ends up waiting on it and another client's GETATTR
+/// never comes back (the raw client's 10 s read timeout fails the test).
+#[test]
+fn a_peer_that_stops_reading_holds_no_file_worker() {
+    if !ferrovol_server::testing::privileged(
+        "a_peer_that_stops_reading_holds_no_file_worker",
+        &["mkfs.ext4", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
+    let (server, addr) = spawn_server(&data, "127.0.0.1:0");
+    let _cleanup = Cleanup(data.join("volumes/v/mnt"), Some(server));
+    let mut c = RawClient::hello(addr, "n1", "");
+    let r = c.call(Request::VolumeCreate {
+        kind: VOLUME_KIND_FS,
+        name: name("v"),
+        size: 64 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
+    assert!(r.result.is_ok(), "{r:?}");
+    let h = open_fs(&mut c, false);
+    let created =
+        fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Create { name: n("big"), flags: 0o2, mode: 0o644, umask: 0 });
+    let Ok(FsReply::Created { attr, fh }) = created else { panic!("{created:?}") };
+    const MIB: u32 = 1 << 20;
+    let write = FsOp::Write { fh, flags: 0o2, offset: 0, data: Bytes::from(pattern(7, MIB as usize)) };
+    assert_eq!(fs(&mut c, h, attr.node, &ROOT, write).unwrap(), FsReply::Written(MIB));
+
+    // 200 reads of 1 MiB, none of whose replies is read (far more than the socket buffers hold,
+    // and than there are workers).
+    const READS: usize = 200;
+    for _ in 0..READS {
+        let op = FsOp::Read { fh, flags: 0o2, offset: 0, len: MIB };
+        c.send(&Request::Fs { handle: h, node: attr.node, creds: ROOT.clone(), op });
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut other = RawClient::hello(addr, "n2", "");
+    let h2 = open_fs(&mut other, true);
+    for _ in 0..40 {
+        let r = fs(&mut other, h2, NODE_ROOT, &ROOT, FsOp::Getattr);
+        assert!(matches!(r, Ok(FsReply::Attr(_))), "{r:?}");
+    }
+    // The stalled peer still gets every reply, whole, once it reads.
+    for _ in 0..READS {
+        let r = c.recv().expect("a reply");
+        assert!(matches!(&r.result, Ok(Reply::Fs(FsReply::Data(d))) if d.len() == MIB as usize), "{r:?}");
+    }
+}
