@@ -66,18 +66,25 @@ impl Drop for Cleanup {
     }
 }
 
-#[test]
-fn the_server_checks_every_file_operation_itself() {
-    if !ferrovol_server::testing::privileged(
-        "the_server_checks_every_file_operation_itself",
-        &["mkfs.ext4", "losetup"],
-    ) {
-        return;
+/// A server on a data dir of its own with fs volume "v" (64 MiB), and a client that opened it
+/// read-write. `None`: the test cannot run here (it said why).
+struct FsServer {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    cleanup: Cleanup,
+    c: RawClient,
+    h: VolumeHandle,
+}
+
+fn fs_server(test: &str) -> Option<FsServer> {
+    if !ferrovol_server::testing::privileged(test, &["mkfs.ext4", "losetup"]) {
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
     let (server, addr) = spawn_server(&data, "127.0.0.1:0");
-    let mut cleanup = Cleanup(data.join("volumes/v/mnt"), Some(server));
+    let cleanup = Cleanup(data.join("volumes/v/mnt"), Some(server));
     let mut c = RawClient::hello(addr, "n1", "");
     let r = c.call(Request::VolumeCreate {
         kind: VOLUME_KIND_FS,
@@ -88,6 +95,16 @@ fn the_server_checks_every_file_operation_itself() {
     });
     assert!(r.result.is_ok(), "{r:?}");
     let h = open_fs(&mut c, false);
+    Some(FsServer { _dir: dir, data, addr, cleanup, c, h })
+}
+
+#[test]
+fn the_server_checks_every_file_operation_itself() {
+    let Some(FsServer { _dir, data, addr, mut cleanup, mut c, h }) =
+        fs_server("the_server_checks_every_file_operation_itself")
+    else {
+        return;
+    };
 
     // Credentials: nobody may not write the root-owned 0755 root; root may; an error leaves the
     // worker thread as root again (more rounds than there are workers).
@@ -219,26 +236,11 @@ fn the_server_checks_every_file_operation_itself() {
 /// never comes back (the raw client's 10 s read timeout fails the test).
 #[test]
 fn a_peer_that_stops_reading_holds_no_file_worker() {
-    if !ferrovol_server::testing::privileged(
-        "a_peer_that_stops_reading_holds_no_file_worker",
-        &["mkfs.ext4", "losetup"],
-    ) {
+    let Some(FsServer { _dir, addr, cleanup: _cleanup, mut c, h, .. }) =
+        fs_server("a_peer_that_stops_reading_holds_no_file_worker")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
-    let (server, addr) = spawn_server(&data, "127.0.0.1:0");
-    let _cleanup = Cleanup(data.join("volumes/v/mnt"), Some(server));
-    let mut c = RawClient::hello(addr, "n1", "");
-    let r = c.call(Request::VolumeCreate {
-        kind: VOLUME_KIND_FS,
-        name: name("v"),
-        size: 64 << 20,
-        labels: Labels::new(),
-        source: None,
-    });
-    assert!(r.result.is_ok(), "{r:?}");
-    let h = open_fs(&mut c, false);
+    };
     let created =
         fs(&mut c, h, NODE_ROOT, &ROOT, FsOp::Create { name: n("big"), flags: 0o2, mode: 0o644, umask: 0 });
     let Ok(FsReply::Created { attr, fh }) = created else { panic!("{created:?}") };
