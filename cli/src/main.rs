@@ -36,12 +36,17 @@ fn main() -> ExitCode {
             Some(cli::attachd::keeper(socket, std::time::Duration::from_secs(*orphan_timeout_s)))
         }
         cli::Command::Detach { path } => Some(cli::attach::detach(path)),
-        cli::Command::Mount { name, dir, read_only, background, attr_ttl_ms, entry_ttl_ms } => {
+        cli::Command::Mount { name, dir, read_only, background, attr_ttl_ms, entry_ttl_ms, sync_writes } => {
             let ttl = ferrovol_client::fuse::files::Ttls {
                 attr: std::time::Duration::from_millis(*attr_ttl_ms),
                 entry: std::time::Duration::from_millis(*entry_ttl_ms),
             };
-            let opts = cli::mount::MountOptions { read_only: *read_only, background: *background, ttl };
+            let opts = cli::mount::MountOptions {
+                read_only: *read_only,
+                background: *background,
+                ttl,
+                sync_writes: *sync_writes,
+            };
             Some(cli::mount::mount(&cli.global, name, dir, opts))
         }
         cli::Command::Umount { dir } => Some(cli::mount::umount(dir)),

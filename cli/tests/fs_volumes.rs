@@ -811,3 +811,75 @@ print(sorted(os.listxattr(p)))\"",
     umount(&s.addr, a);
     umount(&s.addr, b);
 }
+
+/// Closes `f` and gives close(2)'s error (std's drop ignores it).
+fn close(f: fs::File) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the fd was just taken out of `f`, so nothing else closes it.
+    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+#[test]
+fn writes_are_read_back_at_once_and_a_full_volume_is_reported_by_close() {
+    if !privileged(
+        "writes_are_read_back_at_once_and_a_full_volume_is_reported_by_close",
+        &["mkfs.ext4", "losetup"],
+    ) {
+        return;
+    }
+    // The default (asynchronous writes) and --sync-writes keep the same promises.
+    for extra in [&[][..], &["--sync-writes"][..]] {
+        let s = setup_with(extra);
+        let (a, b) = (s.a.clone(), s.b.clone());
+        // Small writes that extend the file: every stat and read on the writing node sees them
+        // at once, as does the other node after the close.
+        let data = pattern(11, 4 << 20);
+        let mut f = fs::File::create(a.join("grow.bin")).unwrap();
+        for (i, chunk) in data.chunks(4096).enumerate() {
+            f.write_all(chunk).unwrap();
+            if i % 97 == 0 {
+                let want = ((i + 1) * 4096) as u64;
+                assert_eq!(
+                    fs::metadata(a.join("grow.bin")).unwrap().len(),
+                    want,
+                    "{extra:?}: stat after write"
+                );
+                let mut tail = vec![0u8; 4096];
+                let r = fs::File::open(a.join("grow.bin")).unwrap();
+                std::os::unix::fs::FileExt::read_exact_at(&r, &mut tail, want - 4096).unwrap();
+                assert!(tail == chunk, "{extra:?}: read after write at {}", want - 4096);
+            }
+        }
+        close(f).unwrap();
+        assert!(fs::read(b.join("grow.bin")).unwrap() == data, "{extra:?}: B after A's close");
+        fs::remove_file(a.join("grow.bin")).unwrap();
+
+        // Past the volume's capacity (256 MiB): a write or, at the latest, the close says
+        // ENOSPC; it is never lost without a word.
+        let chunk = pattern(12, 1 << 20);
+        let mut f = fs::File::create(a.join("fill.bin")).unwrap();
+        let mut failed = None;
+        for _ in 0..512 {
+            if let Err(e) = f.write_all(&chunk) {
+                failed = e.raw_os_error();
+                break;
+            }
+        }
+        let closed = close(f);
+        let seen = failed.or(closed.err());
+        assert_eq!(
+            seen,
+            Some(libc::ENOSPC),
+            "{extra:?}: 512 MiB into a 256 MiB volume: write {failed:?}, close {closed:?}"
+        );
+        // The error was reported once: the volume works again once there is room.
+        fs::remove_file(a.join("fill.bin")).unwrap();
+        fs::write(a.join("after.txt"), b"room again").unwrap();
+        assert_eq!(fs::read(b.join("after.txt")).unwrap(), b"room again");
+        drop(s.cleanup);
+    }
+}

@@ -189,7 +189,7 @@ fn mount(args: MountArgs) -> ExitCode {
         }
     };
     use ferrovol_client::fuse::files::{mount, MountOptions, Ttls};
-    let mo = MountOptions { read_only: args.read_only, ttl: Ttls::STANDARD };
+    let mo = MountOptions { read_only: args.read_only, ttl: Ttls::STANDARD, sync_writes: false };
     match mount(&args.server, opts, &args.volume, &args.path, mo, || println!("ready")) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

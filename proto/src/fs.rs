@@ -382,8 +382,10 @@ pub enum FsReply {
         attr: Attr,
         fh: u64,
     },
-    /// OPEN.
+    /// OPEN: the new fh, and the file's attributes as of the open (the client answers the
+    /// kernel's next GETATTR with them instead of another round trip).
     Opened {
+        attr: Attr,
         fh: u64,
     },
     Dir {
@@ -883,7 +885,10 @@ pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
             put_attr(p, attr);
             p.put_u64_le(*fh);
         }
-        FsReply::Opened { fh } => p.put_u64_le(*fh),
+        FsReply::Opened { attr, fh } => {
+            put_attr(p, attr);
+            p.put_u64_le(*fh);
+        }
         FsReply::Dir { entries, eof } => {
             p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
             p.put_u8(u8::from(*eof));
@@ -920,7 +925,7 @@ pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Re
         }
         Opcode::FsGetattr | Opcode::FsSetattr => FsReply::Attr(get_attr(r)?),
         Opcode::FsCreate => FsReply::Created { attr: get_attr(r)?, fh: r.u64()? },
-        Opcode::FsOpen => FsReply::Opened { fh: r.u64()? },
+        Opcode::FsOpen => FsReply::Opened { attr: get_attr(r)?, fh: r.u64()? },
         Opcode::FsReaddir => {
             let n = r.u32()?;
             if n > FS_READDIR_ENTRIES_MAX {
@@ -1070,7 +1075,7 @@ mod tests {
             (Opcode::FsLookup, FsReply::Entry(a)),
             (Opcode::FsGetattr, FsReply::Attr(a)),
             (Opcode::FsCreate, FsReply::Created { attr: a, fh: 3 }),
-            (Opcode::FsOpen, FsReply::Opened { fh: 3 }),
+            (Opcode::FsOpen, FsReply::Opened { attr: a, fh: 3 }),
             (
                 Opcode::FsReaddir,
                 FsReply::Dir { entries: vec![DirEntry { cookie: 4, name: n(".."), attr: a }], eof: true },

@@ -278,6 +278,28 @@ fn fd_of(r: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(check(r)?) })
 }
 
+/// The attributes of `fd`, inode `node`.
+fn attr_of(fd: RawFd, node: u64) -> io::Result<Attr> {
+    // SAFETY: fstat fills a stat struct; the zeroed one is valid for it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open; `st` is writable.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(Attr {
+        node,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: (st.st_atime, sat(st.st_atime_nsec)),
+        mtime: (st.st_mtime, sat(st.st_mtime_nsec)),
+        ctime: (st.st_ctime, sat(st.st_ctime_nsec)),
+        mode: st.st_mode,
+        nlink: sat(st.st_nlink),
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: sat(st.st_rdev),
+        blksize: sat(st.st_blksize),
+    })
+}
+
 fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
@@ -329,25 +351,8 @@ impl FsMount {
 
     /// The attributes of the inode `fd` refers to.
     fn attr(&self, fd: RawFd) -> io::Result<Attr> {
-        // SAFETY: fstat fills a stat struct; the zeroed one is valid for it.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is open; `st` is writable.
-        check(unsafe { libc::fstat(fd, &mut st) })?;
         let node = self.node_of_handle(handle_of(fd, c"", libc::AT_EMPTY_PATH)?);
-        Ok(Attr {
-            node,
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            atime: (st.st_atime, sat(st.st_atime_nsec)),
-            mtime: (st.st_mtime, sat(st.st_mtime_nsec)),
-            ctime: (st.st_ctime, sat(st.st_ctime_nsec)),
-            mode: st.st_mode,
-            nlink: sat(st.st_nlink),
-            uid: st.st_uid,
-            gid: st.st_gid,
-            rdev: sat(st.st_rdev),
-            blksize: sat(st.st_blksize),
-        })
+        attr_of(fd, node)
     }
 
     /// The entry `name` in `dir` (no symlink followed).
@@ -907,9 +912,11 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
             // SAFETY: `path` is NUL-terminated.
             let file = fd_of(unsafe { libc::open(path.as_ptr(), flags) })?;
             drop(c);
+            // After an O_TRUNC too: the size the opener will see.
+            let attr = attr_of(file.as_raw_fd(), node)?;
             let fh = next_fh();
             m.files.insert(fh, file, cx)?;
-            FsReply::Opened { fh }
+            FsReply::Opened { attr, fh }
         }
         FsOp::Read { fh, flags, offset, len } => {
             let fd = open_file(m, cx, node, fh, flags)?;

@@ -157,6 +157,12 @@ pub enum Command {
         /// How long the kernel may keep names it looked up (ms); see --attr-ttl-ms.
         #[arg(long, default_value_t = 1000)]
         entry_ttl_ms: u64,
+        /// Make every write wait for the server. By default writes are asynchronous, as on NFS:
+        /// write(2) returns once the data is sent, and close(2) and fsync(2) wait for every
+        /// write before them and report a failed one (ENOSPC, EIO) there. O_SYNC, O_DSYNC and
+        /// O_APPEND writes are always synchronous.
+        #[arg(long)]
+        sync_writes: bool,
     },
     /// Unmount an fs volume mounted with `ferrovol mount` (its process then exits).
     Umount { dir: std::path::PathBuf },

@@ -21,6 +21,7 @@ pub struct MountOptions {
     pub read_only: bool,
     pub background: bool,
     pub ttl: Ttls,
+    pub sync_writes: bool,
 }
 
 fn check_dir(dir: &Path) -> anyhow::Result<()> {
@@ -53,7 +54,11 @@ pub fn mount(global: &Global, name: &VolumeName, dir: &Path, opts: MountOptions)
     if opts.background {
         return spawn_background(name, dir);
     }
-    let mo = ferrovol_client::fuse::files::MountOptions { read_only: opts.read_only, ttl: opts.ttl };
+    let mo = ferrovol_client::fuse::files::MountOptions {
+        read_only: opts.read_only,
+        ttl: opts.ttl,
+        sync_writes: opts.sync_writes,
+    };
     ferrovol_client::fuse::files::mount(&global.server, global.options()?, name, dir, mo, || {
         if std::env::var_os(NOTIFY_ENV).is_some() {
             println!("ready");

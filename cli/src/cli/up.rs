@@ -394,7 +394,7 @@ fn start_fs(
         anyhow::Ok(session.open_fs(name, false).await?)
     })?;
     stop.check()?;
-    let fs = FsFiles::new(vol, rt.handle().clone(), Ttls::STANDARD);
+    let fs = FsFiles::new(vol, rt.handle().clone(), Ttls::STANDARD, false);
     let watch = fs.watch();
     let session = fuser::Session::new(fs, mount, &ferrovol_client::fuse::files::config(name, false))
         .with_context(|| format!("cannot FUSE-mount volume {name} at {}", mount.display()))?;

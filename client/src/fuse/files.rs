@@ -15,6 +15,9 @@
 //! drops it from the kernel's caches (FUSE notifications). The attribute and entry caches
 //! (`attr_ttl` / `entry_ttl`) therefore only bound how long a missed notice (a reconnect) can
 //! leave something stale.
+//!
+//! Writes are asynchronous unless the mount says otherwise (see `writes`): close and fsync
+//! still wait for them, so close-to-open holds.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -33,6 +36,7 @@ use fuser::{
 };
 use tracing::debug;
 
+use super::writes::Writes;
 use crate::{ClientError, Volume};
 
 /// Largest READ / WRITE the kernel sends.
@@ -66,6 +70,41 @@ pub struct FsFiles {
     cached: Cached,
     /// Set once the session is mounted (see `Watch::start`).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Writes in flight, when they are asynchronous (see `writes`); `None`: every write waits for
+    /// the server (`--sync-writes`).
+    writes: Option<Arc<Writes>>,
+    /// Attributes that came with an OPEN, for the GETATTR the kernel sends next (see `open`).
+    opened: Opened,
+}
+
+/// Inode -> the attributes an OPEN returned, and when. The kernel's next GETATTR of the inode
+/// takes them instead of a round trip (close-to-open: they are as fresh as the open); any other
+/// request on the inode, or a notice from the server, drops them.
+#[derive(Debug, Clone, Default)]
+struct Opened(Arc<Mutex<std::collections::HashMap<u64, (Attr, std::time::Instant)>>>);
+
+impl Opened {
+    fn put(&self, node: u64, a: Attr) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(node, (a, std::time::Instant::now()));
+    }
+
+    fn drop_node(&self, node: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.is_empty() {
+            m.remove(&node);
+        }
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The attributes of `node` from an OPEN less than `ttl` ago, with what is left of `ttl`.
+    fn take(&self, node: u64, ttl: Duration) -> Option<(Attr, Duration)> {
+        let (a, at) = self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)?;
+        let age = at.elapsed();
+        (age < ttl).then(|| (a, ttl - age))
+    }
 }
 
 /// Inode -> lookup count, as the kernel counts them (FORGET takes them back).
@@ -101,6 +140,7 @@ impl Cached {
 pub struct Watch {
     notices: crate::Notices,
     cached: Cached,
+    opened: Opened,
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
@@ -111,6 +151,13 @@ impl Watch {
         std::thread::Builder::new().name("ferrovol-notify".into()).spawn(move || {
             while let Some(notices) = self.notices.recv() {
                 for n in notices {
+                    match &n {
+                        Notice::Inode { node, .. } | Notice::Delete { child: node, .. } => {
+                            self.opened.drop_node(*node)
+                        }
+                        Notice::All => self.opened.clear(),
+                        Notice::Entry { .. } => {}
+                    }
                     apply(&notifier, &self.cached, n);
                 }
             }
@@ -153,7 +200,7 @@ const LOCK_RETRY_FIRST: Duration = Duration::from_millis(1);
 const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
 
 impl FsFiles {
-    pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls) -> Self {
+    pub fn new(vol: Volume, rt: tokio::runtime::Handle, ttl: Ttls, sync_writes: bool) -> Self {
         Self {
             vol,
             rt,
@@ -162,13 +209,44 @@ impl FsFiles {
             flags: Arc::default(),
             cached: Cached::default(),
             notifier: Arc::default(),
+            writes: (!sync_writes).then(|| Arc::new(Writes::new(super::writes::WRITES_IN_FLIGHT_BYTES))),
+            opened: Opened::default(),
+        }
+    }
+
+    /// Before a request on `node`: its writes in flight have ended.
+    fn settle(&self, node: INodeNo) {
+        if let Some(w) = &self.writes {
+            w.settle(node.0)
+        }
+    }
+
+    /// Before a close or fsync: `node`'s writes have ended, and the first one that failed
+    /// since the last report is reported now.
+    fn settle_and_take_error(&self, node: INodeNo) -> Result<(), Errno> {
+        match &self.writes {
+            Some(w) => w.settle_and_take_error(node.0).map_err(Errno::from_i32),
+            None => Ok(()),
+        }
+    }
+
+    /// Before a request whose reply may carry any inode's attributes: every write in flight
+    /// has ended (so no reply gives the kernel a size from before a write it was told is done).
+    fn barrier(&self) {
+        if let Some(w) = &self.writes {
+            w.barrier()
         }
     }
 
     /// What applies the server's notices once the session is mounted (`Watch::start`); notices
     /// are queued from now on.
     pub fn watch(&self) -> Watch {
-        Watch { notices: self.vol.notices(), cached: self.cached.clone(), notifier: self.notifier.clone() }
+        Watch {
+            notices: self.vol.notices(),
+            cached: self.cached.clone(),
+            opened: self.opened.clone(),
+            notifier: self.notifier.clone(),
+        }
     }
 
     fn flags_of(&self, fh: FileHandle) -> u32 {
@@ -192,6 +270,9 @@ impl FsFiles {
     ) {
         let creds = creds_of(req, groups);
         let opcode = op.opcode();
+        if !matches!(op, FsOp::Getattr | FsOp::Read { .. }) {
+            self.opened.drop_node(node.0);
+        }
         self.vol.fs_start(&self.rt, node.0, creds, op, move |r| {
             done(r.map_err(|e| {
                 let errno = errno_of(&e);
@@ -206,6 +287,7 @@ impl FsFiles {
     }
 
     fn entry(&self, req: &Request, parent: INodeNo, op: FsOp, reply: ReplyEntry) {
+        self.barrier();
         let (ttl, cached) = (self.ttl, self.cached.clone());
         self.call(req, true, parent, op, move |r| match r {
             Ok(FsReply::Entry(a)) => {
@@ -390,7 +472,11 @@ impl Filesystem for FsFiles {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.settle(ino);
         let ttl = self.ttl;
+        if let Some((a, left)) = self.opened.take(ino.0, ttl.attr) {
+            return reply.attr(&left, &file_attr(&a));
+        }
         self.call(req, false, ino, FsOp::Getattr, move |r| match r {
             Ok(FsReply::Attr(a)) => reply.attr(&ttl.attr, &file_attr(&a)),
             Ok(_) => reply.error(Errno::EIO),
@@ -450,6 +536,7 @@ impl Filesystem for FsFiles {
             None => {}
         }
         let ttl = self.ttl;
+        self.settle(ino);
         self.call(req, true, ino, FsOp::Setattr(s), move |r| match r {
             Ok(FsReply::Attr(a)) => reply.attr(&ttl.attr, &file_attr(&a)),
             Ok(_) => reply.error(Errno::EIO),
@@ -590,13 +677,15 @@ impl Filesystem for FsFiles {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0 as u32;
-        let (known, notifier) = (self.flags.clone(), self.notifier.clone());
+        let (known, notifier, opened) = (self.flags.clone(), self.notifier.clone(), self.opened.clone());
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
-            Ok(FsReply::Opened { fh }) => {
+            Ok(FsReply::Opened { attr, fh }) => {
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
                 // Close-to-open: the attributes (the size above all) are asked for again after
-                // an open, whatever their TTL. Attributes only: this takes no inode lock, so it
-                // may run while the kernel waits for this reply.
+                // an open, whatever their TTL; the open's own answer them (no round trip).
+                // Attributes only: this takes no inode lock, so it may run while the kernel
+                // waits for this reply.
+                opened.put(ino.0, attr);
                 if let Some(n) = notifier.get() {
                     let _ = n.inval_inode(ino, -1, 0);
                 }
@@ -618,6 +707,9 @@ impl Filesystem for FsFiles {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Every write of the inode first, not only overlapping ones: a short read of a file that
+        // a write in flight extends would shrink the kernel's idea of its size.
+        self.settle(ino);
         let op = FsOp::Read { fh: fh.0, flags: flags.0 as u32, offset, len: size.min(FS_MAX_WRITE) };
         self.call(req, false, ino, op, move |r| match r {
             // Written to /dev/fuse straight from the received buffer.
@@ -640,21 +732,50 @@ impl Filesystem for FsFiles {
         reply: ReplyWrite,
     ) {
         // fuser lends the buffer only for this call: one copy (the block file's own session has none).
+        // At most max_write (1 MiB): the kernel sends no more.
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let op = FsOp::Write { fh: fh.0, flags: flags.0 as u32, offset, data: Bytes::copy_from_slice(data) };
-        self.call(req, false, ino, op, move |r| match r {
-            Ok(FsReply::Written(n)) => reply.written(n),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
+        // O_SYNC / O_DSYNC promise the data is stable when write returns; O_APPEND writes must
+        // reach the server in the order they were made (it appends each where the file ends).
+        let ordered = (libc::O_SYNC | libc::O_DSYNC | libc::O_APPEND) as u32;
+        let Some(writes) = self.writes.as_ref().filter(|_| flags.0 as u32 & ordered == 0) else {
+            self.settle(ino);
+            return self.call(req, false, ino, op, move |r| match r {
+                Ok(FsReply::Written(n)) => reply.written(n),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            });
+        };
+        let started = match writes.begin(ino.0, offset, len.into()) {
+            Ok(s) => s,
+            // An earlier write of this inode failed: this one reports it.
+            Err(e) => return reply.error(Errno::from_i32(e)),
+        };
+        self.call(req, false, ino, op, move |r| {
+            started.end(match r {
+                Ok(FsReply::Written(n)) if n == len => Ok(()),
+                // The server's pwrite stopped short: the file system is full.
+                Ok(FsReply::Written(_)) => Err(libc::ENOSPC),
+                Ok(_) => Err(libc::EIO),
+                Err(e) => Err(e.code()),
+            })
         });
+        reply.written(len);
     }
 
     fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Every write was answered by the server: at close, it is all there (close-to-open). A
-        // close drops the owner's POSIX locks on the file.
-        let Some(owner) = self.had_locks(ino, Some(lock_owner)) else { return reply.ok() };
-        self.call(req, false, ino, FsOp::Flush { owner }, move |r| match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
+        // Close-to-open: at close every write is on the server, and one that failed is reported
+        // here. A close drops the owner's POSIX locks on the file.
+        let written = self.settle_and_take_error(ino);
+        let Some(owner) = self.had_locks(ino, Some(lock_owner)) else {
+            return match written {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        };
+        self.call(req, false, ino, FsOp::Flush { owner }, move |r| match (written, r) {
+            (Err(e), _) | (Ok(()), Err(e)) => reply.error(e),
+            (Ok(()), Ok(_)) => reply.ok(),
         });
     }
 
@@ -671,6 +792,7 @@ impl Filesystem for FsFiles {
         reply: ReplyLock,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, kind: typ as u32, pid };
+        self.settle(ino);
         self.call(req, false, ino, FsOp::Getlk { lock }, move |r| match r {
             Ok(FsReply::Lock(l)) => {
                 let end = if l.end == u64::MAX { i64::MAX as u64 } else { l.end };
@@ -695,6 +817,8 @@ impl Filesystem for FsFiles {
         reply: ReplyEmpty,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, kind: typ as u32, pid };
+        // What was written under a lock is on the server before the lock changes hands.
+        self.settle(ino);
         let (vol, locked, creds) = (self.vol.clone(), self.locked.clone(), creds_of(req, false));
         let caller = req.pid();
         self.rt.spawn(async move {
@@ -732,7 +856,9 @@ impl Filesystem for FsFiles {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // The last close of an open file: its flock locks (an owner of its own) go first.
+        // The last close of an open file: its writes end first (they use its fh on the server),
+        // then its flock locks (an owner of its own) go.
+        self.settle(ino);
         let owner = self.had_locks(ino, lock_owner);
         self.flags.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         let Some(owner) = owner else {
@@ -754,6 +880,10 @@ impl Filesystem for FsFiles {
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        // Every write before it is on the server (or its failure is reported) before the fsync.
+        if let Err(e) = self.settle_and_take_error(ino) {
+            return reply.error(e);
+        }
         let flags = self.flags_of(fh);
         self.call(req, false, ino, FsOp::Fsync { fh: fh.0, flags, datasync }, move |r| match r {
             Ok(_) => reply.ok(),
@@ -798,6 +928,7 @@ impl Filesystem for FsFiles {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.barrier();
         let op = FsOp::Readdir { cookie: offset, max_entries: 64 };
         let (ttl, cached) = (self.ttl, self.cached.clone());
         self.call(req, true, ino, op, move |r| match r {
@@ -836,6 +967,7 @@ impl Filesystem for FsFiles {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.settle(ino);
         let op =
             FsOp::Fallocate { fh: fh.0, flags: self.flags_of(fh), mode: mode as u32, offset, len: length };
         self.empty(req, ino, op, reply);
@@ -854,6 +986,7 @@ impl Filesystem for FsFiles {
             return reply.error(Errno::EINVAL);
         };
         // The kernel answers SEEK_SET/CUR/END itself; only DATA and HOLE come here.
+        self.settle(ino);
         let op = FsOp::Lseek { fh: fh.0, flags: self.flags_of(fh), offset, whence };
         self.call(req, false, ino, op, move |r| match r {
             Ok(FsReply::Offset(o)) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
@@ -877,6 +1010,9 @@ impl Filesystem for FsFiles {
     ) {
         // Both files on this volume (the kernel sends it only then): copied on the server, no data
         // on the wire.
+        self.settle(ino_in);
+        self.settle(ino_out);
+        self.opened.drop_node(ino_out.0);
         let op = FsOp::CopyRange {
             fh: fh_in.0,
             flags: self.flags_of(fh_in),
@@ -918,6 +1054,7 @@ impl Filesystem for FsFiles {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        self.barrier();
         let (ttl, known, cached) = (self.ttl, self.flags.clone(), self.cached.clone());
         let flags = flags as u32;
         self.call(req, true, parent, FsOp::Create { name, flags, mode, umask }, move |r| match r {
@@ -948,6 +1085,8 @@ fn open_flags(flags: u32) -> FopenFlags {
 pub struct MountOptions {
     pub read_only: bool,
     pub ttl: Ttls,
+    /// Every write waits for the server's answer (see `writes` for the default).
+    pub sync_writes: bool,
 }
 
 /// The FUSE session settings for an fs volume.
@@ -1004,7 +1143,7 @@ pub fn mount(
         ))));
     }
     let vol = rt.block_on(session.open_fs(name, mo.read_only))?;
-    let fs = FsFiles::new(vol, rt.handle().clone(), mo.ttl);
+    let fs = FsFiles::new(vol, rt.handle().clone(), mo.ttl, mo.sync_writes);
     let watch = fs.watch();
     let mut fuse = fuser::Session::new(fs, dir, &config(name, mo.read_only))
         .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;

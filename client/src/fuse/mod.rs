@@ -25,6 +25,7 @@ pub mod kernel;
 mod own;
 mod serve;
 pub mod supervise;
+pub mod writes;
 pub use own::OwnBlockFile;
 pub use serve::{config, serve, Access, ServeError};
 

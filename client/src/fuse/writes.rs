@@ -1,0 +1,267 @@
+//! Asynchronous writes of an fs mount (NFS's and sshfs's default): the kernel's WRITE is answered
+//! as soon as it is sent to the server, so one writer keeps several in flight instead of waiting a
+//! round trip for each. What makes that safe is kept here:
+//! - a write that overlaps one still in flight waits for it (the server's file workers may run two
+//!   requests in either order);
+//! - every other request on the inode (read, getattr, setattr, flush, fsync, release, locks...)
+//!   waits until the inode has none in flight, so it sees what was written, and a reply carrying
+//!   attributes never gives the kernel a size from before a write it was told is done;
+//! - a reply that may carry any inode's attributes (lookup, readdirplus, create, link) first waits
+//!   for every write that started before it;
+//! - the first error of a write is kept and given to the next write, flush (close) or fsync of
+//!   the inode, as NFS does: a `close` or `fsync` that succeeds means every write before it
+//!   reached the server;
+//! - in-flight bytes are bounded ([`Writes::new`]): a writer past the bound waits.
+//!
+//! O_SYNC / O_DSYNC / O_APPEND writes, and every write of a mount with `--sync-writes`, stay
+//! synchronous (see `FsFiles::write`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// In-flight write bytes of a mount, by default (beyond: the writer waits).
+pub const WRITES_IN_FLIGHT_BYTES: u64 = 32 << 20;
+
+#[derive(Debug, Default)]
+struct Inode {
+    /// write id -> [start, end).
+    ranges: BTreeMap<u64, (u64, u64)>,
+    /// The first error of a write not yet reported (an errno).
+    error: Option<i32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    inodes: HashMap<u64, Inode>,
+    /// Every write in flight: id -> its inode.
+    all: BTreeMap<u64, u64>,
+    bytes: u64,
+    next: u64,
+}
+
+/// A mount's writes in flight.
+#[derive(Debug)]
+pub struct Writes {
+    state: Mutex<State>,
+    changed: Condvar,
+    limit: u64,
+}
+
+/// A started write: [`Started::end`] it with the result. One dropped without an end (its reply
+/// never came: the mount is going away) ends as EIO, so nothing waits for it forever.
+#[derive(Debug)]
+#[must_use]
+pub struct Started {
+    writes: Arc<Writes>,
+    node: u64,
+    id: u64,
+    len: u64,
+    ended: bool,
+}
+
+impl Started {
+    /// Ends the write; a failure (`Err(errno)`) is kept for the inode's next write, flush or fsync.
+    pub fn end(mut self, result: Result<(), i32>) {
+        self.ended = true;
+        self.writes.end(self.node, self.id, self.len, result);
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.writes.end(self.node, self.id, self.len, Err(libc::EIO));
+        }
+    }
+}
+
+impl Writes {
+    pub fn new(limit: u64) -> Self {
+        Self { state: Mutex::default(), changed: Condvar::new(), limit: limit.max(1) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a write of `len` bytes at `offset` of `node`, once no write in flight overlaps it and
+    /// the bytes in flight allow it; or gives (and forgets) the inode's pending error.
+    pub fn begin(self: &Arc<Self>, node: u64, offset: u64, len: u64) -> Result<Started, i32> {
+        let end = offset.saturating_add(len.max(1));
+        let mut g = self.lock();
+        loop {
+            if let Some(e) = g.inodes.get_mut(&node).and_then(|i| i.error.take()) {
+                g.tidy(node);
+                return Err(e);
+            }
+            let overlaps =
+                g.inodes.get(&node).is_some_and(|i| i.ranges.values().any(|&(s, e)| s < end && offset < e));
+            // One write always goes, however large: the bound never stops all progress.
+            let full = g.bytes > 0 && g.bytes + len > self.limit;
+            if !overlaps && !full {
+                break;
+            }
+            g = self.wait(g);
+        }
+        let id = g.next;
+        g.next += 1;
+        g.inodes.entry(node).or_default().ranges.insert(id, (offset, end));
+        g.all.insert(id, node);
+        g.bytes += len;
+        Ok(Started { writes: self.clone(), node, id, len, ended: false })
+    }
+
+    fn end(&self, node: u64, id: u64, len: u64, result: Result<(), i32>) {
+        let mut g = self.lock();
+        g.bytes -= len;
+        g.all.remove(&id);
+        if let Some(i) = g.inodes.get_mut(&node) {
+            i.ranges.remove(&id);
+            if let Err(e) = result {
+                i.error.get_or_insert(e);
+            }
+        }
+        g.tidy(node);
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Waits until `node` has no write in flight.
+    pub fn settle(&self, node: u64) {
+        let mut g = self.lock();
+        while g.inodes.get(&node).is_some_and(|i| !i.ranges.is_empty()) {
+            g = self.wait(g);
+        }
+    }
+
+    /// Waits until `node` has no write in flight, then gives (and forgets) its pending error.
+    pub fn settle_and_take_error(&self, node: u64) -> Result<(), i32> {
+        let mut g = self.lock();
+        while g.inodes.get(&node).is_some_and(|i| !i.ranges.is_empty()) {
+            g = self.wait(g);
+        }
+        let e = g.inodes.get_mut(&node).and_then(|i| i.error.take());
+        g.tidy(node);
+        e.map_or(Ok(()), Err)
+    }
+
+    /// Waits until every write that is in flight now has ended (later ones are not waited for, so
+    /// a steady stream of writes cannot starve the caller).
+    pub fn barrier(&self) {
+        let mut g = self.lock();
+        let Some(last) = g.all.keys().next_back().copied() else { return };
+        while g.all.keys().next().is_some_and(|&first| first <= last) {
+            g = self.wait(g);
+        }
+    }
+
+    /// Bytes in flight (for tests).
+    pub fn in_flight(&self) -> u64 {
+        self.lock().bytes
+    }
+}
+
+impl State {
+    fn tidy(&mut self, node: u64) {
+        if self.inodes.get(&node).is_some_and(|i| i.ranges.is_empty() && i.error.is_none()) {
+            self.inodes.remove(&node);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn later(s: Started, r: Result<(), i32>, ms: u64) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            s.end(r)
+        })
+    }
+
+    #[test]
+    fn an_overlapping_write_waits_for_the_one_in_flight_and_others_do_not() {
+        let w = Arc::new(Writes::new(1 << 20));
+        let a = w.begin(1, 0, 4096).unwrap();
+        // Another range, another inode: no wait.
+        let b = w.begin(1, 4096, 4096).unwrap();
+        let c = w.begin(2, 0, 4096).unwrap();
+        let t = later(a, Ok(()), 100);
+        let start = std::time::Instant::now();
+        let d = w.begin(1, 100, 10).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(90), "began before the overlapping write ended");
+        t.join().unwrap();
+        for s in [b, c, d] {
+            s.end(Ok(()));
+        }
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_error_is_given_once_to_the_next_write_or_settle() {
+        let w = Arc::new(Writes::new(1 << 20));
+        let a = w.begin(7, 0, 10).unwrap();
+        a.end(Err(libc::ENOSPC));
+        assert_eq!(w.begin(7, 20, 10).unwrap_err(), libc::ENOSPC);
+        let b = w.begin(7, 20, 10).unwrap();
+        let c = w.begin(7, 40, 10).unwrap();
+        b.end(Err(libc::EDQUOT));
+        c.end(Err(libc::EIO));
+        // The first error is the one kept.
+        assert_eq!(w.settle_and_take_error(7), Err(libc::EDQUOT));
+        assert_eq!(w.settle_and_take_error(7), Ok(()));
+        assert_eq!(w.settle_and_take_error(8), Ok(()));
+        // A write whose reply never came (dropped) ends as EIO.
+        drop(w.begin(7, 0, 10).unwrap());
+        assert_eq!(w.settle_and_take_error(7), Err(libc::EIO));
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn settle_waits_for_the_inode_and_the_bound_holds_back_a_writer() {
+        let w = Arc::new(Writes::new(8192));
+        let a = w.begin(1, 0, 8192).unwrap();
+        let t = later(a, Ok(()), 100);
+        let start = std::time::Instant::now();
+        // Over the bound: waits for the first to end.
+        let b = w.begin(2, 0, 4096).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(90), "the bound did not hold");
+        t.join().unwrap();
+        let t = later(b, Ok(()), 100);
+        let start = std::time::Instant::now();
+        w.settle(3);
+        assert!(start.elapsed() < Duration::from_millis(50), "settle waited for another inode");
+        w.settle(2);
+        assert!(start.elapsed() >= Duration::from_millis(90), "settle did not wait");
+        t.join().unwrap();
+        // A write larger than the bound still goes when nothing is in flight.
+        let big = w.begin(1, 0, 1 << 20).unwrap();
+        big.end(Ok(()));
+    }
+
+    #[test]
+    fn the_barrier_waits_for_writes_before_it_only() {
+        let w = Arc::new(Writes::new(1 << 20));
+        let a = w.begin(1, 0, 10).unwrap();
+        let t = later(a, Ok(()), 100);
+        let start = std::time::Instant::now();
+        w.barrier();
+        assert!(start.elapsed() >= Duration::from_millis(90), "the barrier did not wait");
+        t.join().unwrap();
+        let b = w.begin(1, 0, 10).unwrap();
+        let w2 = w.clone();
+        let waiter = std::thread::spawn(move || w2.barrier());
+        std::thread::sleep(Duration::from_millis(20));
+        // A write begun after the barrier does not hold it.
+        let c = w.begin(2, 0, 10).unwrap();
+        b.end(Ok(()));
+        waiter.join().unwrap();
+        c.end(Ok(()));
+    }
+}
