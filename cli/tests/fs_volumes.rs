@@ -862,6 +862,9 @@ fn writes_are_read_back_at_once_and_a_full_volume_is_reported_by_close() {
         // ENOSPC; it is never lost without a word.
         let chunk = pattern(12, 1 << 20);
         let mut f = fs::File::create(a.join("fill.bin")).unwrap();
+        // A reader of the same file, open all along: its close is not told of the writer's
+        // failure (and so cannot take it from the writer).
+        let reader = fs::File::open(a.join("fill.bin")).unwrap();
         let mut failed = None;
         for _ in 0..512 {
             if let Err(e) = f.write_all(&chunk) {
@@ -869,6 +872,7 @@ fn writes_are_read_back_at_once_and_a_full_volume_is_reported_by_close() {
                 break;
             }
         }
+        assert_eq!(close(reader), Ok(()), "{extra:?}: the reader's close");
         let closed = close(f);
         let seen = failed.or(closed.err());
         assert_eq!(

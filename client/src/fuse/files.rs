@@ -81,27 +81,48 @@ pub struct FsFiles {
 /// takes them instead of a round trip (close-to-open: they are as fresh as the open); any other
 /// request on the inode, or a notice from the server, drops them.
 #[derive(Debug, Clone, Default)]
-struct Opened(Arc<Mutex<std::collections::HashMap<u64, (Attr, std::time::Instant)>>>);
+struct Opened(Arc<Mutex<OpenedAttrs>>);
+
+#[derive(Debug, Default)]
+struct OpenedAttrs {
+    attrs: std::collections::HashMap<u64, (Attr, std::time::Instant)>,
+    /// Bumped by every drop: an OPEN's attributes are kept only if nothing was dropped between
+    /// its sending and its reply (a change sent or noticed meanwhile may postdate them).
+    epoch: u64,
+}
 
 impl Opened {
-    fn put(&self, node: u64, a: Attr) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(node, (a, std::time::Instant::now()));
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenedAttrs> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn drop_node(&self, node: u64) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !m.is_empty() {
-            m.remove(&node);
+    /// Taken when an OPEN is sent, for `put`.
+    fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    fn put(&self, node: u64, a: Attr, epoch: u64) {
+        let mut m = self.lock();
+        if m.epoch == epoch {
+            m.attrs.insert(node, (a, std::time::Instant::now()));
         }
     }
 
+    fn drop_node(&self, node: u64) {
+        let mut m = self.lock();
+        m.epoch += 1;
+        m.attrs.remove(&node);
+    }
+
     fn clear(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut m = self.lock();
+        m.epoch += 1;
+        m.attrs.clear();
     }
 
     /// The attributes of `node` from an OPEN less than `ttl` ago, with what is left of `ttl`.
     fn take(&self, node: u64, ttl: Duration) -> Option<(Attr, Duration)> {
-        let (a, at) = self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)?;
+        let (a, at) = self.lock().attrs.remove(&node)?;
         let age = at.elapsed();
         (age < ttl).then(|| (a, ttl - age))
     }
@@ -214,18 +235,16 @@ impl FsFiles {
         }
     }
 
-    /// Before a request on `node`: its writes in flight have ended.
-    fn settle(&self, node: INodeNo) {
-        if let Some(w) = &self.writes {
-            w.settle(node.0)
-        }
+    /// Before a request on `node`: its writes in flight have ended (true if it waited).
+    fn settle(&self, node: INodeNo) -> bool {
+        self.writes.as_ref().is_some_and(|w| w.settle(node.0))
     }
 
     /// Before a close or fsync: `node`'s writes have ended, and the first one that failed
     /// since the last report is reported now.
-    fn settle_and_take_error(&self, node: INodeNo) -> Result<(), Errno> {
+    fn settle_and_take_error(&self, node: INodeNo, fh: FileHandle) -> Result<(), Errno> {
         match &self.writes {
-            Some(w) => w.settle_and_take_error(node.0).map_err(Errno::from_i32),
+            Some(w) => w.settle_and_take_error(node.0, fh.0).map_err(Errno::from_i32),
             None => Ok(()),
         }
     }
@@ -472,9 +491,10 @@ impl Filesystem for FsFiles {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.settle(ino);
+        let waited = self.settle(ino);
         let ttl = self.ttl;
-        if let Some((a, left)) = self.opened.take(ino.0, ttl.attr) {
+        // Not after waiting for writes: they may postdate the open.
+        if let Some((a, left)) = self.opened.take(ino.0, ttl.attr).filter(|_| !waited) {
             return reply.attr(&left, &file_attr(&a));
         }
         self.call(req, false, ino, FsOp::Getattr, move |r| match r {
@@ -677,15 +697,24 @@ impl Filesystem for FsFiles {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0 as u32;
+        // After this inode's writes: an O_TRUNC must not overtake them, and the attributes it
+        // returns must include them.
+        self.settle(ino);
         let (known, notifier, opened) = (self.flags.clone(), self.notifier.clone(), self.opened.clone());
+        let writes = self.writes.clone();
+        // Before the request (`call` drops the inode's entry, which bumps the epoch).
+        let epoch = self.opened.epoch() + 1;
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
             Ok(FsReply::Opened { attr, fh }) => {
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
+                if let Some(w) = &writes {
+                    w.opened(fh, ino.0, flags as i32 & libc::O_ACCMODE != libc::O_RDONLY);
+                }
                 // Close-to-open: the attributes (the size above all) are asked for again after
                 // an open, whatever their TTL; the open's own answer them (no round trip).
                 // Attributes only: this takes no inode lock, so it may run while the kernel
                 // waits for this reply.
-                opened.put(ino.0, attr);
+                opened.put(ino.0, attr, epoch);
                 if let Some(n) = notifier.get() {
                     let _ = n.inval_inode(ino, -1, 0);
                 }
@@ -746,7 +775,7 @@ impl Filesystem for FsFiles {
                 Err(e) => reply.error(e),
             });
         };
-        let started = match writes.begin(ino.0, offset, len.into()) {
+        let started = match writes.begin(ino.0, fh.0, offset, len.into()) {
             Ok(s) => s,
             // An earlier write of this inode failed: this one reports it.
             Err(e) => return reply.error(Errno::from_i32(e)),
@@ -763,10 +792,10 @@ impl Filesystem for FsFiles {
         reply.written(len);
     }
 
-    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // Close-to-open: at close every write is on the server, and one that failed is reported
         // here. A close drops the owner's POSIX locks on the file.
-        let written = self.settle_and_take_error(ino);
+        let written = self.settle_and_take_error(ino, fh);
         let Some(owner) = self.had_locks(ino, Some(lock_owner)) else {
             return match written {
                 Ok(()) => reply.ok(),
@@ -859,6 +888,9 @@ impl Filesystem for FsFiles {
         // The last close of an open file: its writes end first (they use its fh on the server),
         // then its flock locks (an owner of its own) go.
         self.settle(ino);
+        if let Some(w) = &self.writes {
+            w.released(fh.0);
+        }
         let owner = self.had_locks(ino, lock_owner);
         self.flags.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         let Some(owner) = owner else {
@@ -881,7 +913,7 @@ impl Filesystem for FsFiles {
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         // Every write before it is on the server (or its failure is reported) before the fsync.
-        if let Err(e) = self.settle_and_take_error(ino) {
+        if let Err(e) = self.settle_and_take_error(ino, fh) {
             return reply.error(e);
         }
         let flags = self.flags_of(fh);
@@ -1055,7 +1087,8 @@ impl Filesystem for FsFiles {
             Err(e) => return reply.error(e),
         };
         self.barrier();
-        let (ttl, known, cached) = (self.ttl, self.flags.clone(), self.cached.clone());
+        let (ttl, known, cached, writes) =
+            (self.ttl, self.flags.clone(), self.cached.clone(), self.writes.clone());
         let flags = flags as u32;
         self.call(req, true, parent, FsOp::Create { name, flags, mode, umask }, move |r| match r {
             Ok(FsReply::Created { attr, fh }) => {
@@ -1063,6 +1096,9 @@ impl Filesystem for FsFiles {
                 // A reopen after a server restart must not create or truncate again.
                 let reopen = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, reopen);
+                if let Some(w) = &writes {
+                    w.opened(fh, attr.node, flags as i32 & libc::O_ACCMODE != libc::O_RDONLY);
+                }
                 reply.created(&ttl.entry, &file_attr(&attr), Generation(0), FileHandle(fh), open_flags(flags))
             }
             Ok(_) => reply.error(Errno::EIO),
