@@ -7,6 +7,8 @@
 //!   and groups, set on the worker thread alone (setfsuid/setfsgid, and the raw setgroups syscall,
 //!   which, unlike glibc's wrapper, changes only the calling thread). A non-zero fsuid drops the
 //!   thread's filesystem capabilities, so the kernel checks permissions exactly as for the caller.
+//!   A WRITE (permission was checked at open) switches only when it would drop set-user-ID /
+//!   set-group-ID bits or file capabilities, which is all a write does as the caller.
 //!   The worker threads have a umask of their own (unshare(CLONE_FS)), 0: the client's umask is
 //!   applied to the mode it sends.
 //! - **Open files** (`fh`): a table per mount; each entry remembers the client session that opened
@@ -226,6 +228,28 @@ impl Drop for AsCaller {
             libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<u32>());
         }
     }
+}
+
+/// Whether a write to `fd` by a caller without CAP_FSETID would drop privileges: set-user-ID,
+/// set-group-ID with group execute (without it, it is a mandatory-locking mark the kernel keeps),
+/// or a security.capability xattr. True when in doubt.
+fn write_may_drop_privileges(fd: RawFd) -> bool {
+    // SAFETY: `struct stat` is plain data; all zeros is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `struct stat` into `st`.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return true;
+    }
+    let mode = st.st_mode;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG
+        || mode & libc::S_ISUID != 0
+        || mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP)
+    {
+        return true;
+    }
+    // SAFETY: a size query (no buffer) of a NUL-terminated name.
+    let r = unsafe { libc::fgetxattr(fd, c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
+    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENODATA)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -924,8 +948,17 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
         }
         FsOp::Write { fh, flags, offset, data } => {
             let fd = open_file(m, cx, node, fh, flags)?;
-            // As the caller: a write by someone without CAP_FSETID clears set-user-ID bits.
-            let _c = as_caller(creds)?;
+            // The caller's rights were checked when the file was opened; what a write still does
+            // as the caller is drop set-user-ID / set-group-ID bits and file capabilities (the
+            // kernel keeps them for a writer with CAP_FSETID, as root is). Where the file has
+            // none, a write as root is the same write, without switching credentials twice (ten
+            // syscalls, each a new `struct cred`). The volume reserves no blocks for root
+            // (`fsmount::mkfs`), so root's writes have no more room than the caller's.
+            let _c = if creds.uid != 0 && write_may_drop_privileges(fd.as_raw_fd()) {
+                Some(as_caller(creds)?)
+            } else {
+                None
+            };
             let mut done = 0usize;
             while done < data.len() {
                 let rest = &data[done..];

@@ -1116,6 +1116,9 @@ fn open_flags(flags: u32) -> FopenFlags {
     }
 }
 
+/// How long an unmount waits for writes still in flight.
+const UNMOUNT_WRITES_WAIT: Duration = Duration::from_secs(30);
+
 /// How `mount` serves an fs volume.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MountOptions {
@@ -1181,6 +1184,7 @@ pub fn mount(
     let vol = rt.block_on(session.open_fs(name, mo.read_only))?;
     let fs = FsFiles::new(vol, rt.handle().clone(), mo.ttl, mo.sync_writes);
     let watch = fs.watch();
+    let writes = fs.writes.clone();
     let mut fuse = fuser::Session::new(fs, dir, &config(name, mo.read_only))
         .map_err(|source| ServeError::Mount { name: name.to_string(), path: shown.clone(), source })?;
     let mut unmounter = fuse.unmount_callable();
@@ -1191,7 +1195,17 @@ pub fn mount(
             .map_err(|source| ServeError::Session { path: shown.clone(), source })?;
     tracing::info!(volume = %name, path = %shown, read_only = mo.read_only, "mounted");
     ready();
-    fuse.run().map_err(|source| ServeError::Session { path: shown.clone(), source })?;
+    let served = fuse.run().map_err(|source| ServeError::Session { path: shown.clone(), source });
+    // Every close waited for its writes, but a write may still be in flight (one of a mapping
+    // written back after the last close, or a lazy unmount): it ends before the connection
+    // does, or, with the server away that long, is reported as lost.
+    if let Some(w) = writes {
+        let lost = w.barrier_for(UNMOUNT_WRITES_WAIT);
+        if lost > 0 {
+            tracing::error!(path = %shown, bytes = lost, "unmounted with writes the server never answered: they may be lost");
+        }
+    }
+    served?;
     tracing::info!(path = %shown, "unmounted");
     drop(session);
     Ok(())

@@ -206,6 +206,21 @@ impl Writes {
         }
     }
 
+    /// As `barrier`, for at most `limit`; the bytes still in flight then (0: all ended).
+    pub fn barrier_for(&self, limit: std::time::Duration) -> u64 {
+        let deadline = std::time::Instant::now() + limit;
+        let mut g = self.lock();
+        let Some(last) = g.all.keys().next_back().copied() else { return 0 };
+        while g.all.keys().next().is_some_and(|&first| first <= last) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return g.bytes;
+            }
+            g = self.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        0
+    }
+
     /// Bytes in flight (for tests).
     pub fn in_flight(&self) -> u64 {
         self.lock().bytes
@@ -364,5 +379,11 @@ mod tests {
         b.end(Ok(()));
         waiter.join().unwrap();
         c.end(Ok(()));
+        // Bounded: gives up, with the bytes still in flight.
+        let d = w.begin(1, 0, 0, 10).unwrap();
+        assert_eq!(w.barrier_for(Duration::from_millis(50)), 10);
+        let t = later(d, Ok(()), 50);
+        assert_eq!(w.barrier_for(Duration::from_secs(5)), 0);
+        t.join().unwrap();
     }
 }
