@@ -7,8 +7,8 @@
 //!   and groups, set on the worker thread alone (setfsuid/setfsgid, and the raw setgroups syscall,
 //!   which, unlike glibc's wrapper, changes only the calling thread). A non-zero fsuid drops the
 //!   thread's filesystem capabilities, so the kernel checks permissions exactly as for the caller.
-//!   A WRITE (permission was checked at open) switches only when it would drop set-user-ID /
-//!   set-group-ID bits or file capabilities, which is all a write does as the caller.
+//!   A WRITE (permission was checked at open) switches only when the file has set-user-ID /
+//!   set-group-ID bits, which a write as the caller may drop, or is not the caller's own.
 //!   The worker threads have a umask of their own (unshare(CLONE_FS)), 0: the client's umask is
 //!   applied to the mode it sends.
 //! - **Open files** (`fh`): a table per mount; each entry remembers the client session that opened
@@ -230,26 +230,22 @@ impl Drop for AsCaller {
     }
 }
 
-/// Whether a write to `fd` by a caller without CAP_FSETID would drop privileges: set-user-ID,
-/// set-group-ID with group execute (without it, it is a mandatory-locking mark the kernel keeps),
-/// or a security.capability xattr. True when in doubt.
-fn write_may_drop_privileges(fd: RawFd) -> bool {
+/// Whether a write to `fd` by `uid` must run as the caller: the file has set-user-ID or
+/// set-group-ID (a write by someone without CAP_FSETID drops them; since Linux 6.2 set-group-ID
+/// without group execute too, unless the writer is in the group), or is not the caller's own
+/// (so that a chmod u+s by its owner cannot be overtaken by another user's write checked before
+/// it). File capabilities need no check: the kernel drops them on any write, root's too. True
+/// when in doubt.
+fn write_needs_caller(fd: RawFd, uid: u32) -> bool {
     // SAFETY: `struct stat` is plain data; all zeros is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes one `struct stat` into `st`.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return true;
     }
-    let mode = st.st_mode;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG
-        || mode & libc::S_ISUID != 0
-        || mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP)
-    {
-        return true;
-    }
-    // SAFETY: a size query (no buffer) of a NUL-terminated name.
-    let r = unsafe { libc::fgetxattr(fd, c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
-    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENODATA)
+    st.st_mode & libc::S_IFMT != libc::S_IFREG
+        || st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        || st.st_uid != uid
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -949,12 +945,13 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
         FsOp::Write { fh, flags, offset, data } => {
             let fd = open_file(m, cx, node, fh, flags)?;
             // The caller's rights were checked when the file was opened; what a write still does
-            // as the caller is drop set-user-ID / set-group-ID bits and file capabilities (the
-            // kernel keeps them for a writer with CAP_FSETID, as root is). Where the file has
+            // as the caller is drop set-user-ID / set-group-ID bits (the kernel keeps them for a
+            // writer with CAP_FSETID, as root is). Where the caller owns the file and it has
             // none, a write as root is the same write, without switching credentials twice (ten
             // syscalls, each a new `struct cred`). The volume reserves no blocks for root
-            // (`fsmount::mkfs`), so root's writes have no more room than the caller's.
-            let _c = if creds.uid != 0 && write_may_drop_privileges(fd.as_raw_fd()) {
+            // (`fsmount::mkfs`) and has no quotas, so root's writes have no more room than the
+            // caller's (with quotas, CAP_SYS_RESOURCE would pass a hard limit: check then).
+            let _c = if creds.uid != 0 && write_needs_caller(fd.as_raw_fd(), creds.uid) {
                 Some(as_caller(creds)?)
             } else {
                 None

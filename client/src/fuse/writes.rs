@@ -236,11 +236,13 @@ impl State {
         if n <= seen {
             return None;
         }
-        if let Some(f) = self.fhs.get_mut(&fh) {
-            f.seen = n;
-        } else if let Some(i) = self.inodes.get_mut(&node) {
-            // Nobody can be told later: it was told now.
-            i.error = None;
+        match self.fhs.get_mut(&fh) {
+            Some(f) => f.seen = n,
+            // Not seen opened (none should be): it is told from now on, like the others.
+            None => {
+                self.fhs.insert(fh, Fh { node, seen: n });
+                self.inodes.entry(node).or_default().fhs += 1;
+            }
         }
         Some(e)
     }
@@ -252,10 +254,10 @@ impl State {
         self.tidy(node);
     }
 
-    /// Drops what `node` no longer needs: nothing in flight, and no error an open fh may still
-    /// be told of.
+    /// Drops what `node` no longer needs: nothing in flight and no fh open (its count of open fhs
+    /// must outlive its writes, or a later error would be dropped as nobody's).
     fn tidy(&mut self, node: u64) {
-        if self.inodes.get(&node).is_some_and(|i| i.ranges.is_empty() && (i.error.is_none() || i.fhs == 0)) {
+        if self.inodes.get(&node).is_some_and(|i| i.ranges.is_empty() && i.fhs == 0) {
             self.inodes.remove(&node);
         }
     }
@@ -297,6 +299,8 @@ mod tests {
         w.opened(10, 7, true); // the writer
         w.opened(11, 7, true); // another writer of the same file
         w.opened(13, 7, false); // a reader: never told
+                                // A write that succeeds first: the inode's record of open fhs outlives it.
+        w.begin(7, 10, 0, 10).unwrap().end(Ok(()));
         let a = w.begin(7, 10, 0, 10).unwrap();
         a.end(Err(libc::ENOSPC));
         w.opened(12, 7, true); // opened after the error: not told
