@@ -237,15 +237,11 @@ impl Drop for AsCaller {
 /// it). File capabilities need no check: the kernel drops them on any write, root's too. True
 /// when in doubt.
 fn write_needs_caller(fd: RawFd, uid: u32) -> bool {
-    // SAFETY: `struct stat` is plain data; all zeros is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one `struct stat` into `st`.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return true;
-    }
-    st.st_mode & libc::S_IFMT != libc::S_IFREG
-        || st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
-        || st.st_uid != uid
+    fstat(fd).map_or(true, |st| {
+        st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+            || st.st_uid != uid
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -298,12 +294,17 @@ fn fd_of(r: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(check(r)?) })
 }
 
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: `struct stat` is plain data; all zeros is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `struct stat` into `st`.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
 /// The attributes of `fd`, inode `node`.
 fn attr_of(fd: RawFd, node: u64) -> io::Result<Attr> {
-    // SAFETY: fstat fills a stat struct; the zeroed one is valid for it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open; `st` is writable.
-    check(unsafe { libc::fstat(fd, &mut st) })?;
+    let st = fstat(fd)?;
     Ok(Attr {
         node,
         size: st.st_size as u64,
@@ -589,11 +590,7 @@ fn open_flags(flags: u32) -> libc::c_int {
 
 /// The file type bits of the inode `fd` refers to.
 fn type_of(fd: RawFd) -> io::Result<u32> {
-    // SAFETY: a zeroed stat is valid; fstat fills it for the open `fd`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    check(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st.st_mode & libc::S_IFMT)
+    Ok(fstat(fd)?.st_mode & libc::S_IFMT)
 }
 
 /// Refuses anything but a regular file: the server opens no devices (the mount is nodev too),

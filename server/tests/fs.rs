@@ -145,21 +145,28 @@ fn the_server_checks_every_file_operation_itself() {
     // vfs_cap_data revision 2: CAP_NET_BIND_SERVICE permitted.
     let cap = Bytes::from_static(&[0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     let capname = Bytes::from_static(b"security.capability");
-    for (name, owner, mode, xattr, kept) in [
-        ("suid", nobody(), 0o4777, false, 0o777),
-        ("sgid", nobody(), 0o2777, false, 0o777),
-        ("sgid-noexec-member", nobody(), 0o2767, false, 0o2767),
-        ("sgid-noexec-other", ROOT, 0o2767, false, 0o767),
-        ("suid-other", ROOT, 0o4777, false, 0o777),
-        ("capable", nobody(), 0o777, true, 0o777),
-        ("plain", nobody(), 0o777, false, 0o777),
+    for (name, owner, group_root, mode, xattr, kept) in [
+        ("suid", nobody(), false, 0o4777, false, 0o777),
+        ("sgid", nobody(), false, 0o2777, false, 0o777),
+        ("sgid-noexec-member", nobody(), false, 0o2767, false, 0o2767),
+        // The writer's own file, in a group it is not in.
+        ("sgid-noexec-own", nobody(), true, 0o2767, false, 0o767),
+        ("sgid-noexec-other", ROOT, false, 0o2767, false, 0o767),
+        ("suid-other", ROOT, false, 0o4777, false, 0o777),
+        ("capable", nobody(), false, 0o777, true, 0o777),
+        ("plain", nobody(), false, 0o777, false, 0o777),
     ] {
         let create = FsOp::Create { name: n(name), flags: 0o1, mode: 0o777, umask: 0 };
         let created = fs(&mut c, h, public, &owner, create);
         let Ok(FsReply::Created { attr: f, fh: cfh }) = created else { panic!("{created:?}") };
         assert!(fs(&mut c, h, f.node, &owner, FsOp::Release { fh: cfh }).is_ok());
         let chmod = SetAttr { valid: SETATTR_MODE, mode, ..SetAttr::default() };
-        assert!(fs(&mut c, h, f.node, &owner, FsOp::Setattr(chmod)).is_ok(), "{name}");
+        if group_root {
+            let chgrp = SetAttr { valid: SETATTR_GID, gid: 0, ..SetAttr::default() };
+            assert!(fs(&mut c, h, f.node, &ROOT, FsOp::Setattr(chgrp)).is_ok(), "{name}");
+        }
+        let chmoder = if group_root { &ROOT } else { &owner };
+        assert!(fs(&mut c, h, f.node, chmoder, FsOp::Setattr(chmod)).is_ok(), "{name}");
         if xattr {
             let set = FsOp::Setxattr { name: capname.clone(), value: cap.clone(), flags: 0 };
             assert!(fs(&mut c, h, f.node, &ROOT, set).is_ok());

@@ -240,8 +240,8 @@ impl FsFiles {
         self.writes.as_ref().is_some_and(|w| w.settle(node.0))
     }
 
-    /// Before a close or fsync: `node`'s writes have ended, and the first one that failed
-    /// since the last report is reported now.
+    /// Before a close or fsync: `node`'s writes have ended, and a failure `fh` has not been
+    /// told of is reported now (see `writes`).
     fn settle_and_take_error(&self, node: INodeNo, fh: FileHandle) -> Result<(), Errno> {
         match &self.writes {
             Some(w) => w.settle_and_take_error(node.0, fh.0).map_err(Errno::from_i32),

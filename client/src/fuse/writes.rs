@@ -28,7 +28,7 @@ pub const WRITES_IN_FLIGHT_BYTES: u64 = 32 << 20;
 struct Inode {
     /// write id -> [start, end).
     ranges: BTreeMap<u64, (u64, u64)>,
-    /// The first error of a write since the last one, and its number (see `Fh`).
+    /// The latest error of a write, and its number (see `Fh`).
     error: Option<(i32, u64)>,
     /// Open fhs of the inode (while there are, its error is kept for them).
     fhs: u32,
@@ -154,18 +154,17 @@ impl Writes {
         let mut g = self.lock();
         g.bytes -= len;
         g.all.remove(&id);
-        let errors = g.errors + 1;
-        let mut numbered = false;
+        // A failure is the inode's latest error, with a new number: every fh not told of it yet
+        // is told once.
+        let error = result.err().map(|e| {
+            g.errors += 1;
+            (e, g.errors)
+        });
         if let Some(i) = g.inodes.get_mut(&node) {
             i.ranges.remove(&id);
-            if let Err(e) = result {
-                // The latest error, with a new number: every fh not told of it yet is told once.
-                i.error = Some((e, errors));
-                numbered = true;
+            if error.is_some() {
+                i.error = error;
             }
-        }
-        if numbered {
-            g.errors = errors;
         }
         g.tidy(node);
         drop(g);
@@ -199,24 +198,28 @@ impl Writes {
     /// Waits until every write that is in flight now has ended (later ones are not waited for, so
     /// a steady stream of writes cannot starve the caller).
     pub fn barrier(&self) {
-        let mut g = self.lock();
-        let Some(last) = g.all.keys().next_back().copied() else { return };
-        while g.all.keys().next().is_some_and(|&first| first <= last) {
-            g = self.wait(g);
-        }
+        self.barrier_until(None);
     }
 
     /// As `barrier`, for at most `limit`; the bytes still in flight then (0: all ended).
     pub fn barrier_for(&self, limit: std::time::Duration) -> u64 {
-        let deadline = std::time::Instant::now() + limit;
+        self.barrier_until(std::time::Instant::now().checked_add(limit))
+    }
+
+    fn barrier_until(&self, deadline: Option<std::time::Instant>) -> u64 {
         let mut g = self.lock();
         let Some(last) = g.all.keys().next_back().copied() else { return 0 };
         while g.all.keys().next().is_some_and(|&first| first <= last) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return g.bytes;
-            }
-            g = self.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+            g = match deadline {
+                None => self.wait(g),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return g.bytes;
+                    }
+                    self.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
         }
         0
     }
@@ -296,15 +299,17 @@ mod tests {
     #[test]
     fn an_error_is_given_once_to_each_fh_open_when_it_happened() {
         let w = Arc::new(Writes::new(1 << 20));
-        w.opened(10, 7, true); // the writer
-        w.opened(11, 7, true); // another writer of the same file
-        w.opened(13, 7, false); // a reader: never told
-                                // A write that succeeds first: the inode's record of open fhs outlives it.
+        // The writer (10), another writer of the same file (11), a reader (13: never told).
+        w.opened(10, 7, true);
+        w.opened(11, 7, true);
+        w.opened(13, 7, false);
+        // A write that succeeds first: the inode's record of open fhs outlives it.
         w.begin(7, 10, 0, 10).unwrap().end(Ok(()));
         let a = w.begin(7, 10, 0, 10).unwrap();
         a.end(Err(libc::ENOSPC));
-        w.opened(12, 7, true); // opened after the error: not told
-                               // The writer's next write is told, then its close is not told again.
+        // Opened after the error: not told.
+        w.opened(12, 7, true);
+        // The writer's next write is told, then its close is not told again.
         assert_eq!(w.begin(7, 10, 20, 10).unwrap_err(), libc::ENOSPC);
         assert_eq!(w.settle_and_take_error(7, 10), Ok(()));
         // The other writer's close is told once too: the first did not take it.
