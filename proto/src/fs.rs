@@ -25,6 +25,10 @@ pub const FS_GROUPS_MAX: usize = 32;
 pub const FS_XATTR_NAME_MAX: usize = 255;
 /// An extended attribute's value, and a LISTXATTR reply (the kernel's XATTR_SIZE_MAX).
 pub const FS_XATTR_SIZE_MAX: usize = 65536;
+/// The largest file whose bytes come with its read-only FS_OPEN (`FsReply::Opened`): most source
+/// and configuration files, whose open + read is then one round trip, not two. A wasted inline
+/// read (an open that never reads) costs the server a page-cache copy of at most this.
+pub const FS_OPEN_INLINE_MAX: u32 = 16 * 1024;
 /// SETXATTR flags (the values of setxattr(2)).
 pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
@@ -383,10 +387,13 @@ pub enum FsReply {
         fh: u64,
     },
     /// OPEN: the new fh, and the file's attributes as of the open (the client answers the
-    /// kernel's next GETATTR with them instead of another round trip).
+    /// kernel's next GETATTR with them instead of another round trip). For a read-only open of a
+    /// regular file of at most [`FS_OPEN_INLINE_MAX`] bytes, `data` is the whole file as of the
+    /// open (`attr.size` bytes), so its first READ needs no round trip either; empty otherwise.
     Opened {
         attr: Attr,
         fh: u64,
+        data: Bytes,
     },
     Dir {
         entries: Vec<DirEntry>,
@@ -885,9 +892,11 @@ pub(crate) fn encode_reply(p: &mut BytesMut, reply: &FsReply) -> Option<Bytes> {
             put_attr(p, attr);
             p.put_u64_le(*fh);
         }
-        FsReply::Opened { attr, fh } => {
+        FsReply::Opened { attr, fh, data } => {
             put_attr(p, attr);
             p.put_u64_le(*fh);
+            // At most FS_OPEN_INLINE_MAX bytes: one small copy, in the frame it travels in.
+            p.extend_from_slice(data);
         }
         FsReply::Dir { entries, eof } => {
             p.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
@@ -925,7 +934,18 @@ pub(crate) fn parse_reply(op: Opcode, payload: &Bytes, r: &mut Reader<'_>) -> Re
         }
         Opcode::FsGetattr | Opcode::FsSetattr => FsReply::Attr(get_attr(r)?),
         Opcode::FsCreate => FsReply::Created { attr: get_attr(r)?, fh: r.u64()? },
-        Opcode::FsOpen => FsReply::Opened { attr: get_attr(r)?, fh: r.u64()? },
+        Opcode::FsOpen => {
+            let (attr, fh) = (get_attr(r)?, r.u64()?);
+            let n = r.remaining();
+            if n > FS_OPEN_INLINE_MAX as usize {
+                return Err(PayloadError::TooLong { len: n, max: FS_OPEN_INLINE_MAX as usize });
+            }
+            if n != 0 && n as u64 != attr.size {
+                return Err(PayloadError::Invalid("inline data is not the whole file"));
+            }
+            r.take(n)?;
+            FsReply::Opened { attr, fh, data: payload.slice(payload.len() - n..) }
+        }
         Opcode::FsReaddir => {
             let n = r.u32()?;
             if n > FS_READDIR_ENTRIES_MAX {
@@ -1075,7 +1095,8 @@ mod tests {
             (Opcode::FsLookup, FsReply::Entry(a)),
             (Opcode::FsGetattr, FsReply::Attr(a)),
             (Opcode::FsCreate, FsReply::Created { attr: a, fh: 3 }),
-            (Opcode::FsOpen, FsReply::Opened { attr: a, fh: 3 }),
+            (Opcode::FsOpen, FsReply::Opened { attr: a, fh: 3, data: Bytes::new() }),
+            (Opcode::FsOpen, FsReply::Opened { attr: a, fh: 3, data: Bytes::from_static(b"0123456789") }),
             (
                 Opcode::FsReaddir,
                 FsReply::Dir { entries: vec![DirEntry { cookie: 4, name: n(".."), attr: a }], eof: true },

@@ -617,3 +617,40 @@ fn errno_reply_golden() {
     let back = Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap();
     assert_eq!(back, resp);
 }
+
+#[test]
+fn fs_open_reply_golden_carries_a_small_file() {
+    use ferrovol_proto::fs::{Attr, FsReply};
+    let attr = Attr { node: 12, size: 5, mode: 0o100_644, nlink: 1, blksize: 4096, ..Attr::default() };
+    let data = Bytes::from_static(b"hello");
+    let resp = Response::ok(
+        RequestId(3),
+        Opcode::FsOpen,
+        Reply::Fs(FsReply::Opened { attr, fh: 0x42, data: data.clone() }),
+    );
+    let frame = resp.encode();
+    let mut payload: Vec<u8> = vec![];
+    payload.extend_from_slice(&12u64.to_le_bytes()); // Attr: node
+    payload.extend_from_slice(&5u64.to_le_bytes()); // size
+    payload.extend_from_slice(&0u64.to_le_bytes()); // blocks
+    payload.extend_from_slice(&[0; 36]); // atime, mtime, ctime: i64 seconds + u32 nanoseconds each
+    payload.extend_from_slice(&0o100_644u32.to_le_bytes()); // mode
+    payload.extend_from_slice(&1u32.to_le_bytes()); // nlink
+    payload.extend_from_slice(&[0; 12]); // uid, gid, rdev
+    payload.extend_from_slice(&4096u32.to_le_bytes()); // blksize
+    payload.extend_from_slice(&0x42u64.to_le_bytes()); // fh
+    payload.extend_from_slice(b"hello"); // the whole file (read-only open, size <= 16 KiB)
+    assert_eq!(&frame.payload[..], &payload[..]);
+    assert_eq!(frame.header[5], 0x37); // FS_OPEN
+    let mut buf = BytesMut::from(&frame.to_bytes()[..]);
+    let back = Response::parse(split_response(&mut buf).unwrap().unwrap()).unwrap();
+    assert_eq!(back, resp);
+    // Inline bytes that are not the whole file are refused, not served as if they were.
+    let short = Response::ok(
+        RequestId(3),
+        Opcode::FsOpen,
+        Reply::Fs(FsReply::Opened { attr: Attr { size: 6, ..attr }, fh: 0x42, data }),
+    );
+    let mut buf = BytesMut::from(&short.encode().to_bytes()[..]);
+    assert!(Response::parse(split_response(&mut buf).unwrap().unwrap()).is_err());
+}

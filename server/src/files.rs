@@ -815,6 +815,18 @@ fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
     Ok(buf.freeze())
 }
 
+/// What a read-only open (`asked`: the client's flags; O_DIRECT bypasses the client's cache, so
+/// none) of a small file returns with it: the whole file, if it still has the size `attr` says (a concurrent truncate or extend leaves it out: the client reads as usual).
+fn inline_data(fd: RawFd, asked: libc::c_int, attr: &Attr) -> io::Result<Bytes> {
+    let size = u32::try_from(attr.size).unwrap_or(u32::MAX);
+    let small = size != 0 && size <= FS_OPEN_INLINE_MAX;
+    if !small || asked & libc::O_ACCMODE != libc::O_RDONLY || asked & libc::O_DIRECT != 0 {
+        return Ok(Bytes::new());
+    }
+    let data = pread_bytes(fd, 0, size)?;
+    Ok(if data.len() as u64 == attr.size { data } else { Bytes::new() })
+}
+
 fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) -> io::Result<FsReply> {
     Ok(match op {
         FsOp::Lookup { name } => {
@@ -924,16 +936,17 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
             let fd = m.path_of(node)?;
             regular(fd.as_raw_fd())?;
             let path = proc_path(fd.as_raw_fd());
-            let flags = open_flags(flags) & !libc::O_EXCL;
+            let asked = flags as libc::c_int;
             let c = as_caller(creds)?;
             // SAFETY: `path` is NUL-terminated.
-            let file = fd_of(unsafe { libc::open(path.as_ptr(), flags) })?;
+            let file = fd_of(unsafe { libc::open(path.as_ptr(), open_flags(flags) & !libc::O_EXCL) })?;
             drop(c);
             // After an O_TRUNC too: the size the opener will see.
             let attr = attr_of(file.as_raw_fd(), node)?;
+            let data = inline_data(file.as_raw_fd(), asked, &attr)?;
             let fh = next_fh();
             m.files.insert(fh, file, cx)?;
-            FsReply::Opened { attr, fh }
+            FsReply::Opened { attr, fh, data }
         }
         FsOp::Read { fh, flags, offset, len } => {
             let fd = open_file(m, cx, node, fh, flags)?;

@@ -73,21 +73,26 @@ pub struct FsFiles {
     /// Writes in flight, when they are asynchronous (see `writes`); `None`: every write waits for
     /// the server (`--sync-writes`).
     writes: Option<Arc<Writes>>,
-    /// Attributes that came with an OPEN, for the GETATTR the kernel sends next (see `open`).
+    /// Attributes (and a small file's bytes) that came with an OPEN, for the GETATTR and READ
+    /// the kernel sends next (see `open`).
     opened: Opened,
 }
 
-/// Inode -> the attributes an OPEN returned, and when. The kernel's next GETATTR of the inode
-/// takes them instead of a round trip (close-to-open: they are as fresh as the open); any other
-/// request on the inode, or a notice from the server, drops them.
+/// Inode -> the attributes an OPEN returned, and when; and for a small file opened read-only,
+/// its bytes. The kernel's next GETATTR of the inode takes the attributes, and its READs through
+/// that fh the bytes, instead of a round trip (close-to-open: they are as fresh as the open). Any
+/// other request on the inode (a write through another fh above all), or a notice from the
+/// server, drops both.
 #[derive(Debug, Clone, Default)]
 struct Opened(Arc<Mutex<OpenedAttrs>>);
 
 #[derive(Debug, Default)]
 struct OpenedAttrs {
     attrs: std::collections::HashMap<u64, (Attr, std::time::Instant)>,
-    /// Bumped by every drop: an OPEN's attributes are kept only if nothing was dropped between
-    /// its sending and its reply (a change sent or noticed meanwhile may postdate them).
+    /// Inode -> (fh, the whole file as of the open, when).
+    data: std::collections::HashMap<u64, (u64, Bytes, std::time::Instant)>,
+    /// Bumped by every drop: what an OPEN returned is kept only if nothing was dropped between
+    /// its sending and its reply (a change sent or noticed meanwhile may postdate it).
     epoch: u64,
 }
 
@@ -101,10 +106,14 @@ impl Opened {
         self.lock().epoch
     }
 
-    fn put(&self, node: u64, a: Attr, epoch: u64) {
+    fn put(&self, node: u64, a: Attr, fh: u64, data: Bytes, epoch: u64) {
         let mut m = self.lock();
         if m.epoch == epoch {
-            m.attrs.insert(node, (a, std::time::Instant::now()));
+            let now = std::time::Instant::now();
+            m.attrs.insert(node, (a, now));
+            if !data.is_empty() {
+                m.data.insert(node, (fh, data, now));
+            }
         }
     }
 
@@ -112,12 +121,28 @@ impl Opened {
         let mut m = self.lock();
         m.epoch += 1;
         m.attrs.remove(&node);
+        m.data.remove(&node);
     }
 
     fn clear(&self) {
         let mut m = self.lock();
         m.epoch += 1;
         m.attrs.clear();
+        m.data.clear();
+    }
+
+    /// READ of `size` bytes at `offset` through `fh`, answered from what its OPEN returned less
+    /// than `ttl` ago (shorter at the end of the file, as a READ is). Kept for the next READ:
+    /// the kernel may read a file in several pieces.
+    fn read(&self, node: u64, fh: u64, offset: u64, size: u32, ttl: Duration) -> Option<Bytes> {
+        let m = self.lock();
+        let (held, data, at) = m.data.get(&node)?;
+        if *held != fh || at.elapsed() >= ttl {
+            return None;
+        }
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let end = start.saturating_add(size as usize).min(data.len());
+        Some(data.slice(start..end))
     }
 
     /// The attributes of `node` from an OPEN less than `ttl` ago, with what is left of `ttl`.
@@ -705,7 +730,7 @@ impl Filesystem for FsFiles {
         // Before the request (`call` drops the inode's entry, which bumps the epoch).
         let epoch = self.opened.epoch() + 1;
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
-            Ok(FsReply::Opened { attr, fh }) => {
+            Ok(FsReply::Opened { attr, fh, data }) => {
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
                 if let Some(w) = &writes {
                     w.opened(fh, ino.0, flags as i32 & libc::O_ACCMODE != libc::O_RDONLY);
@@ -714,7 +739,9 @@ impl Filesystem for FsFiles {
                 // an open, whatever their TTL; the open's own answer them (no round trip).
                 // Attributes only: this takes no inode lock, so it may run while the kernel
                 // waits for this reply.
-                opened.put(ino.0, attr, epoch);
+                // A small file's bytes too, when opened read-only: its first READ is answered
+                // here.
+                opened.put(ino.0, attr, fh, data, epoch);
                 if let Some(n) = notifier.get() {
                     let _ = n.inval_inode(ino, -1, 0);
                 }
@@ -739,6 +766,9 @@ impl Filesystem for FsFiles {
         // Every write of the inode first, not only overlapping ones: a short read of a file that
         // a write in flight extends would shrink the kernel's idea of its size.
         self.settle(ino);
+        if let Some(d) = self.opened.read(ino.0, fh.0, offset, size, self.ttl.attr) {
+            return reply.data(&d);
+        }
         let op = FsOp::Read { fh: fh.0, flags: flags.0 as u32, offset, len: size.min(FS_MAX_WRITE) };
         self.call(req, false, ino, op, move |r| match r {
             // Written to /dev/fuse straight from the received buffer.
