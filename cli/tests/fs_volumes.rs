@@ -887,3 +887,40 @@ fn writes_are_read_back_at_once_and_a_full_volume_is_reported_by_close() {
         drop(s.cleanup);
     }
 }
+
+/// The mount keeps a process's supplementary groups for a second (reading them costs a /proc read
+/// per request). A process that gains a group is let in at once all the same: the server's
+/// refusal with the cached groups is asked again with the new ones.
+#[test]
+fn a_process_that_gains_a_group_is_let_in_at_once() {
+    if !privileged("a_process_that_gains_a_group_is_let_in_at_once", &["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let s = setup();
+    let secret = s.a.join("secret");
+    fs::write(&secret, b"for group 4242").unwrap();
+    std::os::unix::fs::chown(&secret, Some(0), Some(4242)).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(s.a.join("public"), b"anyone").unwrap();
+    // One process, uid and gid 65534 throughout: first without groups (the mount caches them,
+    // and the kernel itself refuses the secret), then with group 4242.
+    let script = format!(
+        r#"
+import os
+os.setgroups([]); os.setegid(65534); os.seteuid(65534)
+assert open({public:?}).read() == "anyone"
+try:
+    open({secret:?}); raise SystemExit("read the secret without the group")
+except PermissionError:
+    pass
+os.seteuid(0); os.setgroups([4242]); os.seteuid(65534)
+assert open({secret:?}).read() == "for group 4242"
+"#,
+        public = s.a.join("public").display().to_string(),
+        secret = secret.display().to_string(),
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    umount(&s.addr, &s.a);
+    umount(&s.addr, &s.b);
+}

@@ -312,21 +312,36 @@ impl FsFiles {
         op: FsOp,
         done: impl FnOnce(Result<FsReply, Errno>) + Send + 'static,
     ) {
-        let creds = creds_of(req, groups);
+        let (creds, cached) = creds_of(req, groups);
         let opcode = op.opcode();
         if !matches!(op, FsOp::Getattr | FsOp::Read { .. }) {
             self.opened.drop_node(node.0);
         }
-        self.vol.fs_start(&self.rt, node.0, creds, op, move |r| {
-            done(r.map_err(|e| {
-                let errno = errno_of(&e);
-                if errno == libc::EIO {
-                    tracing::warn!(%opcode, error = %e, "file operation failed");
-                } else {
-                    debug!(%opcode, error = %e, "file operation refused");
-                }
-                Errno::from_i32(errno)
-            }))
+        let errno = move |e: ClientError| {
+            let errno = errno_of(&e);
+            if errno == libc::EIO {
+                tracing::warn!(%opcode, error = %e, "file operation failed");
+            } else {
+                debug!(%opcode, error = %e, "file operation refused");
+            }
+            Errno::from_i32(errno)
+        };
+        // Groups from the cache that may have grown since (setgroups): a refusal is asked again
+        // with the ones the process has now, if they differ.
+        let again = cached.then(|| (op.clone(), creds.clone(), req.pid(), self.vol.clone(), self.rt.clone()));
+        self.vol.fs_start(&self.rt, node.0, creds, op, move |r| match (r, again) {
+            (Err(e), Some((op, creds, pid, vol, rt)))
+                if matches!(errno_of(&e), libc::EACCES | libc::EPERM) =>
+            {
+                rt.spawn(async move {
+                    let groups = GROUPS.reread(pid, creds.uid, creds.gid);
+                    if groups == creds.groups {
+                        return done(Err(errno(e)));
+                    }
+                    done(vol.fs(node.0, Creds { groups, ..creds }, op).await.map_err(errno))
+                });
+            }
+            (r, _) => done(r.map_err(errno)),
         });
     }
 
@@ -388,8 +403,60 @@ pub fn errno_of(e: &ClientError) -> i32 {
 
 /// The caller's credentials; its supplementary groups from /proc when they matter (reads and
 /// writes were checked at open).
-fn creds_of(req: &Request, groups: bool) -> Creds {
-    Creds { uid: req.uid(), gid: req.gid(), groups: if groups { groups_of(req.pid()) } else { Vec::new() } }
+/// The caller's credentials, with its supplementary groups if `groups`; true if those came from
+/// the cache (see `GroupsCache`).
+fn creds_of(req: &Request, groups: bool) -> (Creds, bool) {
+    let (uid, gid) = (req.uid(), req.gid());
+    let (groups, cached) = if groups { GROUPS.of(req.pid(), uid, gid) } else { (Vec::new(), false) };
+    (Creds { uid, gid, groups }, cached)
+}
+
+/// Supplementary groups by (pid, uid, gid), read from /proc/PID/status and kept for
+/// `GROUPS_TTL`: the read costs ~30 us of a FUSE thread per request (a third of a LOOKUP's round
+/// trip here), and a process's groups rarely change. A process that changes its uid or gid is
+/// read again at once (new key). One that drops supplementary groups alone is checked by the
+/// kernel with its current ones first (`default_permissions`), so the server's check with the
+/// old ones could let through only what the kernel's cached attributes allowed and the server's
+/// (changed meanwhile, within that second) would not. One that gains groups could be refused
+/// what it may now do: a refusal (EACCES, EPERM) of a request sent with cached groups is sent
+/// again with the groups read afresh, if they differ (`FsFiles::call`).
+struct GroupsCache(Mutex<std::collections::HashMap<ProcessIds, (std::time::Instant, Vec<u32>)>>);
+
+/// pid, uid, gid.
+type ProcessIds = (u32, u32, u32);
+
+const GROUPS_TTL: Duration = Duration::from_secs(1);
+/// Entries kept before the cache starts over (a fork storm must not grow it without bound).
+const GROUPS_CACHED_MAX: usize = 4096;
+
+static GROUPS: std::sync::LazyLock<GroupsCache> = std::sync::LazyLock::new(|| GroupsCache(Mutex::default()));
+
+impl GroupsCache {
+    /// The groups, and whether they came from the cache.
+    fn of(&self, pid: u32, uid: u32, gid: u32) -> (Vec<u32>, bool) {
+        let now = std::time::Instant::now();
+        if let Some((at, g)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&(pid, uid, gid)) {
+            if now.duration_since(*at) < GROUPS_TTL {
+                return (g.clone(), true);
+            }
+        }
+        (self.reread(pid, uid, gid), false)
+    }
+
+    /// Reads the groups from /proc (outside the lock: other FUSE threads go on meanwhile).
+    fn reread(&self, pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+        let (key, now) = ((pid, uid, gid), std::time::Instant::now());
+        let groups = groups_of(pid);
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= GROUPS_CACHED_MAX {
+            m.retain(|_, (at, _)| now.duration_since(*at) < GROUPS_TTL);
+            if m.len() >= GROUPS_CACHED_MAX {
+                m.clear();
+            }
+        }
+        m.insert(key, (now, groups.clone()));
+        groups
+    }
 }
 
 /// Whether thread `pid` has a signal pending that it neither blocks nor ignores (its blocking
@@ -878,7 +945,7 @@ impl Filesystem for FsFiles {
         let lock = Lock { owner: lock_owner.0, start, end, kind: typ as u32, pid };
         // What was written under a lock is on the server before the lock changes hands.
         self.settle(ino);
-        let (vol, locked, creds) = (self.vol.clone(), self.locked.clone(), creds_of(req, false));
+        let (vol, locked, creds) = (self.vol.clone(), self.locked.clone(), creds_of(req, false).0);
         let caller = req.pid();
         self.rt.spawn(async move {
             // A blocking lock is asked for again until it is had, or the caller got a signal
@@ -929,7 +996,7 @@ impl Filesystem for FsFiles {
                 Err(e) => reply.error(e),
             });
         };
-        let (vol, creds) = (self.vol.clone(), creds_of(req, false));
+        let (vol, creds) = (self.vol.clone(), creds_of(req, false).0);
         self.rt.spawn(async move {
             if let Err(e) = vol.fs(ino.0, creds.clone(), FsOp::Flush { owner }).await {
                 debug!(error = %e, "dropping flock locks at release failed");
