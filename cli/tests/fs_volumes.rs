@@ -924,3 +924,81 @@ assert open({secret:?}).read() == "for group 4242"
     umount(&s.addr, &s.a);
     umount(&s.addr, &s.b);
 }
+
+/// Bytes of the filesystem mounted at `p` (what `df` shows as its size).
+fn fs_total(p: &Path) -> u64 {
+    // SAFETY: a zeroed statvfs is valid (all integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `st` from a NUL-terminated path.
+    let rc = unsafe { libc::statvfs(c_path(p).as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs {}", p.display());
+    st.f_blocks * st.f_frsize
+}
+
+/// Whether this process (and so the in-process test server) has CAP_SYS_RESOURCE, which growing
+/// a mounted ext4 needs (this machine withholds it even from root).
+fn can_grow_online() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap();
+    u64::from_str_radix(caps.trim(), 16).unwrap() & (1 << 24) != 0
+}
+
+#[test]
+fn an_fs_volume_grows_on_the_server() {
+    if !privileged("an_fs_volume_grows_on_the_server", &["mkfs.ext4", "losetup", "resize2fs"]) {
+        return;
+    }
+    let mut s = setup();
+    let kept = pattern(5, 1 << 20);
+    fs::write(s.a.join("kept.bin"), &kept).unwrap();
+    let before = fs_total(&s.a);
+    assert!(before < 256 << 20, "{before}");
+    let grow = |size: &str| ferrovol("a", &s.addr, &["volume", "resize", "shared", "--size", size]);
+    if can_grow_online() {
+        // In place, under both mounts.
+        ok(&grow("512Mi"));
+        assert!(fs_total(&s.b) > 480 << 20, "{}", fs_total(&s.b));
+    } else {
+        // Not while mounted: refused with the reason, and nothing changed.
+        let e = fails(&grow("512Mi"));
+        assert!(e.contains("CAP_SYS_RESOURCE") && e.contains("mounted"), "{e}");
+        assert_eq!(fs_total(&s.a), before);
+        let stat = ok(&ferrovol("a", &s.addr, &["volume", "stat", "shared"]));
+        assert!(stat.contains("256 MiB") || stat.contains("268435456"), "{stat}");
+        // With no client mounted, the server unmounts it, grows it, and mounts it at the next
+        // client's open.
+        umount(&s.addr, &s.a);
+        umount(&s.addr, &s.b);
+        ok(&grow("512Mi"));
+        mount("a", &s.addr, "shared", &s.a, &[]);
+    }
+    assert!(fs_total(&s.a) > 480 << 20, "{}", fs_total(&s.a));
+    assert!(fs::read(s.a.join("kept.bin")).unwrap() == kept);
+
+    // A grow cut short after the data file and the metadata grew (a crash before resize2fs) is
+    // finished by the next mount of the filesystem.
+    umount(&s.addr, &s.a);
+    if is_mounted(&s.b) {
+        umount(&s.addr, &s.b);
+    }
+    drop(s.server.take());
+    let server_mount = s.data.join("volumes/shared/mnt");
+    if is_mounted(&server_mount) {
+        assert!(Command::new("umount").arg(&server_mount).status().unwrap().success());
+    }
+    let vol = s.data.join("volumes/shared");
+    fs::OpenOptions::new().write(true).open(vol.join("data")).unwrap().set_len(768 << 20).unwrap();
+    let meta = fs::read_to_string(vol.join("meta.json")).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    meta["size"] = serde_json::json!(768u64 << 20);
+    fs::write(vol.join("meta.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    let server = TestServer::start(&s.data, &s.addr);
+    mount("a", &s.addr, "shared", &s.a, &[]);
+    assert!(fs_total(&s.a) > 730 << 20, "{}", fs_total(&s.a));
+    assert!(fs::read(s.a.join("kept.bin")).unwrap() == kept);
+    // Shrinking is refused.
+    let e = fails(&grow("256Mi"));
+    assert!(e.contains("shrink"), "{e}");
+    umount(&s.addr, &s.a);
+    drop(server);
+}

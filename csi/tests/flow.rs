@@ -1140,6 +1140,29 @@ async fn an_fs_volume_is_shared_by_two_nodes() {
     assert!(!stats.volume_condition.unwrap().abnormal);
     let bytes = stats.usage.iter().find(|u| u.unit == pb_unit_bytes()).unwrap();
     assert!(bytes.total > 32 << 20 && bytes.used > 0, "{bytes:?}");
+    // Expansion is the server's: in place where it may grow a mounted ext4 (CAP_SYS_RESOURCE),
+    // else FAILED_PRECONDITION ("in use", as the spec says for a plugin that cannot grow it
+    // online) until no node has it mounted.
+    let expand = ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: 128 << 20, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    let online = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).unwrap()))
+        .unwrap()
+        & (1 << 24)
+        != 0;
+    if online {
+        let grown = a.controller.controller_expand_volume(expand.clone()).await.unwrap().into_inner();
+        assert!(!grown.node_expansion_required && grown.capacity_bytes == 128 << 20, "{grown:?}");
+    } else {
+        let err = a.controller.controller_expand_volume(expand.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("CAP_SYS_RESOURCE"), "{err:?}");
+    }
     // Unstage while published is refused; after unpublish, unstage unmounts, and the other node
     // still works.
     let err = a
@@ -1164,6 +1187,9 @@ async fn an_fs_volume_is_shared_by_two_nodes() {
         };
         a.controller.controller_unpublish_volume(unpublish).await.unwrap();
     }
+    // Mounted nowhere: the server grows it (unmounted, or in place).
+    let grown = a.controller.controller_expand_volume(expand).await.unwrap().into_inner();
+    assert!(!grown.node_expansion_required && grown.capacity_bytes == 128 << 20, "{grown:?}");
     a.controller
         .delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
         .await

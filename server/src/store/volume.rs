@@ -510,18 +510,58 @@ impl Volume {
         if new_size == meta.size {
             return Ok(());
         }
-        if self.fs {
-            return Err(StoreError::InvalidArgument(format!(
-                "volume {}: growing an fs volume is not supported yet (its ext4 would need resize2fs)",
-                self.name
-            )));
-        }
         if new_size < meta.size {
             return Err(StoreError::InvalidArgument(format!(
                 "shrinking a volume is not supported ({} -> {new_size} bytes)",
                 meta.size
             )));
         }
+        if self.fs {
+            return self.grow_fs(&mut meta, new_size);
+        }
+        self.grow_file(&mut meta, new_size)
+    }
+
+    /// Grows an fs volume's data file, then its ext4: in place while mounted if the server may
+    /// (CAP_SYS_RESOURCE); else unmounted, which needs a moment when no client has the volume
+    /// open (refused, `BUSY`, while one does). The mount lock is held throughout, so no OPEN
+    /// mounts the filesystem while resize2fs works on it. A crash or failure after the file grew
+    /// is finished at the next mount (`FsMount::mount`).
+    fn grow_fs(&self, meta: &mut VolumeMeta, new_size: u64) -> StoreResult<()> {
+        let data = self.dir.join(super::meta::DATA_FILE);
+        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        let mount_point = self.dir.join(super::fsmount::MOUNT_DIR);
+        let mount_point = std::fs::canonicalize(&mount_point).unwrap_or(mount_point);
+        let mounted = m.is_some() || super::fsmount::mounted_at(&mount_point);
+        if mounted && super::fsmount::can_grow_online() {
+            self.grow_file(meta, new_size)?;
+            return super::fsmount::grow_online(&mount_point);
+        }
+        if mounted {
+            let opens = self.opens.load(Ordering::Acquire);
+            if opens > 0 {
+                return Err(StoreError::Busy(format!(
+                    "fs volume {} is open on {opens} connection(s): growing its ext4 while it is mounted \
+                     needs CAP_SYS_RESOURCE, which this server lacks; give the server that capability, or \
+                     grow the volume while no client has it mounted",
+                    self.name
+                )));
+            }
+            match m.take().map(Arc::try_unwrap) {
+                Some(Ok(mount)) => mount.unmount()?,
+                Some(Err(shared)) => {
+                    *m = Some(shared);
+                    return Err(StoreError::Busy(format!("fs volume {} is in use; try again", self.name)));
+                }
+                None => super::fsmount::unmount_dir(&self.dir)?,
+            }
+        }
+        self.grow_file(meta, new_size)?;
+        super::fsmount::grow_offline(&data)
+    }
+
+    /// Grows the data file and the metadata (a block volume's whole resize).
+    fn grow_file(&self, meta: &mut VolumeMeta, new_size: u64) -> StoreResult<()> {
         // Order: grow the file durably, then the metadata, then the visible size. A crash before the
         // metadata write leaves a file longer than its metadata, which startup trims.
         self.file.set_len(new_size).map_err(io_err)?;
