@@ -1187,8 +1187,17 @@ async fn an_fs_volume_is_shared_by_two_nodes() {
         };
         a.controller.controller_unpublish_volume(unpublish).await.unwrap();
     }
-    // Mounted nowhere: the server grows it (unmounted, or in place).
-    let grown = a.controller.controller_expand_volume(expand).await.unwrap().into_inner();
+    // Mounted nowhere: the server grows it (unmounted, or in place). The mount processes'
+    // connections close just after their unmount: FAILED_PRECONDITION until then.
+    let start = std::time::Instant::now();
+    let grown = loop {
+        match a.controller.controller_expand_volume(expand.clone()).await {
+            Err(e) if e.code() == Code::FailedPrecondition && start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            r => break r.unwrap().into_inner(),
+        }
+    };
     assert!(!grown.node_expansion_required && grown.capacity_bytes == 128 << 20, "{grown:?}");
     a.controller
         .delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })

@@ -244,7 +244,11 @@ pub const FEATURE_TRIM: u64 = 1 << 1;
 pub const FEATURE_WRITE_ZEROES: u64 = 1 << 2;
 /// The client applies FS_NOTIFY frames (cache invalidations of fs volumes).
 pub const FEATURE_FS_NOTIFY: u64 = 1 << 3;
-pub const FEATURES_ALL: u64 = FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES | FEATURE_FS_NOTIFY;
+/// The client takes a small file's bytes with its FS_OPEN reply (`fs::FS_OPEN_INLINE_MAX`); a
+/// client without it gets the reply as before (an older parser refuses trailing bytes).
+pub const FEATURE_FS_OPEN_INLINE: u64 = 1 << 4;
+pub const FEATURES_ALL: u64 =
+    FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES | FEATURE_FS_NOTIFY | FEATURE_FS_OPEN_INLINE;
 
 /// The outcome of a request. `Ok` is 0; every failure has its own code so callers can branch on it.
 #[repr(u16)]

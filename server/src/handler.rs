@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovol_proto::limits::*;
-use ferrovol_proto::opcode::{FEATURES_ALL, FEATURE_FS_NOTIFY};
+use ferrovol_proto::opcode::{FEATURES_ALL, FEATURE_FS_NOTIFY, FEATURE_FS_OPEN_INLINE};
 use ferrovol_proto::*;
 use tracing::{debug, warn};
 
@@ -406,6 +406,7 @@ impl Session {
                     session: self.client_session,
                     node: self.fs_node.clone(),
                     watcher: self.handles.get(&handle.0).and_then(|h| h.watcher.clone()),
+                    inline: self.features & FEATURE_FS_OPEN_INLINE != 0,
                 };
                 Outcome::Blocking(Box::new(move || {
                     let result = crate::files::execute(&mount, &cx, node, &creds, fsop);

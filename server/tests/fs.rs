@@ -258,15 +258,23 @@ fn the_server_checks_every_file_operation_itself() {
     let write = FsOp::Write { fh, flags: 0o2, offset: 0, data: Bytes::from_static(b"before the crash") };
     assert_eq!(fs(&mut c, h, attr.node, &ROOT, write).unwrap(), FsReply::Written(16));
     assert!(fs(&mut c, h, attr.node, &ROOT, FsOp::Fsync { fh, flags: 0o2, datasync: false }).is_ok());
-    // A read-only open of a small file brings the whole file with it; one for writing, or of a
-    // file over 16 KiB, does not.
-    for (flags, size, inline) in [(0, 16, true), (0o2, 16, false), (0o40000 /* O_DIRECT */, 16, false)]
+    // A read-only open of a small file brings the whole file with it, to a client that asked for
+    // that in HELLO; one for writing, of a file over 16 KiB, or to a client that did not, does not.
+    let mut ic = RawClient::connect(addr);
+    let Request::Hello(mut hello) = hello_request("n1", "") else { unreachable!() };
+    hello.features |= ferrovol_proto::opcode::FEATURE_FS_OPEN_INLINE;
+    assert!(ic.call(Request::Hello(hello)).result.is_ok());
+    let ih = open_fs(&mut ic, false);
+    let o_direct = libc::O_DIRECT as u32;
+    for (inl, flags, size, inline) in [(true, 0, 16, true), (false, 0, 16, false), (true, 0o2, 16, false)]
         .into_iter()
-        .chain([(0, FS_OPEN_INLINE_MAX as u64, true), (0, FS_OPEN_INLINE_MAX as u64 + 1, false)])
+        .chain([(true, o_direct, 16, false), (true, 0, FS_OPEN_INLINE_MAX as u64, true)])
+        .chain([(true, 0, FS_OPEN_INLINE_MAX as u64 + 1, false)])
     {
         let grow = FsOp::Setattr(SetAttr { valid: SETATTR_SIZE, size, ..SetAttr::default() });
         assert!(fs(&mut c, h, attr.node, &ROOT, grow).is_ok());
-        let opened = fs(&mut c, h, attr.node, &ROOT, FsOp::Open { flags });
+        let (c, h) = if inl { (&mut ic, ih) } else { (&mut c, h) };
+        let opened = fs(c, h, attr.node, &ROOT, FsOp::Open { flags });
         let Ok(FsReply::Opened { attr: a, fh: o, data }) = opened else { panic!("{opened:?}") };
         assert_eq!(a.size, size);
         let mut want = b"before the crash".to_vec();
@@ -276,8 +284,9 @@ fn the_server_checks_every_file_operation_itself() {
         } else {
             assert!(data.is_empty(), "flags {flags:o}, {size} bytes: {} bytes inline", data.len());
         }
-        assert!(fs(&mut c, h, attr.node, &ROOT, FsOp::Release { fh: o }).is_ok());
+        assert!(fs(c, h, attr.node, &ROOT, FsOp::Release { fh: o }).is_ok());
     }
+    drop(ic);
     let shrink = FsOp::Setattr(SetAttr { valid: SETATTR_SIZE, size: 16, ..SetAttr::default() });
     assert!(fs(&mut c, h, attr.node, &ROOT, shrink).is_ok());
     let mut server = cleanup.1.take().unwrap();

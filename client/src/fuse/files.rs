@@ -112,7 +112,9 @@ impl Opened {
             let now = std::time::Instant::now();
             m.attrs.insert(node, (a, now));
             if !data.is_empty() {
-                m.data.insert(node, (fh, data, now));
+                // A copy: the reply is a slice of the connection's read buffer (256 KiB and up),
+                // which a kept slice would pin.
+                m.data.insert(node, (fh, Bytes::copy_from_slice(&data), now));
             }
         }
     }
@@ -314,9 +316,23 @@ impl FsFiles {
     ) {
         let (creds, cached) = creds_of(req, groups);
         let opcode = op.opcode();
-        if !matches!(op, FsOp::Getattr | FsOp::Read { .. }) {
+        // What an OPEN returned may predate a change sent before it and answered after it (the
+        // server's workers may run the two in either order): dropped when a change is sent and
+        // again when it is answered, before anyone is told it is done.
+        // (An OPEN's own answer is what it keeps: dropped on answer only if it truncated.)
+        let changes = !matches!(op, FsOp::Getattr | FsOp::Read { .. });
+        if changes {
             self.opened.drop_node(node.0);
         }
+        let answered =
+            changes && !matches!(op, FsOp::Open { flags } if flags as libc::c_int & libc::O_TRUNC == 0);
+        let opened = self.opened.clone();
+        let done = move |r| {
+            if answered {
+                opened.drop_node(node.0);
+            }
+            done(r)
+        };
         let errno = move |e: ClientError| {
             let errno = errno_of(&e);
             if errno == libc::EIO {
@@ -415,9 +431,11 @@ fn creds_of(req: &Request, groups: bool) -> (Creds, bool) {
 /// `GROUPS_TTL`: the read costs ~30 us of a FUSE thread per request (a third of a LOOKUP's round
 /// trip here), and a process's groups rarely change. A process that changes its uid or gid is
 /// read again at once (new key). One that drops supplementary groups alone is checked by the
-/// kernel with its current ones first (`default_permissions`), so the server's check with the
-/// old ones could let through only what the kernel's cached attributes allowed and the server's
-/// (changed meanwhile, within that second) would not. One that gains groups could be refused
+/// kernel with its current ones first (`default_permissions`: mode bits, not ACLs), so for up to
+/// that second the server's check with the old ones lets through what the kernel's cached mode
+/// bits allowed and the server's current ones (or an ACL entry naming a dropped group) would
+/// not; a new thread that reuses a dead one's id with the same uid and gid within the second
+/// gets its groups likewise. One that gains groups could be refused
 /// what it may now do: a refusal (EACCES, EPERM) of a request sent with cached groups is sent
 /// again with the groups read afresh, if they differ (`FsFiles::call`).
 struct GroupsCache(Mutex<std::collections::HashMap<ProcessIds, (std::time::Instant, Vec<u32>)>>);
@@ -789,13 +807,14 @@ impl Filesystem for FsFiles {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0 as u32;
+        // Before the request (`call` drops the inode's entry, which bumps the epoch), and before
+        // waiting for writes (whose answers bump it too).
+        let epoch = self.opened.epoch() + 1;
         // After this inode's writes: an O_TRUNC must not overtake them, and the attributes it
         // returns must include them.
         self.settle(ino);
         let (known, notifier, opened) = (self.flags.clone(), self.notifier.clone(), self.opened.clone());
         let writes = self.writes.clone();
-        // Before the request (`call` drops the inode's entry, which bumps the epoch).
-        let epoch = self.opened.epoch() + 1;
         self.call(req, true, ino, FsOp::Open { flags }, move |r| match r {
             Ok(FsReply::Opened { attr, fh, data }) => {
                 known.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, flags);
@@ -831,9 +850,10 @@ impl Filesystem for FsFiles {
         reply: ReplyData,
     ) {
         // Every write of the inode first, not only overlapping ones: a short read of a file that
-        // a write in flight extends would shrink the kernel's idea of its size.
-        self.settle(ino);
-        if let Some(d) = self.opened.read(ino.0, fh.0, offset, size, self.ttl.attr) {
+        // a write in flight extends would shrink the kernel's idea of its size. Not from the
+        // open's bytes after waiting for writes (they may postdate the open).
+        let waited = self.settle(ino);
+        if let Some(d) = self.opened.read(ino.0, fh.0, offset, size, self.ttl.attr).filter(|_| !waited) {
             return reply.data(&d);
         }
         let op = FsOp::Read { fh: fh.0, flags: flags.0 as u32, offset, len: size.min(FS_MAX_WRITE) };
@@ -946,6 +966,7 @@ impl Filesystem for FsFiles {
         // What was written under a lock is on the server before the lock changes hands.
         self.settle(ino);
         let (vol, locked, creds) = (self.vol.clone(), self.locked.clone(), creds_of(req, false).0);
+        let opened = self.opened.clone();
         let caller = req.pid();
         self.rt.spawn(async move {
             // A blocking lock is asked for again until it is had, or the caller got a signal
@@ -957,6 +978,8 @@ impl Filesystem for FsFiles {
                         if lock.kind != LOCK_UNLOCK {
                             locked.lock().unwrap_or_else(|p| p.into_inner()).insert((ino.0, lock.owner));
                         }
+                        // What was written under the lock before it came is read from the server.
+                        opened.drop_node(ino.0);
                         return reply.ok();
                     }
                     Err(e) if sleep && errno_of(&e) == libc::EAGAIN => {
@@ -997,6 +1020,7 @@ impl Filesystem for FsFiles {
             });
         };
         let (vol, creds) = (self.vol.clone(), creds_of(req, false).0);
+        self.opened.drop_node(ino.0);
         self.rt.spawn(async move {
             if let Err(e) = vol.fs(ino.0, creds.clone(), FsOp::Flush { owner }).await {
                 debug!(error = %e, "dropping flock locks at release failed");

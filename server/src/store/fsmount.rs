@@ -112,20 +112,17 @@ impl FsMount {
             // then detached: autoclear frees it at unmount.
             // A loop device already on the data file (a mount elsewhere, by another server
             // process or mount namespace): a second mount of one ext4 would corrupt it.
-            let attached = run(Command::new("losetup").arg("-j").arg(data))?;
-            if !attached.is_empty() {
-                return Err(StoreError::Busy(format!(
-                    "{} is already attached to a loop device ({attached}) but not mounted at {}: refusing \
-                     to mount it twice",
-                    data.display(),
-                    mount_point.display()
-                )));
-            }
+            not_attached(data)?;
             // A grow that stopped after the data file grew (a crash, a failed resize2fs) is
-            // finished now, before anything else sees the filesystem.
+            // finished now, before anything else sees the filesystem; if it cannot be, the
+            // volume is served at its old size all the same.
             let file_len = std::fs::metadata(data)?.len();
             match fs_bytes(data) {
-                Ok(fs) if fs.saturating_add(GROW_SLACK) < file_len => grow_offline(data)?,
+                Ok(fs) if fs.saturating_add(GROW_SLACK) < file_len => {
+                    if let Err(e) = grow_offline(data) {
+                        warn!(data = %data.display(), error = %e, "cannot finish growing the filesystem; mounting it as it is");
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => warn!(data = %data.display(), error = %e, "cannot read the filesystem's size"),
             }
@@ -215,10 +212,11 @@ pub fn grow_offline(data: &Path) -> StoreResult<()> {
     })?;
     if !matches!(out.status.code(), Some(0 | 1)) {
         return Err(StoreError::Io(std::io::Error::other(format!(
-            "e2fsck of {} before growing it failed ({}): {}",
+            "e2fsck of {} before growing it failed ({}): {} {}",
             data.display(),
             out.status,
-            String::from_utf8_lossy(&out.stdout).trim()
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
         ))));
     }
     run(Command::new("resize2fs").arg(data))?;
@@ -226,8 +224,23 @@ pub fn grow_offline(data: &Path) -> StoreResult<()> {
     Ok(())
 }
 
+/// Refuses (`BUSY`) a data file already on a loop device (a mount elsewhere, by another server
+/// process or mount namespace): a second mount of one ext4, or resize2fs under a mounted one,
+/// would corrupt it.
+pub fn not_attached(data: &Path) -> StoreResult<()> {
+    let attached = run(Command::new("losetup").arg("-j").arg(data))?;
+    if attached.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Busy(format!(
+        "{} is attached to a loop device ({attached}) that this server did not mount: refusing to mount \
+         or grow it twice",
+        data.display()
+    )))
+}
+
 /// The size of the ext4 in `data`, from its superblock.
-fn fs_bytes(data: &Path) -> std::io::Result<u64> {
+pub fn fs_bytes(data: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let mut sb = [0u8; 1024];
     std::fs::File::open(data)?.read_exact_at(&mut sb, 1024)?;

@@ -50,6 +50,9 @@ pub struct Volume {
     fs: bool,
     /// The fs volume's mount, from its first OPEN until it is deleted or the server stops.
     mount: Mutex<Option<Arc<FsMount>>>,
+    /// One grow of the fs volume at a time (see `grow_fs`), and whether an unmounted one runs.
+    grow_lock: Mutex<()>,
+    growing: std::sync::atomic::AtomicBool,
 }
 
 /// How [`Volume::snapshot_to`] made its point-in-time copy.
@@ -149,6 +152,8 @@ impl Volume {
         Ok(Self {
             fs,
             mount: Mutex::new(None),
+            grow_lock: Mutex::new(()),
+            growing: std::sync::atomic::AtomicBool::new(false),
             name,
             dir,
             file,
@@ -463,6 +468,12 @@ impl Volume {
         if let Some(m) = &*m {
             return Ok(m.clone());
         }
+        if self.growing.load(Ordering::Acquire) {
+            return Err(StoreError::Busy(format!(
+                "fs volume {} is being grown (e2fsck and resize2fs); try again in a moment",
+                self.name
+            )));
+        }
         let mount = Arc::new(FsMount::mount(&self.dir, &self.dir.join(super::meta::DATA_FILE))?);
         *m = Some(mount.clone());
         Ok(mount)
@@ -517,47 +528,108 @@ impl Volume {
             )));
         }
         if self.fs {
-            return self.grow_fs(&mut meta, new_size);
+            let old = meta.size;
+            drop(meta);
+            return self.grow_fs(old, new_size);
         }
         self.grow_file(&mut meta, new_size)
     }
 
-    /// Grows an fs volume's data file, then its ext4: in place while mounted if the server may
-    /// (CAP_SYS_RESOURCE); else unmounted, which needs a moment when no client has the volume
-    /// open (refused, `BUSY`, while one does). The mount lock is held throughout, so no OPEN
-    /// mounts the filesystem while resize2fs works on it. A crash or failure after the file grew
-    /// is finished at the next mount (`FsMount::mount`).
-    fn grow_fs(&self, meta: &mut VolumeMeta, new_size: u64) -> StoreResult<()> {
+    /// Grows an fs volume (from `old` bytes): the data file and metadata, then its ext4. In place
+    /// while mounted if the server may (CAP_SYS_RESOURCE); else unmounted, which needs a moment
+    /// when no client has the volume open and no disconnected session holds files or locks in
+    /// its lease (refused, `BUSY`, otherwise; nothing changes). Meanwhile an OPEN that would mount
+    /// it is refused (`BUSY`) rather than waiting on a connection's thread, and the metadata lock
+    /// is not held across e2fsck and resize2fs (a stat, list or delete does not wait for them).
+    /// An offline grow that fails before the filesystem grew puts the file back, so a retry does
+    /// it all again; a crash in between is finished at the next mount (`FsMount::mount`).
+    fn grow_fs(&self, old: u64, new_size: u64) -> StoreResult<()> {
+        let _one = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lock_meta().size != old {
+            return Err(StoreError::Busy(format!("volume {} was resized meanwhile; try again", self.name)));
+        }
         let data = self.dir.join(super::meta::DATA_FILE);
-        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
         let mount_point = self.dir.join(super::fsmount::MOUNT_DIR);
         let mount_point = std::fs::canonicalize(&mount_point).unwrap_or(mount_point);
+        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
         let mounted = m.is_some() || super::fsmount::mounted_at(&mount_point);
         if mounted && super::fsmount::can_grow_online() {
-            self.grow_file(meta, new_size)?;
-            return super::fsmount::grow_online(&mount_point);
+            drop(m);
+            self.grow_file(&mut self.lock_meta(), new_size)?;
+            return super::fsmount::grow_online(&mount_point).map_err(|e| {
+                StoreError::Io(std::io::Error::other(format!(
+                    "volume {} grew to {new_size} bytes but its filesystem did not: {e}; its next mount \
+                     finishes the grow",
+                    self.name
+                )))
+            });
         }
         if mounted {
             let opens = self.opens.load(Ordering::Acquire);
             if opens > 0 {
                 return Err(StoreError::Busy(format!(
-                    "fs volume {} is open on {opens} connection(s): growing its ext4 while it is mounted \
-                     needs CAP_SYS_RESOURCE, which this server lacks; give the server that capability, or \
-                     grow the volume while no client has it mounted",
+                    "fs volume {} is open by {opens} client handle(s): growing its ext4 while it is \
+                     mounted needs CAP_SYS_RESOURCE, which this server lacks; give the server that \
+                     capability, or grow the volume while no client has it mounted",
                     self.name
                 )));
             }
             match m.take().map(Arc::try_unwrap) {
+                Some(Ok(mount)) if !mount.files.is_empty() || !mount.locks.is_empty() => {
+                    *m = Some(Arc::new(mount));
+                    return Err(StoreError::Busy(format!(
+                        "fs volume {}: a disconnected client still holds open files or locks on it (kept \
+                         15 s for its reconnect); try again later",
+                        self.name
+                    )));
+                }
                 Some(Ok(mount)) => mount.unmount()?,
                 Some(Err(shared)) => {
                     *m = Some(shared);
-                    return Err(StoreError::Busy(format!("fs volume {} is in use; try again", self.name)));
+                    return Err(StoreError::Busy(format!(
+                        "fs volume {}: file operations are in flight; try again",
+                        self.name
+                    )));
                 }
                 None => super::fsmount::unmount_dir(&self.dir)?,
             }
         }
-        self.grow_file(meta, new_size)?;
-        super::fsmount::grow_offline(&data)
+        self.growing.store(true, Ordering::Release);
+        drop(m);
+        // The unmount frees its loop device asynchronously (autoclear runs from a work queue).
+        let mut attached = super::fsmount::not_attached(&data);
+        for _ in 0..40 {
+            if attached.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            attached = super::fsmount::not_attached(&data);
+        }
+        let grown = attached.and_then(|()| self.grow_file(&mut self.lock_meta(), new_size)).and_then(|()| {
+            super::fsmount::grow_offline(&data).inspect_err(|_| {
+                // Not grown at all: the file goes back to its old size, so a retry redoes it.
+                if super::fsmount::fs_bytes(&data).is_ok_and(|fs| fs <= old) {
+                    if let Err(e) = self.put_back(old) {
+                        tracing::warn!(volume = %self.name, error = %e, "cannot put the data file back after a failed grow");
+                    }
+                }
+            })
+        });
+        self.growing.store(false, Ordering::Release);
+        grown
+    }
+
+    /// Undoes `grow_file` for a filesystem that did not grow: the metadata first (a crash then
+    /// leaves a file longer than its metadata, which startup trims), then the file.
+    fn put_back(&self, old: u64) -> StoreResult<()> {
+        let mut meta = self.lock_meta();
+        let mut next = meta.clone();
+        next.size = old;
+        write_meta(&self.dir, &next).map_err(io_err)?;
+        *meta = next;
+        self.size.store(old, Ordering::Release);
+        self.file.set_len(old).map_err(io_err)?;
+        self.file.sync_all().map_err(io_err)
     }
 
     /// Grows the data file and the metadata (a block volume's whole resize).
