@@ -488,7 +488,10 @@ def main():
     if args.base_bins:
         Base.bins = os.path.abspath(args.base_bins)
         TARGETS["base"] = Base
-        names.append("base")
+        if "base" not in names:
+            names.append("base")
+    if len(set(names)) != len(names):
+        sys.exit(f"targets: each at most once (got {names}): two would share one work dir")
     want = {j for j in args.jobs.split(",") if j}
     if not want or want - set(JOBS):
         sys.exit(f"jobs: any of {list(JOBS)} (got {sorted(want)})")
