@@ -979,6 +979,15 @@ fn an_fs_volume_grows_on_the_server() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Grown by the resize itself, not left to the next mount (which would finish it too).
+        let sb = Command::new("dumpe2fs").arg("-h").arg(s.data.join("volumes/shared/data")).output().unwrap();
+        let sb = String::from_utf8_lossy(&sb.stdout).into_owned();
+        let blocks: u64 = sb
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("dumpe2fs: {sb}"));
+        assert!(blocks * 4096 > 480 << 20, "{blocks} blocks after the resize");
         mount("a", &s.addr, "shared", &s.a, &[]);
     }
     assert!(fs_total(&s.a) > 480 << 20, "{}", fs_total(&s.a));

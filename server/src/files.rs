@@ -818,15 +818,16 @@ fn pread_bytes(fd: RawFd, offset: u64, len: u32) -> io::Result<Bytes> {
 }
 
 /// What a read-only open (`asked`: the client's flags; O_DIRECT bypasses the client's cache, so
-/// none) of a small file returns with it: the whole file, if it still has the size `attr` says (a concurrent truncate or extend leaves it out: the client reads as usual).
-fn inline_data(fd: RawFd, asked: libc::c_int, attr: &Attr) -> io::Result<Bytes> {
+/// none) of a small file returns with it: the whole file, if it still has the size `attr` says.
+/// Empty otherwise, and on a read error (a concurrent truncate or extend, EIO): the client then
+/// reads as usual, and the open does not fail for it.
+fn inline_data(fd: RawFd, asked: libc::c_int, attr: &Attr) -> Bytes {
     let size = u32::try_from(attr.size).unwrap_or(u32::MAX);
     let small = size != 0 && size <= FS_OPEN_INLINE_MAX;
     if !small || asked & libc::O_ACCMODE != libc::O_RDONLY || asked & libc::O_DIRECT != 0 {
-        return Ok(Bytes::new());
+        return Bytes::new();
     }
-    let data = pread_bytes(fd, 0, size)?;
-    Ok(if data.len() as u64 == attr.size { data } else { Bytes::new() })
+    pread_bytes(fd, 0, size).ok().filter(|d| d.len() as u64 == attr.size).unwrap_or_default()
 }
 
 fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) -> io::Result<FsReply> {
@@ -945,12 +946,7 @@ fn execute_inner(m: &FsMount, cx: &Context, node: u64, creds: &Creds, op: FsOp) 
             drop(c);
             // After an O_TRUNC too: the size the opener will see.
             let attr = attr_of(file.as_raw_fd(), node)?;
-            // Not worth failing the open for: the client reads as usual.
-            let data = if cx.inline {
-                inline_data(file.as_raw_fd(), asked, &attr).unwrap_or_default()
-            } else {
-                Bytes::new()
-            };
+            let data = if cx.inline { inline_data(file.as_raw_fd(), asked, &attr) } else { Bytes::new() };
             let fh = next_fh();
             m.files.insert(fh, file, cx)?;
             FsReply::Opened { attr, fh, data }

@@ -417,10 +417,8 @@ pub fn errno_of(e: &ClientError) -> i32 {
     }
 }
 
-/// The caller's credentials; its supplementary groups from /proc when they matter (reads and
-/// writes were checked at open).
-/// The caller's credentials, with its supplementary groups if `groups`; true if those came from
-/// the cache (see `GroupsCache`).
+/// The caller's credentials, with its supplementary groups if `groups` (where they matter: reads
+/// and writes were checked at open); true if those came from the cache (see `GroupsCache`).
 fn creds_of(req: &Request, groups: bool) -> (Creds, bool) {
     let (uid, gid) = (req.uid(), req.gid());
     let (groups, cached) = if groups { GROUPS.of(req.pid(), uid, gid) } else { (Vec::new(), false) };
