@@ -1020,3 +1020,152 @@ fn an_fs_volume_grows_on_the_server() {
     umount(&s.addr, &s.a);
     drop(server);
 }
+
+/// Whether `image` holds a clean ext4: no journal to replay, nothing for `e2fsck -fn` to fix.
+fn assert_clean_ext4(image: &Path) {
+    let sb = Command::new("dumpe2fs").arg("-h").arg(image).output().unwrap();
+    let sb = String::from_utf8_lossy(&sb.stdout).into_owned();
+    let features =
+        sb.lines().find(|l| l.starts_with("Filesystem features:")).unwrap_or_else(|| panic!("{sb}"));
+    assert!(
+        !features.contains("needs_recovery"),
+        "{}: the journal needs a replay: {features}",
+        image.display()
+    );
+    let out = Command::new("e2fsck").args(["-f", "-n"]).arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use() {
+    if !privileged(
+        "an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use",
+        &["mkfs.ext4", "losetup", "e2fsck", "resize2fs", "fsfreeze"],
+    ) {
+        return;
+    }
+    let mut s = setup();
+    let (c, d) = (s._dir.path().join("c"), s._dir.path().join("d"));
+    s.cleanup.0.extend([c.clone(), d.clone()]);
+    for v in ["restored", "twin", "fresh", "fresh-copy"] {
+        s.cleanup.0.push(s.data.join(format!("volumes/{v}/mnt")));
+    }
+    let files: Vec<(PathBuf, Vec<u8>)> =
+        (0..20).map(|i| (PathBuf::from(format!("f{i}")), pattern(100 + i, 64 << 10))).collect();
+    for (name, data) in &files {
+        let mut f = fs::File::create(s.a.join(name)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    }
+    // A writer on node b that goes on while the snapshot is cut (its writes wait out the freeze).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (b, stop, written) = (s.b.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let mut f = fs::File::create(b.join(format!("busy-{}", n % 50))).unwrap();
+                f.write_all(&pattern(n, 16 << 10)).unwrap();
+                f.sync_all().unwrap();
+                n += 1;
+                written.store(n, std::sync::atomic::Ordering::Release);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ok(&ferrovol("a", &s.addr, &["snapshot", "create", "snap", "--volume", "shared"]));
+    assert!(out.contains("snap"), "{out}");
+    // The writer was not stopped by it.
+    let at_snapshot = written.load(std::sync::atomic::Ordering::Acquire);
+    let start = std::time::Instant::now();
+    while written.load(std::sync::atomic::Ordering::Acquire) < at_snapshot + 5 {
+        assert!(start.elapsed() < Duration::from_secs(10), "writes did not go on after the snapshot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    writer.join().unwrap();
+    let stat = ok(&ferrovol("a", &s.addr, &["snapshot", "stat", "snap"]));
+    assert!(stat.contains("kind:       fs") && stat.contains("ready"), "{stat}");
+    // Cut from a mounted filesystem under writes, and still a clean one (frozen across the copy:
+    // without the freeze its journal needs a replay and e2fsck -n reports it).
+    assert_clean_ext4(&s.data.join("snapshots/snap/data"));
+
+    // What changes after the snapshot is not in it.
+    fs::write(s.a.join("after.txt"), b"after").unwrap();
+    fs::remove_file(s.a.join("f0")).unwrap();
+
+    // A restore is an fs volume (the snapshot's kind, not asked for), here larger than its source:
+    // its filesystem grows with it.
+    let out = ok(&ferrovol(
+        "a",
+        &s.addr,
+        &["volume", "create", "restored", "--from-snapshot", "snap", "--size", "512Mi"],
+    ));
+    assert!(out.contains("fs volume restored"), "{out}");
+    mount("c", &s.addr, "restored", &c, &[]);
+    for (name, data) in &files {
+        assert!(fs::read(c.join(name)).unwrap() == *data, "{} in the restore", name.display());
+    }
+    assert!(!c.join("after.txt").exists());
+    assert!(fs_total(&c) > 480 << 20, "{}", fs_total(&c));
+    // Restored volumes are volumes of their own: a change there is not seen in the source.
+    fs::write(c.join("only-here"), b"x").unwrap();
+    assert!(!s.a.join("only-here").exists());
+
+    // A clone of the mounted volume: its content now.
+    ok(&ferrovol("a", &s.addr, &["volume", "create", "twin", "--from-volume", "shared"]));
+    mount("d", &s.addr, "twin", &d, &[]);
+    assert_eq!(fs::read(d.join("after.txt")).unwrap(), b"after");
+    assert!(!d.join("f0").exists());
+    assert!(fs::read(d.join("f1")).unwrap() == files[1].1);
+
+    // The kinds must match: an fs image is not restored as a block volume.
+    let e = fails(&ferrovol(
+        "a",
+        &s.addr,
+        &["volume", "create", "blk", "--from-snapshot", "snap", "--type", "block"],
+    ));
+    assert!(e.contains("snapshot snap is of an fs volume"), "{e}");
+    let list = ok(&ferrovol("a", &s.addr, &["snapshot", "list"]));
+    assert!(list.lines().any(|l| l.starts_with("snap ") && l.contains(" fs ")), "{list}");
+
+    // An fs volume the server has not mounted (never opened): copied as it is, mounts held off.
+    ok(&ferrovol("a", &s.addr, &["volume", "create", "fresh", "--size", "64Mi", "--type", "fs"]));
+    ok(&ferrovol("a", &s.addr, &["snapshot", "create", "fresh-snap", "--volume", "fresh"]));
+    assert_clean_ext4(&s.data.join("snapshots/fresh-snap/data"));
+    ok(&ferrovol("a", &s.addr, &["volume", "create", "fresh-copy", "--from-snapshot", "fresh-snap"]));
+    umount(&s.addr, &d);
+    mount("d", &s.addr, "fresh-copy", &d, &[]);
+    assert!(d.join("lost+found").is_dir());
+
+    // A server killed while a filesystem is frozen (mid-snapshot) thaws it when it comes back:
+    // the clients' writes go on.
+    let shared_mnt = s.data.join("volumes/shared/mnt");
+    assert!(Command::new("fsfreeze").arg("-f").arg(&shared_mnt).status().unwrap().success());
+    s.server.take().unwrap().kill();
+    let server = TestServer::start(&s.data, &s.addr);
+    let a = s.a.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = fs::File::create(a.join("thawed.txt")).unwrap();
+        f.write_all(b"thawed").unwrap();
+        f.sync_all().unwrap();
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&shared_mnt).status();
+        panic!("a write after the restart waited on the frozen filesystem");
+    }
+    assert_eq!(fs::read(s.b.join("thawed.txt")).unwrap(), b"thawed");
+    for p in [&s.a, &s.b, &c, &d] {
+        umount(&s.addr, p);
+    }
+    drop(server);
+}

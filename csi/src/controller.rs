@@ -127,8 +127,8 @@ impl ControllerService {
     async fn create_volume(&self, req: pb::CreateVolumeRequest) -> CsiResult<pb::CreateVolumeResponse> {
         require(&req.name, "name")?;
         check_parameters(&req.parameters)?;
-        let kind = kind_for(&req.parameters, &req.volume_capabilities)?;
-        check_capabilities(&req.volume_capabilities, kind)?;
+        let mut kind = kind_for(&req.parameters, &req.volume_capabilities)?;
+        let auto = matches!(req.parameters.get(PARAM_TYPE).map(String::as_str), None | Some("auto"));
         let name = volume_name_for(&req.name);
         let _guard = self.locks.try_lock(name.as_str())?;
         let session = self.session().await?;
@@ -140,11 +140,6 @@ impl ControllerService {
         }
         if let Some(t) = req.parameters.get(PARAM_TYPE) {
             labels.insert(LABEL_TYPE.to_owned(), t.clone());
-        }
-        if kind == Kind::Fs && req.volume_content_source.is_some() {
-            return Err(CsiError::invalid(
-                "an fs volume cannot be made from a snapshot or a volume yet (use type: block for that)",
-            ));
         }
         let source = match req.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
             None => None,
@@ -165,6 +160,18 @@ impl ControllerService {
         ferrovol_proto::validate_labels(&labels).map_err(|_| {
             CsiError::invalid(format!("name is {} bytes; at most 1024 are kept", req.name.len()))
         })?;
+        // type auto with a content source: the source's kind (a restore or clone is of its kind).
+        if let (true, Some(src)) = (auto, &source) {
+            kind = match self.source_kind(&session, src).await {
+                Ok(k) => k,
+                // A retry after the source was deleted: the volume made then tells.
+                Err(e) => match session.stat_volume(&name).await {
+                    Ok(v) => Kind::of(&v),
+                    Err(_) => return Err(e),
+                },
+            };
+        }
+        check_capabilities(&req.volume_capabilities, kind)?;
         let matches = |v: &VolumeInfo| -> CsiResult<()> {
             if Kind::of(v) != kind {
                 return Err(CsiError::AlreadyExists(format!(
@@ -210,7 +217,7 @@ impl ControllerService {
                     }
                     Kind::Fs => {
                         let fs = ferrovol_proto::codec::VOLUME_KIND_FS;
-                        session.create_volume_of_kind(&name, fs, size, labels.clone(), None).await
+                        session.create_volume_of_kind(&name, fs, size, labels.clone(), source.clone()).await
                     }
                 };
                 match created {
@@ -230,6 +237,19 @@ impl ControllerService {
             Err(e) => return Err(e.into()),
         };
         Ok(pb::CreateVolumeResponse { volume: Some(self.volume(&info).await?) })
+    }
+
+    /// The kind of a content source; NOT_FOUND when it does not exist.
+    async fn source_kind(
+        &self,
+        session: &ferrovol_client::Session,
+        source: &VolumeSource,
+    ) -> CsiResult<Kind> {
+        let fs = match source {
+            VolumeSource::Volume(v) => session.stat_volume(v).await?.kind,
+            VolumeSource::Snapshot(s) => session.stat_snapshot(s).await?.kind,
+        } == ferrovol_proto::codec::VOLUME_KIND_FS;
+        Ok(if fs { Kind::Fs } else { Kind::Block })
     }
 
     /// The size of a content source; NOT_FOUND when it does not exist. A snapshot still being copied

@@ -1140,6 +1140,65 @@ async fn an_fs_volume_is_shared_by_two_nodes() {
     assert!(!stats.volume_condition.unwrap().abnormal);
     let bytes = stats.usage.iter().find(|u| u.unit == pb_unit_bytes()).unwrap();
     assert!(bytes.total > 32 << 20 && bytes.used > 0, "{bytes:?}");
+    // A snapshot of the mounted, shared volume, restored with `type: auto` for one node: a
+    // restore is of its source's kind (an fs volume), with the files as they were.
+    let snap = snapshot_ready(&mut a, "shared-snap", &id).await;
+    let snap_src = || {
+        volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: snap.clone(),
+        })
+    };
+    let r = a
+        .controller
+        .create_volume(CreateVolumeRequest {
+            volume_content_source: Some(VolumeContentSource { r#type: Some(snap_src()) }),
+            capacity_range: None,
+            ..create_req("shared-restored", 0, false)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(r.volume_context.get("type").map(String::as_str), Some("fs"), "{r:?}");
+    assert!(r.content_source.is_some(), "{r:?}");
+    let restored = r.volume_id.clone();
+    {
+        let rwo = cap(false, Mode::SingleNodeWriter);
+        let publish = ControllerPublishVolumeRequest {
+            volume_id: restored.clone(),
+            node_id: "node-a".into(),
+            volume_capability: Some(rwo.clone()),
+            volume_context: r.volume_context.clone(),
+            ..Default::default()
+        };
+        let ctx = a.controller.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+        let (staging, target) = (dir.path().join("staging-r"), dir.path().join("target-r"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let (mut stage, mut publish) = node_reqs(&restored, &ctx, &rwo, &staging, &target);
+        stage.volume_context = r.volume_context.clone();
+        publish.volume_context = r.volume_context.clone();
+        a.node.node_stage_volume(stage).await.unwrap();
+        a.node.node_publish_volume(publish).await.unwrap();
+        assert_eq!(std::fs::read(target.join("from-a")).unwrap(), b"written on a, then b");
+        a.unpublish_unstage(&restored, &target, &staging).await;
+        let unpublish = ControllerUnpublishVolumeRequest {
+            volume_id: restored.clone(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        };
+        a.controller.controller_unpublish_volume(unpublish).await.unwrap();
+    }
+    // Asked for as a block volume, an fs snapshot is refused, by name.
+    let mut as_block = CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource { r#type: Some(snap_src()) }),
+        capacity_range: None,
+        ..create_req("restored-as-block", 0, true)
+    };
+    as_block.parameters.insert("type".into(), "block".into());
+    let err = a.controller.create_volume(as_block).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("is of an fs volume"), "{err:?}");
     // Expansion is the server's: in place where it may grow a mounted ext4 (CAP_SYS_RESOURCE),
     // else FAILED_PRECONDITION ("in use", as the spec says for a plugin that cannot grow it
     // online) until no node has it mounted.

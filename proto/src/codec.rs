@@ -969,6 +969,9 @@ pub struct SnapshotInfo {
     /// Progress of the copy: bytes of `size` already preserved (`size` when ready).
     pub copied_bytes: u64,
     pub labels: Labels,
+    /// The source's kind (`VOLUME_KIND_BLOCK` or `VOLUME_KIND_FS`): a restore is of that kind. On
+    /// the wire in a trailer, present only when some snapshot of the reply is not of a block volume.
+    pub kind: u8,
 }
 
 /// The server's data dir: what its filesystem holds and what the volumes were given.
@@ -1096,6 +1099,29 @@ fn put_snapshot_info(p: &mut BytesMut, v: &SnapshotInfo) {
     put_labels(p, &v.labels);
 }
 
+/// The kinds trailer of a snapshot reply: one kind u8 per snapshot, only when some is not block
+/// (so a reply of block snapshots only is byte for byte what older servers sent).
+fn put_snapshot_kinds(p: &mut BytesMut, entries: &[SnapshotInfo]) {
+    if entries.iter().any(|v| v.kind != VOLUME_KIND_BLOCK) {
+        for v in entries {
+            p.put_u8(v.kind);
+        }
+    }
+}
+
+fn get_snapshot_kinds(r: &mut Reader<'_>, entries: &mut [SnapshotInfo]) -> Result<(), PayloadError> {
+    if r.remaining() == 0 {
+        return Ok(());
+    }
+    for v in entries {
+        v.kind = match r.u8()? {
+            k @ (VOLUME_KIND_BLOCK | VOLUME_KIND_FS) => k,
+            _ => return Err(PayloadError::Invalid("unknown snapshot kind")),
+        };
+    }
+    Ok(())
+}
+
 fn get_snapshot_info(r: &mut Reader<'_>) -> Result<SnapshotInfo, PayloadError> {
     Ok(SnapshotInfo {
         name: r.volume_name()?,
@@ -1110,6 +1136,7 @@ fn get_snapshot_info(r: &mut Reader<'_>) -> Result<SnapshotInfo, PayloadError> {
         },
         copied_bytes: r.u64()?,
         labels: r.labels()?,
+        kind: VOLUME_KIND_BLOCK,
     })
 }
 
@@ -1212,9 +1239,14 @@ impl Response {
                     Reply::Data(d) => d.clone(),
                     Reply::Snapshot(v) => {
                         put_snapshot_info(&mut p, v);
+                        put_snapshot_kinds(&mut p, std::slice::from_ref(v));
                         p.freeze()
                     }
-                    Reply::SnapshotList { entries, more } => put_list(p, entries, *more, put_snapshot_info),
+                    Reply::SnapshotList { entries, more } => {
+                        let mut p = BytesMut::from(put_list(p, entries, *more, put_snapshot_info));
+                        put_snapshot_kinds(&mut p, entries);
+                        p.freeze()
+                    }
                     Reply::Fs(f) => match fs::encode_reply(&mut p, f) {
                         Some(data) => data,
                         None => p.freeze(),
@@ -1296,9 +1328,14 @@ impl Response {
                     let (entries, more) = get_list(&mut r, get_volume_info)?;
                     Reply::List { entries, more }
                 }
-                Opcode::SnapshotCreate | Opcode::SnapshotStat => Reply::Snapshot(get_snapshot_info(&mut r)?),
+                Opcode::SnapshotCreate | Opcode::SnapshotStat => {
+                    let mut v = get_snapshot_info(&mut r)?;
+                    get_snapshot_kinds(&mut r, std::slice::from_mut(&mut v))?;
+                    Reply::Snapshot(v)
+                }
                 Opcode::SnapshotList => {
-                    let (entries, more) = get_list(&mut r, get_snapshot_info)?;
+                    let (mut entries, more) = get_list(&mut r, get_snapshot_info)?;
+                    get_snapshot_kinds(&mut r, &mut entries)?;
                     Reply::SnapshotList { entries, more }
                 }
                 Opcode::AttachSet => Reply::Attached { generation: r.u64()? },

@@ -247,8 +247,16 @@ pub const FEATURE_FS_NOTIFY: u64 = 1 << 3;
 /// The client takes a small file's bytes with its FS_OPEN reply (`fs::FS_OPEN_INLINE_MAX`); a
 /// client without it gets the reply as before (an older parser refuses trailing bytes).
 pub const FEATURE_FS_OPEN_INLINE: u64 = 1 << 4;
-pub const FEATURES_ALL: u64 =
-    FEATURE_FUA | FEATURE_TRIM | FEATURE_WRITE_ZEROES | FEATURE_FS_NOTIFY | FEATURE_FS_OPEN_INLINE;
+/// The client reads the kinds of snapshots (a trailer after SnapshotInfo, present when one is of
+/// an fs volume); a client without it is told every snapshot is of a block volume (an older
+/// parser refuses trailing bytes), and a restore of an fs one as a block volume is refused.
+pub const FEATURE_SNAPSHOT_KIND: u64 = 1 << 5;
+pub const FEATURES_ALL: u64 = FEATURE_FUA
+    | FEATURE_TRIM
+    | FEATURE_WRITE_ZEROES
+    | FEATURE_FS_NOTIFY
+    | FEATURE_FS_OPEN_INLINE
+    | FEATURE_SNAPSHOT_KIND;
 
 /// The outcome of a request. `Ok` is 0; every failure has its own code so callers can branch on it.
 #[repr(u16)]

@@ -297,8 +297,9 @@ fn snapshot_reply_golden() {
         ready: false,
         copied_bytes: 2048,
         labels: Labels::new(),
+        kind: 0,
     };
-    let frame = Response::ok(RequestId(9), Opcode::SnapshotStat, Reply::Snapshot(info)).encode();
+    let frame = Response::ok(RequestId(9), Opcode::SnapshotStat, Reply::Snapshot(info.clone())).encode();
     let payload: &[u8] = &[
         1, b's', // name
         1, b'v', // source
@@ -311,6 +312,14 @@ fn snapshot_reply_golden() {
     ];
     assert_eq!(&frame.payload[..], payload);
     assert_eq!(frame.header[5], 0x1e);
+    // A snapshot of an fs volume: the kinds trailer follows, one u8 per snapshot.
+    let fs = SnapshotInfo { kind: 1, ..info.clone() };
+    let frame = Response::ok(RequestId(9), Opcode::SnapshotStat, Reply::Snapshot(fs.clone())).encode();
+    assert_eq!(&frame.payload[..], [payload, &[1]].concat());
+    let list = Reply::SnapshotList { entries: vec![info, fs], more: false };
+    let frame = Response::ok(RequestId(9), Opcode::SnapshotList, list).encode();
+    assert_eq!(frame.payload[..5], [2, 0, 0, 0, 0]);
+    assert_eq!(frame.payload[frame.payload.len() - 2..], [0, 1], "kinds trailer: block, fs");
 }
 
 #[test]
@@ -497,6 +506,7 @@ fn response_round_trip_all_replies() {
         ready: true,
         copied_bytes: 1 << 30,
         labels: Labels::from([("csi.ferrovol.io/name".to_owned(), "snapshot-1".to_owned())]),
+        kind: 1,
     };
     let cases = vec![
         (

@@ -24,16 +24,9 @@ fn source() -> impl Strategy<Value = VolumeSource> {
 }
 
 fn snapshot_info() -> impl Strategy<Value = SnapshotInfo> {
-    (name(), name(), any::<[u64; 4]>(), any::<bool>(), labels()).prop_map(
-        |(name, source, [size, allocated, created_unix_ms, copied_bytes], ready, labels)| SnapshotInfo {
-            name,
-            source,
-            size,
-            allocated,
-            created_unix_ms,
-            ready,
-            copied_bytes,
-            labels,
+    (name(), name(), any::<[u64; 4]>(), any::<bool>(), labels(), 0u8..=1).prop_map(
+        |(name, source, [size, allocated, created_unix_ms, copied_bytes], ready, labels, kind)| {
+            SnapshotInfo { name, source, size, allocated, created_unix_ms, ready, copied_bytes, labels, kind }
         },
     )
 }

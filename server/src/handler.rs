@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovol_proto::limits::*;
-use ferrovol_proto::opcode::{FEATURES_ALL, FEATURE_FS_NOTIFY, FEATURE_FS_OPEN_INLINE};
+use ferrovol_proto::opcode::{
+    FEATURES_ALL, FEATURE_FS_NOTIFY, FEATURE_FS_OPEN_INLINE, FEATURE_SNAPSHOT_KIND,
+};
 use ferrovol_proto::*;
 use tracing::{debug, warn};
 
@@ -202,6 +204,15 @@ fn durable(id: RequestId, op: Opcode, vol: Arc<Volume>, reply: Reply) -> Outcome
 
 /// A control operation on the store: run on the blocking pool (it may fsync metadata) and answered
 /// when done, while the connection goes on reading and serving the requests behind it.
+/// A snapshot as a client is told it: without FEATURE_SNAPSHOT_KIND, as of a block volume (the
+/// kinds trailer would break its parser; a restore of an fs one as block is refused, by name).
+fn snapshot_for(kinds: bool, mut v: SnapshotInfo) -> SnapshotInfo {
+    if !kinds {
+        v.kind = ferrovol_proto::codec::VOLUME_KIND_BLOCK;
+    }
+    v
+}
+
 fn store_op<T: Send + 'static>(
     ctx: &Context,
     id: RequestId,
@@ -269,21 +280,41 @@ impl Session {
                 Reply::Volume,
             ),
             Request::SnapshotCreate { name, source, labels } => {
-                store_op(ctx, id, op, move |s| s.snapshot_create(&name, &source, &labels), Reply::Snapshot)
+                let kinds = self.features & FEATURE_SNAPSHOT_KIND != 0;
+                store_op(
+                    ctx,
+                    id,
+                    op,
+                    move |s| s.snapshot_create(&name, &source, &labels),
+                    move |v| Reply::Snapshot(snapshot_for(kinds, v)),
+                )
             }
             Request::SnapshotDelete { name } => {
                 store_op(ctx, id, op, move |s| s.snapshot_delete(&name), |()| Reply::Done)
             }
             Request::SnapshotStat { name } => {
-                store_op(ctx, id, op, move |s| s.snapshot_stat(&name), Reply::Snapshot)
+                let kinds = self.features & FEATURE_SNAPSHOT_KIND != 0;
+                store_op(
+                    ctx,
+                    id,
+                    op,
+                    move |s| s.snapshot_stat(&name),
+                    move |v| Reply::Snapshot(snapshot_for(kinds, v)),
+                )
             }
-            Request::SnapshotList { source, start_after, max_entries } => store_op(
-                ctx,
-                id,
-                op,
-                move |s| Ok(s.snapshot_list(source.as_ref(), start_after.as_ref(), max_entries)),
-                |(entries, more)| Reply::SnapshotList { entries, more },
-            ),
+            Request::SnapshotList { source, start_after, max_entries } => {
+                let kinds = self.features & FEATURE_SNAPSHOT_KIND != 0;
+                store_op(
+                    ctx,
+                    id,
+                    op,
+                    move |s| Ok(s.snapshot_list(source.as_ref(), start_after.as_ref(), max_entries)),
+                    move |(entries, more): (Vec<SnapshotInfo>, bool)| Reply::SnapshotList {
+                        entries: entries.into_iter().map(|v| snapshot_for(kinds, v)).collect(),
+                        more,
+                    },
+                )
+            }
             Request::VolumeDelete { name, force } => {
                 if let Err(e) = self.admin_for(force, || format!("forcing the delete of volume {name}")) {
                     return Outcome::Reply(err(id, op, &e));

@@ -391,5 +391,49 @@ fn on_xfs_snapshots_and_clones_are_reflinks() {
     let now = read_volume(&mut c, "v");
     assert_eq!(status(&create(&mut c, "cl", 0, Some(VolumeSource::Volume(name("v"))))), Status::Ok);
     same(&read_volume(&mut c, "cl"), &now, "a reflinked clone");
+
+    // An fs volume, mounted by the server (opened): frozen across a reflink, so ready at once and
+    // a clean filesystem.
+    if ferrovol_server::testing::privileged("on_xfs_snapshots_and_clones_are_reflinks (fs)", &["mkfs.ext4"]) {
+        let r = c.call(Request::VolumeCreate {
+            kind: ferrovol_proto::codec::VOLUME_KIND_FS,
+            name: name("f"),
+            size: 64 * MIB,
+            labels: Labels::new(),
+            source: None,
+        });
+        assert!(r.result.is_ok(), "{r:?}");
+        match c.call(Request::Open { name: name("f"), read_only: false, generation: 0 }).result {
+            Ok(Reply::Opened { .. }) => {}
+            other => panic!("open of the fs volume: {other:?}"),
+        }
+        let s = snapshot(&mut c, "fs-s", "f").unwrap();
+        // Told as a block one's to a client that did not ask for kinds (HELLO features 7)...
+        assert!(s.ready && s.kind == ferrovol_proto::codec::VOLUME_KIND_BLOCK, "{s:?}");
+        // ...and as it is to one that did.
+        let mut kc = RawClient::connect(srv.addr);
+        let Request::Hello(mut hello) = hello_request("node-a", "") else { unreachable!() };
+        hello.features |= ferrovol_proto::opcode::FEATURE_SNAPSHOT_KIND;
+        assert!(kc.call(Request::Hello(hello)).result.is_ok());
+        match kc.call(Request::SnapshotStat { name: name("fs-s") }).result {
+            Ok(Reply::Snapshot(s)) => assert_eq!(s.kind, ferrovol_proto::codec::VOLUME_KIND_FS, "{s:?}"),
+            other => panic!("{other:?}"),
+        }
+        match kc.call(Request::SnapshotList { source: None, start_after: None, max_entries: 10 }).result {
+            Ok(Reply::SnapshotList { entries, .. }) => {
+                let kinds: Vec<(&str, u8)> = entries.iter().map(|s| (s.name.as_str(), s.kind)).collect();
+                assert_eq!(kinds, [("fs-s", 1), ("s", 0)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let meta = std::fs::read_to_string(data_dir.join("snapshots/fs-s/meta.json")).unwrap();
+        assert!(meta.contains("\"method\": \"reflink\"") && meta.contains("\"kind\": \"fs\""), "{meta}");
+        let sb =
+            run(std::process::Command::new("dumpe2fs").arg("-h").arg(data_dir.join("snapshots/fs-s/data")));
+        assert!(sb.contains("Filesystem features:") && !sb.contains("needs_recovery"), "{sb}");
+    }
+    drop(c);
     drop(srv);
+    // The server's mount of the fs volume, should its stop have left it (xfs would stay busy).
+    let _ = std::process::Command::new("umount").arg("-l").arg(data_dir.join("volumes/f/mnt")).status();
 }

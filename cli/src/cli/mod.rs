@@ -208,9 +208,10 @@ pub enum VolumeCmd {
     Create {
         name: VolumeName,
         /// block: one node's disk (`ferrovol attach`); fs: a filesystem the server serves file by
-        /// file to many nodes (`ferrovol mount`; at least 32Mi).
-        #[arg(long = "type", value_enum, default_value = "block")]
-        kind: VolumeKind,
+        /// file to many nodes (`ferrovol mount`; at least 32Mi). Default: block, or the kind of
+        /// the snapshot or volume it is made from.
+        #[arg(long = "type", value_enum)]
+        kind: Option<VolumeKind>,
         /// Size as a Kubernetes quantity: 64Mi, 1Gi (powers of 1024), 1G (10^9 bytes), 4096; rounded
         /// up to whole 4 KiB blocks. With --from-snapshot or --from-volume it
         /// defaults to the source's size, and may not be smaller.

@@ -4,9 +4,18 @@ use ferrovol_proto::{format_size, Labels, SnapshotInfo, VolumeInfo, VolumeSource
 
 use super::{Global, SnapshotCmd, VolumeCmd};
 
+fn kind_name(kind: u8) -> &'static str {
+    if kind == ferrovol_proto::codec::VOLUME_KIND_FS {
+        "fs"
+    } else {
+        "block"
+    }
+}
+
 fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
         "name": s.name.as_str(),
+        "kind": kind_name(s.kind),
         "source": s.source.as_str(),
         "size": s.size,
         "allocated": s.allocated,
@@ -65,12 +74,16 @@ pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
                 let all: Vec<_> = snaps.iter().map(snapshot_json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<32} {:<32} {:>12} {:>12}  STATE", "NAME", "VOLUME", "SIZE", "ALLOCATED");
+                println!(
+                    "{:<32} {:<32} {:<5} {:>12} {:>12}  STATE",
+                    "NAME", "VOLUME", "KIND", "SIZE", "ALLOCATED"
+                );
                 for s in snaps {
                     println!(
-                        "{:<32} {:<32} {:>12} {:>12}  {}",
+                        "{:<32} {:<32} {:<5} {:>12} {:>12}  {}",
                         s.name.as_str(),
                         s.source.as_str(),
+                        kind_name(s.kind),
                         format_size(s.size),
                         format_size(s.allocated),
                         progress(&s)
@@ -85,6 +98,7 @@ pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
             } else {
                 println!("name:       {}", s.name);
                 println!("volume:     {}", s.source);
+                println!("kind:       {}", kind_name(s.kind));
                 println!("size:       {} ({} bytes)", format_size(s.size), s.size);
                 println!("allocated:  {} ({} bytes)", format_size(s.allocated), s.allocated);
                 println!("state:      {}", progress(&s));
@@ -100,11 +114,7 @@ pub async fn snapshot(global: &Global, cmd: SnapshotCmd) -> anyhow::Result<()> {
 }
 
 fn kind(v: &VolumeInfo) -> &'static str {
-    if v.kind == ferrovol_proto::codec::VOLUME_KIND_FS {
-        "fs"
-    } else {
-        "block"
-    }
+    kind_name(v.kind)
 }
 
 fn json(v: &VolumeInfo) -> serde_json::Value {
@@ -134,9 +144,14 @@ pub async fn run(global: &Global, cmd: VolumeCmd) -> anyhow::Result<()> {
                 Some(VolumeSource::Volume(v)) => format!(" as a clone of volume {v}"),
                 None => String::new(),
             };
-            let k = match volume_kind {
-                super::VolumeKind::Block => ferrovol_proto::codec::VOLUME_KIND_BLOCK,
-                super::VolumeKind::Fs => ferrovol_proto::codec::VOLUME_KIND_FS,
+            let k = match (volume_kind, &source) {
+                (Some(super::VolumeKind::Block), _) | (None, None) => {
+                    ferrovol_proto::codec::VOLUME_KIND_BLOCK
+                }
+                (Some(super::VolumeKind::Fs), _) => ferrovol_proto::codec::VOLUME_KIND_FS,
+                // The source's kind: the server refuses any other.
+                (None, Some(VolumeSource::Snapshot(s))) => session.stat_snapshot(s).await?.kind,
+                (None, Some(VolumeSource::Volume(v))) => session.stat_volume(v).await?.kind,
             };
             let v = session.create_volume_of_kind(&name, k, size.unwrap_or(0), Labels::new(), source).await?;
             println!("created {} volume {} ({}){from}", kind(&v), v.name, format_size(v.size));

@@ -197,6 +197,12 @@ impl CopyJob {
     /// data copied (0 = unlimited; read at every chunk, so a change applies to running copies).
     /// Returns when all are done, or the error that stopped it.
     pub fn run(&self, src: &File, rate: &AtomicU64) -> Result<(), String> {
+        self.copy(src, rate)?;
+        self.dst.sync_all().map_err(|e| format!("syncing the copy failed: {e}"))
+    }
+
+    /// `run` without its final sync: the caller syncs the copy (after thawing what it froze).
+    pub fn copy(&self, src: &File, rate: &AtomicU64) -> Result<(), String> {
         let chunks = self.size.div_ceil(CHUNK);
         let started = std::time::Instant::now();
         let mut copied_here = 0u64;
@@ -232,7 +238,47 @@ impl CopyJob {
         if self.is_stopped() {
             return Err(self.failure());
         }
-        self.dst.sync_all().map_err(|e| format!("syncing the copy failed: {e}"))
+        Ok(())
+    }
+}
+
+impl CopyJob {
+    /// Brings a finished copy up to date with `src`: every chunk that differs now is copied again
+    /// (zeros where `src` has a hole). Chunks that are holes in both are skipped; the rest are read
+    /// from both and compared, which costs little where both are still in the page cache (a
+    /// copy just made). Returns the bytes rewritten; an error once `deadline` has passed.
+    pub fn refresh(&self, src: &File, deadline: std::time::Instant) -> Result<u64, String> {
+        let chunks = self.size.div_ceil(CHUNK);
+        let (mut now, mut copied) = (Vec::new(), Vec::new());
+        let mut rewritten = 0;
+        let mut chunk = 0;
+        while chunk < chunks {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("not done in time ({} of {} MiB compared)", chunk, chunks));
+            }
+            let start = chunk * CHUNK;
+            let next = |f: &File| -> Result<u64, String> {
+                Ok(seek_data(f, start).map_err(|e| format!("finding data failed: {e}"))?.unwrap_or(self.size))
+            };
+            let first_data_chunk = next(src)?.min(next(&self.dst)?) / CHUNK;
+            if first_data_chunk > chunk {
+                chunk = first_data_chunk;
+                continue;
+            }
+            let len = usize::try_from(CHUNK.min(self.size - start)).unwrap_or(usize::MAX);
+            now.resize(len, 0);
+            copied.resize(len, 0);
+            src.read_exact_at(&mut now, start).map_err(|e| format!("reading the source failed: {e}"))?;
+            self.dst
+                .read_exact_at(&mut copied, start)
+                .map_err(|e| format!("reading the copy failed: {e}"))?;
+            if now != copied {
+                self.dst.write_all_at(&now, start).map_err(|e| format!("updating the copy failed: {e}"))?;
+                rewritten += len as u64;
+            }
+            chunk += 1;
+        }
+        Ok(rewritten)
     }
 }
 
@@ -289,6 +335,38 @@ mod tests {
         let job = CopyJob::new(dst.try_clone().unwrap(), size);
         job.run(&src, &AtomicU64::new(0)).unwrap();
         assert_eq!(job.copied(), size);
+        assert_eq!(read_all(&dst, size), read_all(&src, size));
+    }
+
+    #[test]
+    fn a_refresh_brings_a_copy_up_to_date_and_rewrites_only_what_changed() {
+        let size = 6 * CHUNK + 4096;
+        let (_d1, src) = file_with(size, &[(0, &[1u8; 4096]), (2 * CHUNK, &[2u8; 8192]), (size - 3, b"end")]);
+        let (_d2, dst) = file_with(size, &[]);
+        let job = CopyJob::new(dst.try_clone().unwrap(), size);
+        job.copy(&src, &AtomicU64::new(0)).unwrap();
+        assert_eq!(
+            job.refresh(&src, std::time::Instant::now() + std::time::Duration::from_secs(60)).unwrap(),
+            0,
+            "nothing changed"
+        );
+        // Changed after the copy: data in a copied chunk, in a hole, and a chunk made a hole.
+        src.write_all_at(b"changed", 2 * CHUNK + 100).unwrap();
+        src.write_all_at(&[5u8; 4096], 4 * CHUNK).unwrap();
+        // SAFETY: fallocate on an fd we own, plain integers.
+        let rc = unsafe {
+            libc::fallocate(
+                src.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                CHUNK as libc::off_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(
+            job.refresh(&src, std::time::Instant::now() + std::time::Duration::from_secs(60)).unwrap(),
+            3 * CHUNK
+        );
         assert_eq!(read_all(&dst, size), read_all(&src, size));
     }
 

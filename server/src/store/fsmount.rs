@@ -155,6 +155,11 @@ impl FsMount {
                     mount_point.display()
                 )))
             })?;
+        // A server killed while the filesystem was frozen for a snapshot (`freeze`) left it
+        // frozen: every write to it would wait forever. EINVAL: it was not frozen.
+        if thaw(root.as_raw_fd()).is_ok() {
+            warn!(mount = %mount_point.display(), "fs volume was left frozen (a snapshot cut short); thawed it");
+        }
         Ok(Self {
             mount_point,
             root,
@@ -163,6 +168,20 @@ impl FsMount {
             locks: Default::default(),
             watchers: Default::default(),
         })
+    }
+
+    /// Freezes the filesystem until the guard drops: everything written back, the journal emptied,
+    /// each new change held (its caller waits; reads go on). The image is then clean as it stands.
+    pub fn freeze(&self) -> StoreResult<Frozen<'_>> {
+        // SAFETY: FIFREEZE takes a valid fd of the filesystem and an unused int argument.
+        if unsafe { libc::ioctl(self.root.as_raw_fd(), FIFREEZE, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "cannot freeze {} for a point-in-time copy: {e}",
+                self.mount_point.display()
+            ))));
+        }
+        Ok(Frozen(self))
     }
 
     /// Writes everything back and unmounts (the loop device goes with it). `EBUSY` when something
@@ -178,6 +197,30 @@ impl FsMount {
         run(Command::new("umount").arg(&self.mount_point))?;
         info!(mount = %self.mount_point.display(), "fs volume unmounted");
         Ok(())
+    }
+}
+
+/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` of linux/fs.h (not in the libc crate).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+fn thaw(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: FITHAW takes a valid fd of the filesystem and an unused int argument.
+    if unsafe { libc::ioctl(fd, FITHAW, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A frozen fs volume (`FsMount::freeze`); thawed on drop.
+#[derive(Debug)]
+pub struct Frozen<'a>(&'a FsMount);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = thaw(self.0.root.as_raw_fd()) {
+            warn!(mount = %self.0.mount_point.display(), error = %e, "cannot thaw the fs volume after its copy");
+        }
     }
 }
 

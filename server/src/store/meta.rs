@@ -56,6 +56,18 @@ pub struct SnapshotMeta {
     pub method: String,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: ferrovol_proto::Labels,
+    /// The source's kind (`KIND_BLOCK`, `KIND_FS`); absent (block) in metadata written before fs
+    /// snapshots existed, and for block ones (so a server of that time still reads them).
+    #[serde(default = "kind_block", skip_serializing_if = "is_block")]
+    pub kind: String,
+}
+
+fn kind_block() -> String {
+    KIND_BLOCK.into()
+}
+
+fn is_block(kind: &str) -> bool {
+    kind == KIND_BLOCK
 }
 
 pub fn write_snapshot_meta(dir: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {

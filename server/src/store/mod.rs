@@ -318,12 +318,8 @@ impl Store {
         }
         ferrovol_proto::validate_labels(labels)?;
         let fs = kind == ferrovol_proto::codec::VOLUME_KIND_FS;
-        if fs && source.is_some() {
-            return Err(StoreError::InvalidArgument(format!(
-                "volume {name}: fs volumes cannot be made from a snapshot or a volume yet"
-            )));
-        }
-        if fs && size < FS_SIZE_MIN {
+        // With a source, the size (when given) is at least the source's, already an fs volume's.
+        if fs && source.is_none() && size < FS_SIZE_MIN {
             return Err(StoreError::InvalidArgument(format!(
                 "volume {name}: an fs volume is at least {} MiB (its ext4 journal and metadata)",
                 FS_SIZE_MIN >> 20
@@ -343,11 +339,16 @@ impl Store {
             let data = File::options().read(true).write(true).create_new(true).open(tmp.join(DATA_FILE))?;
             let size = match source {
                 None => size,
-                Some(src) => self.fill_from(&data, name, size, src)?,
+                Some(src) => self.fill_from(&data, name, fs, size, src)?,
             };
+            let source_len = data.metadata()?.len();
             data.set_len(size)?;
-            if fs {
-                fsmount::mkfs(&tmp.join(DATA_FILE))?;
+            match source {
+                _ if !fs => {}
+                None => fsmount::mkfs(&tmp.join(DATA_FILE))?,
+                // Made larger than its source: the filesystem grows with it now, unmounted.
+                Some(_) if size > source_len => fsmount::grow_offline(&tmp.join(DATA_FILE))?,
+                Some(_) => {}
             }
             data.sync_all()?;
             let meta = VolumeMeta {
@@ -393,9 +394,25 @@ impl Store {
         &self,
         data: &File,
         name: &VolumeName,
+        fs: bool,
         size: u64,
         source: &VolumeSource,
     ) -> StoreResult<u64> {
+        // A block image is no filesystem of ours, and an fs one is ext4 metadata a block volume's
+        // user did not ask for: the kinds must match.
+        let same_kind = |what: String, source_fs: bool| -> StoreResult<()> {
+            if source_fs == fs {
+                return Ok(());
+            }
+            let k = |f: bool| if f { "an fs" } else { "a block" };
+            Err(StoreError::InvalidArgument(format!(
+                "volume {name}: {what} is of {} volume, so the volume made from it is {} volume too \
+                 (asked for {} volume)",
+                k(source_fs),
+                k(source_fs),
+                k(fs)
+            )))
+        };
         let check = |source_size: u64| -> StoreResult<u64> {
             match size {
                 0 => Ok(source_size),
@@ -411,7 +428,8 @@ impl Store {
         let _slot = snapshot::CopySlot::take(&self.copy_jobs)?;
         match source {
             VolumeSource::Snapshot(snap) => {
-                let (image, image_size) = self.snapshot_image(snap)?;
+                let (image, image_size, image_fs) = self.snapshot_image(snap)?;
+                same_kind(format!("snapshot {snap}"), image_fs)?;
                 let size = check(image_size)?;
                 if !copy::reflink(data, &image)? {
                     data.set_len(image_size)?;
@@ -425,15 +443,13 @@ impl Store {
             }
             VolumeSource::Volume(src) => {
                 let vol = self.get(src)?;
-                if vol.is_fs() {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "volume {src} is an fs volume: it cannot be cloned yet (its mounted filesystem \
-                         would be copied torn)"
-                    )));
-                }
+                same_kind(format!("volume {src}"), vol.is_fs())?;
                 check(vol.size())?;
+                if vol.is_fs() {
+                    return check(vol.fs_snapshot_to(data)?.0);
+                }
                 let source_size = match vol.snapshot_to(data)? {
-                    volume::PointInTime::Reflinked(s) => s,
+                    volume::PointInTime::Reflinked(s) | volume::PointInTime::Copied(s) => s,
                     volume::PointInTime::Copying(job) => {
                         let copied = data
                             .set_len(job.size())

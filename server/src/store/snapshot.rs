@@ -66,6 +66,11 @@ impl Snapshot {
                 (None, false) => 0,
             },
             labels: m.labels.clone(),
+            kind: if m.kind == KIND_FS {
+                ferrovol_proto::codec::VOLUME_KIND_FS
+            } else {
+                ferrovol_proto::codec::VOLUME_KIND_BLOCK
+            },
         }
     }
 
@@ -218,12 +223,6 @@ impl Store {
         labels: &Labels,
     ) -> StoreResult<SnapshotInfo> {
         ferrovol_proto::validate_labels(labels)?;
-        if self.get(source)?.is_fs() {
-            return Err(StoreError::InvalidArgument(format!(
-                "volume {source} is an fs volume: its snapshots are not supported yet (its mounted \
-                 filesystem would be copied torn)"
-            )));
-        }
         let reserved = {
             let mut snaps = self.snaps();
             if let Some(s) = snaps.map.get(name) {
@@ -247,7 +246,14 @@ impl Store {
         let started = std::time::Instant::now();
         let made = (|| -> StoreResult<(File, PointInTime)> {
             let data = File::options().read(true).write(true).create_new(true).open(tmp.join(DATA_FILE))?;
-            let how = vol.snapshot_to(&data)?;
+            let how = if vol.is_fs() {
+                match vol.fs_snapshot_to(&data)? {
+                    (size, true) => PointInTime::Reflinked(size),
+                    (size, false) => PointInTime::Copied(size),
+                }
+            } else {
+                vol.snapshot_to(&data)?
+            };
             Ok((data, how))
         })();
         let (data, how) = match made {
@@ -258,7 +264,7 @@ impl Store {
             }
         };
         let (size, job) = match &how {
-            PointInTime::Reflinked(size) => (*size, None),
+            PointInTime::Reflinked(size) | PointInTime::Copied(size) => (*size, None),
             PointInTime::Copying(job) => (job.size(), Some(job.clone())),
         };
         let meta = SnapshotMeta {
@@ -268,8 +274,9 @@ impl Store {
             size,
             created_unix_ms: now_unix_ms(),
             ready: job.is_none(),
-            method: if job.is_none() { "reflink" } else { "copy" }.into(),
+            method: if matches!(how, PointInTime::Reflinked(_)) { "reflink" } else { "copy" }.into(),
             labels: labels.clone(),
+            kind: if vol.is_fs() { KIND_FS } else { KIND_BLOCK }.into(),
         };
         let final_dir = self.snapshots_dir.join(name.as_str());
         let mut renamed = false;
@@ -302,8 +309,8 @@ impl Store {
         let info = snap.info();
         match job {
             None => {
-                info!(snapshot = %name, volume = %source, size, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "snapshot created (reflink)")
+                info!(snapshot = %name, volume = %source, size, method = %snap.lock().meta.method,
+                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "snapshot created")
             }
             Some(job) => {
                 info!(snapshot = %name, volume = %source, size, "snapshot cut; copying in the background");
@@ -411,7 +418,7 @@ impl Store {
 
     /// Opens a ready snapshot's image for a new volume: the file and its size. The open file stays
     /// valid even if the snapshot is deleted meanwhile.
-    pub(crate) fn snapshot_image(&self, name: &VolumeName) -> StoreResult<(File, u64)> {
+    pub(crate) fn snapshot_image(&self, name: &VolumeName) -> StoreResult<(File, u64, bool)> {
         let snap = self.snaps().get(name)?;
         let st = snap.lock();
         if st.gone {
@@ -425,7 +432,7 @@ impl Store {
             )));
         }
         let file = File::open(snap.dir.join(DATA_FILE)).map_err(io_err)?;
-        Ok((file, st.meta.size))
+        Ok((file, st.meta.size, st.meta.kind == KIND_FS))
     }
 }
 
