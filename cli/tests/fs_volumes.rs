@@ -105,14 +105,16 @@ fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
     }
 }
 
+/// Fields drop in order: the mounts go before the server, and both before the directory that
+/// holds them (removing it with a mount inside would walk into the mount).
 struct Setup {
-    _dir: tempfile::TempDir,
+    cleanup: Cleanup,
     server: Option<TestServer>,
     data: PathBuf,
     addr: String,
     a: PathBuf,
     b: PathBuf,
-    cleanup: Cleanup,
+    _dir: tempfile::TempDir,
 }
 
 /// A server with fs volume `shared`, mounted at `a` (node a) and `b` (node b).
@@ -131,7 +133,7 @@ fn setup_with(extra: &[&str]) -> Setup {
     let cleanup = Cleanup(vec![a.clone(), b.clone(), data.join("volumes/shared/mnt")]);
     mount("a", &addr, "shared", &a, extra);
     mount("b", &addr, "shared", &b, extra);
-    Setup { _dir: dir, server: Some(server), data, addr, a, b, cleanup }
+    Setup { cleanup, server: Some(server), data, addr, a, b, _dir: dir }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -1046,7 +1048,7 @@ fn assert_clean_ext4(image: &Path) {
 fn an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use() {
     if !privileged(
         "an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use",
-        &["mkfs.ext4", "losetup", "e2fsck", "resize2fs", "fsfreeze"],
+        &["mkfs.ext4", "losetup", "e2fsck", "dumpe2fs", "resize2fs", "fsfreeze"],
     ) {
         return;
     }
@@ -1136,7 +1138,7 @@ fn an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use() {
     let list = ok(&ferrovol("a", &s.addr, &["snapshot", "list"]));
     assert!(list.lines().any(|l| l.starts_with("snap ") && l.contains(" fs ")), "{list}");
 
-    // An fs volume the server has not mounted (never opened): copied as it is, mounts held off.
+    // An fs volume the server has not mounted yet (never opened): mounted for its copy.
     ok(&ferrovol("a", &s.addr, &["volume", "create", "fresh", "--size", "64Mi", "--type", "fs"]));
     ok(&ferrovol("a", &s.addr, &["snapshot", "create", "fresh-snap", "--volume", "fresh"]));
     assert_clean_ext4(&s.data.join("snapshots/fresh-snap/data"));
@@ -1149,6 +1151,14 @@ fn an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use() {
     // the clients' writes go on.
     let shared_mnt = s.data.join("volumes/shared/mnt");
     assert!(Command::new("fsfreeze").arg("-f").arg(&shared_mnt).status().unwrap().success());
+    // Thawed whatever happens below, so that a failure does not hang the cleanup's unmounts.
+    struct Thaw(PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+        }
+    }
+    let _thaw = Thaw(shared_mnt.clone());
     s.server.take().unwrap().kill();
     let server = TestServer::start(&s.data, &s.addr);
     let a = s.a.clone();
@@ -1159,10 +1169,10 @@ fn an_fs_volume_is_snapshotted_restored_and_cloned_while_in_use() {
         f.sync_all().unwrap();
         let _ = tx.send(());
     });
-    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = Command::new("fsfreeze").arg("-u").arg(&shared_mnt).status();
-        panic!("a write after the restart waited on the frozen filesystem");
-    }
+    assert!(
+        rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+        "a write after the restart waited on the frozen filesystem"
+    );
     assert_eq!(fs::read(s.b.join("thawed.txt")).unwrap(), b"thawed");
     for p in [&s.a, &s.b, &c, &d] {
         umount(&s.addr, p);

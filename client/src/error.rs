@@ -8,8 +8,9 @@ use ferrovol_proto::{Opcode, Status};
 pub enum ClientError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    /// The server refused the request; `status` says why.
-    #[error("{op}: {message} ({status})")]
+    /// The server refused the request; `status` says why. Shown as the server's message alone (a
+    /// sentence naming what was refused, for users: no opcode), or the status in words if empty.
+    #[error("{}", if message.is_empty() { status.describe() } else { message.as_str() })]
     Server { op: Opcode, status: Status, message: String },
     /// The server could not be reached for the whole wait.
     #[error("server {addr} unreachable for {waited:.1?} (last error: {last})")]

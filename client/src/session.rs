@@ -257,8 +257,9 @@ impl Session {
         }
     }
 
-    /// Cuts a point-in-time snapshot of volume `source`. Ready at once where the server reflinks;
-    /// otherwise `ready` is false until its background copy is done (poll [`Session::stat_snapshot`]).
+    /// Cuts a point-in-time snapshot of volume `source`. Ready at once where the server reflinks,
+    /// and for an fs volume (copied within the request); otherwise `ready` is false until its
+    /// background copy is done (poll [`Session::stat_snapshot`]).
     pub async fn create_snapshot(
         &self,
         name: &VolumeName,

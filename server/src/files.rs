@@ -103,6 +103,26 @@ fn pool() -> &'static Pool {
 
 /// Runs `f` on a file worker thread (it may block: disk I/O, fsync). `false`: no worker could be
 /// started, and `f` is dropped.
+/// Whether `op` may write to the filesystem (and so block in it while it is frozen): anything but
+/// the operations that only read (the mount is `noatime`) and lock (the kernel's, in memory).
+pub fn may_change(op: &FsOp) -> bool {
+    match op {
+        FsOp::Lookup { .. }
+        | FsOp::Getattr
+        | FsOp::Readdir { .. }
+        | FsOp::Read { .. }
+        | FsOp::Readlink
+        | FsOp::Statfs
+        | FsOp::Getlk { .. }
+        | FsOp::Setlk { .. }
+        | FsOp::Lseek { .. }
+        | FsOp::Getxattr { .. }
+        | FsOp::Listxattr => false,
+        FsOp::Open { flags } => *flags as libc::c_int & libc::O_TRUNC != 0,
+        _ => true,
+    }
+}
+
 pub fn submit(f: impl FnOnce() + Send + 'static) -> bool {
     let pool = pool();
     if pool.workers.load(std::sync::atomic::Ordering::Relaxed) == 0 {

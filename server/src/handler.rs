@@ -204,15 +204,6 @@ fn durable(id: RequestId, op: Opcode, vol: Arc<Volume>, reply: Reply) -> Outcome
 
 /// A control operation on the store: run on the blocking pool (it may fsync metadata) and answered
 /// when done, while the connection goes on reading and serving the requests behind it.
-/// A snapshot as a client is told it: without FEATURE_SNAPSHOT_KIND, as of a block volume (the
-/// kinds trailer would break its parser; a restore of an fs one as block is refused, by name).
-fn snapshot_for(kinds: bool, mut v: SnapshotInfo) -> SnapshotInfo {
-    if !kinds {
-        v.kind = ferrovol_proto::codec::VOLUME_KIND_BLOCK;
-    }
-    v
-}
-
 fn store_op<T: Send + 'static>(
     ctx: &Context,
     id: RequestId,
@@ -225,6 +216,15 @@ fn store_op<T: Send + 'static>(
         let r = blocking(move || f(&store)).await;
         done(id, op, r.map(reply))
     }))
+}
+
+/// A snapshot as a client is told it: without FEATURE_SNAPSHOT_KIND, as of a block volume (the
+/// kinds trailer would break its parser; a restore of an fs one as block is refused, by name).
+fn snapshot_for(kinds: bool, mut v: SnapshotInfo) -> SnapshotInfo {
+    if !kinds {
+        v.kind = ferrovol_proto::codec::VOLUME_KIND_BLOCK;
+    }
+    v
 }
 
 impl Session {
@@ -439,9 +439,28 @@ impl Session {
                     watcher: self.handles.get(&handle.0).and_then(|h| h.watcher.clone()),
                     inline: self.features & FEATURE_FS_OPEN_INLINE != 0,
                 };
-                Outcome::Blocking(Box::new(move || {
+                let wait = crate::files::may_change(&fsop) && mount.is_frozen();
+                let mut thawed = mount.frozen.subscribe();
+                let job: Box<dyn FnOnce() -> Response + Send> = Box::new(move || {
                     let result = crate::files::execute(&mount, &cx, node, &creds, fsop);
                     Response { request_id: id, opcode: op as u8, result: result.map(Reply::Fs) }
+                });
+                if !wait {
+                    return Outcome::Blocking(job);
+                }
+                // Frozen for a point-in-time copy: the change waits for the thaw here, not on a
+                // file worker, which every fs volume shares (reads go on meanwhile).
+                Outcome::Later(Box::pin(async move {
+                    let _ = thawed.wait_for(|frozen| !*frozen).await;
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if !crate::files::submit(move || {
+                        let _ = tx.send(job());
+                    }) {
+                        return Response::error(id, op as u8, Status::Internal, "no file worker thread");
+                    }
+                    rx.await.unwrap_or_else(|_| {
+                        Response::error(id, op as u8, Status::Internal, "the file worker dropped the request")
+                    })
                 }))
             }
         }

@@ -87,6 +87,8 @@ pub struct FsMount {
     pub locks: std::sync::Arc<crate::files::Locks>,
     /// The connections that cache its inodes (see `notify`).
     pub watchers: crate::notify::Watchers,
+    /// True while frozen for a point-in-time copy (`freeze`).
+    pub frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl FsMount {
@@ -155,11 +157,6 @@ impl FsMount {
                     mount_point.display()
                 )))
             })?;
-        // A server killed while the filesystem was frozen for a snapshot (`freeze`) left it
-        // frozen: every write to it would wait forever. EINVAL: it was not frozen.
-        if thaw(root.as_raw_fd()).is_ok() {
-            warn!(mount = %mount_point.display(), "fs volume was left frozen (a snapshot cut short); thawed it");
-        }
         Ok(Self {
             mount_point,
             root,
@@ -167,21 +164,36 @@ impl FsMount {
             files: Default::default(),
             locks: Default::default(),
             watchers: Default::default(),
+            frozen: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Whether it is frozen now: a change waits for the thaw before it takes a file worker (a
+    /// worker blocked in a frozen filesystem would be one less for every other fs volume).
+    pub fn is_frozen(&self) -> bool {
+        *self.frozen.borrow()
     }
 
     /// Freezes the filesystem until the guard drops: everything written back, the journal emptied,
     /// each new change held (its caller waits; reads go on). The image is then clean as it stands.
     pub fn freeze(&self) -> StoreResult<Frozen<'_>> {
+        self.frozen.send_replace(true);
         // SAFETY: FIFREEZE takes a valid fd of the filesystem and an unused int argument.
         if unsafe { libc::ioctl(self.root.as_raw_fd(), FIFREEZE, 0) } != 0 {
             let e = std::io::Error::last_os_error();
+            self.frozen.send_replace(false);
             return Err(StoreError::Io(std::io::Error::other(format!(
                 "cannot freeze {} for a point-in-time copy: {e}",
                 self.mount_point.display()
             ))));
         }
         Ok(Frozen(self))
+    }
+
+    /// Writes back what is dirty (before a freeze: less for it to write while writes wait).
+    pub fn sync(&self) {
+        // SAFETY: syncfs on a valid fd.
+        unsafe { libc::syncfs(self.root.as_raw_fd()) };
     }
 
     /// Writes everything back and unmounts (the loop device goes with it). `EBUSY` when something
@@ -221,6 +233,22 @@ impl Drop for Frozen<'_> {
         if let Err(e) = thaw(self.0.root.as_raw_fd()) {
             warn!(mount = %self.0.mount_point.display(), error = %e, "cannot thaw the fs volume after its copy");
         }
+        self.0.frozen.send_replace(false);
+    }
+}
+
+/// Thaws the filesystem mounted in volume directory `dir` if it was left frozen (a server killed
+/// during a snapshot's freeze); nothing when it is not mounted or not frozen.
+pub fn thaw_left_frozen(dir: &Path) {
+    let mp = dir.join(MOUNT_DIR);
+    let mp = std::fs::canonicalize(&mp).unwrap_or(mp);
+    if !mounted_at(&mp) {
+        return;
+    }
+    let Ok(root) = std::fs::File::open(&mp) else { return };
+    // EINVAL: it was not frozen.
+    if thaw(root.as_raw_fd()).is_ok() {
+        warn!(mount = %mp.display(), "fs volume was left frozen (a snapshot cut short); thawed it");
     }
 }
 

@@ -215,6 +215,11 @@ impl Store {
             });
             match loaded {
                 Ok(vol) => {
+                    if vol.is_fs() {
+                        // A predecessor killed while it froze the filesystem for a snapshot left it
+                        // frozen: every write to it, a delete's unmount or a grow would wait forever.
+                        fsmount::thaw_left_frozen(&path);
+                    }
                     volumes.insert(name, Arc::new(vol));
                 }
                 Err(e) => {
@@ -425,12 +430,12 @@ impl Store {
         };
         // Restores and clones copy within the request, so they are not paced (the caller waits),
         // but they count against the copies running at once.
-        let _slot = snapshot::CopySlot::take(&self.copy_jobs)?;
         match source {
             VolumeSource::Snapshot(snap) => {
                 let (image, image_size, image_fs) = self.snapshot_image(snap)?;
                 same_kind(format!("snapshot {snap}"), image_fs)?;
                 let size = check(image_size)?;
+                let _slot = snapshot::CopySlot::take(&self.copy_jobs)?;
                 if !copy::reflink(data, &image)? {
                     data.set_len(image_size)?;
                     copy::CopyJob::new(data.try_clone()?, image_size)
@@ -445,6 +450,7 @@ impl Store {
                 let vol = self.get(src)?;
                 same_kind(format!("volume {src}"), vol.is_fs())?;
                 check(vol.size())?;
+                let _slot = snapshot::CopySlot::take(&self.copy_jobs)?;
                 if vol.is_fs() {
                     return check(vol.fs_snapshot_to(data)?.0);
                 }

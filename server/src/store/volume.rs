@@ -51,7 +51,8 @@ pub struct Volume {
     /// The fs volume's mount, from its first OPEN until it is deleted or the server stops.
     mount: Mutex<Option<Arc<FsMount>>>,
     /// One grow or point-in-time copy of the fs volume at a time (see `grow_fs`,
-    /// `fs_snapshot_to`), and what runs on it unmounted (`OFFLINE_*`): a mount then waits.
+    /// `fs_snapshot_to`; an unmount is refused meanwhile), and whether a grow runs unmounted
+    /// (`OFFLINE_*`): a mount is refused meanwhile.
     grow_lock: Mutex<()>,
     offline: std::sync::atomic::AtomicU8,
 }
@@ -63,7 +64,6 @@ const FREEZE_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// What holds an unmounted fs volume off its mount (`Volume::offline`).
 const OFFLINE_NONE: u8 = 0;
 const OFFLINE_GROW: u8 = 1;
-const OFFLINE_COPY: u8 = 2;
 
 /// Clears `Volume::offline` when the work it marks ends, however it ends.
 struct Offline<'a>(&'a std::sync::atomic::AtomicU8);
@@ -485,24 +485,23 @@ impl Volume {
                 self.name
             )));
         }
-        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        self.fs_mount_locked(&mut self.mount.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `fs_mount` under the mount lock, held by the caller.
+    fn fs_mount_locked(&self, m: &mut Option<Arc<FsMount>>) -> StoreResult<Arc<FsMount>> {
         if let Some(m) = &*m {
             return Ok(m.clone());
         }
-        match self.offline.load(Ordering::Acquire) {
-            OFFLINE_GROW => {
-                return Err(StoreError::Busy(format!(
-                    "fs volume {} is being grown (e2fsck and resize2fs); try again in a moment",
-                    self.name
-                )))
-            }
-            OFFLINE_COPY => {
-                return Err(StoreError::Busy(format!(
-                    "fs volume {} is being copied for a snapshot or a clone; try again in a moment",
-                    self.name
-                )))
-            }
-            _ => {}
+        // A delete unmounts it, then moves its directory: never mounted again in between.
+        if self.deleting.load(Ordering::Acquire) {
+            return Err(StoreError::NotFound(format!("{} (being deleted)", self.name)));
+        }
+        if self.offline.load(Ordering::Acquire) == OFFLINE_GROW {
+            return Err(StoreError::Busy(format!(
+                "fs volume {} is being grown (e2fsck and resize2fs); try again in a moment",
+                self.name
+            )));
         }
         let mount = Arc::new(FsMount::mount(&self.dir, &self.dir.join(super::meta::DATA_FILE))?);
         *m = Some(mount.clone());
@@ -519,6 +518,13 @@ impl Volume {
         if !self.fs {
             return Ok(());
         }
+        // Not under a grow or a point-in-time copy (which may mount it meanwhile).
+        let Ok(_one) = self.grow_lock.try_lock() else {
+            return Err(StoreError::Busy(format!(
+                "fs volume {} is being grown or copied for a snapshot or a clone; try again in a moment",
+                self.name
+            )));
+        };
         let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
         match m.take().map(Arc::try_unwrap) {
             Some(Ok(mount)) => mount.unmount()?,
@@ -651,59 +657,38 @@ impl Volume {
     }
 
     /// Makes `dst` a complete point-in-time copy of the fs volume, a clean filesystem (no journal
-    /// to replay); returns its size and whether it was reflinked. Mounted, the filesystem is frozen
-    /// across it (FIFREEZE: ext4 writes everything back, empties its journal and holds each new
-    /// change, whose caller waits) while the data file is reflinked or, where the data dir cannot,
-    /// its allocated data copied (the writes to it come from the loop device, not through the
-    /// block path, so the copy-before-write of block snapshots cannot see them). Unmounted, a
-    /// mount is refused (`BUSY`) for as long as it takes. A server killed while the filesystem is
-    /// frozen thaws it when it starts again (`FsMount::mount`). The copy is not synced yet.
+    /// to replay); returns its size and whether it was reflinked. The filesystem is mounted (if it
+    /// was not) and frozen (FIFREEZE: ext4 writes everything back, empties its journal and holds
+    /// each new change, whose caller waits) across a reflink of the data file or, where the data
+    /// dir cannot reflink, across the second pass of a copy: the first copies the allocated data
+    /// while writes go on, the second compares each chunk with the source and copies it again
+    /// where it differs (the writes to the data file come from the loop device, not through the
+    /// block path, so the copy-before-write of block snapshots cannot see them). The frozen pass
+    /// is given up (`BUSY`) after `FREEZE_MAX`. The copy is not synced yet: the caller syncs it.
     pub(crate) fn fs_snapshot_to(&self, dst: &File) -> StoreResult<(u64, bool)> {
         let _one = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mount_point = self.dir.join(super::fsmount::MOUNT_DIR);
-        let mount_point = std::fs::canonicalize(&mount_point).unwrap_or(mount_point);
-        let m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
-        let current = m.clone();
-        // Mounted by an earlier server process and not opened since: taken over, then frozen.
-        let adopt = current.is_none() && super::fsmount::mounted_at(&mount_point);
-        let _offline = (current.is_none() && !adopt).then(|| {
-            self.offline.store(OFFLINE_COPY, Ordering::Release);
-            Offline(&self.offline)
-        });
-        drop(m);
-        let mount = match current {
-            Some(mount) => Some(mount),
-            None if adopt => Some(self.fs_mount()?),
-            None => None,
-        };
+        // Mounted under the lock (or taken over from an earlier server process): a copy of an
+        // unmounted image would need mounts held off, and a reconnecting client refused.
+        let mount = self.fs_mount_locked(&mut self.mount.lock().unwrap_or_else(|p| p.into_inner()))?;
         let size = self.size();
         let failed = |e: String| {
             StoreError::Io(std::io::Error::other(format!("copying fs volume {}: {e}", self.name)))
         };
-        // Whether the data dir reflinks (this reflink is a probe: it is made again, frozen).
-        let reflinks = reflink(dst, &self.file).map_err(io_err)?;
-        let job = CopyJob::new(dst.try_clone().map_err(io_err)?, size);
-        if !reflinks {
-            dst.set_len(size).map_err(io_err)?;
-            // Mounted: a first copy while writes go on, then, frozen, only what differs from it
-            // (the freeze lasts a compare of the data, mostly in the page cache, instead of a
-            // copy: 1 GiB here 4.6 s frozen copied whole). Not synced while frozen: the caller
-            // syncs it once writes flow again.
-            job.copy(&self.file, &AtomicU64::new(0)).map_err(failed)?;
-            if mount.is_none() {
-                return Ok((size, false));
+        mount.sync();
+        {
+            let _frozen = mount.freeze()?;
+            if reflink(dst, &self.file).map_err(io_err)? {
+                return Ok((size, true));
             }
         }
+        dst.set_len(size).map_err(io_err)?;
+        let job = CopyJob::new(dst.try_clone().map_err(io_err)?, size);
+        job.copy(&self.file, &AtomicU64::new(0)).map_err(failed)?;
+        // Copied whole while frozen, 1 GiB on this machine's ext4 kept writers waiting 4.8 s; the
+        // second pass mostly compares pages still cached (0.23 s).
+        mount.sync();
         let started = std::time::Instant::now();
-        let frozen = mount.as_ref().map(|mount| mount.freeze()).transpose()?;
-        if reflinks && reflink(dst, &self.file).map_err(io_err)? {
-            return Ok((size, true));
-        }
-        if reflinks {
-            // Reflinked unfrozen, not frozen: the data dir changed under us. Copied whole.
-            dst.set_len(size).map_err(io_err)?;
-            job.copy(&self.file, &AtomicU64::new(0)).map_err(failed)?;
-        }
+        let frozen = mount.freeze()?;
         let rewritten = job.refresh(&self.file, started + FREEZE_MAX).map_err(|e| {
             StoreError::Busy(format!(
                 "fs volume {}: the point-in-time copy was given up after {} s frozen (its writes wait \
