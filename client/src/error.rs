@@ -8,9 +8,10 @@ use ferrovol_proto::{Opcode, Status};
 pub enum ClientError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    /// The server refused the request; `status` says why. Shown as the server's message alone (a
-    /// sentence naming what was refused, for users: no opcode), or the status in words if empty.
-    #[error("{}", if message.is_empty() { status.describe() } else { message.as_str() })]
+    /// The server refused the request; `status` says why. Shown as the server's message (a
+    /// sentence naming what was refused, for users: no opcode), with the status in words where the
+    /// message does not say it (`server_text`).
+    #[error("{}", server_text(*status, message))]
     Server { op: Opcode, status: Status, message: String },
     /// The server could not be reached for the whole wait.
     #[error("server {addr} unreachable for {waited:.1?} (last error: {last})")]
@@ -43,6 +44,18 @@ impl ClientError {
             ClientError::Errno { .. } => Some(Status::Errno),
             _ => None,
         }
+    }
+}
+
+/// A refusal for users: the server's message, plus the status where it is the point (a failed
+/// authentication, a forbidden or fenced request), or the status alone when there is no message.
+fn server_text(status: Status, message: &str) -> String {
+    match status {
+        _ if message.is_empty() => status.describe().to_owned(),
+        Status::AuthFailed | Status::Forbidden | Status::Fenced | Status::Replaced => {
+            format!("{} ({message})", status.describe())
+        }
+        _ => message.to_owned(),
     }
 }
 
