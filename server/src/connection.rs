@@ -10,7 +10,7 @@
 
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferrovol_proto::codec::{split_request_within, FrameError};
@@ -19,7 +19,7 @@ use ferrovol_proto::io::{Stream, WriteHalf};
 use ferrovol_proto::limits::{
     HELLO_PAYLOAD_LEN_MAX, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, PAYLOAD_LEN_MAX,
 };
-use ferrovol_proto::{Request, RequestId, Response, ResponseFrame, Status};
+use ferrovol_proto::{Reply, Request, RequestId, Response, ResponseFrame, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -93,6 +93,7 @@ async fn secure_tls(
     match peeked {
         Ok(Ok(1)) if first[0] == ferrovol_proto::tls::TLS_HANDSHAKE_RECORD => {}
         Ok(Ok(1)) => {
+            crate::metrics::metrics().refused("plaintext_on_tls");
             crate::listener::refusal(|| warn!("plaintext client on a server that requires TLS; closing"));
             let resp = Response::error(
                 RequestId(0),
@@ -110,10 +111,12 @@ async fn secure_tls(
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls.into()))),
         Ok(Err(e)) => {
+            crate::metrics::metrics().refused("tls_failed");
             crate::listener::refusal(|| warn!(error = %e, "TLS handshake failed; closing"));
             None
         }
         Err(_) => {
+            crate::metrics::metrics().refused("handshake_timeout");
             crate::listener::refusal(|| warn!("no TLS handshake within the handshake timeout; closing"));
             None
         }
@@ -198,8 +201,17 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             progressed = true;
             let was_ready = session.is_ready();
             let (raw_id, raw_op) = (raw.header.request_id, raw.header.opcode);
+            let mut meter = None;
             let outcome = match Request::parse(raw) {
-                Ok((id, req)) => session.handle(&ctx, id, req),
+                Ok((id, req)) => {
+                    meter = session.meter(&req).map(|(m, written)| Meter {
+                        m,
+                        op: raw_op,
+                        written,
+                        started: Instant::now(),
+                    });
+                    session.handle(&ctx, id, req)
+                }
                 Err(e) => {
                     debug!(error = %e, "request refused");
                     let resp = Response::error(e.request_id, e.opcode, e.status, e.message);
@@ -222,6 +234,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
             }
             match outcome {
                 Outcome::Reply(resp) => {
+                    if let Some(m) = &meter {
+                        m.record(&resp);
+                    }
                     let frame = resp.encode();
                     // A large reply goes out at once, so the client starts receiving it while the next
                     // ones are prepared; small replies are gathered into one write.
@@ -244,6 +259,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     let wr = wr.clone();
                     later.spawn(async move {
                         let resp = fut.await;
+                        if let Some(m) = &meter {
+                            m.record(&resp);
+                        }
                         let mut one = vec![Outgoing { frame: resp.encode(), _permits: permits }];
                         let _ = write_batch(&wr, &mut one).await;
                     });
@@ -253,7 +271,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     // connection, which waits for every permit, waits for this reply too.
                     let (w, rt, closed) = (wr.clone(), tokio::runtime::Handle::current(), open.subscribe());
                     let started = crate::files::submit(move || {
-                        let frame = job().encode();
+                        let resp = job();
+                        if let Some(m) = &meter {
+                            m.record(&resp);
+                        }
+                        let frame = resp.encode();
                         worker_reply(&rt, w, Outgoing { frame, _permits: permits }, closed);
                     });
                     if !started {
@@ -295,6 +317,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 break 'conn;
             }
             _ = tokio::time::sleep_until(handshake_deadline), if handshaking => {
+                crate::metrics::metrics().refused("handshake_timeout");
                 crate::listener::refusal(|| warn!("no HELLO within the handshake timeout; closing"));
                 break 'conn;
             }
@@ -308,6 +331,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                 break 'conn;
             }
             _ = tokio::time::sleep_until(last_heard + ctx.idle_timeout), if idle => {
+                crate::metrics::metrics().refused("idle_timeout");
                 crate::listener::refusal(|| warn!(timeout = ?ctx.idle_timeout, "idle connection; closing"));
                 break 'conn;
             }
@@ -421,4 +445,25 @@ fn take_permits(requests: &Arc<Semaphore>, bytes: &Arc<Semaphore>, cost: u32) ->
     let r = requests.clone().try_acquire_owned().ok()?;
     let b = if cost > 0 { Some(bytes.clone().try_acquire_many_owned(cost).ok()?) } else { None };
     Some(Some((r, b)))
+}
+
+/// A request on an open volume, to count in its series once answered (`metrics`).
+struct Meter {
+    m: Arc<crate::metrics::VolumeMeter>,
+    op: u8,
+    written: u64,
+    started: Instant,
+}
+
+impl Meter {
+    fn record(&self, resp: &Response) {
+        let (status, read) = match &resp.result {
+            Ok(Reply::Data(d)) => (None, d.len() as u64),
+            Ok(Reply::Fs(ferrovol_proto::fs::FsReply::Data(d))) => (None, d.len() as u64),
+            Ok(_) => (None, 0),
+            Err(e) => (Some(e.status), 0),
+        };
+        let written = if status.is_none() { self.written } else { 0 };
+        self.m.record(self.op, status, self.started.elapsed(), read, written);
+    }
 }

@@ -53,6 +53,8 @@ struct OpenVolume {
     generation: u64,
     /// fs volumes, for a client that takes FS_NOTIFY: what it caches there.
     watcher: Option<Arc<crate::notify::Watcher>>,
+    /// The volume's series (requests, latency, bytes).
+    meter: Arc<crate::metrics::VolumeMeter>,
 }
 
 /// A connection's session: who the peer is (after HELLO) and which volumes it has open.
@@ -228,6 +230,24 @@ fn snapshot_for(kinds: bool, mut v: SnapshotInfo) -> SnapshotInfo {
 }
 
 impl Session {
+    /// The series a request on an open volume counts in, and the payload bytes it writes; `None`
+    /// for control requests and unknown handles.
+    pub fn meter(&self, req: &Request) -> Option<(Arc<crate::metrics::VolumeMeter>, u64)> {
+        let (handle, written) = match req {
+            Request::Read { handle, .. } | Request::Trim { handle, .. } | Request::Flush { handle } => {
+                (handle, 0)
+            }
+            Request::WriteZeroes { handle, .. } => (handle, 0),
+            Request::Write { handle, data, .. } => (handle, data.len() as u64),
+            Request::Fs { handle, op: ferrovol_proto::fs::FsOp::Write { data, .. }, .. } => {
+                (handle, data.len() as u64)
+            }
+            Request::Fs { handle, .. } => (handle, 0),
+            _ => return None,
+        };
+        Some((self.handles.get(&handle.0)?.meter.clone(), written))
+    }
+
     pub fn is_ready(&self) -> bool {
         self.node.is_some()
     }
@@ -468,6 +488,7 @@ impl Session {
 
     fn hello(&mut self, ctx: &Context, id: RequestId, hello: Hello) -> Outcome {
         if hello.version_min > PROTOCOL_VERSION || hello.version_max < PROTOCOL_VERSION_MIN {
+            crate::metrics::metrics().refused("unsupported_version");
             return Outcome::ReplyAndClose(Response::error(
                 id,
                 Opcode::Hello as u8,
@@ -481,6 +502,7 @@ impl Session {
         let (admin, credential) = match authenticate(ctx, &hello) {
             Ok(who) => who,
             Err(message) => {
+                crate::metrics::metrics().refused("auth_failed");
                 crate::listener::refusal(|| warn!(node = %hello.node_id, %message, "authentication failed"));
                 return Outcome::ReplyAndClose(Response::error(
                     id,
@@ -607,7 +629,8 @@ impl Session {
             }
             _ => None,
         };
-        self.handles.insert(handle.0, OpenVolume { vol, read_only, generation, watcher });
+        let meter = crate::metrics::metrics().volume(vol.name().as_str());
+        self.handles.insert(handle.0, OpenVolume { vol, read_only, generation, watcher, meter });
         Ok(Reply::Opened { handle, size, read_only })
     }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod files;
 pub mod handler;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod store;
 pub mod testing;

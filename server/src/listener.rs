@@ -161,7 +161,11 @@ impl Admission {
             } else {
                 (!st.handshaking.is_empty()).then_some(0)
             };
-            let (_, old_peer, evict) = st.handshaking.remove(victim?)?;
+            let Some((_, old_peer, evict)) = victim.and_then(|v| st.handshaking.remove(v)) else {
+                crate::metrics::metrics().refused("over_capacity");
+                return None;
+            };
+            crate::metrics::metrics().refused("evicted_in_handshake");
             // Its count drops when it has gone; until then the caps are over by one.
             evict.notify_one();
             drop(st);
@@ -174,6 +178,7 @@ impl Admission {
         *st.per_peer.entry(peer).or_insert(0) += 1;
         let evict = Arc::new(tokio::sync::Notify::new());
         st.handshaking.push_back((id, peer, evict.clone()));
+        crate::metrics::metrics().connections.inc();
         Some(Ticket { admission: self.clone(), id, peer, evict })
     }
 }
@@ -188,6 +193,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        crate::metrics::metrics().connections.dec();
         let mut st = self.admission.lock();
         st.handshaking.retain(|(id, _, _)| *id != self.id);
         st.total = st.total.saturating_sub(1);

@@ -57,6 +57,10 @@ struct Args {
     /// data dir cannot reflink: bounds what a copy takes from the volumes' own I/O.
     #[arg(long, default_value_t = 0)]
     copy_mib_per_s: u64,
+    /// Serve Prometheus metrics on this address (`/metrics`; also `/healthz`, and `/readyz` once
+    /// the data dir is open and the port listens), e.g. 127.0.0.1:9700. Off when not given.
+    #[arg(long, env = "FERROVOL_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -137,7 +141,33 @@ fn main() -> ExitCode {
         if let Some(n) = args.threads {
             config.workers = n.clamp(1, 256);
         }
+        // The endpoint answers /healthz while the data dir opens (many volumes take a while);
+        // /readyz once the server listens.
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store_cell =
+            std::sync::Arc::new(std::sync::OnceLock::<std::sync::Arc<ferrovol_server::store::Store>>::new());
+        let _metrics = match &args.metrics_listen {
+            Some(addr) => {
+                let mut registry = prometheus_client::registry::Registry::default();
+                ferrovol_server::metrics::metrics().register(&mut registry);
+                let cell = store_cell.clone();
+                let endpoint = ferrovol_proto::metrics::Endpoint::new(registry, ready.clone(), move || {
+                    if let Some(store) = cell.get() {
+                        ferrovol_server::metrics::refresh_store(store);
+                    }
+                });
+                let (bound, task) =
+                    ferrovol_proto::metrics::start(addr, std::sync::Arc::new(endpoint)).await?;
+                info!(%bound, "metrics endpoint listening");
+                // As "listening on" below, for scripts and tests (port 0).
+                println!("metrics on {bound}");
+                Some(task)
+            }
+            None => None,
+        };
         let server = Server::bind(config).await?;
+        let _ = store_cell.set(server.store());
+        ready.store(true, std::sync::atomic::Ordering::Release);
         let addr = server.local_addr()?;
         info!(%addr, data = %args.data.display(), "ferrovol-server listening");
         // Scripts and tests read this line to learn the port when listening on port 0.

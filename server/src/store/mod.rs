@@ -517,6 +517,7 @@ impl Store {
         if let Err(e) = fs::remove_dir_all(&doomed) {
             warn!(path = %doomed.display(), error = %e, "could not remove deleted volume; startup will retry");
         }
+        crate::metrics::metrics().forget(name.as_str());
         info!(volume = %name, "volume deleted");
         Ok(())
     }
