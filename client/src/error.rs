@@ -52,7 +52,9 @@ impl ClientError {
 fn server_text(status: Status, message: &str) -> String {
     match status {
         _ if message.is_empty() => status.describe().to_owned(),
-        Status::AuthFailed | Status::Forbidden | Status::Fenced | Status::Replaced => {
+        Status::AuthFailed | Status::Forbidden | Status::Fenced | Status::Replaced
+            if !message.contains(status.describe()) =>
+        {
             format!("{} ({message})", status.describe())
         }
         _ => message.to_owned(),

@@ -18,10 +18,10 @@ pub mod secret;
 pub mod tls;
 pub mod types;
 
-/// The CSI spec's services and messages (package `csi.v1`), generated from `csi/csi.proto` at build
-/// time by a pure-Rust protobuf compiler.
 #[cfg(feature = "metrics")]
 pub mod metrics;
+/// The CSI spec's services and messages (package `csi.v1`), generated from `csi/csi.proto` at build
+/// time by a pure-Rust protobuf compiler.
 #[cfg(feature = "csi")]
 #[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod csi {

@@ -7,8 +7,10 @@
 //!   accepts connections), 503 before.
 //!
 //! Scrapes are rare and small, so the endpoint is bounded rather than fast: at most
-//! `CONNECTIONS_MAX` connections at once (more are closed at accept), a request's headers within
-//! `HEADER_TIMEOUT`, a whole connection within `CONNECTION_TIMEOUT`.
+//! `CONNECTIONS_MAX` connections at once (more are closed at accept), one request per connection
+//! (no keep-alive), its headers within `HEADER_TIMEOUT`, the whole connection within
+//! `CONNECTION_TIMEOUT`. A scrape runs on the blocking pool, one at a time: the refresh may take
+//! locks of the process's state, and the runtime it is served from may be the process's only one.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +41,8 @@ pub struct Endpoint {
     registry: Registry,
     ready: Arc<AtomicBool>,
     refresh: Box<dyn Fn() + Send + Sync>,
+    /// One scrape at a time (a refresh between another's refresh and encode would show it half).
+    scraping: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -53,19 +57,19 @@ impl Endpoint {
         ready: Arc<AtomicBool>,
         refresh: impl Fn() + Send + Sync + 'static,
     ) -> Self {
-        Self { registry, ready, refresh: Box::new(refresh) }
+        Self { registry, ready, refresh: Box::new(refresh), scraping: std::sync::Mutex::new(()) }
     }
 
-    /// The text of `/metrics` now.
-    pub fn scrape(&self) -> String {
+    /// The text of `/metrics` now; an error when a series cannot be encoded.
+    pub fn scrape(&self) -> Result<String, std::fmt::Error> {
+        let _one = self.scraping.lock().unwrap_or_else(|p| p.into_inner());
         (self.refresh)();
         let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
     }
 
-    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let reply = |status: StatusCode, content_type: &'static str, body: String| {
             let mut r = Response::new(Full::new(Bytes::from(body)));
             *r.status_mut() = status;
@@ -77,11 +81,24 @@ impl Endpoint {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into());
         }
         match req.uri().path() {
-            "/metrics" => reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.scrape(),
-            ),
+            "/metrics" => {
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || me.scrape()).await {
+                    Ok(Ok(text)) => reply(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!("metrics endpoint: a series could not be encoded");
+                        reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            "cannot encode the metrics\n".into(),
+                        )
+                    }
+                }
+            }
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" if self.ready.load(Ordering::Acquire) => {
                 reply(StatusCode::OK, "text/plain", "ready\n".into())
@@ -92,7 +109,7 @@ impl Endpoint {
     }
 }
 
-/// Serves `endpoint` on `listener` until the task is dropped.
+/// Serves `endpoint` on `listener` (see `start` for a handle that stops it).
 pub async fn serve(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
@@ -113,9 +130,10 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(endpoint.respond(&req)) }
+                async move { Ok::<_, Infallible>(endpoint.respond(req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
@@ -127,15 +145,22 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
     }
 }
 
+/// The serving task of `start`: stopped when dropped.
+#[derive(Debug)]
+pub struct Serving(tokio::task::JoinHandle<()>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Binds `addr` and serves `endpoint` on it in a task of the current runtime; the bound address
-/// (for port 0) and the task.
-pub async fn start(
-    addr: &str,
-    endpoint: Arc<Endpoint>,
-) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+/// (for port 0) and the task, which stops when dropped.
+pub async fn start(addr: &str, endpoint: Arc<Endpoint>) -> std::io::Result<(std::net::SocketAddr, Serving)> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("metrics endpoint: cannot listen on {addr}: {e}"))
     })?;
     let bound = listener.local_addr()?;
-    Ok((bound, tokio::spawn(serve(listener, endpoint))))
+    Ok((bound, Serving(tokio::spawn(serve(listener, endpoint)))))
 }

@@ -270,6 +270,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     // The worker writes the reply; the permits go with it, so the end of the
                     // connection, which waits for every permit, waits for this reply too.
                     let (w, rt, closed) = (wr.clone(), tokio::runtime::Handle::current(), open.subscribe());
+                    let unsubmitted = meter.clone();
                     let started = crate::files::submit(move || {
                         let resp = job();
                         if let Some(m) = &meter {
@@ -280,6 +281,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, mut stop: watch::Receiv
                     });
                     if !started {
                         let resp = Response::error(raw_id, raw_op, Status::Internal, "no file worker thread");
+                        if let Some(m) = &unsubmitted {
+                            m.record(&resp);
+                        }
                         batch.push(Outgoing { frame: resp.encode(), _permits: None });
                     }
                 }
@@ -448,6 +452,7 @@ fn take_permits(requests: &Arc<Semaphore>, bytes: &Arc<Semaphore>, cost: u32) ->
 }
 
 /// A request on an open volume, to count in its series once answered (`metrics`).
+#[derive(Clone)]
 struct Meter {
     m: Arc<crate::metrics::VolumeMeter>,
     op: u8,
@@ -457,9 +462,15 @@ struct Meter {
 
 impl Meter {
     fn record(&self, resp: &Response) {
+        use ferrovol_proto::fs::FsReply;
+        const READ: u8 = ferrovol_proto::Opcode::Read as u8;
+        const FS_READ: u8 = ferrovol_proto::Opcode::FsRead as u8;
         let (status, read) = match &resp.result {
-            Ok(Reply::Data(d)) => (None, d.len() as u64),
-            Ok(Reply::Fs(ferrovol_proto::fs::FsReply::Data(d))) => (None, d.len() as u64),
+            Ok(Reply::Data(d)) if self.op == READ => (None, d.len() as u64),
+            // READLINK and the xattr replies are Data too, but not file content.
+            Ok(Reply::Fs(FsReply::Data(d))) if self.op == FS_READ => (None, d.len() as u64),
+            // A small file's bytes with its open.
+            Ok(Reply::Fs(FsReply::Opened { data, .. })) => (None, data.len() as u64),
             Ok(_) => (None, 0),
             Err(e) => (Some(e.status), 0),
         };

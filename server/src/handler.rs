@@ -233,6 +233,9 @@ impl Session {
     /// The series a request on an open volume counts in, and the payload bytes it writes; `None`
     /// for control requests and unknown handles.
     pub fn meter(&self, req: &Request) -> Option<(Arc<crate::metrics::VolumeMeter>, u64)> {
+        if !crate::metrics::enabled() {
+            return None;
+        }
         let (handle, written) = match req {
             Request::Read { handle, .. } | Request::Trim { handle, .. } | Request::Flush { handle } => {
                 (handle, 0)

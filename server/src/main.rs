@@ -156,12 +156,10 @@ fn main() -> ExitCode {
                         ferrovol_server::metrics::refresh_store(store);
                     }
                 });
-                let (bound, task) =
+                let (bound, serving) =
                     ferrovol_proto::metrics::start(addr, std::sync::Arc::new(endpoint)).await?;
                 info!(%bound, "metrics endpoint listening");
-                // As "listening on" below, for scripts and tests (port 0).
-                println!("metrics on {bound}");
-                Some(task)
+                Some((bound, serving))
             }
             None => None,
         };
@@ -172,7 +170,16 @@ fn main() -> ExitCode {
         info!(%addr, data = %args.data.display(), "ferrovol-server listening");
         // Scripts and tests read this line to learn the port when listening on port 0.
         println!("listening on {addr}");
-        server.run(shutdown_signal()).await
+        if let Some((bound, _)) = &_metrics {
+            // After the line above, which scripts read first; for port 0 too.
+            println!("metrics on {bound}");
+        }
+        // Not ready from the moment the shutdown begins (the grace period answers what is in flight).
+        let stopping = async {
+            shutdown_signal().await;
+            ready.store(false, std::sync::atomic::Ordering::Release);
+        };
+        server.run(stopping).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,10 @@
 //! The server's Prometheus series, served on `--metrics-listen` (server/README.md, "Metrics").
 //!
-//! Labels are bounded: a volume's name (the store holds a bounded number), an opcode name, a
-//! status name, a refusal reason. A request on an open volume updates series cached in its handle
+//! Labels come from fixed sets (opcode names, opcode classes, status names, refusal reasons) and
+//! volume names: the series grow with the volumes (per volume, a counter per opcode used and a
+//! histogram per opcode class). A request on an open volume updates series cached in its handle
 //! (`VolumeMeter`), so the data path takes no map lookup; only a failure looks its series up.
+//! Nothing is recorded unless an endpoint serves the metrics (`register`).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -21,6 +23,24 @@ use prometheus_client::registry::{Registry, Unit};
 struct OpLabels {
     volume: String,
     op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    volume: String,
+    class: &'static str,
+}
+
+/// The class of an opcode, for the latency histograms (a histogram per opcode would be 24 series
+/// for each of some 50 opcodes of each volume).
+fn class_of(op: Opcode) -> &'static str {
+    match op {
+        Opcode::Read | Opcode::FsRead => "read",
+        Opcode::Write | Opcode::WriteZeroes | Opcode::FsWrite | Opcode::FsCopyRange => "write",
+        Opcode::Flush | Opcode::FsFsync | Opcode::FsFlush => "sync",
+        Opcode::Trim | Opcode::FsFallocate => "trim",
+        _ => "metadata",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,7 +84,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     requests: Family<OpLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
-    seconds: Histograms<OpLabels>,
+    seconds: Histograms<ClassLabels>,
     bytes: Family<BytesLabels, Counter>,
     /// Connections open now.
     pub connections: Gauge,
@@ -82,6 +102,13 @@ pub struct Metrics {
 }
 
 /// The process's metrics (registered with `register` when an endpoint serves them).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether an endpoint serves the metrics (else nothing is recorded).
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
@@ -106,6 +133,7 @@ impl Metrics {
     /// Adds every series to `registry` (prefix `ferrovol_server_` / `ferrovol_store_` /
     /// `ferrovol_volume_`).
     pub fn register(&'static self, registry: &mut Registry) {
+        ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
         let server = registry.sub_registry_with_prefix("ferrovol_server");
         server.register(
             "requests",
@@ -119,20 +147,23 @@ impl Metrics {
         );
         server.register_with_unit(
             "request_duration",
-            "Service time of requests on open volumes: from parsed to answered, by volume and opcode",
+            "Service time of requests on open volumes, from parsed to answered (a change to a frozen fs \
+             volume includes its wait for the thaw), by volume and opcode class (read, write, sync, trim, \
+             metadata)",
             Unit::Seconds,
             self.seconds.clone(),
         );
         server.register_with_unit(
             "data",
-            "Payload bytes read and written (block I/O and file reads and writes), by volume",
+            "Payload bytes read and written (block I/O, file reads, small files read with their open, \
+             file writes), by volume",
             Unit::Bytes,
             self.bytes.clone(),
         );
         server.register("connections", "Connections open now", self.connections.clone());
         server.register(
             "connections_refused",
-            "Connections closed at accept or in the handshake, by reason",
+            "Connections the server refused or closed, by reason",
             self.refused.clone(),
         );
         let store = registry.sub_registry_with_prefix("ferrovol_store");
@@ -200,10 +231,12 @@ impl Metrics {
         for direction in ["read", "write"] {
             self.bytes.remove(&BytesLabels { volume: name.to_owned(), direction });
         }
+        for class in ["read", "write", "sync", "trim", "metadata"] {
+            self.seconds.remove(&ClassLabels { volume: name.to_owned(), class });
+        }
         for op in Opcode::ALL {
             let labels = OpLabels { volume: name.to_owned(), op: op.name() };
             self.requests.remove(&labels);
-            self.seconds.remove(&labels);
             for status in Status::ALL {
                 self.errors.remove(&ErrorLabels {
                     volume: name.to_owned(),
@@ -219,7 +252,8 @@ impl Metrics {
 #[derive(Debug)]
 pub struct VolumeMeter {
     volume: String,
-    ops: [OnceLock<(Counter, Histogram)>; 256],
+    /// By opcode byte: its counter and its class's histogram (`None`: not an opcode).
+    ops: [OnceLock<Option<(Counter, Histogram)>>; 256],
     read: Counter,
     written: Counter,
 }
@@ -228,21 +262,21 @@ impl VolumeMeter {
     /// A request with opcode `op` was answered after `took`: `status` is `None` when it succeeded;
     /// `read` and `written` are its payload bytes.
     pub fn record(&self, op: u8, status: Option<Status>, took: Duration, read: u64, written: u64) {
-        let Ok(opcode) = Opcode::try_from(op) else { return };
         let m = metrics();
-        let (count, seconds) = self.ops[usize::from(op)].get_or_init(|| {
+        let Some((count, seconds)) = self.ops[usize::from(op)].get_or_init(|| {
+            let opcode = Opcode::try_from(op).ok()?;
             let labels = OpLabels { volume: self.volume.clone(), op: opcode.name() };
-            (m.requests.get_or_create(&labels).clone(), m.seconds.get_or_create(&labels).clone())
-        });
+            let class = ClassLabels { volume: self.volume.clone(), class: class_of(opcode) };
+            Some((m.requests.get_or_create(&labels).clone(), m.seconds.get_or_create(&class).clone()))
+        }) else {
+            return;
+        };
         count.inc();
         seconds.observe(took.as_secs_f64());
         if let Some(status) = status {
+            let op = Opcode::try_from(op).map_or("unknown", Opcode::name);
             m.errors
-                .get_or_create(&ErrorLabels {
-                    volume: self.volume.clone(),
-                    op: opcode.name(),
-                    status: status_name(status),
-                })
+                .get_or_create(&ErrorLabels { volume: self.volume.clone(), op, status: status_name(status) })
                 .inc();
         }
         if read > 0 {

@@ -44,15 +44,24 @@ fn known_io_moves_the_right_series() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut out = BufReader::new(child.stdout.take().unwrap());
+    let _child = Kill(child);
     let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let metrics: SocketAddr =
-        line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
-    line.clear();
     out.read_line(&mut line).unwrap();
     let addr: SocketAddr =
         line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let metrics: SocketAddr =
+        line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
 
     assert_eq!(get(metrics, "/healthz").0, 200);
     assert_eq!(get(metrics, "/readyz").0, 200);
@@ -89,8 +98,9 @@ fn known_io_moves_the_right_series() {
     assert_eq!(v(r#"ferrovol_server_request_errors_total{volume="v",op="READ",status="out_of_range"}"#), 1.0);
     assert_eq!(v(r#"ferrovol_server_data_bytes_total{volume="v",direction="write"}"#), 3.0 * 4096.0);
     assert_eq!(v(r#"ferrovol_server_data_bytes_total{volume="v",direction="read"}"#), 2.0 * 8192.0);
-    assert_eq!(v(r#"ferrovol_server_request_duration_seconds_count{volume="v",op="WRITE"}"#), 3.0);
-    let sum = v(r#"ferrovol_server_request_duration_seconds_sum{volume="v",op="WRITE"}"#);
+    assert_eq!(v(r#"ferrovol_server_request_duration_seconds_count{volume="v",class="write"}"#), 3.0);
+    assert_eq!(v(r#"ferrovol_server_request_duration_seconds_count{volume="v",class="read"}"#), 3.0);
+    let sum = v(r#"ferrovol_server_request_duration_seconds_sum{volume="v",class="write"}"#);
     assert!(sum > 0.0 && sum < 10.0, "{sum}");
     assert_eq!(v(r#"ferrovol_volume_size_bytes{volume="v",kind="block"}"#), f64::from(1u32 << 20));
     assert_eq!(v(r#"ferrovol_volume_writer_attached{volume="v",node="node-a"}"#), 1.0);
@@ -109,6 +119,13 @@ fn known_io_moves_the_right_series() {
         v_in(&text, r#"ferrovol_server_connections_refused_total{reason="unsupported_version"}"#),
         1.0
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    // A deleted volume's series go with it.
+    assert!(c.call(Request::Close { handle: h }).result.is_ok());
+    let node = NodeId::try_from("node-a").unwrap();
+    assert!(c.call(Request::AttachClear { name: name("v"), node, generation: 0 }).result.is_ok());
+    let r = c.call(Request::VolumeDelete { name: name("v"), force: false });
+    assert!(r.result.is_ok(), "{r:?}");
+    let (_, text) = get(metrics, "/metrics");
+    assert!(!text.contains(r#"volume="v""#), "series of the deleted volume remain:\n{text}");
+    assert_eq!(v_in(&text, "ferrovol_store_volumes"), 0.0);
 }

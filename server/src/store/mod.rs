@@ -512,12 +512,13 @@ impl Store {
             return Err(e.into());
         }
         sync_dir(&self.volumes_dir)?;
+        // Its series go while the name is still reserved: a volume made again under it starts anew.
+        crate::metrics::metrics().forget(name.as_str());
         self.lock().map.remove(name);
         drop(reserved);
         if let Err(e) = fs::remove_dir_all(&doomed) {
             warn!(path = %doomed.display(), error = %e, "could not remove deleted volume; startup will retry");
         }
-        crate::metrics::metrics().forget(name.as_str());
         info!(volume = %name, "volume deleted");
         Ok(())
     }
