@@ -7,6 +7,7 @@ pub mod controller;
 pub mod error;
 pub mod identity;
 mod locks;
+pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod rpc;

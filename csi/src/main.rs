@@ -61,6 +61,10 @@ struct Cli {
     /// one, else 256 (each volume costs a loop device, an attach process and a FUSE connection).
     #[arg(long, default_value_t = 0)]
     max_volumes_per_node: i64,
+    /// Serve Prometheus metrics on this address (`/metrics`: gRPC calls by method and code, and their
+    /// latency; `/healthz`, `/readyz`), e.g. 0.0.0.0:9701. Off when not given.
+    #[arg(long, env = "FERROVOL_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log format (logs go to stderr; filter with RUST_LOG).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -283,7 +287,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(ferrovol_csi::serve(config, &cli.endpoint)) {
+    let served = rt.block_on(async {
+        let _metrics = match &cli.metrics_listen {
+            Some(addr) => {
+                let mut registry = prometheus_client::registry::Registry::default();
+                ferrovol_csi::metrics::register(&mut registry);
+                // Ready as soon as it serves: the CSI socket is made right after.
+                let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let endpoint = ferrovol_proto::metrics::Endpoint::new(registry, ready, || {});
+                let (bound, serving) =
+                    ferrovol_proto::metrics::start(addr, std::sync::Arc::new(endpoint)).await?;
+                tracing::info!(%bound, "metrics endpoint listening");
+                Some(serving)
+            }
+            None => None,
+        };
+        ferrovol_csi::serve(config, &cli.endpoint).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferrovol-csi: {e:#}");

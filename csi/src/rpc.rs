@@ -34,7 +34,9 @@ pub async fn logged<T>(
     let span = info_span!("rpc", method, id);
     let started = Instant::now();
     let result = handler.instrument(span.clone()).await;
-    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let took = started.elapsed();
+    crate::metrics::record(method, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), took);
+    let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     let _in = span.enter();
     match &result {
         Ok(_) if QUIET.contains(&method) => debug!(method, id, ms, "ok"),
