@@ -52,6 +52,27 @@ async fn grpc_calls_move_the_right_series() {
         1.0
     );
     assert_eq!(value(&text, r#"ferrovol_csi_rpc_duration_seconds_count{method="Probe"}"#), 3.0);
+    // Every CSI series the Grafana dashboard queries exists.
+    let dash =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/ferrovol.json"))
+            .unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dash).unwrap();
+    let mut rest = dash.as_str();
+    let mut checked = 0;
+    while let Some(i) = rest.find("ferrovol_csi_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        assert!(
+            text.lines().any(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(['{', ' ']))),
+            "the dashboard queries {name}, which the plugin does not export:\n{text}"
+        );
+        checked += 1;
+        rest = &tail[end..];
+    }
+    assert!(checked >= 2, "the dashboard queries no CSI series");
     drop(p);
     drop(server);
 }

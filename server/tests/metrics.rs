@@ -129,3 +129,100 @@ fn known_io_moves_the_right_series() {
     assert!(!text.contains(r#"volume="v""#), "series of the deleted volume remain:\n{text}");
     assert_eq!(v_in(&text, "ferrovol_store_volumes"), 0.0);
 }
+
+/// The series names the Grafana dashboard (deploy/grafana/ferrovol.json) queries.
+pub fn dashboard_series() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/ferrovol.json");
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .collect();
+    queries.extend(
+        dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["definition"].as_str().map(str::to_owned)),
+    );
+    let mut names = Vec::new();
+    for q in &queries {
+        let mut rest = q.as_str();
+        while let Some(i) = rest.find("ferrovol_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_dashboard_queries_series_the_server_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, metrics) = {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
+            .args(["--data", dir.path().join("data").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut a, mut m) = (String::new(), String::new());
+        out.read_line(&mut a).unwrap();
+        out.read_line(&mut m).unwrap();
+        let a: SocketAddr = a.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+        let m: SocketAddr = m.trim().strip_prefix("metrics on ").unwrap().parse().unwrap();
+        (child, a, m)
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    // Every kind of series once: I/O, an error, a writer, a refusal.
+    let mut c = RawClient::hello(addr, "node-a", "");
+    let r = c.call(Request::VolumeCreate {
+        name: name("v"),
+        kind: ferrovol_proto::codec::VOLUME_KIND_BLOCK,
+        size: 1 << 20,
+        labels: Labels::new(),
+        source: None,
+    });
+    assert!(r.result.is_ok(), "{r:?}");
+    let h = open(&mut c, "v");
+    assert!(c
+        .call(Request::Write { handle: h, offset: 0, data: Bytes::from(vec![1; 4096]), fua: false })
+        .result
+        .is_ok());
+    assert!(c.call(Request::Read { handle: h, offset: 1 << 20, len: 4096 }).result.is_err());
+    let mut bad = RawClient::connect(addr);
+    let Request::Hello(mut hello) = hello_request("node-b", "") else { unreachable!() };
+    (hello.version_min, hello.version_max) = (200, 201);
+    assert!(bad.call(Request::Hello(hello)).result.is_err());
+    let (_, text) = get(metrics, "/metrics");
+    let exported =
+        |name: &str| text.lines().any(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(['{', ' '])));
+    for name in dashboard_series() {
+        if name.starts_with("ferrovol_csi_") {
+            continue; // the CSI plugin's (csi/tests/metrics.rs)
+        }
+        assert!(
+            ["ferrovol_server_", "ferrovol_store_", "ferrovol_volume_"].iter().any(|p| name.starts_with(p)),
+            "the dashboard queries {name}, which no ferrovol process exports"
+        );
+        assert!(exported(&name), "the dashboard queries {name}, which the server does not export:\n{text}");
+    }
+}
