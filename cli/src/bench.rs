@@ -27,6 +27,16 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// The name as the flag spells it (`rand-read`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::SeqRead => "seq-read",
+            Workload::SeqWrite => "seq-write",
+            Workload::RandRead => "rand-read",
+            Workload::RandWrite => "rand-write",
+        }
+    }
+
     pub fn block_size(self) -> u64 {
         match self {
             Workload::SeqRead | Workload::SeqWrite => 1 << 20,

@@ -121,6 +121,12 @@ fn clear_errors_for_connection_problems() {
         .output()
         .unwrap();
     fails(&out, "cannot connect");
+    // A missing port is named as such (not "invalid socket address").
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol"))
+        .args(["--server", "127.0.0.1", "volume", "list"])
+        .output()
+        .unwrap();
+    fails(&out, "no port in the address: write 127.0.0.1:7700");
 }
 
 #[test]
@@ -147,4 +153,10 @@ fn raw_bench_runs_and_reports() {
     assert_eq!(r["workload"], "rand-write");
     assert!(r["ops"].as_u64().unwrap() > 0);
     assert!(r["iops"].as_f64().unwrap() > 0.0);
+    // The text line names the workload as the flag does.
+    let out = ok(&ferrovol(
+        &server,
+        &["bench", "raw", "--workload", "rand-read", "--runtime-s", "0.2", "--size", "16MiB"],
+    ));
+    assert!(out.starts_with("rand-read qd=1 bs=4096: "), "{out}");
 }

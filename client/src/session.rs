@@ -127,6 +127,22 @@ struct SessionInner {
 
 /// Resolves `host:port` (the first address wins).
 pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    // "host" or "[v6]" alone: lookup_host would say "invalid socket address".
+    let has_port = match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':')
+        }
+        None => false,
+    };
+    if !has_port && !addr.contains("]:") {
+        return Err(ClientError::Connect {
+            addr: addr.to_owned(),
+            reason: format!(
+                "no port in the address: write {addr}:{}",
+                crate::DEFAULT_SERVER.rsplit(':').next().unwrap_or("7700")
+            ),
+        });
+    }
     let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| ClientError::Connect {
         addr: addr.to_owned(),
         reason: format!("cannot resolve: {e}"),

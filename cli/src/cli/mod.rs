@@ -468,8 +468,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{:?} qd={} bs={}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us ({} ops in {:.1} s)",
-                    r.workload, r.queue_depth, r.block_size, r.iops, r.mib_per_s, r.lat_p50_us, r.lat_p99_us, r.ops, r.seconds
+                    "{} qd={} bs={}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us ({} ops in {:.1} s)",
+                    r.workload.name(),
+                    r.queue_depth,
+                    r.block_size,
+                    r.iops,
+                    r.mib_per_s,
+                    r.lat_p50_us,
+                    r.lat_p99_us,
+                    r.ops,
+                    r.seconds
                 );
             }
             Ok(())
