@@ -126,7 +126,7 @@ fn clear_errors_for_connection_problems() {
         .args(["--server", "127.0.0.1", "volume", "list"])
         .output()
         .unwrap();
-    fails(&out, "no port in the address: write 127.0.0.1:7700");
+    fails(&out, "no port (or not a number) in the address: write 127.0.0.1:7700");
 }
 
 #[test]

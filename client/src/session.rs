@@ -134,13 +134,20 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
         }
         None => false,
     };
-    if !has_port && !addr.contains("]:") {
+    let port = crate::DEFAULT_SERVER.rsplit(':').next().unwrap_or("7700");
+    if !addr.starts_with('[') && addr.matches(':').count() >= 2 {
+        // An IPv6 address without brackets: its last group would be taken for a port.
+        let host = addr.trim_end_matches(':');
         return Err(ClientError::Connect {
             addr: addr.to_owned(),
-            reason: format!(
-                "no port in the address: write {addr}:{}",
-                crate::DEFAULT_SERVER.rsplit(':').next().unwrap_or("7700")
-            ),
+            reason: format!("an IPv6 address needs brackets and a port: write [{host}]:{port}"),
+        });
+    }
+    if !has_port && !addr.contains("]:") {
+        let host = addr.trim_end_matches(':');
+        return Err(ClientError::Connect {
+            addr: addr.to_owned(),
+            reason: format!("no port (or not a number) in the address: write {host}:{port}"),
         });
     }
     let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| ClientError::Connect {

@@ -278,6 +278,9 @@ fn main() -> ExitCode {
         keeper_orphan_timeout: Duration::from_secs(cli.keeper_orphan_timeout_s),
     };
     if config.mode == Mode::Attachd {
+        if cli.metrics_listen.is_some() {
+            tracing::warn!("--metrics-listen is not served in attachd mode (it has no series yet); ignored");
+        }
         return attachd(config);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

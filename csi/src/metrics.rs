@@ -31,7 +31,10 @@ fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
         calls: Family::default(),
-        seconds: Family::new_with_constructor(|| Histogram::new(ferrovol_proto::metrics::latency_buckets())),
+        // 1 ms to about 2 min: CSI calls run mkfs, mounts and copies, and the sidecars wait 60-120 s.
+        seconds: Family::new_with_constructor(|| {
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-3, 2.0, 18))
+        }),
     })
 }
 

@@ -33,7 +33,18 @@ pub async fn logged<T>(
 ) -> Result<Response<T>, Status> {
     let span = info_span!("rpc", method, id);
     let started = Instant::now();
+    // A call whose caller gave up (deadline, cancel) is dropped mid-way: counted as CANCELLED.
+    struct Unanswered(&'static str, Instant, bool);
+    impl Drop for Unanswered {
+        fn drop(&mut self) {
+            if !self.2 {
+                crate::metrics::record(self.0, tonic::Code::Cancelled, self.1.elapsed());
+            }
+        }
+    }
+    let mut pending = Unanswered(method, started, false);
     let result = handler.instrument(span.clone()).await;
+    pending.2 = true;
     let took = started.elapsed();
     crate::metrics::record(method, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), took);
     let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
