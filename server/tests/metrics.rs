@@ -34,34 +34,43 @@ fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
-#[test]
-fn known_io_moves_the_right_series() {
-    let dir = tempfile::tempdir().unwrap();
+/// Kills the server however the test ends.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real server on a data dir under `dir`, with its metrics endpoint: it, its address and the
+/// endpoint's (both read from its stdout).
+fn spawn_with_metrics(dir: &std::path::Path) -> (Kill, SocketAddr, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
-        .args(["--data", dir.path().join("data").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--data", dir.join("data").to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Killed however the test ends.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let _child = Kill(child);
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr: SocketAddr =
-        line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let metrics: SocketAddr =
-        line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
+    let child = Kill(child);
+    let mut line = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_owned()
+    };
+    let (a, m) = (line(), line());
+    let addr = a.strip_prefix("listening on ").unwrap_or_else(|| panic!("{a:?}")).parse().unwrap();
+    let metrics = m.strip_prefix("metrics on ").unwrap_or_else(|| panic!("{m:?}")).parse().unwrap();
+    (child, addr, metrics)
+}
+
+#[test]
+fn known_io_moves_the_right_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr, metrics) = spawn_with_metrics(dir.path());
 
     assert_eq!(get(metrics, "/healthz").0, 200);
     assert_eq!(get(metrics, "/readyz").0, 200);
@@ -168,30 +177,7 @@ pub fn dashboard_series() -> Vec<String> {
 #[test]
 fn the_dashboard_queries_series_the_server_exports() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, addr, metrics) = {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovol-server"))
-            .args(["--data", dir.path().join("data").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (mut a, mut m) = (String::new(), String::new());
-        out.read_line(&mut a).unwrap();
-        out.read_line(&mut m).unwrap();
-        let a: SocketAddr = a.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
-        let m: SocketAddr = m.trim().strip_prefix("metrics on ").unwrap().parse().unwrap();
-        (child, a, m)
-    };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
+    let (_child, addr, metrics) = spawn_with_metrics(dir.path());
     // Every kind of series once: I/O, an error, a writer, a refusal.
     let mut c = RawClient::hello(addr, "node-a", "");
     let r = c.call(Request::VolumeCreate {
